@@ -1,0 +1,418 @@
+//! The pure core: raw rows in, per-(portal, month) totals out. No I/O.
+//!
+//! Rows are folded one page at a time and dropped, so memory grows with the
+//! number of keys, never with the number of rows. A row that breaks the
+//! rules of `shared/design/semantics.md` (trap 5) is never folded: it is
+//! counted as bad, with a few example ids for the operator.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::NaiveDateTime;
+use serde::Deserialize;
+
+/// One `usage_requests` row as the server sent it. Fields other than `id` are
+/// loose on purpose: a wrong type must become a bad row, not a failed page.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawRow {
+    pub id: i64,
+    #[serde(default)]
+    pub portal_id: serde_json::Value,
+    #[serde(default)]
+    pub month_year: serde_json::Value,
+    #[serde(default)]
+    pub success: serde_json::Value,
+    #[serde(default)]
+    pub request_timestamp: serde_json::Value,
+}
+
+/// The columns a scan asks for, matching [`RawRow`].
+pub const RAW_COLUMNS: &str = "id,portal_id,month_year,success,request_timestamp";
+
+/// A calendar month, `YYYY-MM`. Ordered by time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Month {
+    pub year: u16,
+    pub month: u8,
+}
+
+impl Month {
+    /// Strict `YYYY-MM` with a month from 01 to 12: what `month_year` must hold.
+    pub fn parse(s: &str) -> Option<Month> {
+        let b = s.as_bytes();
+        if b.len() != 7 || b[4] != b'-' || !b[..4].iter().chain(&b[5..]).all(u8::is_ascii_digit) {
+            return None;
+        }
+        let year: u16 = s[..4].parse().ok()?;
+        let month: u8 = s[5..].parse().ok()?;
+        (1..=12).contains(&month).then_some(Month { year, month })
+    }
+}
+
+impl fmt::Display for Month {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// What `portal_usage_monthly` is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub portal_id: i64,
+    pub month: Month,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.portal_id, self.month)
+    }
+}
+
+/// A key's totals over some set of its rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub requests: i64,
+    pub successes: i64,
+    pub errors: i64,
+    pub last_request_at: Option<NaiveDateTime>,
+    /// The newest raw id counted (the key's watermark); 0 when none.
+    pub last_request_id: i64,
+}
+
+impl Totals {
+    fn add_row(&mut self, id: i64, success: bool, at: Option<NaiveDateTime>) {
+        self.requests += 1;
+        if success {
+            self.successes += 1;
+        } else {
+            self.errors += 1;
+        }
+        self.last_request_at = self.last_request_at.max(at);
+        self.last_request_id = self.last_request_id.max(id);
+    }
+
+    /// Stored state plus new rows: counts add, the newest time and id win.
+    pub fn plus(self, new: Totals) -> Totals {
+        Totals {
+            requests: self.requests + new.requests,
+            successes: self.successes + new.successes,
+            errors: self.errors + new.errors,
+            last_request_at: self.last_request_at.max(new.last_request_at),
+            last_request_id: self.last_request_id.max(new.last_request_id),
+        }
+    }
+
+    /// Same counts and time; the watermark is not compared (a table without
+    /// the migration has none).
+    pub fn same_values(&self, other: &Totals) -> bool {
+        self.requests == other.requests
+            && self.successes == other.successes
+            && self.errors == other.errors
+            && self.last_request_at == other.last_request_at
+    }
+}
+
+/// Why a row was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadReason {
+    MonthYear(String),
+    PortalId(String),
+    Success(String),
+    RequestTimestamp(String),
+}
+
+impl fmt::Display for BadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadReason::MonthYear(v) => write!(f, "month_year {v} is not YYYY-MM"),
+            BadReason::PortalId(v) => write!(f, "portal_id {v} is not a positive integer"),
+            BadReason::Success(v) => write!(f, "success {v} is not true or false"),
+            BadReason::RequestTimestamp(v) => write!(f, "request_timestamp {v} is not a timestamp"),
+        }
+    }
+}
+
+/// How many example ids a report keeps.
+pub const BAD_EXAMPLES: usize = 5;
+
+/// Rows refused, with the first few for the operator to look up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BadRows {
+    pub count: u64,
+    pub examples: Vec<(i64, BadReason)>,
+}
+
+impl BadRows {
+    fn note(&mut self, id: i64, reason: BadReason) {
+        self.count += 1;
+        if self.examples.len() < BAD_EXAMPLES {
+            self.examples.push((id, reason));
+        }
+    }
+
+    pub fn merge(&mut self, other: BadRows) {
+        self.count += other.count;
+        for e in other.examples {
+            if self.examples.len() < BAD_EXAMPLES {
+                self.examples.push(e);
+            }
+        }
+    }
+}
+
+/// A row that passed the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoodRow {
+    pub id: i64,
+    pub key: Key,
+    pub success: bool,
+    pub at: Option<NaiveDateTime>,
+}
+
+/// Applies the rules of semantics.md (trap 5). `request_timestamp` may be
+/// null (the seed's schema allows it); the other fields may not.
+pub fn validate(row: &RawRow) -> Result<GoodRow, BadReason> {
+    let month = row
+        .month_year
+        .as_str()
+        .and_then(Month::parse)
+        .ok_or_else(|| BadReason::MonthYear(row.month_year.to_string()))?;
+    let portal_id = row
+        .portal_id
+        .as_i64()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| BadReason::PortalId(row.portal_id.to_string()))?;
+    let success = row
+        .success
+        .as_bool()
+        .ok_or_else(|| BadReason::Success(row.success.to_string()))?;
+    let at = match &row.request_timestamp {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(
+            parse_timestamp(s)
+                .ok_or_else(|| BadReason::RequestTimestamp(row.request_timestamp.to_string()))?,
+        ),
+        other => return Err(BadReason::RequestTimestamp(other.to_string())),
+    };
+    Ok(GoodRow {
+        id: row.id,
+        key: Key { portal_id, month },
+        success,
+        at,
+    })
+}
+
+/// PostgREST sends `timestamp` as `2025-07-26T14:28:18.46` and `timestamptz`
+/// with an offset; both become a UTC-less time as the seed's column holds.
+pub fn parse_timestamp(s: &str) -> Option<NaiveDateTime> {
+    s.parse::<NaiveDateTime>()
+        .ok()
+        .or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|d| d.naive_utc())
+        })
+        .or_else(|| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok())
+}
+
+/// The format written back: what PostgREST itself sends for `timestamp`.
+pub fn format_timestamp(t: NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+}
+
+/// Rows folded into per-key totals.
+#[derive(Debug, Default)]
+pub struct Fold {
+    pub groups: BTreeMap<Key, Totals>,
+    /// Rows seen, good and bad.
+    pub rows: u64,
+    /// Good rows left out because their key had already counted them
+    /// (watermark above the scan's start).
+    pub skipped: u64,
+    pub bad: BadRows,
+    /// The highest id seen, the next page's `id=gt.`.
+    pub last_id: Option<i64>,
+}
+
+impl Fold {
+    /// Folds one row, counting it only when its id is above `floor(key)`:
+    /// the key's watermark when a run that died already wrote it past the
+    /// scan's start, else the scan's start.
+    pub fn add(&mut self, row: &RawRow, floor: impl Fn(&Key) -> i64) {
+        self.rows += 1;
+        self.last_id = self.last_id.max(Some(row.id));
+        match validate(row) {
+            Ok(good) if good.id > floor(&good.key) => self
+                .groups
+                .entry(good.key)
+                .or_default()
+                .add_row(good.id, good.success, good.at),
+            Ok(_) => self.skipped += 1,
+            Err(reason) => self.bad.note(row.id, reason),
+        }
+    }
+
+    pub fn good_rows(&self) -> u64 {
+        self.rows - self.bad.count - self.skipped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(id: i64, portal: serde_json::Value, month: &str, success: bool) -> RawRow {
+        RawRow {
+            id,
+            portal_id: portal,
+            month_year: json!(month),
+            success: json!(success),
+            request_timestamp: json!(format!("2025-01-0{}T10:00:00", 1 + id % 9)),
+        }
+    }
+
+    #[test]
+    fn month_is_strict_yyyy_mm() {
+        assert_eq!(
+            Month::parse("2025-01"),
+            Some(Month {
+                year: 2025,
+                month: 1
+            })
+        );
+        for bad in [
+            "2025-13",
+            "2025-00",
+            "2025-1",
+            "25-01",
+            "2025/01",
+            "2025-01 ",
+            "２０２５-01",
+            "",
+        ] {
+            assert_eq!(Month::parse(bad), None, "{bad}");
+        }
+        assert_eq!(
+            Month {
+                year: 2025,
+                month: 3
+            }
+            .to_string(),
+            "2025-03"
+        );
+    }
+
+    #[test]
+    fn folds_counts_successes_errors_and_the_newest_time_and_id() {
+        let mut f = Fold::default();
+        for (id, ok) in [(1, true), (2, false), (3, true)] {
+            f.add(&row(id, json!(7), "2025-01", ok), |_| 0);
+        }
+        f.add(&row(4, json!(8), "2025-02", true), |_| 0);
+        let k = Key {
+            portal_id: 7,
+            month: Month {
+                year: 2025,
+                month: 1,
+            },
+        };
+        let t = f.groups[&k];
+        assert_eq!(
+            (t.requests, t.successes, t.errors, t.last_request_id),
+            (3, 2, 1, 3)
+        );
+        assert_eq!(t.last_request_at, parse_timestamp("2025-01-04T10:00:00"));
+        assert_eq!(f.groups.len(), 2);
+        assert_eq!((f.rows, f.good_rows(), f.last_id), (4, 4, Some(4)));
+    }
+
+    #[test]
+    fn bad_rows_are_counted_with_examples_and_never_create_a_key() {
+        let mut f = Fold::default();
+        f.add(&row(1, json!(0), "2025-01", true), |_| 0);
+        f.add(&row(2, json!(-5), "2025-01", true), |_| 0);
+        f.add(&row(3, json!("12"), "2025-01", true), |_| 0);
+        f.add(&row(4, json!(9), "2025-13", true), |_| 0);
+        f.add(&row(5, json!(null), "2025-01", true), |_| 0);
+        f.add(&row(6, json!(9), "January", true), |_| 0);
+        f.add(
+            &RawRow {
+                success: json!(null),
+                ..row(7, json!(9), "2025-01", true)
+            },
+            |_| 0,
+        );
+        f.add(
+            &RawRow {
+                request_timestamp: json!("yesterday"),
+                ..row(8, json!(9), "2025-01", true)
+            },
+            |_| 0,
+        );
+        f.add(
+            &RawRow {
+                request_timestamp: json!(null),
+                ..row(9, json!(9), "2025-01", true)
+            },
+            |_| 0,
+        );
+        assert!(
+            f.groups.len() == 1
+                && f.groups
+                    .values()
+                    .all(|t| t.requests == 1 && t.last_request_at.is_none())
+        );
+        assert_eq!(f.bad.count, 8);
+        assert_eq!(f.bad.examples.len(), BAD_EXAMPLES);
+        assert_eq!(
+            f.bad.examples.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        assert_eq!(f.last_id, Some(9));
+    }
+
+    #[test]
+    fn rows_at_or_below_a_keys_floor_are_skipped() {
+        let mut f = Fold::default();
+        let hot = Key {
+            portal_id: 1,
+            month: Month {
+                year: 2025,
+                month: 1,
+            },
+        };
+        let floor = |k: &Key| if *k == hot { 3 } else { 0 };
+        for id in 1..=5 {
+            f.add(&row(id, json!(1), "2025-01", true), floor);
+            f.add(&row(id + 10, json!(2), "2025-01", true), floor);
+        }
+        assert_eq!(f.groups[&hot].requests, 2);
+        assert_eq!(f.skipped, 3);
+        assert_eq!(f.good_rows(), 7);
+    }
+
+    #[test]
+    fn stored_plus_new_keeps_the_newest_time_and_id() {
+        let t = |r, at: &str, id| Totals {
+            requests: r,
+            successes: r,
+            errors: 0,
+            last_request_at: parse_timestamp(at),
+            last_request_id: id,
+        };
+        let sum = t(5, "2025-01-09T00:00:00", 50).plus(t(2, "2025-01-03T00:00:00", 70));
+        assert_eq!((sum.requests, sum.last_request_id), (7, 70));
+        assert_eq!(sum.last_request_at, parse_timestamp("2025-01-09T00:00:00"));
+    }
+
+    #[test]
+    fn timestamps_parse_in_postgrest_forms_and_round_trip() {
+        let t = parse_timestamp("2025-07-26T14:28:18.46").unwrap();
+        assert_eq!(format_timestamp(t), "2025-07-26T14:28:18.460000");
+        assert_eq!(
+            parse_timestamp("2025-07-26T14:28:18+02:00"),
+            parse_timestamp("2025-07-26T12:28:18")
+        );
+    }
+}

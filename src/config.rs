@@ -1,0 +1,410 @@
+//! Configuration: which Supabase project to talk to, and with which key.
+//!
+//! Values come from the process environment first, then `.env.local`, then
+//! `.env` in the working directory; a real environment variable always wins,
+//! so cron or a CI secret can override a file without editing it. The files
+//! are read, never exported into the process environment.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use reqwest::Url;
+
+/// The files looked in, in order of precedence after the environment.
+pub const ENV_FILES: [&str; 2] = [".env.local", ".env"];
+
+/// Which project: the user's two Supabase projects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Dev,
+    Prod,
+}
+
+impl Environment {
+    pub fn upper(self) -> &'static str {
+        match self {
+            Environment::Dev => "DEV",
+            Environment::Prod => "PROD",
+        }
+    }
+}
+
+/// What `--env` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnvChoice {
+    Dev,
+    Prod,
+    /// prod when APP_ENV (else NODE_ENV) is `production` or `prod`, else dev
+    Auto,
+}
+
+/// A service-role key. It opens the whole database, so it is only ever
+/// shown as `***`: Debug and Display both hide it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How the key must be sent: legacy keys are JWTs and go in both `apikey`
+/// and `Authorization: Bearer`; `sb_secret_` keys are not JWTs and a Bearer
+/// that is not a JWT is refused (PGRST301), so they go in `apikey` only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Jwt,
+    SecretKey,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub environment: Environment,
+    /// How the environment was chosen, for the operator ("auto: APP_ENV=production").
+    pub chosen_by: String,
+    /// The REST base: tables live at `<rest_url>/<table>`.
+    pub rest_url: Url,
+    pub key: Secret,
+    pub key_kind: KeyKind,
+}
+
+/// A configuration problem: exit status 78, one line naming the variable
+/// and where it was looked for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where values come from: the environment, then the files.
+pub struct Sources {
+    env: HashMap<String, String>,
+    files: Vec<(PathBuf, HashMap<String, String>)>,
+    dir: PathBuf,
+}
+
+impl Sources {
+    /// Reads the process environment and the files in `dir`.
+    pub fn load(dir: &Path) -> Result<Sources, ConfigError> {
+        Sources::from_parts(std::env::vars().collect(), dir)
+    }
+
+    pub fn from_parts(env: HashMap<String, String>, dir: &Path) -> Result<Sources, ConfigError> {
+        let mut files = Vec::new();
+        for name in ENV_FILES {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            warn_if_readable_by_others(&path);
+            let iter = dotenvy::from_path_iter(&path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+            let mut values = HashMap::new();
+            for item in iter {
+                let (k, v) = item.map_err(|e| {
+                    ConfigError(format!(
+                        "{} is not a valid env file ({}); fix the line or remove the file",
+                        path.display(),
+                        describe_dotenv_error(&e)
+                    ))
+                })?;
+                values.insert(k, v);
+            }
+            files.push((path, values));
+        }
+        Ok(Sources {
+            env,
+            files,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The value of `name` and where it came from.
+    pub fn get(&self, name: &str) -> Option<(String, String)> {
+        if let Some(v) = self.env.get(name) {
+            return Some((v.clone(), "the environment".into()));
+        }
+        for (path, values) in &self.files {
+            if let Some(v) = values.get(name) {
+                return Some((v.clone(), path.display().to_string()));
+            }
+        }
+        None
+    }
+
+    /// "the environment, ./.env.local, ./.env": what a missing-variable message names.
+    pub fn looked_in(&self) -> String {
+        let mut places = vec!["the environment".to_string()];
+        places.extend(
+            ENV_FILES
+                .iter()
+                .map(|f| self.dir.join(f).display().to_string()),
+        );
+        places.join(", ")
+    }
+}
+
+/// dotenvy's errors quote the offending line, which may hold a key: keep only
+/// the position.
+fn describe_dotenv_error(e: &dotenvy::Error) -> String {
+    match e {
+        dotenvy::Error::LineParse(_, index) => {
+            format!("parse error at character {index} of a line")
+        }
+        dotenvy::Error::Io(io) => io.to_string(),
+        _ => "unreadable".into(),
+    }
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(
+                "{} is readable by every user of this machine and may hold a service role key; run: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_: &Path) {}
+
+/// Resolves `--env auto` from APP_ENV, else NODE_ENV.
+pub fn choose_environment(choice: EnvChoice, sources: &Sources) -> (Environment, String) {
+    match choice {
+        EnvChoice::Dev => (Environment::Dev, "--env dev".into()),
+        EnvChoice::Prod => (Environment::Prod, "--env prod".into()),
+        EnvChoice::Auto => {
+            for var in ["APP_ENV", "NODE_ENV"] {
+                if let Some((value, _)) = sources.get(var) {
+                    let env = match value.trim().to_ascii_lowercase().as_str() {
+                        "production" | "prod" => Environment::Prod,
+                        _ => Environment::Dev,
+                    };
+                    return (env, format!("--env auto: {var}={value}"));
+                }
+            }
+            (
+                Environment::Dev,
+                "--env auto: neither APP_ENV nor NODE_ENV is set".into(),
+            )
+        }
+    }
+}
+
+impl Config {
+    pub fn resolve(choice: EnvChoice, sources: &Sources) -> Result<Config, ConfigError> {
+        let (environment, chosen_by) = choose_environment(choice, sources);
+        let env = environment.upper();
+        let url_var = format!("SUPABASE_{env}_URL");
+        let rest_var = format!("SUPABASE_{env}_REST_URL");
+        let key_var = format!("SUPABASE_{env}_SERVICE_ROLE_KEY");
+
+        let required = |name: &str, what: &str| -> Result<(String, String), ConfigError> {
+            match sources.get(name) {
+                Some((v, from)) if !v.trim().is_empty() => Ok((v.trim().to_string(), from)),
+                Some((_, from)) => Err(ConfigError(format!(
+                    "{name} is empty (in {from}); set it to {what}"
+                ))),
+                None => Err(ConfigError(format!(
+                    "{name} is not set (looked in {}); set it to {what}",
+                    sources.looked_in()
+                ))),
+            }
+        };
+
+        let rest_url = match sources.get(&rest_var) {
+            Some((v, from)) if !v.trim().is_empty() => parse_url(&rest_var, v.trim(), &from)?,
+            _ => {
+                let (v, from) =
+                    required(&url_var, "your project URL, e.g. https://abcd.supabase.co")?;
+                let base = parse_url(&url_var, &v, &from)?;
+                base.join("rest/v1")
+                    .map_err(|e| ConfigError(format!("{url_var} (in {from}): {e}")))?
+            }
+        };
+        let (key, from) = required(
+            &key_var,
+            "the project's service_role key (Supabase: Settings > API keys)",
+        )?;
+        let key_kind = classify_key(&key_var, &key, &from)?;
+        Ok(Config {
+            environment,
+            chosen_by,
+            rest_url,
+            key: Secret(key),
+            key_kind,
+        })
+    }
+}
+
+/// Parses a base URL and makes it end with `/`, so that joining a table name
+/// appends rather than replaces the last segment.
+fn parse_url(var: &str, value: &str, from: &str) -> Result<Url, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError(format!(
+            "{var} (in {from}) is not a usable URL: {why}; expected something like https://abcd.supabase.co"
+        ))
+    };
+    let mut url = Url::parse(value).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if url.host_str().is_none() {
+        return Err(bad("it has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("it must not carry a query or a fragment"));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// Tells a JWT from an `sb_secret_` key, and refuses what is neither, or a
+/// JWT whose role is plainly not service_role (an anon key pasted by mistake
+/// reads nothing and writes nothing: better to say so before any request).
+fn classify_key(var: &str, key: &str, from: &str) -> Result<KeyKind, ConfigError> {
+    if key.starts_with("sb_secret_") {
+        return Ok(KeyKind::SecretKey);
+    }
+    if key.starts_with("sb_publishable_") {
+        return Err(ConfigError(format!(
+            "{var} (in {from}) is a publishable key; usage-agg needs the secret (service_role) key"
+        )));
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    let not_a_key = || {
+        ConfigError(format!(
+            "{var} (in {from}) is neither a JWT nor an sb_secret_ key; copy the service_role key from Supabase: Settings > API keys"
+        ))
+    };
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        return Err(not_a_key());
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1].trim_end_matches('='))
+        .map_err(|_| not_a_key())?;
+    let claims: serde_json::Value = serde_json::from_slice(&payload).map_err(|_| not_a_key())?;
+    match claims.get("role").and_then(|r| r.as_str()) {
+        Some("anon") | Some("authenticated") => Err(ConfigError(format!(
+            "{var} (in {from}) looks like an {} key (its role claim says so); usage-agg needs the service_role key",
+            claims["role"].as_str().unwrap_or_default()
+        ))),
+        _ => Ok(KeyKind::Jwt),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(pairs: &[(&str, &str)]) -> Sources {
+        let env = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Sources::from_parts(env, Path::new("/nonexistent-dir")).unwrap()
+    }
+
+    fn jwt(role: &str) -> String {
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.sig",
+            b.encode(r#"{"alg":"HS256"}"#),
+            b.encode(format!(r#"{{"role":"{role}"}}"#))
+        )
+    }
+
+    #[test]
+    fn auto_picks_prod_from_app_env_before_node_env() {
+        let s = sources(&[("APP_ENV", "production"), ("NODE_ENV", "development")]);
+        assert_eq!(choose_environment(EnvChoice::Auto, &s).0, Environment::Prod);
+        let s = sources(&[("NODE_ENV", "prod")]);
+        assert_eq!(choose_environment(EnvChoice::Auto, &s).0, Environment::Prod);
+        let s = sources(&[("NODE_ENV", "test")]);
+        assert_eq!(choose_environment(EnvChoice::Auto, &s).0, Environment::Dev);
+        assert_eq!(
+            choose_environment(EnvChoice::Auto, &sources(&[])).0,
+            Environment::Dev
+        );
+    }
+
+    #[test]
+    fn rest_url_defaults_to_rest_v1_under_the_project_url() {
+        let key = jwt("service_role");
+        let s = sources(&[
+            ("SUPABASE_DEV_URL", "https://abc.supabase.co"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", &key),
+        ]);
+        let c = Config::resolve(EnvChoice::Dev, &s).unwrap();
+        assert_eq!(c.rest_url.as_str(), "https://abc.supabase.co/rest/v1/");
+        assert_eq!(c.key_kind, KeyKind::Jwt);
+    }
+
+    #[test]
+    fn rest_url_override_wins_and_needs_no_project_url() {
+        let s = sources(&[
+            ("SUPABASE_PROD_REST_URL", "http://127.0.0.1:3000"),
+            ("SUPABASE_PROD_SERVICE_ROLE_KEY", "sb_secret_abc"),
+        ]);
+        let c = Config::resolve(EnvChoice::Prod, &s).unwrap();
+        assert_eq!(c.rest_url.as_str(), "http://127.0.0.1:3000/");
+        assert_eq!(c.key_kind, KeyKind::SecretKey);
+    }
+
+    #[test]
+    fn missing_variable_names_itself_and_the_files() {
+        let err = Config::resolve(EnvChoice::Prod, &sources(&[]))
+            .unwrap_err()
+            .0;
+        assert!(err.contains("SUPABASE_PROD_URL is not set"), "{err}");
+        assert!(err.contains(".env.local") && err.contains(".env"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_and_bad_keys_are_refused_without_echoing_the_key() {
+        let s = sources(&[
+            ("SUPABASE_DEV_URL", "not a url"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", "x"),
+        ]);
+        assert!(Config::resolve(EnvChoice::Dev, &s)
+            .unwrap_err()
+            .0
+            .contains("SUPABASE_DEV_URL"));
+        let s = sources(&[
+            ("SUPABASE_DEV_URL", "https://a.co"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", "hunter2-secret"),
+        ]);
+        let err = Config::resolve(EnvChoice::Dev, &s).unwrap_err().0;
+        assert!(
+            err.contains("neither a JWT") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let anon = jwt("anon");
+        let s = sources(&[
+            ("SUPABASE_DEV_URL", "https://a.co"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", &anon),
+        ]);
+        let err = Config::resolve(EnvChoice::Dev, &s).unwrap_err().0;
+        assert!(err.contains("anon key") && !err.contains(&anon), "{err}");
+    }
+
+    #[test]
+    fn secret_debug_is_masked() {
+        assert_eq!(format!("{:?}", Secret("sb_secret_x".into())), "***");
+    }
+}

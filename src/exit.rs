@@ -1,0 +1,79 @@
+//! Exit statuses (sysexits.h), and how an error maps to one. Cron and
+//! monitoring decide by these, so each means one thing; the README lists them.
+
+use crate::config::ConfigError;
+use crate::postgrest::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Done, including "nothing to do".
+    Ok = 0,
+    /// Bad arguments.
+    Usage = 64,
+    /// Rows rejected as bad data (the rest was aggregated).
+    DataErr = 65,
+    /// The server could not be reached or failed.
+    Unavailable = 69,
+    /// A bug or an answer we did not expect.
+    Software = 70,
+    /// Another run holds the lease, or a deadline passed: try again later.
+    TempFail = 75,
+    /// The server refused the key (401/403).
+    NoPerm = 77,
+    /// Configuration or schema missing or malformed.
+    Config = 78,
+}
+
+impl Status {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// Decides by the first typed error in the chain.
+pub fn classify(err: &anyhow::Error) -> Status {
+    for cause in err.chain() {
+        if cause.is::<ConfigError>() {
+            return Status::Config;
+        }
+        if let Some(api) = cause.downcast_ref::<ApiError>() {
+            return classify_api(api);
+        }
+    }
+    Status::Software
+}
+
+fn classify_api(e: &ApiError) -> Status {
+    match e {
+        ApiError::Transport { .. } | ApiError::Decode { .. } => Status::Unavailable,
+        ApiError::Status { status, .. } => match status.as_u16() {
+            401 | 403 => Status::NoPerm,
+            404 if matches!(e.code(), Some("PGRST205" | "42P01" | "PGRST202" | "42883")) => {
+                Status::Config
+            }
+            400 if matches!(e.code(), Some("42703" | "PGRST204")) => Status::Config,
+            s if s >= 500 || s == 429 || s == 408 => Status::Unavailable,
+            _ => Status::Software,
+        },
+    }
+}
+
+/// A sentence on what to do, for the errors an operator can fix.
+pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
+    let api = err.chain().find_map(|c| c.downcast_ref::<ApiError>())?;
+    match (api.status().map(|s| s.as_u16()), api.code()) {
+        (Some(401 | 403), _) => Some(format!(
+            "the server refused the key in {key_var}: check that it is this project's service_role key"
+        )),
+        (Some(404), Some("PGRST205" | "42P01")) => Some(
+            "a table is missing: check the URL points at the right project and that the schema (see README, \"The schema it expects\") is applied".into(),
+        ),
+        (Some(400), Some("42703" | "PGRST204")) => Some(
+            "a column is missing: the table does not match the schema in the README (\"The schema it expects\")".into(),
+        ),
+        (_, _) if matches!(api, ApiError::Transport { .. }) => {
+            Some("the server could not be reached: check the URL and the network; the next run will finish the job".into())
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,323 @@
+//! What a person reads on stdout: the Node.js script's summary, kept line for
+//! line so existing log searches still match, with working emoji on a UTF-8
+//! terminal and plain markers anywhere else (cron logs, pipes).
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::aggregation::Totals;
+use crate::engine::{Change, Outcome};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Style {
+    pub emoji: bool,
+}
+
+impl Style {
+    /// Emoji only where they will render: stdout is a terminal and the
+    /// locale says UTF-8.
+    pub fn detect() -> Style {
+        let utf8 = ["LC_ALL", "LC_CTYPE", "LANG"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+            .is_some_and(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("utf-8") || l.contains("utf8")
+            });
+        Style {
+            emoji: utf8 && std::io::stdout().is_terminal(),
+        }
+    }
+
+    fn mark(&self, kind: Mark) -> &'static str {
+        match (kind, self.emoji) {
+            (Mark::Start, true) => "🔄",
+            (Mark::Info, true) => "📊",
+            (Mark::Fetch, true) => "📋",
+            (Mark::Target, true) => "🎯",
+            (Mark::Ok, true) => "✅",
+            (Mark::Warn, true) => "⚠️ ",
+            (Mark::Error, true) => "❌",
+            (Mark::Bullet, true) => "•",
+            (Mark::Ok, false) => "OK",
+            (Mark::Warn, false) => "WARNING:",
+            (Mark::Error, false) => "ERROR:",
+            (Mark::Bullet, false) => "-",
+            (_, false) => "*",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Mark {
+    Start,
+    Info,
+    Fetch,
+    Target,
+    Ok,
+    Warn,
+    Error,
+    Bullet,
+}
+
+/// The lines printed before any request, so a stalled run shows how far it got.
+pub fn header(
+    style: Style,
+    started: DateTime<Utc>,
+    env: &str,
+    chosen_by: &str,
+    dry_run: bool,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} Starting usage aggregation at {}",
+        style.mark(Mark::Start),
+        started.format("%Y-%m-%dT%H:%M:%S%.3fZ")
+    );
+    let _ = writeln!(
+        s,
+        "{} Aggregating usage for {env} environment ({chosen_by})",
+        style.mark(Mark::Info)
+    );
+    if dry_run {
+        let _ = writeln!(
+            s,
+            "{} Dry run: nothing will be written",
+            style.mark(Mark::Info)
+        );
+    }
+    let _ = writeln!(s, "{} Fetching usage requests...", style.mark(Mark::Fetch));
+    s
+}
+
+/// Everything after the run: counts, bad rows, the dry-run table, the summary.
+pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} Found {} requests to aggregate",
+        style.mark(Mark::Info),
+        o.rows_counted
+    );
+    let _ = writeln!(
+        s,
+        "{} Aggregating for {} portal-month combinations",
+        style.mark(Mark::Target),
+        o.keys_touched
+    );
+    if o.bad.count > 0 {
+        let ids: Vec<String> = o
+            .bad
+            .examples
+            .iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "{} {} rows rejected as bad data and not counted (ids {}{}); first: {}",
+            style.mark(Mark::Warn),
+            o.bad.count,
+            ids.join(", "),
+            if o.bad.count as usize > ids.len() {
+                ", ..."
+            } else {
+                ""
+            },
+            o.bad
+                .examples
+                .first()
+                .map(|(id, why)| format!("id {id}: {why}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(reason) = &o.write.fallback_reason {
+        let _ = writeln!(
+            s,
+            "{} Bulk upsert refused ({reason}); wrote {} keys one by one. Add UNIQUE(portal_id, month_year) to portal_usage_monthly.",
+            style.mark(Mark::Warn),
+            o.write.fallback_keys
+        );
+    }
+    let unchanged = o.keys_touched.saturating_sub(o.changes.len());
+    if o.dry_run {
+        s.push_str(&dry_run_table(&o.changes));
+        let _ = writeln!(
+            s,
+            "{} Dry run: {} keys would be written, {unchanged} unchanged; nothing was written",
+            style.mark(Mark::Ok),
+            o.changes.len()
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "{} Aggregation completed: {} processed ({} written, {unchanged} unchanged), 0 errors",
+            style.mark(Mark::Ok),
+            o.keys_touched,
+            o.write.written
+        );
+    }
+    let b = style.mark(Mark::Bullet);
+    let _ = writeln!(s, "\n{} Aggregation Summary:", style.mark(Mark::Info));
+    let _ = writeln!(s, "   {b} Total requests processed: {}", o.rows_counted);
+    let _ = writeln!(s, "   {b} Portal-month combinations: {}", o.keys_touched);
+    let _ = writeln!(s, "   {b} Rows rejected as bad data: {}", o.bad.count);
+    let _ = writeln!(s, "   {b} Duration: {} seconds", format_secs(took));
+    let _ = writeln!(s, "   {b} Environment: {env}");
+    if o.bad.count > 0 {
+        let _ = writeln!(
+            s,
+            "{} Usage aggregation completed, but {} bad rows were skipped (exit status 65)",
+            style.mark(Mark::Warn),
+            o.bad.count
+        );
+    } else if o.keys_touched == 0 {
+        let _ = writeln!(
+            s,
+            "{} No pending requests to aggregate",
+            style.mark(Mark::Ok)
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "{} Usage aggregation completed successfully",
+            style.mark(Mark::Ok)
+        );
+    }
+    s
+}
+
+/// The one line printed when a run stops on an error.
+pub fn failure(style: Style, message: &str) -> String {
+    format!(
+        "{} Usage aggregation failed: {message}\n",
+        style.mark(Mark::Error)
+    )
+}
+
+fn format_secs(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 10.0 {
+        format!("{secs:.2}")
+    } else {
+        format!("{secs:.0}")
+    }
+}
+
+/// What a dry run would write: one line a key, the stored value beside the
+/// new one where they differ.
+pub fn dry_run_table(changes: &[Change]) -> String {
+    if changes.is_empty() {
+        return String::new();
+    }
+    let cell = |before: Option<i64>, after: i64| match before {
+        Some(b) if b != after => format!("{after} (was {b})"),
+        _ => after.to_string(),
+    };
+    let rows: Vec<[String; 5]> = changes
+        .iter()
+        .map(|c| {
+            let b: Option<&Totals> = c.before.as_ref();
+            [
+                c.key.portal_id.to_string(),
+                c.key.month.to_string(),
+                cell(b.map(|t| t.requests), c.after.requests),
+                cell(b.map(|t| t.successes), c.after.successes),
+                cell(b.map(|t| t.errors), c.after.errors),
+            ]
+        })
+        .collect();
+    let head = ["portal", "month", "requests", "successes", "errors"];
+    let mut widths = head.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut s = String::new();
+    let line = |s: &mut String, cells: [&str; 5]| {
+        let _ = writeln!(
+            s,
+            "  {:>w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+            w4 = widths[4]
+        );
+    };
+    line(&mut s, head);
+    for r in &rows {
+        line(&mut s, [&r[0], &r[1], &r[2], &r[3], &r[4]]);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregation::{Key, Month};
+
+    #[test]
+    fn dry_run_table_shows_stored_beside_new_where_they_differ() {
+        let t = |r, s, e| Totals {
+            requests: r,
+            successes: s,
+            errors: e,
+            ..Totals::default()
+        };
+        let key = |p| Key {
+            portal_id: p,
+            month: Month {
+                year: 2025,
+                month: 7,
+            },
+        };
+        let table = dry_run_table(&[
+            Change {
+                key: key(42),
+                before: Some(t(10, 9, 1)),
+                after: t(12, 11, 1),
+            },
+            Change {
+                key: key(7),
+                before: None,
+                after: t(3, 3, 0),
+            },
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[1].contains("42")
+                && lines[1].contains("12 (was 10)")
+                && lines[1].contains("11 (was 9)")
+        );
+        assert!(lines[1].trim_end().ends_with(" 1"), "{}", lines[1]);
+        assert!(lines[2].contains("2025-07") && !lines[2].contains("was"));
+    }
+
+    #[test]
+    fn plain_style_has_no_emoji() {
+        let o = Outcome {
+            rows_counted: 4,
+            keys_touched: 1,
+            ..Outcome::default()
+        };
+        let s = summary(
+            Style { emoji: false },
+            &o,
+            "DEV",
+            Duration::from_millis(1500),
+        );
+        assert!(s.is_ascii(), "{s}");
+        assert!(s.contains("Total requests processed: 4") && s.contains("Duration: 1.50 seconds"));
+    }
+}

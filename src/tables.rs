@@ -1,0 +1,366 @@
+//! The two tables over PostgREST: scanning `usage_requests` by keyset, and
+//! reading and writing `portal_usage_monthly`. Knows the schema; knows
+//! nothing of runs, cursors or leases.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use chrono::NaiveDateTime;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregation::{
+    format_timestamp, parse_timestamp, Key, Month, RawRow, Totals, RAW_COLUMNS,
+};
+use crate::postgrest::{ApiError, Client, Query};
+
+pub const RAW_TABLE: &str = "usage_requests";
+pub const MONTHLY_TABLE: &str = "portal_usage_monthly";
+pub const CONFLICT_TARGET: &str = "portal_id,month_year";
+
+/// Rows per bulk upsert: about 200 bytes each, so a request stays near
+/// 100 KB, far under any gateway's body limit.
+pub const UPSERT_CHUNK: usize = 500;
+/// URL budget for `in.()` filters: the gateway answers 414 past about 8 KB.
+pub const MAX_URL_LEN: usize = 6000;
+
+/// Pages through `usage_requests` in id order: `id=gt.<last>&order=id.asc`.
+/// The end is an empty page and only that: the server's `max_rows` cap makes
+/// pages short without saying so (semantics.md, trap 1).
+pub struct RawScan<'a> {
+    client: &'a Client,
+    after: i64,
+    upto: Option<i64>,
+    page_size: usize,
+    done: bool,
+    /// Rows the server returned, for the operator and the cost test.
+    pub rows_read: u64,
+    pub pages: u64,
+}
+
+impl<'a> RawScan<'a> {
+    /// Rows with `after < id <= upto` (no upper bound when `upto` is None).
+    pub fn new(client: &'a Client, after: i64, upto: Option<i64>, page_size: usize) -> Self {
+        RawScan {
+            client,
+            after,
+            upto,
+            page_size,
+            done: false,
+            rows_read: 0,
+            pages: 0,
+        }
+    }
+
+    pub async fn next_page(&mut self) -> anyhow::Result<Option<Vec<RawRow>>> {
+        if self.done || self.upto.is_some_and(|u| self.after >= u) {
+            return Ok(None);
+        }
+        let mut query: Query = vec![
+            ("select".into(), RAW_COLUMNS.into()),
+            ("id".into(), format!("gt.{}", self.after)),
+        ];
+        if let Some(upto) = self.upto {
+            query.push(("id".into(), format!("lte.{upto}")));
+        }
+        query.push(("order".into(), "id.asc".into()));
+        query.push(("limit".into(), self.page_size.to_string()));
+        let rows: Vec<RawRow> = self
+            .client
+            .select(RAW_TABLE, &query)
+            .await
+            .with_context(|| format!("reading {RAW_TABLE} after id {}", self.after))?;
+        self.pages += 1;
+        let Some(last) = rows.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            last.id > self.after && rows.windows(2).all(|w| w[0].id < w[1].id),
+            "the server returned {RAW_TABLE} rows out of id order (asked for order=id.asc after id {}); \
+             is something rewriting the query?",
+            self.after
+        );
+        self.after = last.id;
+        self.rows_read += rows.len() as u64;
+        Ok(Some(rows))
+    }
+}
+
+/// A `portal_usage_monthly` row as stored.
+#[derive(Debug, Clone, Deserialize)]
+struct StoredRow {
+    id: i64,
+    portal_id: i64,
+    month_year: String,
+    request_count: Option<i64>,
+    success_count: Option<i64>,
+    error_count: Option<i64>,
+    last_request_at: Option<String>,
+    #[serde(default)]
+    last_request_id: Option<i64>,
+}
+
+impl StoredRow {
+    fn key(&self) -> Option<Key> {
+        Month::parse(&self.month_year).map(|month| Key {
+            portal_id: self.portal_id,
+            month,
+        })
+    }
+
+    fn totals(&self) -> Totals {
+        Totals {
+            requests: self.request_count.unwrap_or(0),
+            successes: self.success_count.unwrap_or(0),
+            errors: self.error_count.unwrap_or(0),
+            last_request_at: self.last_request_at.as_deref().and_then(parse_timestamp),
+            last_request_id: self.last_request_id.unwrap_or(0),
+        }
+    }
+}
+
+const STORED_COLUMNS: &str =
+    "id,portal_id,month_year,request_count,success_count,error_count,last_request_at";
+
+fn stored_columns(with_watermark: bool) -> String {
+    if with_watermark {
+        format!("{STORED_COLUMNS},last_request_id")
+    } else {
+        STORED_COLUMNS.to_string()
+    }
+}
+
+/// Reads stored rows matching `filters`, every page of them. Rows whose
+/// month is not `YYYY-MM` (written by hand?) are left out: no run writes them.
+async fn read_stored_where(
+    client: &Client,
+    filters: &Query,
+    with_watermark: bool,
+    into: &mut HashMap<Key, Totals>,
+    page_size: usize,
+) -> anyhow::Result<()> {
+    let mut after = 0i64;
+    loop {
+        let mut q = filters.clone();
+        q.push(("select".into(), stored_columns(with_watermark)));
+        q.push(("id".into(), format!("gt.{after}")));
+        q.push(("order".into(), "id.asc".into()));
+        q.push(("limit".into(), page_size.to_string()));
+        let rows: Vec<StoredRow> = client
+            .select(MONTHLY_TABLE, &q)
+            .await
+            .with_context(|| format!("reading {MONTHLY_TABLE}"))?;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        after = last.id;
+        for row in rows {
+            if let Some(key) = row.key() {
+                // Without the unique constraint a key can be stored twice;
+                // the fallback writes both, so either will do.
+                into.insert(key, row.totals());
+            }
+        }
+    }
+}
+
+/// Every stored key: O(keys), for the full recompute and verify.
+pub async fn read_all_stored(
+    client: &Client,
+    with_watermark: bool,
+    page_size: usize,
+) -> anyhow::Result<HashMap<Key, Totals>> {
+    let mut out = HashMap::new();
+    read_stored_where(client, &Query::new(), with_watermark, &mut out, page_size).await?;
+    Ok(out)
+}
+
+/// The stored state of the given keys (those that exist), read month by
+/// month with `portal_id=in.(...)` lists cut to fit the URL budget.
+pub async fn read_stored_for(
+    client: &Client,
+    keys: impl IntoIterator<Item = Key>,
+    with_watermark: bool,
+    page_size: usize,
+) -> anyhow::Result<HashMap<Key, Totals>> {
+    let mut by_month: HashMap<Month, Vec<i64>> = HashMap::new();
+    for k in keys {
+        by_month.entry(k.month).or_default().push(k.portal_id);
+    }
+    let mut out = HashMap::new();
+    for (month, portals) in by_month {
+        for chunk in chunk_in_list(client, &portals) {
+            let filters = vec![
+                ("month_year".into(), format!("eq.{month}")),
+                ("portal_id".into(), format!("in.({chunk})")),
+            ];
+            read_stored_where(client, &filters, with_watermark, &mut out, page_size).await?;
+        }
+    }
+    Ok(out)
+}
+
+/// Cuts ids into comma lists whose URLs stay under [`MAX_URL_LEN`]
+/// (measured on the encoded URL, with room for the other parameters).
+fn chunk_in_list(client: &Client, ids: &[i64]) -> Vec<String> {
+    let base_len = client.url_len(
+        MONTHLY_TABLE,
+        &vec![
+            ("month_year".into(), "eq.2025-01".into()),
+            ("select".into(), stored_columns(true)),
+            ("id".into(), format!("gt.{}", i64::MAX)),
+            ("order".into(), "id.asc".into()),
+            ("limit".into(), "1000000".into()),
+            ("portal_id".into(), "in.()".into()),
+        ],
+    );
+    let mut chunks = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut len = base_len;
+    for id in ids {
+        let piece = id.to_string();
+        // A comma goes on the wire as %2C: three bytes.
+        let sep = if current.is_empty() { 0 } else { 3 };
+        if !current.is_empty() && len + sep + piece.len() > MAX_URL_LEN {
+            chunks.push(current.join(","));
+            current.clear();
+            len = base_len;
+        }
+        len += piece.len() + if current.is_empty() { 0 } else { 3 };
+        current.push(piece);
+    }
+    if !current.is_empty() {
+        chunks.push(current.join(","));
+    }
+    chunks
+}
+
+/// A `portal_usage_monthly` row as written: every object of a bulk request
+/// has the same keys (PGRST102 otherwise), so the watermark is present in
+/// all or in none.
+#[derive(Debug, Clone, Serialize)]
+struct MonthlyRow {
+    portal_id: i64,
+    month_year: String,
+    request_count: i64,
+    success_count: i64,
+    error_count: i64,
+    last_request_at: Option<String>,
+    updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_request_id: Option<i64>,
+}
+
+/// How the writes went.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteStats {
+    pub written: usize,
+    pub bulk_requests: usize,
+    /// Keys written one by one because the bulk upsert was refused.
+    pub fallback_keys: usize,
+    /// Why the bulk upsert was refused, once.
+    pub fallback_reason: Option<String>,
+}
+
+/// Writes each key's full state (absolute values, never deltas: a repeated
+/// write is harmless, semantics.md trap 2). Bulk upsert in chunks; when the
+/// server refuses the upsert itself (no unique constraint to match: 42P10),
+/// falls back to writing key by key.
+pub async fn write_states(
+    client: &Client,
+    states: &[(Key, Totals)],
+    with_watermark: bool,
+    now: NaiveDateTime,
+) -> anyhow::Result<WriteStats> {
+    let updated_at = format_timestamp(now);
+    let rows: Vec<MonthlyRow> = states
+        .iter()
+        .map(|(k, t)| MonthlyRow {
+            portal_id: k.portal_id,
+            month_year: k.month.to_string(),
+            request_count: t.requests,
+            success_count: t.successes,
+            error_count: t.errors,
+            last_request_at: t.last_request_at.map(format_timestamp),
+            updated_at: updated_at.clone(),
+            last_request_id: with_watermark.then_some(t.last_request_id),
+        })
+        .collect();
+    debug_assert!(
+        states.windows(2).all(|w| w[0].0 < w[1].0),
+        "keys must be sorted and unique: one request must not hold a key twice (Postgres 21000)"
+    );
+    let mut stats = WriteStats::default();
+    for chunk in rows.chunks(UPSERT_CHUNK) {
+        if stats.fallback_reason.is_none() {
+            match client.upsert(MONTHLY_TABLE, CONFLICT_TARGET, chunk).await {
+                Ok(()) => {
+                    stats.bulk_requests += 1;
+                    stats.written += chunk.len();
+                    continue;
+                }
+                Err(e) if bulk_refused(&e) => {
+                    tracing::warn!("bulk upsert refused, writing key by key: {e}");
+                    stats.fallback_reason = Some(e.to_string());
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("writing {} keys to {MONTHLY_TABLE}", chunk.len())
+                    })
+                }
+            }
+        }
+        for row in chunk {
+            write_one(client, row).await?;
+            stats.fallback_keys += 1;
+            stats.written += 1;
+        }
+    }
+    Ok(stats)
+}
+
+/// The upsert itself is refused, not the data: no unique constraint matches
+/// `on_conflict` (42P10), or the server cannot do upserts here.
+fn bulk_refused(e: &ApiError) -> bool {
+    e.status().is_some_and(|s| s.as_u16() == 400) && matches!(e.code(), Some("42P10"))
+}
+
+/// One key, without upsert: PATCH by (portal_id, month_year); if no row
+/// matched, POST; if that POST lost a race to another insert (409), PATCH
+/// again. Writing absolute values makes each step safe to repeat.
+async fn write_one(client: &Client, row: &MonthlyRow) -> anyhow::Result<()> {
+    let filters: Query = vec![
+        ("portal_id".into(), format!("eq.{}", row.portal_id)),
+        ("month_year".into(), format!("eq.{}", row.month_year)),
+    ];
+    let ctx = || {
+        format!(
+            "writing {}:{} to {MONTHLY_TABLE} (fallback)",
+            row.portal_id, row.month_year
+        )
+    };
+    if client
+        .update(MONTHLY_TABLE, &filters, row)
+        .await
+        .with_context(ctx)?
+        > 0
+    {
+        return Ok(());
+    }
+    match client.insert(MONTHLY_TABLE, row).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.status().is_some_and(|s| s.as_u16() == 409) => {
+            let n = client
+                .update(MONTHLY_TABLE, &filters, row)
+                .await
+                .with_context(ctx)?;
+            anyhow::ensure!(
+                n > 0,
+                "{}: insert conflicted, yet no row matched the update",
+                ctx()
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(ctx),
+    }
+}

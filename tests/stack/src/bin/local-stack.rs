@@ -1,0 +1,63 @@
+//! Starts a private stack (PostgreSQL 15 + postrust), loads sample rows, runs
+//! a command with `SUPABASE_DEV_*` pointing at the stack, then removes it all.
+//!
+//!     local-stack [--rows N] [--migrate FILE] -- COMMAND [ARGS...]
+//!
+//! Exits with the command's status. Used by `scripts/demo` and `scripts/bench`.
+
+use std::process::Command;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut rows: i64 = 20_000;
+    let mut migrations = Vec::new();
+    let mut command = Vec::new();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows takes a number"),
+            "--migrate" => migrations.push(args.next().expect("--migrate takes a SQL file")),
+            "--" => {
+                command.extend(args.by_ref());
+            }
+            other => panic!("unknown argument {other}; usage: local-stack [--rows N] [--migrate FILE] -- COMMAND..."),
+        }
+    }
+    assert!(
+        !command.is_empty(),
+        "usage: local-stack [--rows N] [--migrate FILE] -- COMMAND..."
+    );
+
+    eprintln!("local-stack: starting PostgreSQL 15 and postrust on loopback...");
+    let cluster = stack::Cluster::start();
+    let code = {
+        let mut s = stack::Stack::on(&cluster);
+        for m in &migrations {
+            let out = s.psql_file(std::path::Path::new(m));
+            assert!(
+                out.status.success(),
+                "{m}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let portals = (rows / 50).clamp(1, 10_000);
+        stack::insert_sample_rows(
+            &mut s.sql(),
+            rows,
+            portals,
+            &["2025-05", "2025-06", "2025-07"],
+        );
+        eprintln!(
+            "local-stack: {rows} sample rows for {portals} portals loaded; REST at {}; running {}",
+            s.rest_url,
+            command.join(" ")
+        );
+        let status = Command::new(&command[0])
+            .args(&command[1..])
+            .envs(s.env())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", command[0]));
+        status.code().unwrap_or(70)
+    };
+    cluster.stop();
+    std::process::exit(code);
+}

@@ -1,0 +1,461 @@
+//! A private Supabase-like stack on loopback: a PostgreSQL 15 cluster and a
+//! PostgREST-compatible server (postrust-server), for usage-agg's integration
+//! tests, its demo and its benchmark.
+//!
+//! One cluster per process (tests share it; each test gets its own database
+//! cloned from a prepared template and its own server, so tests run in
+//! parallel). Everything listens on 127.0.0.1 on free ports, with data in a
+//! private directory that is removed when the process exits.
+//!
+//! Set `USAGE_AGG_TEST_REST_URL`, `USAGE_AGG_TEST_KEY` and
+//! `USAGE_AGG_TEST_DATABASE_URL` to run the same tests against any other
+//! PostgREST (a real one, say) on a database that already has the seed's
+//! schema; the tests then share that database and run one at a time.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const SEED_SCHEMA: &str = include_str!("../sql/seed-schema.sql");
+const ROLES: &str = include_str!("../sql/supabase-roles.sql");
+const GRANTS: &str = include_str!("../sql/supabase-grants.sql");
+
+/// Supabase's default `max_rows`: every test runs with the silent cap on.
+pub const MAX_ROWS: u32 = 1000;
+const TEMPLATE_DB: &str = "usage_agg_template";
+const JWT_SECRET: &str = "usage-agg-test-secret-at-least-32-characters-long";
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The root of the repository (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
+}
+
+/// Where postrust is: `POSTRUST_BIN`, else the cache `scripts/install-postrust`
+/// fills.
+pub fn postrust_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("POSTRUST_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("USAGE_AGG_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/usage-agg")
+        });
+    let bin = cache.join("postrust-3.1.0/bin/postrust");
+    assert!(
+        bin.exists(),
+        "postrust is not installed at {}: run scripts/test (or scripts/install-postrust), which builds it once",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A PostgreSQL cluster in a private directory. PostgreSQL refuses to run as
+/// root, so as root every server command runs as the `postgres` user.
+pub struct Cluster {
+    dir: PathBuf,
+    pub port: u16,
+    next_db: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "usage-agg-pg-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir));
+        }
+        let data = dir.join("data");
+        run(pg_cmd("initdb")
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&data));
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+                 -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB",
+                dir.display()
+            );
+            let out = pg_cmd("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .args(["-w", "-t", "60", "-l"])
+                .arg(dir.join("postgres.log"))
+                .args(["-o", &opts, "start"])
+                .output()
+                .expect("run pg_ctl");
+            if out.status.success() {
+                let cluster = Cluster {
+                    dir,
+                    port,
+                    next_db: AtomicUsize::new(0),
+                };
+                cluster.prepare_template();
+                return cluster;
+            }
+            last_err = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
+            );
+        }
+        panic!("PostgreSQL did not start: {last_err}");
+    }
+
+    /// The process-wide cluster, stopped when the process exits.
+    pub fn shared() -> &'static Cluster {
+        static SHARED: OnceLock<Cluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            extern "C" fn stop_at_exit() {
+                if let Some(c) = SHARED.get() {
+                    c.stop();
+                }
+            }
+            let c = Cluster::start();
+            // Statics are never dropped; the test harness ends with exit(),
+            // which runs atexit handlers.
+            // SAFETY: registering a plain extern "C" fn.
+            unsafe { libc::atexit(stop_at_exit) };
+            c
+        })
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn prepare_template(&self) {
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        admin.batch_execute(ROLES).unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {TEMPLATE_DB}"))
+            .unwrap();
+        let mut t = postgres::Client::connect(&self.url(TEMPLATE_DB), postgres::NoTls).unwrap();
+        t.batch_execute(SEED_SCHEMA).unwrap();
+        t.batch_execute(GRANTS).unwrap();
+    }
+
+    /// A fresh database holding the seed's schema and Supabase's grants.
+    pub fn create_database(&self) -> String {
+        let name = format!("t{}", self.next_db.fetch_add(1, Ordering::SeqCst));
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+            .unwrap();
+        name
+    }
+
+    pub fn stop(&self) {
+        let _ = pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pg_cmd(tool: &str) -> Command {
+    let path = Path::new(PG_BIN).join(tool);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mints an HS256 JWT carrying `role`, as Supabase's keys do.
+pub fn mint_jwt(role: &str, secret: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let header = B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = B64.encode(format!(
+        r#"{{"iss":"supabase","role":"{role}","iat":1700000000,"exp":4102444800}}"#
+    ));
+    let signing_input = format!("{header}.{payload}");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(signing_input.as_bytes());
+    format!(
+        "{signing_input}.{}",
+        B64.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// One test's world: a database and a REST server in front of it.
+pub struct Stack {
+    /// The REST base (tables at `<rest_url>/<table>`).
+    pub rest_url: String,
+    /// A service_role key.
+    pub key: String,
+    /// An anon key for the same project.
+    pub anon_key: String,
+    /// A direct connection string, for ground truth.
+    pub database_url: String,
+    server: Option<Child>,
+    server_env: Vec<(String, String)>,
+    _exclusive: Option<MutexGuard<'static, ()>>,
+}
+
+impl Stack {
+    /// A new database on the shared cluster with its own server, or the
+    /// external PostgREST named by `USAGE_AGG_TEST_*`, emptied.
+    pub fn new() -> Stack {
+        match std::env::var("USAGE_AGG_TEST_REST_URL") {
+            Ok(rest_url) => Stack::external(rest_url),
+            Err(_) => Stack::on(Cluster::shared()),
+        }
+    }
+
+    pub fn on(cluster: &Cluster) -> Stack {
+        let db = cluster.create_database();
+        let database_url = cluster.url(&db);
+        let server_env = vec![
+            (
+                "PGRST_DB_URI".into(),
+                format!("postgres://authenticator@127.0.0.1:{}/{db}", cluster.port),
+            ),
+            ("PGRST_DB_SCHEMAS".into(), "public".into()),
+            ("PGRST_DB_ANON_ROLE".into(), "anon".into()),
+            ("PGRST_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("PGRST_DB_MAX_ROWS".into(), MAX_ROWS.to_string()),
+            ("PGRST_DB_POOL".into(), "4".into()),
+            ("PGRST_DB_CHANNEL_ENABLED".into(), "true".into()),
+            ("PGRST_SERVER_HOST".into(), "127.0.0.1".into()),
+            ("PGRST_COMPAT_MODE".into(), "true".into()),
+            ("PGRST_LOG_LEVEL".into(), "error".into()),
+        ];
+        let mut stack = Stack {
+            rest_url: String::new(),
+            key: mint_jwt("service_role", JWT_SECRET),
+            anon_key: mint_jwt("anon", JWT_SECRET),
+            database_url,
+            server: None,
+            server_env,
+            _exclusive: None,
+        };
+        stack.start_server();
+        stack
+    }
+
+    fn external(rest_url: String) -> Stack {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let var = |n: &str| {
+            std::env::var(n)
+                .unwrap_or_else(|_| panic!("USAGE_AGG_TEST_REST_URL is set, so {n} must be too"))
+        };
+        let stack = Stack {
+            rest_url: rest_url.trim_end_matches('/').to_string(),
+            key: var("USAGE_AGG_TEST_KEY"),
+            anon_key: std::env::var("USAGE_AGG_TEST_ANON_KEY").unwrap_or_default(),
+            database_url: var("USAGE_AGG_TEST_DATABASE_URL"),
+            server: None,
+            server_env: Vec::new(),
+            _exclusive: Some(guard),
+        };
+        stack
+            .sql()
+            .batch_execute(
+                "TRUNCATE usage_requests, portal_usage_monthly RESTART IDENTITY;
+             DO $$ BEGIN
+               IF to_regclass('usage_aggregation_state') IS NOT NULL THEN
+                 DELETE FROM usage_aggregation_state;
+               END IF;
+             END $$;",
+            )
+            .unwrap();
+        stack
+    }
+
+    pub fn is_external(&self) -> bool {
+        self.server_env.is_empty()
+    }
+
+    fn start_server(&mut self) {
+        let bin = postrust_bin();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .envs(self.server_env.iter().map(|(k, v)| (k, v)))
+                .env("PGRST_SERVER_PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start postrust");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // lost the port race: try another
+                }
+                if http_status(port, "/_/ready") == Some(200) {
+                    self.rest_url = format!("http://127.0.0.1:{port}");
+                    self.server = Some(child);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(25)); // readiness poll
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("postrust did not become ready");
+    }
+
+    fn stop_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A direct connection for ground truth and set-up.
+    pub fn sql(&self) -> postgres::Client {
+        postgres::Client::connect(&self.database_url, postgres::NoTls).expect("connect to postgres")
+    }
+
+    /// Runs DDL, then makes the server see the new schema: our own server is
+    /// restarted (deterministic); an external one is told to reload.
+    pub fn ddl(&mut self, sql: &str) {
+        self.sql().batch_execute(sql).unwrap();
+        self.reload_schema();
+    }
+
+    /// Applies a SQL file the way a user does: `psql -f`.
+    pub fn psql_file(&mut self, file: &Path) -> std::process::Output {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.database_url,
+                "-f",
+            ])
+            .arg(file)
+            .output()
+            .expect("run psql");
+        self.reload_schema();
+        out
+    }
+
+    pub fn reload_schema(&mut self) {
+        if self.is_external() {
+            self.sql()
+                .batch_execute("NOTIFY pgrst, 'reload schema'")
+                .unwrap();
+            // No acknowledgement exists for a reload; give PostgREST its usual
+            // debounce time. Only the external mode does this.
+            std::thread::sleep(Duration::from_millis(1500));
+        } else {
+            self.stop_server();
+            self.start_server();
+        }
+    }
+
+    /// The environment a `usage-agg --env dev` run needs to reach this stack.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SUPABASE_DEV_URL".into(), self.rest_url.clone()),
+            ("SUPABASE_DEV_REST_URL".into(), self.rest_url.clone()),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY".into(), self.key.clone()),
+        ]
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}
+
+/// A bare HTTP/1.0 GET, enough for a readiness check without a client crate.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Inserts `n` sample rows: `portals` portals over the given months, about 5%
+/// errors, ids in insertion order. Returns nothing; read ground truth by SQL.
+pub fn insert_sample_rows(db: &mut postgres::Client, n: i64, portals: i64, months: &[&str]) {
+    let months = months
+        .iter()
+        .map(|m| format!("'{m}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    db.batch_execute(&format!(
+        "INSERT INTO usage_requests (portal_id, request_timestamp, source_date, source_format, target_format, success, error_message, month_year)
+         SELECT 1000 + (g * 7919) % {portals},
+                (m || '-01')::timestamp + ((g % 27) || ' days')::interval + ((g % 86400) || ' seconds')::interval,
+                '2025-01-01', 'YYYY-MM-DD', 'DD/MM/YYYY',
+                g % 20 <> 0,
+                CASE WHEN g % 20 = 0 THEN 'unparseable date' END,
+                m
+         FROM generate_series(1, {n}) g,
+              LATERAL (SELECT (ARRAY[{months}])[1 + (g % array_length(ARRAY[{months}], 1))] AS m) mm"
+    ))
+    .unwrap();
+}
