@@ -230,7 +230,7 @@ impl Config {
                 let (v, from) =
                     required(&url_var, "your project URL, e.g. https://abcd.supabase.co")?;
                 let base = parse_url(&url_var, &v, &from)?;
-                base.join("rest/v1")
+                base.join("rest/v1/")
                     .map_err(|e| ConfigError(format!("{url_var} (in {from}): {e}")))?
             }
         };

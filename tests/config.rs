@@ -1,0 +1,127 @@
+//! Configuration and command-line errors: each names the problem and the fix,
+//! and has its own exit status.
+
+mod common;
+
+use common::*;
+
+fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A URL nothing listens on: a port just bound and released.
+fn dead_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}")
+}
+
+const A_JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoic2VydmljZV9yb2xlIn0.c2ln";
+
+#[test]
+fn a_missing_variable_is_named_with_the_files_looked_in() {
+    let run = usage_agg(&workdir(), &[], &["aggregate", "--env", "prod"]);
+    run.assert_status(78)
+        .assert_stderr_has("SUPABASE_PROD_URL is not set");
+    run.assert_stderr_has(".env.local")
+        .assert_stderr_has(".env");
+    assert_eq!(run.stderr.lines().count(), 1, "one line:\n{}", run.stderr);
+}
+
+#[test]
+fn a_malformed_url_or_key_is_refused_before_any_request() {
+    let run = usage_agg(
+        &workdir(),
+        &pairs(&[
+            ("SUPABASE_DEV_URL", "supabase.co"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", A_JWT),
+        ]),
+        &["aggregate", "--env", "dev"],
+    );
+    run.assert_status(78)
+        .assert_stderr_has("SUPABASE_DEV_URL (in the environment) is not a usable URL");
+
+    let run = usage_agg(
+        &workdir(),
+        &pairs(&[
+            ("SUPABASE_DEV_URL", "https://x.supabase.co"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", "letmein"),
+        ]),
+        &["aggregate", "--env", "dev"],
+    );
+    run.assert_status(78)
+        .assert_stderr_has("SUPABASE_DEV_SERVICE_ROLE_KEY (in the environment) is neither a JWT");
+    assert!(!run.all().contains("letmein"));
+}
+
+#[test]
+fn values_come_from_the_environment_then_env_local_then_env() {
+    let dir = workdir();
+    let dead = dead_url();
+    std::fs::write(
+        dir.join(".env"),
+        "SUPABASE_DEV_URL=https://from-dotenv.invalid\nSUPABASE_DEV_SERVICE_ROLE_KEY=nonsense\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join(".env.local"), format!("SUPABASE_DEV_SERVICE_ROLE_KEY={A_JWT}\nSUPABASE_DEV_REST_URL=https://from-env-local.invalid\n")).unwrap();
+
+    // .env.local's key beats .env's; the environment's REST URL beats .env.local's.
+    let run = usage_agg(
+        &dir,
+        &pairs(&[("SUPABASE_DEV_REST_URL", &dead)]),
+        &["aggregate", "--env", "dev"],
+    );
+    run.assert_status(69).assert_stderr_has("could not connect");
+    assert!(
+        !run.all().contains("invalid"),
+        "the environment must win:\n{}",
+        run.all()
+    );
+}
+
+#[test]
+fn env_auto_picks_prod_from_app_env_and_says_so() {
+    let run = usage_agg(
+        &workdir(),
+        &pairs(&[
+            ("APP_ENV", "production"),
+            ("NODE_ENV", "development"),
+            ("SUPABASE_PROD_URL", &dead_url()),
+            ("SUPABASE_PROD_REST_URL", &dead_url()),
+            ("SUPABASE_PROD_SERVICE_ROLE_KEY", A_JWT),
+        ]),
+        &["aggregate", "--env", "auto"],
+    );
+    run.assert_stdout_has(
+        "Aggregating usage for PROD environment (--env auto: APP_ENV=production)",
+    );
+    run.assert_status(69)
+        .assert_stderr_has("hint: the server could not be reached");
+}
+
+#[test]
+fn bad_arguments_are_exit_64() {
+    usage_agg(&workdir(), &[], &["aggregate", "--env", "staging"])
+        .assert_status(64)
+        .assert_stderr_has("staging");
+    usage_agg(&workdir(), &[], &["aggregate", "--page-size", "0"]).assert_status(64);
+    usage_agg(&workdir(), &[], &["frobnicate"]).assert_status(64);
+    usage_agg(&workdir(), &[], &["--help"])
+        .assert_status(0)
+        .assert_stdout_has("aggregate");
+}
+
+#[test]
+fn a_missing_table_says_the_schema_is_missing() {
+    let mut stack = Stack::new();
+    stack.ddl("DROP TABLE usage_requests");
+    aggregate(&stack, &[])
+        .assert_status(78)
+        .assert_stderr_has("PGRST205")
+        .assert_stderr_has("hint: a table is missing");
+}
