@@ -135,6 +135,26 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// The key's headers, marked sensitive so that no Debug output shows them.
+fn auth_headers(key: &Secret, kind: KeyKind) -> anyhow::Result<HeaderMap> {
+    let value = |v: &str| {
+        let mut h = HeaderValue::from_str(v).map_err(|_| {
+            anyhow::anyhow!("the service role key holds characters not allowed in an HTTP header")
+        })?;
+        h.set_sensitive(true);
+        anyhow::Ok(h)
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("apikey", value(key.expose())?);
+    if kind == KeyKind::Jwt {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            value(&format!("Bearer {}", key.expose()))?,
+        );
+    }
+    Ok(headers)
+}
+
 /// A PostgREST endpoint with a key.
 #[derive(Clone)]
 pub struct Client {
@@ -149,25 +169,9 @@ impl Client {
         kind: KeyKind,
         timeout: Duration,
     ) -> anyhow::Result<Client> {
-        let mut headers = HeaderMap::new();
-        let mut apikey = HeaderValue::from_str(key.expose()).map_err(|_| {
-            anyhow::anyhow!("the service role key holds characters not allowed in an HTTP header")
-        })?;
-        apikey.set_sensitive(true);
-        headers.insert("apikey", apikey);
-        if kind == KeyKind::Jwt {
-            let mut bearer =
-                HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                    anyhow::anyhow!(
-                        "the service role key holds characters not allowed in an HTTP header"
-                    )
-                })?;
-            bearer.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, bearer);
-        }
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
-            .default_headers(headers)
+            .default_headers(auth_headers(key, kind)?)
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10).min(timeout))
             .gzip(true)
@@ -370,6 +374,18 @@ impl WithoutUrlRef for reqwest::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jwt_keys_go_in_apikey_and_bearer_secret_keys_in_apikey_only() {
+        let jwt = auth_headers(&Secret::new("a.b.c"), KeyKind::Jwt).unwrap();
+        assert_eq!(jwt["apikey"], "a.b.c");
+        assert_eq!(jwt["authorization"], "Bearer a.b.c");
+        assert!(jwt["apikey"].is_sensitive() && !format!("{jwt:?}").contains("a.b.c"));
+        let secret = auth_headers(&Secret::new("sb_secret_x"), KeyKind::SecretKey).unwrap();
+        assert_eq!(secret["apikey"], "sb_secret_x");
+        assert!(secret.get("authorization").is_none());
+        assert!(USER_AGENT.starts_with("usage-agg/"));
+    }
 
     #[test]
     fn postgrest_error_bodies_are_parsed() {
