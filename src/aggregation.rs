@@ -235,14 +235,15 @@ pub struct Fold {
 }
 
 impl Fold {
-    /// Folds one row, counting it only when its id is above `floor(key)`:
-    /// the key's watermark when a run that died already wrote it past the
-    /// scan's start, else the scan's start.
-    pub fn add(&mut self, row: &RawRow, floor: impl Fn(&Key) -> i64) {
+    /// Folds one row; a good row is counted only when `include(key, id)`
+    /// says so. Engines use it to count each key from its own watermark
+    /// (rows a run that died already counted are left out), and verify to
+    /// count each key up to its watermark.
+    pub fn add(&mut self, row: &RawRow, include: impl Fn(&Key, i64) -> bool) {
         self.rows += 1;
         self.last_id = self.last_id.max(Some(row.id));
         match validate(row) {
-            Ok(good) if good.id > floor(&good.key) => self
+            Ok(good) if include(&good.key, good.id) => self
                 .groups
                 .entry(good.key)
                 .or_default()
@@ -307,9 +308,9 @@ mod tests {
     fn folds_counts_successes_errors_and_the_newest_time_and_id() {
         let mut f = Fold::default();
         for (id, ok) in [(1, true), (2, false), (3, true)] {
-            f.add(&row(id, json!(7), "2025-01", ok), |_| 0);
+            f.add(&row(id, json!(7), "2025-01", ok), |_, _| true);
         }
-        f.add(&row(4, json!(8), "2025-02", true), |_| 0);
+        f.add(&row(4, json!(8), "2025-02", true), |_, _| true);
         let k = Key {
             portal_id: 7,
             month: Month {
@@ -330,32 +331,32 @@ mod tests {
     #[test]
     fn bad_rows_are_counted_with_examples_and_never_create_a_key() {
         let mut f = Fold::default();
-        f.add(&row(1, json!(0), "2025-01", true), |_| 0);
-        f.add(&row(2, json!(-5), "2025-01", true), |_| 0);
-        f.add(&row(3, json!("12"), "2025-01", true), |_| 0);
-        f.add(&row(4, json!(9), "2025-13", true), |_| 0);
-        f.add(&row(5, json!(null), "2025-01", true), |_| 0);
-        f.add(&row(6, json!(9), "January", true), |_| 0);
+        f.add(&row(1, json!(0), "2025-01", true), |_, _| true);
+        f.add(&row(2, json!(-5), "2025-01", true), |_, _| true);
+        f.add(&row(3, json!("12"), "2025-01", true), |_, _| true);
+        f.add(&row(4, json!(9), "2025-13", true), |_, _| true);
+        f.add(&row(5, json!(null), "2025-01", true), |_, _| true);
+        f.add(&row(6, json!(9), "January", true), |_, _| true);
         f.add(
             &RawRow {
                 success: json!(null),
                 ..row(7, json!(9), "2025-01", true)
             },
-            |_| 0,
+            |_, _| true,
         );
         f.add(
             &RawRow {
                 request_timestamp: json!("yesterday"),
                 ..row(8, json!(9), "2025-01", true)
             },
-            |_| 0,
+            |_, _| true,
         );
         f.add(
             &RawRow {
                 request_timestamp: json!(null),
                 ..row(9, json!(9), "2025-01", true)
             },
-            |_| 0,
+            |_, _| true,
         );
         assert!(
             f.groups.len() == 1
@@ -373,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_at_or_below_a_keys_floor_are_skipped() {
+    fn rows_the_predicate_leaves_out_are_skipped_not_bad() {
         let mut f = Fold::default();
         let hot = Key {
             portal_id: 1,
@@ -382,7 +383,7 @@ mod tests {
                 month: 1,
             },
         };
-        let floor = |k: &Key| if *k == hot { 3 } else { 0 };
+        let floor = |k: &Key, id: i64| id > if *k == hot { 3 } else { 0 };
         for id in 1..=5 {
             f.add(&row(id, json!(1), "2025-01", true), floor);
             f.add(&row(id + 10, json!(2), "2025-01", true), floor);

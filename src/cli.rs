@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::aggregation::Month;
 use crate::config::EnvChoice;
 
 /// Rolls usage_requests up into portal_usage_monthly over Supabase's REST
@@ -15,19 +16,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Aggregate usage_requests into portal_usage_monthly
+    /// Aggregate new usage_requests rows into portal_usage_monthly
     Aggregate(AggregateArgs),
+    /// Recompute from raw rows and compare with portal_usage_monthly; write nothing
+    Verify(VerifyArgs),
+    /// Print the migration SQL (to paste into Supabase's SQL editor)
+    Sql,
 }
 
+/// Where to connect: shared by every subcommand that talks to the server.
 #[derive(Debug, Args)]
-pub struct AggregateArgs {
+pub struct Connection {
     /// Which project: dev, prod, or auto (prod when APP_ENV, else NODE_ENV, is production or prod)
     #[arg(long, value_enum, default_value = "auto")]
     pub env: EnvChoice,
-
-    /// Read everything and show what would be written; write nothing
-    #[arg(long)]
-    pub dry_run: bool,
 
     /// Rows asked for per page (the server may cap it lower, which is fine)
     #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
@@ -38,9 +40,58 @@ pub struct AggregateArgs {
     pub timeout: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct AggregateArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    /// Read everything and show what would be written; write nothing (not even the lease)
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Recompute every key from all its rows instead of only new rows
+    #[arg(long, conflicts_with = "month")]
+    pub full: bool,
+
+    /// Recompute one month's keys (YYYY-MM) from that month's rows
+    #[arg(long, value_parser = month)]
+    pub month: Option<Month>,
+
+    /// Let --full or --month lower stored counts (when raw rows were deleted)
+    #[arg(long)]
+    pub allow_decrease: bool,
+
+    /// Rows per batch: written and the cursor moved after each
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_rows: u64,
+
+    /// Seconds the lease lasts without renewal (renewed after each batch)
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub lease_ttl: u64,
+
+    /// Milliseconds to wait for inserts in flight before counting up to the newest id
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=7000))]
+    pub horizon_wait_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    /// Check one month (YYYY-MM) only
+    #[arg(long, value_parser = month)]
+    pub month: Option<Month>,
+}
+
 fn page_size(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=100_000).contains(&n) => Ok(n),
         _ => Err("expected a number of rows from 1 to 100000".into()),
     }
+}
+
+fn month(s: &str) -> Result<Month, String> {
+    Month::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a month: expected YYYY-MM with a month from 01 to 12"))
 }

@@ -46,6 +46,7 @@ pub enum EnvChoice {
 pub struct Secret(String);
 
 impl Secret {
+    #[cfg(test)]
     pub fn new(value: impl Into<String>) -> Secret {
         Secret(value.into())
     }

@@ -2,7 +2,9 @@
 //! monitoring decide by these, so each means one thing; the README lists them.
 
 use crate::config::ConfigError;
+use crate::engine::incremental::LeaseLost;
 use crate::postgrest::ApiError;
+use crate::state::{HorizonNotSafe, LeaseHeld};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -35,6 +37,9 @@ pub fn classify(err: &anyhow::Error) -> Status {
     for cause in err.chain() {
         if cause.is::<ConfigError>() {
             return Status::Config;
+        }
+        if cause.is::<LeaseHeld>() || cause.is::<HorizonNotSafe>() || cause.is::<LeaseLost>() {
+            return Status::TempFail;
         }
         if let Some(api) = cause.downcast_ref::<ApiError>() {
             return classify_api(api);

@@ -7,8 +7,10 @@ mod commands;
 mod config;
 mod engine;
 mod exit;
+mod failpoint;
 mod output;
 mod postgrest;
+mod state;
 mod tables;
 
 use clap::Parser;
@@ -45,6 +47,8 @@ fn main() {
     let status = runtime.block_on(async {
         match cli.command {
             Command::Aggregate(args) => commands::aggregate::run(args).await,
+            Command::Verify(args) => commands::verify::run(args).await,
+            Command::Sql => commands::sql::run(),
         }
     });
     std::process::exit(status.code());

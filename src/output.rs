@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::aggregation::Totals;
-use crate::engine::{Change, Outcome};
+use crate::engine::{Change, Mode, Outcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Style {
@@ -97,6 +97,7 @@ pub fn header(
 /// Everything after the run: counts, bad rows, the dry-run table, the summary.
 pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     let mut s = String::new();
+    let _ = writeln!(s, "{} Mode: {}", style.mark(Mark::Info), describe_mode(o));
     let _ = writeln!(
         s,
         "{} Found {} requests to aggregate",
@@ -134,6 +135,25 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
                 .unwrap_or_default()
         );
     }
+    if !o.drift.is_empty() {
+        let _ = writeln!(
+            s,
+            "{} Drift: {} stored keys disagreed with their own rows and were corrected:",
+            style.mark(Mark::Warn),
+            o.drift.len()
+        );
+        s.push_str(&dry_run_table(&o.drift));
+    }
+    if !o.refused_decreases.is_empty() {
+        let _ = writeln!(
+            s,
+            "{} {} keys would have their stored counts lowered (raw rows deleted?) and were NOT written; \
+             check them, then rerun with --allow-decrease:",
+            style.mark(Mark::Warn),
+            o.refused_decreases.len()
+        );
+        s.push_str(&dry_run_table(&o.refused_decreases));
+    }
     if let Some(reason) = &o.write.fallback_reason {
         let _ = writeln!(
             s,
@@ -165,9 +185,21 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     let _ = writeln!(s, "   {b} Total requests processed: {}", o.rows_counted);
     let _ = writeln!(s, "   {b} Portal-month combinations: {}", o.keys_touched);
     let _ = writeln!(s, "   {b} Rows rejected as bad data: {}", o.bad.count);
+    let _ = writeln!(s, "   {b} Rows read from the server: {}", o.rows_read);
+    if let Some((before, after)) = o.cursor {
+        let before = before.map_or("none".to_string(), |c| c.to_string());
+        let _ = writeln!(s, "   {b} Cursor: {before} -> {after}");
+    }
     let _ = writeln!(s, "   {b} Duration: {} seconds", format_secs(took));
     let _ = writeln!(s, "   {b} Environment: {env}");
-    if o.bad.count > 0 {
+    if !o.refused_decreases.is_empty() {
+        let _ = writeln!(
+            s,
+            "{} Usage aggregation completed, but {} keys were left unwritten (exit status 65)",
+            style.mark(Mark::Warn),
+            o.refused_decreases.len()
+        );
+    } else if o.bad.count > 0 {
         let _ = writeln!(
             s,
             "{} Usage aggregation completed, but {} bad rows were skipped (exit status 65)",
@@ -186,6 +218,44 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             "{} Usage aggregation completed successfully",
             style.mark(Mark::Ok)
         );
+    }
+    s
+}
+
+fn describe_mode(o: &Outcome) -> String {
+    match &o.mode {
+        Mode::RecomputeWithoutMigration => {
+            "full recompute of every key (migration not applied)".into()
+        }
+        Mode::Rebuild { first_run: true } => "full rebuild (first run with the migration)".into(),
+        Mode::Rebuild { first_run: false } => "full rebuild (--full)".into(),
+        Mode::Month(m) => format!("rebuild of {m} (--month)"),
+        Mode::Incremental => "incremental (new rows only)".into(),
+    }
+}
+
+/// One warning line.
+pub fn warning(style: Style, message: &str) -> String {
+    format!("{} {message}\n", style.mark(Mark::Warn))
+}
+
+/// What `verify` found.
+pub fn verify_report(style: Style, drift: &[Change], stored: usize, rows_read: u64) -> String {
+    let mut s = String::new();
+    if drift.is_empty() {
+        let _ = writeln!(
+            s,
+            "{} portal_usage_monthly agrees with usage_requests: {stored} keys checked against {rows_read} rows",
+            style.mark(Mark::Ok)
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "{} {} keys differ from their raw rows (stored value shown as \"was\"; {stored} keys, {rows_read} rows checked):",
+            style.mark(Mark::Error),
+            drift.len()
+        );
+        s.push_str(&dry_run_table(drift));
     }
     s
 }

@@ -28,6 +28,7 @@ pub const MAX_URL_LEN: usize = 6000;
 /// pages short without saying so (semantics.md, trap 1).
 pub struct RawScan<'a> {
     client: &'a Client,
+    filters: Query,
     after: i64,
     upto: Option<i64>,
     page_size: usize,
@@ -42,6 +43,7 @@ impl<'a> RawScan<'a> {
     pub fn new(client: &'a Client, after: i64, upto: Option<i64>, page_size: usize) -> Self {
         RawScan {
             client,
+            filters: Query::new(),
             after,
             upto,
             page_size,
@@ -51,14 +53,24 @@ impl<'a> RawScan<'a> {
         }
     }
 
+    /// Only rows matching these filters as well (one month, one key).
+    pub fn filtered(mut self, filters: Query) -> Self {
+        self.filters = filters;
+        self
+    }
+
+    /// Where the scan stands: every row up to here has been returned.
+    pub fn position(&self) -> i64 {
+        self.after
+    }
+
     pub async fn next_page(&mut self) -> anyhow::Result<Option<Vec<RawRow>>> {
         if self.done || self.upto.is_some_and(|u| self.after >= u) {
             return Ok(None);
         }
-        let mut query: Query = vec![
-            ("select".into(), RAW_COLUMNS.into()),
-            ("id".into(), format!("gt.{}", self.after)),
-        ];
+        let mut query: Query = self.filters.clone();
+        query.push(("select".into(), RAW_COLUMNS.into()));
+        query.push(("id".into(), format!("gt.{}", self.after)));
         if let Some(upto) = self.upto {
             query.push(("id".into(), format!("lte.{upto}")));
         }
@@ -132,7 +144,7 @@ fn stored_columns(with_watermark: bool) -> String {
 
 /// Reads stored rows matching `filters`, every page of them. Rows whose
 /// month is not `YYYY-MM` (written by hand?) are left out: no run writes them.
-async fn read_stored_where(
+pub async fn read_stored_where(
     client: &Client,
     filters: &Query,
     with_watermark: bool,
@@ -162,17 +174,6 @@ async fn read_stored_where(
             }
         }
     }
-}
-
-/// Every stored key: O(keys), for the full recompute and verify.
-pub async fn read_all_stored(
-    client: &Client,
-    with_watermark: bool,
-    page_size: usize,
-) -> anyhow::Result<HashMap<Key, Totals>> {
-    let mut out = HashMap::new();
-    read_stored_where(client, &Query::new(), with_watermark, &mut out, page_size).await?;
-    Ok(out)
 }
 
 /// The stored state of the given keys (those that exist), read month by
@@ -297,6 +298,7 @@ pub async fn write_states(
                 Ok(()) => {
                     stats.bulk_requests += 1;
                     stats.written += chunk.len();
+                    crate::failpoint::hit("chunk");
                     continue;
                 }
                 Err(e) if bulk_refused(&e) => {

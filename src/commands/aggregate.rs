@@ -1,73 +1,137 @@
-//! `usage-agg aggregate`: configuration, one engine run, the summary.
+//! `usage-agg aggregate`: take the lease, pick the engine, run it, record
+//! the run, print the summary.
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
+use super::{connect, report_error};
 use crate::cli::AggregateArgs;
-use crate::config::{Config, Sources};
-use crate::engine::{self, Options};
-use crate::exit::{self, Status};
+use crate::engine::rebuild::{self, Marks, Scope};
+use crate::engine::{incremental, Options, Outcome};
+use crate::exit::Status;
 use crate::output::{self, Style};
 use crate::postgrest::Client;
+use crate::state::{self, JobState, LeaseHeld, MIGRATION_FILE};
 
 pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
-    let config = match load_config(&args) {
+    let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("usage-agg: {e:#}");
-            return exit::classify(&e);
-        }
+        Err(e) => return report_error(&e, None),
     };
     let env = config.environment.upper();
-    let key_var = format!("SUPABASE_{env}_SERVICE_ROLE_KEY");
     let started = chrono::Utc::now();
     let clock = Instant::now();
     print!(
         "{}",
         output::header(style, started, env, &config.chosen_by, args.dry_run)
     );
-    tracing::info!(rest_url = %config.rest_url, env, "starting");
 
-    let result = async {
-        let client = Client::new(
-            config.rest_url.clone(),
-            &config.key,
-            config.key_kind,
-            Duration::from_secs(args.timeout),
-        )?;
-        let opts = Options {
-            dry_run: args.dry_run,
-            page_size: args.page_size,
-        };
-        engine::full::run(&client, &opts).await
-    }
-    .await;
-
-    match result {
+    match aggregate(&client, &args, style).await {
         Ok(outcome) => {
             print!("{}", output::summary(style, &outcome, env, clock.elapsed()));
-            if outcome.bad.count > 0 {
+            if outcome.bad.count > 0 || !outcome.refused_decreases.is_empty() {
                 Status::DataErr
             } else {
                 Status::Ok
             }
         }
         Err(e) => {
-            let status = exit::classify(&e);
             print!("{}", output::failure(style, &format!("{e:#}")));
-            eprintln!("usage-agg: error: {e:#}");
-            if let Some(h) = exit::hint(&e, &key_var) {
-                eprintln!("usage-agg: hint: {h}");
-            }
-            status
+            report_error(&e, Some(&config))
         }
     }
 }
 
-fn load_config(args: &AggregateArgs) -> anyhow::Result<Config> {
-    let dir = std::env::current_dir().context("reading the working directory")?;
-    let sources = Sources::load(&dir)?;
-    Ok(Config::resolve(args.env, &sources)?)
+async fn aggregate(client: &Client, args: &AggregateArgs, style: Style) -> anyhow::Result<Outcome> {
+    let state = JobState::new(client);
+    let opts = Options {
+        dry_run: args.dry_run,
+        page_size: args.connection.page_size,
+        batch_rows: args.batch_rows,
+        allow_decrease: args.allow_decrease,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        horizon_wait: Duration::from_millis(args.horizon_wait_ms),
+    };
+    let scope = args.month.map_or(Scope::All, Scope::Month);
+    if !state.installed().await? {
+        print!(
+            "{}",
+            output::warning(
+                style,
+                &format!(
+                    "the usage-agg migration is not applied, so every key is recomputed from all rows (slow on big \
+                     tables, and overlapping runs are not guarded); apply {MIGRATION_FILE} (`usage-agg sql | psql`)"
+                )
+            )
+        );
+        return rebuild::run(client, scope, None, &opts).await;
+    }
+
+    let owner = state::owner_id();
+    let cursor = if args.dry_run {
+        state.read().await?.and_then(|s| s.cursor_id)
+    } else {
+        take_lease(&state, &owner, opts.lease_ttl, style).await?
+    };
+    let result = async {
+        let horizon = state.safe_horizon(opts.horizon_wait).await?;
+        let marks = Marks { cursor, horizon };
+        match cursor {
+            Some(c) if scope == Scope::All && !args.full => {
+                let owner = (!args.dry_run).then_some(owner.as_str());
+                incremental::run(client, c, horizon, owner, &opts).await
+            }
+            _ => rebuild::run(client, scope, Some(marks), &opts).await,
+        }
+    }
+    .await;
+    if !args.dry_run {
+        let (label, rows) = match &result {
+            Ok(o) if o.bad.count > 0 || !o.refused_decreases.is_empty() => {
+                ("bad_rows", o.rows_counted)
+            }
+            Ok(o) => ("ok", o.rows_counted),
+            Err(_) => ("failed", 0),
+        };
+        if let Err(e) = state.finish(&owner, label, rows).await {
+            tracing::warn!("could not record the run's outcome: {e}");
+        }
+    }
+    result
+}
+
+/// Takes the lease, or takes it over from a run on this host whose process
+/// is gone; returns the cursor.
+async fn take_lease(
+    state: &JobState<'_>,
+    owner: &str,
+    ttl: Duration,
+    style: Style,
+) -> anyhow::Result<Option<i64>> {
+    let lease = state.acquire(owner, ttl, None).await?;
+    if lease.acquired {
+        return Ok(lease.cursor);
+    }
+    if state::owner_is_dead_here(&lease.owner) {
+        let taken = state.acquire(owner, ttl, Some(&lease.owner)).await?;
+        if taken.acquired {
+            print!(
+                "{}",
+                output::warning(
+                    style,
+                    &format!(
+                        "took over the lease from {}, whose process is gone",
+                        lease.owner
+                    )
+                )
+            );
+            return Ok(taken.cursor);
+        }
+    }
+    Err(LeaseHeld {
+        owner: lease.owner,
+        since: lease.since.unwrap_or_default(),
+        expires_at: lease.expires_at.unwrap_or_default(),
+    }
+    .into())
 }

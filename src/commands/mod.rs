@@ -1,3 +1,43 @@
-//! One module per subcommand.
+//! One module per subcommand, and what they share: connecting, and reporting
+//! an error the same way.
 
 pub mod aggregate;
+pub mod sql;
+pub mod verify;
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cli::Connection;
+use crate::config::{Config, Sources};
+use crate::exit::{self, Status};
+use crate::postgrest::Client;
+
+/// Configuration and a client for it.
+pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
+    let dir = std::env::current_dir().context("reading the working directory")?;
+    let sources = Sources::load(&dir)?;
+    let config = Config::resolve(conn.env, &sources)?;
+    let client = Client::new(
+        config.rest_url.clone(),
+        &config.key,
+        config.key_kind,
+        Duration::from_secs(conn.timeout),
+    )?;
+    tracing::info!(rest_url = %config.rest_url, env = config.environment.upper(), "configured");
+    Ok((config, client))
+}
+
+/// Prints the error (and a hint when there is one) on stderr; returns the
+/// exit status it maps to.
+pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
+    eprintln!("usage-agg: error: {e:#}");
+    let key_var = config.map_or("the SERVICE_ROLE_KEY variable".to_string(), |c| {
+        format!("SUPABASE_{}_SERVICE_ROLE_KEY", c.environment.upper())
+    });
+    if let Some(h) = exit::hint(e, &key_var) {
+        eprintln!("usage-agg: hint: {h}");
+    }
+    exit::classify(e)
+}

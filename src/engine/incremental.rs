@@ -1,0 +1,188 @@
+//! The incremental engine: reads only rows above the cursor, up to the safe
+//! horizon, and writes each touched key's full new state (stored state plus
+//! its new rows, with the newest id counted as its watermark).
+//!
+//! Why this is exactly once (semantics.md): a key's counts and watermark are
+//! one row, written in one request, so a write either happened whole or not
+//! at all; the new state is computed from the stored one and only rows above
+//! its watermark, so repeating a write (after a crash, or in an overlapping
+//! run) cannot count a row twice; the guard in the migration refuses to move
+//! a watermark back, so an older run's late write cannot undo a newer one;
+//! and the cursor moves only after every key below it is written, and only
+//! to the safe horizon, below which no row can still appear.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+
+use super::{Change, Mode, Options, Outcome};
+use crate::aggregation::{Fold, Key, Totals};
+use crate::failpoint;
+use crate::postgrest::{Client, Query};
+use crate::state::JobState;
+use crate::tables::{self, RawScan};
+
+/// The lease was lost mid-run (it expired and another run took it): stop at
+/// the next safe point. What was written is correct; exit 75.
+#[derive(Debug, thiserror::Error)]
+#[error("the lease expired during the run and another run took it over; stopped after moving the cursor to {cursor}")]
+pub struct LeaseLost {
+    pub cursor: i64,
+}
+
+/// Counts rows in (cursor, horizon], in batches of about `opts.batch_rows`.
+/// `owner` is the lease holder to renew after each batch (None when dry).
+pub async fn run(
+    client: &Client,
+    cursor: i64,
+    horizon: i64,
+    owner: Option<&str>,
+    opts: &Options,
+) -> anyhow::Result<Outcome> {
+    let state = JobState::new(client);
+    // Keys a run that died (or one running now) wrote past the cursor: for
+    // them, rows up to their watermark are counted already.
+    let mut dirty = HashMap::new();
+    let filter: Query = vec![("last_request_id".into(), format!("gt.{cursor}"))];
+    tables::read_stored_where(client, &filter, true, &mut dirty, opts.page_size).await?;
+    if !dirty.is_empty() {
+        tracing::info!(
+            keys = dirty.len(),
+            "keys already counted past the cursor (an earlier run stopped midway)"
+        );
+    }
+
+    let mut outcome = Outcome {
+        mode: Mode::Incremental,
+        dry_run: opts.dry_run,
+        ..Outcome::default()
+    };
+    let mut touched = std::collections::BTreeSet::new();
+    // A dry run cannot see its own unwritten batches: one batch, then.
+    let batch_rows = if opts.dry_run {
+        u64::MAX
+    } else {
+        opts.batch_rows.max(1)
+    };
+    let mut scan = RawScan::new(client, cursor, Some(horizon), opts.page_size);
+    let mut start = cursor;
+    loop {
+        let mut fold = Fold::default();
+        let floor = |k: &Key| {
+            dirty
+                .get(k)
+                .map_or(start, |t: &Totals| t.last_request_id.max(start))
+        };
+        let mut ended = false;
+        while fold.rows < batch_rows {
+            match scan.next_page().await? {
+                Some(page) => {
+                    for row in &page {
+                        fold.add(row, |k, id| id > floor(k));
+                    }
+                    failpoint::hit("page");
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        // Every id up to here has been read: the batch's end.
+        let end = if ended { horizon } else { scan.position() };
+        outcome.rows_counted += fold.good_rows();
+        touched.extend(fold.groups.keys().copied());
+        let changes = settle(client, &fold, start, end, &dirty, opts).await?;
+        if !opts.dry_run {
+            if !changes.is_empty() {
+                let states: Vec<_> = changes.iter().map(|c| (c.key, c.after)).collect();
+                let w = tables::write_states(client, &states, true, Utc::now().naive_utc()).await?;
+                outcome.write.written += w.written;
+                outcome.write.bulk_requests += w.bulk_requests;
+                outcome.write.fallback_keys += w.fallback_keys;
+                outcome.write.fallback_reason = outcome.write.fallback_reason.or(w.fallback_reason);
+            }
+            failpoint::hit("before-cursor");
+            let now = state.advance(end).await?;
+            failpoint::hit("after-cursor");
+            outcome.cursor = Some((Some(cursor), now));
+            if let Some(owner) = owner {
+                if !ended && !state.renew(owner, opts.lease_ttl).await? {
+                    return Err(LeaseLost { cursor: now }.into());
+                }
+            }
+        }
+        outcome.bad.merge(fold.bad);
+        outcome.changes.extend(changes);
+        start = end;
+        if ended {
+            break;
+        }
+    }
+    outcome.rows_read = scan.rows_read;
+    outcome.keys_touched = touched.len();
+    Ok(outcome)
+}
+
+/// Each touched key's new state: what is stored now plus its rows above the
+/// stored watermark, up to `end`. The rows folded assumed the watermark read
+/// before the scan; when another run has written the key since, its rows
+/// are read again from the new watermark (rare: only under overlap).
+async fn settle(
+    client: &Client,
+    fold: &Fold,
+    start: i64,
+    end: i64,
+    dirty: &HashMap<Key, Totals>,
+    opts: &Options,
+) -> anyhow::Result<Vec<Change>> {
+    let stored =
+        tables::read_stored_for(client, fold.groups.keys().copied(), true, opts.page_size).await?;
+    let mut changes = Vec::new();
+    for (key, delta) in &fold.groups {
+        let before = stored.get(key).copied();
+        let now = before.unwrap_or_default();
+        let assumed = dirty
+            .get(key)
+            .map_or(start, |t| t.last_request_id.max(start));
+        let from = now.last_request_id.max(start);
+        let delta = if from == assumed {
+            *delta
+        } else if now.last_request_id >= end {
+            continue; // another run counted this key further than we read
+        } else {
+            tracing::info!(%key, from, "key written by another run meanwhile; recounting its rows");
+            recount_key(client, *key, from, end, opts.page_size).await?
+        };
+        if delta.requests > 0 {
+            changes.push(Change {
+                key: *key,
+                before,
+                after: now.plus(delta),
+            });
+        }
+    }
+    Ok(changes)
+}
+
+/// One key's rows in (after, upto].
+async fn recount_key(
+    client: &Client,
+    key: Key,
+    after: i64,
+    upto: i64,
+    page_size: usize,
+) -> anyhow::Result<Totals> {
+    let filters: Query = vec![
+        ("portal_id".into(), format!("eq.{}", key.portal_id)),
+        ("month_year".into(), format!("eq.{}", key.month)),
+    ];
+    let mut scan = RawScan::new(client, after, Some(upto), page_size).filtered(filters);
+    let mut fold = Fold::default();
+    while let Some(page) = scan.next_page().await? {
+        for row in &page {
+            fold.add(row, |_, _| true);
+        }
+    }
+    Ok(fold.groups.get(&key).copied().unwrap_or_default())
+}

@@ -1,0 +1,79 @@
+//! Named points where the tests make a run die or stop, to prove that a run
+//! killed anywhere leaves correct totals (semantics.md, trap 2) and that
+//! overlapping runs agree (trap 3). Inert unless `USAGE_AGG_FAILPOINTS` is
+//! set, which no deployment does.
+//!
+//! `USAGE_AGG_FAILPOINTS="page=abort@3,before-cursor=pause@1"`:
+//! - `abort@N`: on the Nth time the point is reached, the process aborts at
+//!   once (SIGABRT: no unwinding, no cleanup, as a kill -9 leaves it);
+//! - `pause@N`: on the Nth time, prints `failpoint <name> reached` on stderr
+//!   and waits for a line on stdin, so a test can act at that exact moment.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// The points, in the order a run reaches them.
+pub const POINTS: [&str; 4] = ["page", "chunk", "before-cursor", "after-cursor"];
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Abort(u64),
+    Pause(u64),
+}
+
+fn plan() -> &'static HashMap<String, Action> {
+    static PLAN: OnceLock<HashMap<String, Action>> = OnceLock::new();
+    PLAN.get_or_init(|| {
+        let Ok(spec) = std::env::var("USAGE_AGG_FAILPOINTS") else {
+            return HashMap::new();
+        };
+        spec.split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|item| {
+                let (name, action) = item
+                    .trim()
+                    .split_once('=')
+                    .expect("failpoint: name=action@N");
+                let (kind, n) = action.split_once('@').expect("failpoint: action@N");
+                let n: u64 = n.parse().expect("failpoint: N is a number");
+                assert!(POINTS.contains(&name), "failpoint: unknown point {name}");
+                let action = match kind {
+                    "abort" => Action::Abort(n),
+                    "pause" => Action::Pause(n),
+                    other => panic!("failpoint: unknown action {other}"),
+                };
+                (name.to_string(), action)
+            })
+            .collect()
+    })
+}
+
+/// Marks that the run reached `name`.
+pub fn hit(name: &'static str) {
+    let plan = plan();
+    if plan.is_empty() {
+        return;
+    }
+    static COUNTS: OnceLock<Mutex<HashMap<&'static str, AtomicU64>>> = OnceLock::new();
+    let n = {
+        let mut counts = COUNTS.get_or_init(Default::default).lock().unwrap();
+        counts
+            .entry(name)
+            .or_default()
+            .fetch_add(1, Ordering::SeqCst)
+            + 1
+    };
+    match plan.get(name) {
+        Some(Action::Abort(at)) if *at == n => {
+            eprintln!("failpoint {name} abort");
+            std::process::abort();
+        }
+        Some(Action::Pause(at)) if *at == n => {
+            eprintln!("failpoint {name} reached");
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        }
+        _ => {}
+    }
+}

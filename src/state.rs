@@ -1,0 +1,218 @@
+//! The job's state in the database, as the migration defines it: the cursor,
+//! the lease, the safe horizon and the run record, all through RPCs so that
+//! every time is the database's clock.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::postgrest::{ApiError, Client, Query};
+
+/// The migration these calls need; named in every message about it.
+pub const MIGRATION_FILE: &str = "supabase/migrations/20261127120000_usage_agg_incremental.sql";
+pub const MIGRATION_SQL: &str =
+    include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql");
+pub const STATE_TABLE: &str = "usage_aggregation_state";
+/// One job for now; the column leaves room for more (per region, say).
+pub const JOB: &str = "default";
+
+/// The lease a run tried to take, and who had it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Lease {
+    pub acquired: bool,
+    pub owner: String,
+    pub since: Option<String>,
+    pub expires_at: Option<String>,
+    /// None until the first incremental run finishes: the next run rebuilds.
+    pub cursor: Option<i64>,
+}
+
+/// Another run holds the lease: exit 75, try later.
+#[derive(Debug, thiserror::Error)]
+#[error("another run holds the lease: {owner}, since {since}, until {expires_at} (database time); it is doing this work")]
+pub struct LeaseHeld {
+    pub owner: String,
+    pub since: String,
+    pub expires_at: String,
+}
+
+/// Writers stayed in flight past the wait: nothing new can be counted safely.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{writers} transactions writing usage_requests were still open after {waited_ms} ms, so no id above the \
+     cursor is known to be complete; nothing new was counted. If this repeats, look for transactions left \
+     open (pg_stat_activity, state 'idle in transaction')"
+)]
+pub struct HorizonNotSafe {
+    pub writers: i64,
+    pub waited_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct HorizonAnswer {
+    horizon: Option<i64>,
+    #[serde(default)]
+    writers_in_flight: i64,
+}
+
+/// The part of usage_aggregation_state a dry run or verify reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StateRow {
+    pub cursor_id: Option<i64>,
+}
+
+/// The job's state over a client.
+pub struct JobState<'a> {
+    client: &'a Client,
+}
+
+impl<'a> JobState<'a> {
+    pub fn new(client: &'a Client) -> Self {
+        JobState { client }
+    }
+
+    /// Whether the migration is applied: its state table answers. A missing
+    /// table is PGRST205 (PostgREST 12+) or 42P01 (older), both 404.
+    pub async fn installed(&self) -> anyhow::Result<bool> {
+        let q: Query = vec![
+            ("select".into(), "job".into()),
+            ("limit".into(), "1".into()),
+        ];
+        match self
+            .client
+            .select::<serde_json::Value>(STATE_TABLE, &q)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => Ok(false),
+            Err(e) => Err(e).context("checking whether the usage-agg migration is applied"),
+        }
+    }
+
+    /// The state row, if a run ever made one.
+    pub async fn read(&self) -> anyhow::Result<Option<StateRow>> {
+        let q: Query = vec![
+            ("job".into(), format!("eq.{JOB}")),
+            ("select".into(), "cursor_id".into()),
+        ];
+        let rows: Vec<StateRow> = self
+            .client
+            .select(STATE_TABLE, &q)
+            .await
+            .context("reading the job state")?;
+        Ok(rows.into_iter().next())
+    }
+
+    pub async fn acquire(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        steal_from: Option<&str>,
+    ) -> anyhow::Result<Lease> {
+        let args = json!({
+            "p_job": JOB, "p_owner": owner, "p_ttl_seconds": ttl.as_secs(), "p_steal_from": steal_from,
+        });
+        self.client
+            .rpc("usage_agg_acquire_lease", &args)
+            .await
+            .context("taking the lease")
+    }
+
+    /// False when the lease was lost (expired and taken by another run).
+    pub async fn renew(&self, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
+        let args = json!({"p_job": JOB, "p_owner": owner, "p_ttl_seconds": ttl.as_secs()});
+        self.client
+            .rpc("usage_agg_renew_lease", &args)
+            .await
+            .context("renewing the lease")
+    }
+
+    /// Moves the cursor to `to` unless it is already further; returns where it is.
+    pub async fn advance(&self, to: i64) -> anyhow::Result<i64> {
+        let args = json!({"p_job": JOB, "p_cursor": to});
+        self.client
+            .rpc("usage_agg_advance_cursor", &args)
+            .await
+            .context("moving the cursor")
+    }
+
+    pub async fn finish(&self, owner: &str, outcome: &str, rows: u64) -> Result<(), ApiError> {
+        let args = json!({"p_job": JOB, "p_owner": owner, "p_outcome": outcome, "p_rows": rows});
+        self.client
+            .rpc::<_, serde_json::Value>("usage_agg_finish_run", &args)
+            .await
+            .map(drop)
+    }
+
+    /// The highest id below which every transaction has ended (semantics.md,
+    /// trap 4), waiting at most `wait` for writers in flight.
+    pub async fn safe_horizon(&self, wait: Duration) -> anyhow::Result<i64> {
+        let args = json!({"max_wait_ms": wait.as_millis() as u64});
+        let answer: HorizonAnswer = self
+            .client
+            .rpc("usage_agg_safe_horizon", &args)
+            .await
+            .context("reading the safe horizon")?;
+        answer.horizon.ok_or_else(|| {
+            HorizonNotSafe {
+                writers: answer.writers_in_flight,
+                waited_ms: wait.as_millis() as u64,
+            }
+            .into()
+        })
+    }
+}
+
+/// Who a run is, in the lease: `usage-agg@<host>:<pid>`, enough for an
+/// operator to find it, and for a later run on the same host to see that
+/// the process is gone.
+pub fn owner_id() -> String {
+    format!("usage-agg@{}:{}", hostname(), std::process::id())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Whether `owner` is a run on this host whose process no longer exists, so
+/// its lease can be taken over at once rather than at expiry (after a crash,
+/// a kill -9 or a reboot).
+pub fn owner_is_dead_here(owner: &str) -> bool {
+    let Some(rest) = owner.strip_prefix("usage-agg@") else {
+        return false;
+    };
+    let Some((host, pid)) = rest.rsplit_once(':') else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    host == hostname()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_local_owner_is_recognised_and_a_live_or_remote_one_is_not() {
+        let me = owner_id();
+        assert!(!owner_is_dead_here(&me), "this process is alive");
+        let dead = format!("usage-agg@{}:{}", hostname(), u32::MAX - 7);
+        assert!(owner_is_dead_here(&dead));
+        assert!(!owner_is_dead_here(&format!(
+            "usage-agg@elsewhere:{}",
+            u32::MAX - 7
+        )));
+        assert!(!owner_is_dead_here("someone"));
+    }
+}
