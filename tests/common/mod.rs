@@ -161,3 +161,91 @@ pub fn insert_rows(stack: &Stack, n: i64, portals: i64) {
 pub fn count(stack: &Stack, sql: &str) -> i64 {
     stack.sql().query_one(sql, &[]).unwrap().get(0)
 }
+
+pub const MIGRATION: &str = "supabase/migrations/20261127120000_usage_agg_incremental.sql";
+
+/// Applies the migration as a user does (`psql -f`), asserting it worked.
+pub fn migrate(stack: &mut Stack) {
+    let out = stack.psql_file(&stack::repo_root().join(MIGRATION));
+    assert!(
+        out.status.success(),
+        "migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A stack with the migration applied.
+pub fn migrated_stack() -> Stack {
+    let mut stack = Stack::new();
+    migrate(&mut stack);
+    stack
+}
+
+/// Every key's watermark is the newest good row it counts.
+#[track_caller]
+pub fn assert_watermarks(stack: &Stack) {
+    let wrong = count(
+        stack,
+        "SELECT count(*) FROM portal_usage_monthly m
+         LEFT JOIN (SELECT portal_id, month_year, max(id) AS top FROM usage_requests
+                    WHERE month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' AND portal_id > 0 GROUP BY 1, 2) r
+           USING (portal_id, month_year)
+         WHERE m.last_request_id IS DISTINCT FROM r.top::bigint",
+    );
+    assert_eq!(
+        wrong, 0,
+        "keys whose last_request_id is not their newest row's id"
+    );
+}
+
+pub fn cursor(stack: &Stack) -> Option<i64> {
+    stack
+        .sql()
+        .query_opt(
+            "SELECT cursor_id FROM usage_aggregation_state WHERE job = 'default'",
+            &[],
+        )
+        .unwrap()
+        .and_then(|r| r.get(0))
+}
+
+/// A small seeded generator (splitmix64): reproducible random workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Inserts `n` random rows: `portals` portals, months across 2024-2025 (so
+/// late rows for past months happen), about 10% errors.
+pub fn insert_random(stack: &Stack, rng: &mut Rng, n: usize, portals: u64) {
+    if n == 0 {
+        return;
+    }
+    let values: Vec<String> = (0..n)
+        .map(|_| {
+            let portal = 1 + rng.below(portals);
+            let month = format!("{}-{:02}", 2024 + rng.below(2), 1 + rng.below(12));
+            let ok = rng.below(10) != 0;
+            let day = 1 + rng.below(28);
+            format!("({portal}, '{month}-{day:02} 12:00:00'::timestamp + {} * interval '1 second', {ok}, '{month}')", rng.below(80_000))
+        })
+        .collect();
+    stack
+        .sql()
+        .batch_execute(&format!(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
+            values.join(",")
+        ))
+        .unwrap();
+}
