@@ -186,9 +186,82 @@ fn runs_started_together_agree() {
     }
 }
 
+/// A run stopped at a failpoint (see src/failpoint.rs).
+struct Paused {
+    child: std::process::Child,
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+/// Starts a run that stops at `failpoint`, and returns once it has.
+fn paused_run(stack: &Stack, failpoint: &str) -> Paused {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
+        .args(["aggregate", "--env", "dev"])
+        .current_dir(workdir())
+        .env_clear()
+        .envs(stack.env())
+        .env("USAGE_AGG_FAILPOINTS", format!("{failpoint}=pause@1"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains(&format!("failpoint {failpoint} reached")) {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the run ended before its pause"
+        );
+    }
+    Paused { child, stderr }
+}
+
+/// Lets a paused run go on to its end; asserts it ended as a run may when
+/// another took over: done (0) or lease lost (75).
+#[track_caller]
+fn resume(mut p: Paused) {
+    use std::io::{Read, Write};
+    p.child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut rest = String::new();
+    p.stderr.read_to_string(&mut rest).unwrap();
+    let out = p.child.wait_with_output().unwrap();
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(75)),
+        "{:?}\n{}{rest}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_run_that_read_rows_before_a_newer_run_wrote_them_does_not_count_them_twice() {
+    let stack = migrated_stack();
+    let mut rng = Rng(11);
+    insert_random(&stack, &mut rng, 800, 30);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_random(&stack, &mut rng, 3_000, 30);
+
+    // The slow run has read a page of new rows, not yet what is stored.
+    let slow = paused_run(&stack, "page");
+    stack
+        .sql()
+        .batch_execute(
+            "UPDATE usage_aggregation_state SET lease_expires_at = now() - interval '1 second'",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
+
+    // It resumes: the keys it read rows for were written meanwhile.
+    resume(slow);
+    assert_no_drift(&stack);
+    assert_watermarks(&stack);
+}
+
 #[test]
 fn a_run_whose_lease_expires_while_it_writes_cannot_undo_a_newer_run() {
-    use std::io::{BufRead, BufReader, Write};
     let stack = migrated_stack();
     let mut rng = Rng(5);
     insert_random(&stack, &mut rng, 1_000, 700);
@@ -196,30 +269,10 @@ fn a_run_whose_lease_expires_while_it_writes_cannot_undo_a_newer_run() {
     // Enough keys for several upsert chunks in one batch.
     insert_random(&stack, &mut rng, 6_000, 700);
 
-    let mut slow = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
-        .args(["aggregate", "--env", "dev"])
-        .current_dir(workdir())
-        .env_clear()
-        .envs(stack.env())
-        .env("USAGE_AGG_FAILPOINTS", "chunk=pause@1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(slow.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("failpoint chunk reached") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "the slow run ended before its pause"
-        );
-    }
-
     // The slow run has written one chunk and holds the rest, computed from
     // what was stored then. Its lease runs out; more rows arrive; a newer
     // run takes over and finishes.
+    let slow = paused_run(&stack, "chunk");
     stack
         .sql()
         .batch_execute(
@@ -232,17 +285,10 @@ fn a_run_whose_lease_expires_while_it_writes_cannot_undo_a_newer_run() {
 
     // The slow run resumes and writes its stale chunks: the guard keeps the
     // newer states.
-    slow.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let out = slow.wait_with_output().unwrap();
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(75)),
-        "{:?}",
-        out.status
-    );
+    resume(slow);
     assert_no_drift(&stack);
     assert_watermarks(&stack);
 }
-
 #[test]
 fn a_live_lease_makes_a_second_run_step_aside_with_who_and_since() {
     let stack = migrated_stack();
