@@ -35,9 +35,17 @@ pub struct Connection {
     #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
     pub page_size: usize,
 
-    /// Seconds before a single request is abandoned
+    /// Seconds before a single request is abandoned (and tried again)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
+
+    /// Tries again after a transient failure (network, 502/503/504, ...) at most this many times per request
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(0..=100))]
+    pub max_retries: u16,
+
+    /// Seconds the whole run may take; past it, no request is started or retried (exit 75)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub deadline: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -3,7 +3,7 @@
 
 use crate::config::ConfigError;
 use crate::engine::incremental::LeaseLost;
-use crate::postgrest::ApiError;
+use crate::postgrest::{ApiError, Failure, GaveUp};
 use crate::state::{HorizonNotSafe, LeaseHeld};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,16 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if cause.is::<LeaseHeld>() || cause.is::<HorizonNotSafe>() || cause.is::<LeaseLost>() {
             return Status::TempFail;
         }
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return match f {
+                Failure::GaveUp(GaveUp::Deadline { .. }) => Status::TempFail,
+                Failure::GaveUp(GaveUp::Retries {
+                    last: ApiError::Transport { timeout: true, .. },
+                    ..
+                }) => Status::TempFail,
+                _ => classify_api(f.api()),
+            };
+        }
         if let Some(api) = cause.downcast_ref::<ApiError>() {
             return classify_api(api);
         }
@@ -65,7 +75,11 @@ fn classify_api(e: &ApiError) -> Status {
 
 /// A sentence on what to do, for the errors an operator can fix.
 pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
-    let api = err.chain().find_map(|c| c.downcast_ref::<ApiError>())?;
+    let api = err.chain().find_map(|c| {
+        c.downcast_ref::<Failure>()
+            .map(Failure::api)
+            .or_else(|| c.downcast_ref::<ApiError>())
+    })?;
     match (api.status().map(|s| s.as_u16()), api.code()) {
         (Some(401 | 403), _) => Some(format!(
             "the server refused the key in {key_var}: check that it is this project's service_role key"

@@ -3,7 +3,7 @@
 //! `shared/reference/postgrest-notes.md` for the facts it follows.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
@@ -92,6 +92,8 @@ pub enum ApiError {
         path: String,
         status: StatusCode,
         body: ErrorBody,
+        /// `Retry-After`, in seconds form, when the server sent one.
+        retry_after: Option<Duration>,
     },
     #[error("{method} {path} failed: {detail}")]
     Transport {
@@ -111,6 +113,22 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Worth another try (postgrest-notes.md): the network, a gateway or
+    /// PostgREST's pool in trouble, or Postgres asking for a retry
+    /// (serialization failure, deadlock, lock not available). A 2xx whose
+    /// body does not parse was cut short on the way. Nothing else: a 4xx
+    /// will answer the same again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Transport { .. } | ApiError::Decode { .. } => true,
+            ApiError::Status { status, .. } => match status.as_u16() {
+                502 | 503 | 504 | 520 | 522 | 524 => true,
+                500 => matches!(self.code(), Some("40001" | "40P01" | "55P03")),
+                _ => false,
+            },
+        }
+    }
+
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ApiError::Status { status, .. } => Some(*status),
@@ -160,6 +178,62 @@ fn auth_headers(key: &Secret, kind: KeyKind) -> anyhow::Result<HeaderMap> {
 pub struct Client {
     http: reqwest::Client,
     base: Url,
+    retry: RetryPolicy,
+}
+
+/// How hard to try: retries per request, and a deadline for the whole run.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_retries: usize,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    pub deadline: Option<Instant>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 5,
+            first_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(30),
+            deadline: None,
+        }
+    }
+}
+
+/// A request failed for good: after its retries, or at the run's deadline.
+#[derive(Debug, thiserror::Error)]
+pub enum GaveUp {
+    #[error("gave up after {tries} tries")]
+    Retries {
+        tries: usize,
+        #[source]
+        last: ApiError,
+    },
+    #[error("the run's deadline passed (after {tries} tries)")]
+    Deadline {
+        tries: usize,
+        #[source]
+        last: ApiError,
+    },
+}
+
+/// Whether a request may be sent again after a failure whose outcome is
+/// unknown (it may have been applied). Each caller says why its request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotent {
+    Yes,
+    No,
+}
+
+/// One request, kept so that it can be sent again.
+struct Request<'a> {
+    method: Method,
+    path: &'a str,
+    query: &'a Query,
+    prefer: Option<&'a str>,
+    body: Option<bytes::Bytes>,
+    idempotent: Idempotent,
 }
 
 impl Client {
@@ -168,6 +242,7 @@ impl Client {
         key: &Secret,
         kind: KeyKind,
         timeout: Duration,
+        retry: RetryPolicy,
     ) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -176,7 +251,7 @@ impl Client {
             .connect_timeout(Duration::from_secs(10).min(timeout))
             .gzip(true)
             .build()?;
-        Ok(Client { http, base })
+        Ok(Client { http, base, retry })
     }
 
     fn url(&self, path: &str, query: &Query) -> Url {
@@ -196,145 +271,269 @@ impl Client {
         self.url(path, query).as_str().len()
     }
 
-    async fn send(
+    /// Sends `req`, again after a transient failure when it is idempotent,
+    /// with exponential backoff and jitter, waiting at least what
+    /// `Retry-After` asks, never past the run's deadline. `parse` runs inside
+    /// each try, so a body cut short counts as a failed try.
+    async fn call<T>(
         &self,
-        method: Method,
-        path: &str,
-        query: &Query,
-        prefer: Option<&str>,
-        body: Option<Vec<u8>>,
-    ) -> Result<bytes::Bytes, ApiError> {
-        let url = self.url(path, query);
-        let mut req = self.http.request(method.clone(), url);
-        if let Some(p) = prefer {
-            req = req.header("Prefer", p);
+        req: Request<'_>,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<T, Failure> {
+        use backon::{ExponentialBuilder, Retryable};
+        let tries = std::cell::Cell::new(0usize);
+        let deadline = self.retry.deadline;
+        let past_deadline = std::cell::Cell::new(false);
+        let attempt = || async {
+            tries.set(tries.get() + 1);
+            let bytes = self.send_once(&req).await?;
+            parse(&bytes).map_err(|detail| ApiError::Decode {
+                method: req.method.clone(),
+                path: format!("/{}", req.path),
+                detail,
+            })
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.first_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.max_retries)
+            .with_jitter();
+        let result = attempt
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e: &ApiError| req.idempotent == Idempotent::Yes && e.is_transient())
+            .adjust(|e, delay| {
+                let wanted = match (e, delay) {
+                    (
+                        ApiError::Status {
+                            retry_after: Some(ra),
+                            ..
+                        },
+                        Some(d),
+                    ) => Some(d.max(*ra).min(self.retry.max_delay.max(*ra))),
+                    (_, d) => d,
+                }?;
+                if deadline.is_some_and(|dl| Instant::now() + wanted >= dl) {
+                    past_deadline.set(true);
+                    return None;
+                }
+                Some(wanted)
+            })
+            .notify(|e, delay| {
+                tracing::warn!(
+                    "{e}; trying again in {:.1}s (try {} of {})",
+                    delay.as_secs_f64(),
+                    tries.get() + 1,
+                    self.retry.max_retries + 1
+                )
+            })
+            .await;
+        result.map_err(|last| {
+            let tries = tries.get();
+            if past_deadline.get() {
+                Failure::GaveUp(GaveUp::Deadline { tries, last })
+            } else if tries > 1 {
+                Failure::GaveUp(GaveUp::Retries { tries, last })
+            } else {
+                Failure::Api(last)
+            }
+        })
+    }
+
+    async fn send_once(&self, req: &Request<'_>) -> Result<bytes::Bytes, ApiError> {
+        let path_for_errors = format!("/{}", req.path);
+        if self.retry.deadline.is_some_and(|dl| Instant::now() >= dl) {
+            return Err(ApiError::Transport {
+                method: req.method.clone(),
+                path: path_for_errors,
+                detail: "not sent: the run's deadline has passed".into(),
+                timeout: true,
+            });
         }
-        if let Some(b) = body {
-            req = req.header(CONTENT_TYPE, "application/json").body(b);
+        let mut builder = self
+            .http
+            .request(req.method.clone(), self.url(req.path, req.query));
+        if let Some(p) = req.prefer {
+            builder = builder.header("Prefer", p);
         }
-        let path_for_errors = format!("/{path}");
-        tracing::debug!(%method, path = %path_for_errors, ?query, "request");
+        if let Some(b) = &req.body {
+            builder = builder
+                .header(CONTENT_TYPE, "application/json")
+                .body(b.clone());
+        }
+        tracing::debug!(method = %req.method, path = %path_for_errors, query = ?req.query, "request");
         let transport = |e: reqwest::Error| ApiError::Transport {
-            method: method.clone(),
+            method: req.method.clone(),
             path: path_for_errors.clone(),
             timeout: e.is_timeout(),
             detail: describe_transport_error(&e),
         };
-        let resp = req.send().await.map_err(transport)?;
+        let resp = builder.send().await.map_err(transport)?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let bytes = resp.bytes().await.map_err(transport)?;
         tracing::trace!(%status, bytes = bytes.len(), "response");
         if status.is_success() {
             Ok(bytes)
         } else {
             Err(ApiError::Status {
-                method,
+                method: req.method.clone(),
                 path: path_for_errors,
                 status,
                 body: ErrorBody::parse(&bytes),
+                retry_after,
             })
         }
     }
 
-    fn decode<T: DeserializeOwned>(
-        method: Method,
-        path: &str,
-        bytes: &[u8],
-    ) -> Result<T, ApiError> {
-        serde_json::from_slice(bytes).map_err(|e| ApiError::Decode {
-            method,
-            path: format!("/{path}"),
-            detail: e.to_string(),
-        })
-    }
-
     /// GET rows. The server may return fewer than asked (its `max_rows` cap is
     /// silent), so a short page says nothing about the end of the table.
+    /// Idempotent: a read.
     pub async fn select<T: DeserializeOwned>(
         &self,
         table: &str,
         query: &Query,
-    ) -> Result<Vec<T>, ApiError> {
-        let bytes = self.send(Method::GET, table, query, None, None).await?;
-        Self::decode(Method::GET, table, &bytes)
+    ) -> Result<Vec<T>, Failure> {
+        let req = Request {
+            method: Method::GET,
+            path: table,
+            query,
+            prefer: None,
+            body: None,
+            idempotent: Idempotent::Yes,
+        };
+        self.call(req, json).await
     }
 
     /// Bulk upsert: one request, one transaction. `rows` must all have the
     /// same keys (PGRST102 otherwise) and no two the same conflict key
-    /// (Postgres 21000 otherwise): the caller guarantees both.
+    /// (Postgres 21000 otherwise): the caller guarantees both. Idempotent:
+    /// with a conflict target, sending the same rows twice leaves the table
+    /// as once (and callers write absolute values, never increments).
     pub async fn upsert<T: Serialize>(
         &self,
         table: &str,
         on_conflict: &str,
         rows: &[T],
-    ) -> Result<(), ApiError> {
-        let body = serde_json::to_vec(rows).expect("rows serialize");
+    ) -> Result<(), Failure> {
         let query = vec![("on_conflict".to_string(), on_conflict.to_string())];
-        self.send(
-            Method::POST,
-            table,
-            &query,
-            Some("resolution=merge-duplicates,return=minimal"),
-            Some(body),
-        )
-        .await
-        .map(drop)
+        let req = Request {
+            method: Method::POST,
+            path: table,
+            query: &query,
+            prefer: Some("resolution=merge-duplicates,return=minimal"),
+            body: Some(serde_json::to_vec(rows).expect("rows serialize").into()),
+            idempotent: Idempotent::Yes,
+        };
+        self.call(req, |_| Ok(())).await
     }
 
-    /// Plain INSERT of one row; a duplicate key is a 409 `23505`.
-    pub async fn insert<T: Serialize>(&self, table: &str, row: &T) -> Result<(), ApiError> {
-        let body = serde_json::to_vec(row).expect("row serializes");
-        self.send(
-            Method::POST,
-            table,
-            &Query::new(),
-            Some("return=minimal"),
-            Some(body),
-        )
-        .await
-        .map(drop)
+    /// Plain INSERT of one row; a duplicate key is a 409 `23505`. Not
+    /// idempotent: a lost answer may hide a row that was inserted, and on a
+    /// table without a unique constraint a second try would insert it twice.
+    pub async fn insert<T: Serialize>(&self, table: &str, row: &T) -> Result<(), Failure> {
+        let none = Query::new();
+        let req = Request {
+            method: Method::POST,
+            path: table,
+            query: &none,
+            prefer: Some("return=minimal"),
+            body: Some(serde_json::to_vec(row).expect("row serializes").into()),
+            idempotent: Idempotent::No,
+        };
+        self.call(req, |_| Ok(())).await
     }
 
     /// PATCH the rows matching `filters`; returns how many matched (zero is
     /// not an error in PostgREST, so the count is the only way to know).
+    /// Idempotent as callers use it: the body holds absolute values.
     pub async fn update<T: Serialize>(
         &self,
         table: &str,
         filters: &Query,
         body: &T,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<usize, Failure> {
         assert!(
             !filters.is_empty(),
             "a PATCH without a filter would touch every row"
         );
-        let body = serde_json::to_vec(body).expect("body serializes");
         let mut query = filters.clone();
         query.push(("select".into(), "id".into()));
-        let bytes = self
-            .send(
-                Method::PATCH,
-                table,
-                &query,
-                Some("return=representation"),
-                Some(body),
-            )
-            .await?;
-        let rows: Vec<serde_json::Value> = Self::decode(Method::PATCH, table, &bytes)?;
-        Ok(rows.len())
+        let req = Request {
+            method: Method::PATCH,
+            path: table,
+            query: &query,
+            prefer: Some("return=representation"),
+            body: Some(serde_json::to_vec(body).expect("body serializes").into()),
+            idempotent: Idempotent::Yes,
+        };
+        self.call(req, |b| {
+            json::<Vec<serde_json::Value>>(b).map(|rows| rows.len())
+        })
+        .await
     }
 
-    /// Calls a database function (`POST /rpc/<name>`).
+    /// Calls a database function (`POST /rpc/<name>`). The caller says
+    /// whether a second call is safe (every usage-agg function is: see the
+    /// migration).
     pub async fn rpc<A: Serialize, R: DeserializeOwned>(
         &self,
         name: &str,
         args: &A,
-    ) -> Result<R, ApiError> {
+        idempotent: Idempotent,
+    ) -> Result<R, Failure> {
         let path = format!("rpc/{name}");
-        let body = serde_json::to_vec(args).expect("args serialize");
-        let bytes = self
-            .send(Method::POST, &path, &Query::new(), None, Some(body))
-            .await?;
-        Self::decode(Method::POST, &path, &bytes)
+        let none = Query::new();
+        let req = Request {
+            method: Method::POST,
+            path: &path,
+            query: &none,
+            prefer: None,
+            body: Some(serde_json::to_vec(args).expect("args serialize").into()),
+            idempotent,
+        };
+        // A function returning void answers 204 with no body (PostgREST 12+)
+        // or `null` (older): both are JSON null.
+        self.call(req, |b| json(if b.is_empty() { b"null" } else { b }))
+            .await
+    }
+}
+
+fn json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// A request's failure: the server's (or network's) answer, or that answer
+/// after the retries ran out. Callers decide by the answer either way.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Api(ApiError),
+    #[error(transparent)]
+    GaveUp(GaveUp),
+}
+
+impl Failure {
+    pub fn api(&self) -> &ApiError {
+        match self {
+            Failure::Api(e)
+            | Failure::GaveUp(GaveUp::Retries { last: e, .. } | GaveUp::Deadline { last: e, .. }) => {
+                e
+            }
+        }
+    }
+
+    pub fn status(&self) -> Option<StatusCode> {
+        self.api().status()
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        self.api().code()
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::postgrest::{ApiError, Client, Query};
+use crate::postgrest::{Client, Failure, Idempotent, Query};
 
 /// The migration these calls need; named in every message about it.
 pub const MIGRATION_FILE: &str = "supabase/migrations/20261127120000_usage_agg_incremental.sql";
@@ -115,7 +115,8 @@ impl<'a> JobState<'a> {
             "p_job": JOB, "p_owner": owner, "p_ttl_seconds": ttl.as_secs(), "p_steal_from": steal_from,
         });
         self.client
-            .rpc("usage_agg_acquire_lease", &args)
+            // Idempotent: taking the lease again for the same owner is a renewal.
+            .rpc("usage_agg_acquire_lease", &args, Idempotent::Yes)
             .await
             .context("taking the lease")
     }
@@ -124,7 +125,8 @@ impl<'a> JobState<'a> {
     pub async fn renew(&self, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
         let args = json!({"p_job": JOB, "p_owner": owner, "p_ttl_seconds": ttl.as_secs()});
         self.client
-            .rpc("usage_agg_renew_lease", &args)
+            // Idempotent: it sets an expiry from now.
+            .rpc("usage_agg_renew_lease", &args, Idempotent::Yes)
             .await
             .context("renewing the lease")
     }
@@ -133,15 +135,17 @@ impl<'a> JobState<'a> {
     pub async fn advance(&self, to: i64) -> anyhow::Result<i64> {
         let args = json!({"p_job": JOB, "p_cursor": to});
         self.client
-            .rpc("usage_agg_advance_cursor", &args)
+            // Idempotent: greatest(cursor, to).
+            .rpc("usage_agg_advance_cursor", &args, Idempotent::Yes)
             .await
             .context("moving the cursor")
     }
 
-    pub async fn finish(&self, owner: &str, outcome: &str, rows: u64) -> Result<(), ApiError> {
+    pub async fn finish(&self, owner: &str, outcome: &str, rows: u64) -> Result<(), Failure> {
         let args = json!({"p_job": JOB, "p_owner": owner, "p_outcome": outcome, "p_rows": rows});
         self.client
-            .rpc::<_, serde_json::Value>("usage_agg_finish_run", &args)
+            // Idempotent: it sets the same record again.
+            .rpc::<_, serde_json::Value>("usage_agg_finish_run", &args, Idempotent::Yes)
             .await
             .map(drop)
     }
@@ -152,7 +156,8 @@ impl<'a> JobState<'a> {
         let args = json!({"max_wait_ms": wait.as_millis() as u64});
         let answer: HorizonAnswer = self
             .client
-            .rpc("usage_agg_safe_horizon", &args)
+            // Idempotent: it only reads.
+            .rpc("usage_agg_safe_horizon", &args, Idempotent::Yes)
             .await
             .context("reading the safe horizon")?;
         answer.horizon.ok_or_else(|| {

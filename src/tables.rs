@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregation::{
     format_timestamp, parse_timestamp, Key, Month, RawRow, Totals, RAW_COLUMNS,
 };
-use crate::postgrest::{ApiError, Client, Query};
+use crate::postgrest::{Client, Failure, Query};
 
 pub const RAW_TABLE: &str = "usage_requests";
 pub const MONTHLY_TABLE: &str = "portal_usage_monthly";
@@ -323,7 +323,7 @@ pub async fn write_states(
 
 /// The upsert itself is refused, not the data: no unique constraint matches
 /// `on_conflict` (42P10), or the server cannot do upserts here.
-fn bulk_refused(e: &ApiError) -> bool {
+fn bulk_refused(e: &Failure) -> bool {
     e.status().is_some_and(|s| s.as_u16() == 400) && matches!(e.code(), Some("42P10"))
 }
 

@@ -95,7 +95,7 @@ fn env_auto_picks_prod_from_app_env_and_says_so() {
             ("SUPABASE_PROD_REST_URL", &dead_url()),
             ("SUPABASE_PROD_SERVICE_ROLE_KEY", A_JWT),
         ]),
-        &["aggregate", "--env", "auto"],
+        &["aggregate", "--env", "auto", "--max-retries", "1"],
     );
     run.assert_stdout_has(
         "Aggregating usage for PROD environment (--env auto: APP_ENV=production)",

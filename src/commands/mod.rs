@@ -5,14 +5,14 @@ pub mod aggregate;
 pub mod sql;
 pub mod verify;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::cli::Connection;
 use crate::config::{Config, Sources};
 use crate::exit::{self, Status};
-use crate::postgrest::Client;
+use crate::postgrest::{Client, RetryPolicy};
 
 /// Configuration and a client for it.
 pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
@@ -24,6 +24,13 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
         &config.key,
         config.key_kind,
         Duration::from_secs(conn.timeout),
+        RetryPolicy {
+            max_retries: usize::from(conn.max_retries),
+            deadline: conn
+                .deadline
+                .map(|d| Instant::now() + Duration::from_secs(d)),
+            ..RetryPolicy::default()
+        },
     )?;
     tracing::info!(rest_url = %config.rest_url, env = config.environment.upper(), "configured");
     Ok((config, client))
