@@ -74,7 +74,7 @@ fn values_come_from_the_environment_then_env_local_then_env() {
     let run = usage_agg(
         &dir,
         &pairs(&[("SUPABASE_DEV_REST_URL", &dead)]),
-        &["aggregate", "--env", "dev"],
+        &["aggregate", "--env", "dev", "--max-retries", "1"],
     );
     run.assert_status(69).assert_stderr_has("could not connect");
     assert!(
