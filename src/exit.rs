@@ -67,7 +67,9 @@ fn classify_api(e: &ApiError) -> Status {
                 Status::Config
             }
             400 if matches!(e.code(), Some("42703" | "PGRST204")) => Status::Config,
-            s if s >= 500 || s == 429 || s == 408 => Status::Unavailable,
+            // A gateway's answers: too many requests, too slow, a URL longer
+            // than it takes. The server is not serving this request.
+            s if s >= 500 || matches!(s, 408 | 414 | 429) => Status::Unavailable,
             _ => Status::Software,
         },
     }
@@ -89,6 +91,9 @@ pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
         ),
         (Some(400), Some("42703" | "PGRST204")) => Some(
             "a column is missing: the table does not match the schema in the README (\"The schema it expects\")".into(),
+        ),
+        (Some(414), _) => Some(
+            "a gateway in front of PostgREST refused a URL this long; report it: usage-agg keeps URLs under 6 KB, this gateway allows less".into(),
         ),
         (_, _) if matches!(api, ApiError::Transport { .. }) => {
             Some("the server could not be reached: check the URL and the network; the next run will finish the job".into())

@@ -249,3 +249,33 @@ pub fn insert_random(stack: &Stack, rng: &mut Rng, n: usize, portals: u64) {
         ))
         .unwrap();
 }
+
+/// What is stored is true at each key's own watermark (semantics.md's
+/// invariant), even mid-way through a run that failed.
+#[track_caller]
+pub fn assert_consistent(stack: &Stack) {
+    let wrong = count(
+        stack,
+        "SELECT count(*) FROM portal_usage_monthly m, LATERAL (
+           SELECT count(*) AS c, count(*) FILTER (WHERE r.success) AS s
+           FROM usage_requests r
+           WHERE r.portal_id = m.portal_id AND r.month_year = m.month_year AND r.id <= m.last_request_id
+         ) x
+         WHERE m.request_count <> x.c OR m.success_count <> x.s",
+    );
+    assert_eq!(
+        wrong, 0,
+        "stored keys that disagree with their rows up to their own watermark"
+    );
+}
+
+/// The stack's environment, with the REST URL pointed elsewhere (a proxy).
+pub fn env_via(stack: &Stack, rest_url: &str) -> Vec<(String, String)> {
+    let mut env: Vec<_> = stack
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "SUPABASE_DEV_REST_URL")
+        .collect();
+    env.push(("SUPABASE_DEV_REST_URL".into(), rest_url.into()));
+    env
+}

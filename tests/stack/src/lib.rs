@@ -12,6 +12,8 @@
 //! PostgREST (a real one, say) on a database that already has the seed's
 //! schema; the tests then share that database and run one at a time.
 
+pub mod proxy;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

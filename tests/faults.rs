@@ -1,0 +1,202 @@
+//! Faults a real server will not produce on demand, injected by a proxy in
+//! front of the real stack: for each, the outcome, the exit status, what was
+//! written is still correct, and a clean rerun leaves no drift.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use stack::proxy::{Fault, FaultProxy};
+
+/// A migrated stack with rows, aggregated once, then more rows waiting.
+fn busy_stack() -> Stack {
+    let stack = migrated_stack();
+    let mut rng = Rng(3);
+    insert_random(&stack, &mut rng, 1_500, 600);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_random(&stack, &mut rng, 3_500, 600);
+    stack
+}
+
+fn run_via(stack: &Stack, proxy: &FaultProxy, args: &[&str]) -> Run {
+    let mut all = vec!["aggregate", "--env", "dev"];
+    all.extend_from_slice(args);
+    usage_agg(&workdir(), &env_via(stack, &proxy.url), &all)
+}
+
+/// After a failed run: what it wrote is true, and a clean run finishes.
+#[track_caller]
+fn assert_recovers(stack: &Stack) {
+    assert_consistent(stack);
+    aggregate(stack, &[]).assert_status(0);
+    assert_no_drift(stack);
+}
+
+#[test]
+fn a_503_burst_is_waited_out_honouring_retry_after() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject("GET", "/usage_requests", Fault::unavailable(1), 3);
+    let run = run_via(&stack, &proxy, &[]);
+    run.assert_status(0)
+        .assert_stderr_has("PGRST003")
+        .assert_stderr_has("trying again in 1.");
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_finishes() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    // The first upsert chunk lands, then the server goes down.
+    proxy.inject_after(
+        "POST",
+        "/portal_usage_monthly?on_conflict",
+        1,
+        Fault::html(502, "502 Bad Gateway"),
+        1000,
+    );
+    let run = run_via(&stack, &proxy, &["--max-retries", "2"]);
+    run.assert_status(69);
+    let error: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("usage-agg: error:"))
+        .collect();
+    assert_eq!(error.len(), 1, "{}", run.stderr);
+    for needle in [
+        "POST /portal_usage_monthly",
+        "gave up after 3 tries",
+        "502",
+        "502 Bad Gateway",
+    ] {
+        assert!(
+            error[0].contains(needle),
+            "{needle:?} not in {:?}",
+            error[0]
+        );
+    }
+    assert_eq!(
+        proxy.count("POST", "/portal_usage_monthly?on_conflict"),
+        4,
+        "one good chunk, then three tries"
+    );
+    assert_recovers(&stack);
+}
+
+#[test]
+fn a_connection_cut_mid_body_is_tried_again() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject_after("GET", "/usage_requests", 1, Fault::CutBody, 2);
+    run_via(&stack, &proxy, &[])
+        .assert_status(0)
+        .assert_stderr_has("trying again");
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn truncated_json_is_tried_again() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject_after("GET", "/usage_requests", 2, Fault::TruncateBody, 1);
+    run_via(&stack, &proxy, &[])
+        .assert_status(0)
+        .assert_stderr_has("not what PostgREST sends");
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn a_slow_answer_past_the_timeout_is_tried_again_and_a_lasting_one_is_exit_75() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "GET",
+        "/usage_requests",
+        Fault::Delay(Duration::from_millis(2500)),
+        1,
+    );
+    run_via(&stack, &proxy, &["--timeout", "1"])
+        .assert_status(0)
+        .assert_stderr_has("timed out");
+    assert_no_drift(&stack);
+
+    let mut rng = Rng(8);
+    insert_random(&stack, &mut rng, 500, 600);
+    proxy.inject(
+        "GET",
+        "/usage_requests",
+        Fault::Delay(Duration::from_millis(2500)),
+        100,
+    );
+    run_via(&stack, &proxy, &["--timeout", "1", "--max-retries", "1"])
+        .assert_status(75)
+        .assert_stderr_has("timed out");
+    assert_recovers(&stack);
+}
+
+#[test]
+fn the_deadline_stops_the_run_with_exit_75() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject("GET", "/usage_requests", Fault::unavailable(5), 100);
+    run_via(&stack, &proxy, &["--deadline", "2"])
+        .assert_status(75)
+        .assert_stderr_has("deadline");
+    assert_recovers(&stack);
+}
+
+#[test]
+fn a_414_is_not_retried_and_is_reported_as_refused() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "GET",
+        "/usage_requests",
+        Fault::Respond {
+            status: 414,
+            headers: vec![],
+            body: "URI too long".into(),
+        },
+        1,
+    );
+    run_via(&stack, &proxy, &[])
+        .assert_status(69)
+        .assert_stderr_has("HTTP 414")
+        .assert_stderr_has("URI too long");
+    assert_eq!(
+        proxy.count("GET", "/usage_requests"),
+        1,
+        "a 414 will answer the same again"
+    );
+    assert_recovers(&stack);
+}
+
+#[test]
+fn a_plain_insert_is_never_sent_twice() {
+    let mut stack = Stack::new();
+    stack.ddl("ALTER TABLE portal_usage_monthly DROP CONSTRAINT portal_usage_monthly_portal_id_month_year_key");
+    insert_rows(&stack, 300, 3);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    // The fallback's INSERT (no on_conflict) is answered 503 once.
+    proxy.inject("POST", "/portal_usage_monthly$", Fault::unavailable(0), 1);
+    run_via(&stack, &proxy, &[])
+        .assert_status(69)
+        .assert_stderr_has("HTTP 503");
+    assert_eq!(
+        proxy
+            .requests()
+            .iter()
+            .filter(|l| l.starts_with("POST /portal_usage_monthly "))
+            .count(),
+        1,
+        "an insert whose answer was lost is not sent again"
+    );
+    aggregate(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM (SELECT 1 FROM portal_usage_monthly GROUP BY portal_id, month_year HAVING count(*) > 1) d"),
+        0
+    );
+}
