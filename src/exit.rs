@@ -82,16 +82,28 @@ pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
             .map(Failure::api)
             .or_else(|| c.downcast_ref::<ApiError>())
     })?;
+    let what = api
+        .path()
+        .trim_start_matches('/')
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     match (api.status().map(|s| s.as_u16()), api.code()) {
         (Some(401 | 403), _) => Some(format!(
-            "the server refused the key in {key_var}: check that it is this project's service_role key"
+            "the server refused the key in {key_var}: check that it is this project's service_role key (not the anon key) and that the URL is this project's"
         )),
-        (Some(404), Some("PGRST205" | "42P01")) => Some(
-            "a table is missing: check the URL points at the right project and that the schema (see README, \"The schema it expects\") is applied".into(),
-        ),
-        (Some(400), Some("42703" | "PGRST204")) => Some(
-            "a column is missing: the table does not match the schema in the README (\"The schema it expects\")".into(),
-        ),
+        (Some(404), Some("PGRST202" | "42883")) => Some(format!(
+            "the database function {} is missing: the migration is not (fully) applied; apply {}",
+            what.trim_start_matches("rpc/"),
+            crate::state::MIGRATION_FILE
+        )),
+        (Some(404), Some("PGRST205" | "42P01")) => Some(format!(
+            "the table {what} does not exist here: check that the URL is the right project's and that its schema is applied (README, \"The schema it expects\")"
+        )),
+        (Some(400), Some("42703" | "PGRST204")) => Some(format!(
+            "a column of {what} is missing: the table does not match the schema in the README (\"The schema it expects\")"
+        )),
         (Some(414), _) => Some(
             "a gateway in front of PostgREST refused a URL this long; report it: usage-agg keeps URLs under 6 KB, this gateway allows less".into(),
         ),

@@ -136,6 +136,15 @@ impl ApiError {
         }
     }
 
+    /// The path requested (`/usage_requests`), for messages.
+    pub fn path(&self) -> &str {
+        match self {
+            ApiError::Status { path, .. }
+            | ApiError::Transport { path, .. }
+            | ApiError::Decode { path, .. } => path,
+        }
+    }
+
     /// PostgREST's or Postgres' error code (`42P10`, `PGRST205`, ...).
     pub fn code(&self) -> Option<&str> {
         match self {

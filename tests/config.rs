@@ -123,5 +123,103 @@ fn a_missing_table_says_the_schema_is_missing() {
     aggregate(&stack, &[])
         .assert_status(78)
         .assert_stderr_has("PGRST205")
-        .assert_stderr_has("hint: a table is missing");
+        .assert_stderr_has("hint: the table usage_requests does not exist here");
+}
+
+#[test]
+fn an_anon_key_is_named_as_such() {
+    let stack = Stack::new();
+    let mut env: Vec<_> = stack
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "SUPABASE_DEV_SERVICE_ROLE_KEY")
+        .collect();
+    env.push((
+        "SUPABASE_DEV_SERVICE_ROLE_KEY".into(),
+        stack.anon_key.clone(),
+    ));
+    let run = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
+    run.assert_status(78)
+        .assert_stderr_has("looks like an anon key");
+    assert!(!run.all().contains(&stack.anon_key));
+}
+
+#[test]
+fn a_key_for_another_project_is_refused_with_exit_77() {
+    let stack = Stack::new();
+    let other = stack::mint_jwt("service_role", "another-projects-secret-also-32-characters");
+    let mut env: Vec<_> = stack
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "SUPABASE_DEV_SERVICE_ROLE_KEY")
+        .collect();
+    env.push(("SUPABASE_DEV_SERVICE_ROLE_KEY".into(), other.clone()));
+    let run = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
+    run.assert_status(77)
+        .assert_stderr_has("HTTP 401")
+        .assert_stderr_has("refused the key in SUPABASE_DEV_SERVICE_ROLE_KEY");
+    assert!(!run.all().contains(&other));
+}
+
+#[test]
+fn a_missing_column_is_named_with_its_table() {
+    let mut stack = Stack::new();
+    stack.ddl("ALTER TABLE usage_requests DROP COLUMN success");
+    aggregate(&stack, &[])
+        .assert_status(78)
+        .assert_stderr_has("a column of usage_requests is missing");
+}
+
+#[test]
+fn a_missing_migration_function_names_the_migration() {
+    let mut stack = Stack::new();
+    migrate(&mut stack);
+    stack.ddl("DROP FUNCTION usage_agg_safe_horizon(integer)");
+    aggregate(&stack, &[])
+        .assert_status(78)
+        .assert_stderr_has("usage_agg_safe_horizon is missing")
+        .assert_stderr_has(MIGRATION);
+}
+
+#[test]
+fn an_impossible_month_is_a_usage_error() {
+    let run = usage_agg(&workdir(), &[], &["aggregate", "--month", "2025-13"]);
+    run.assert_status(64)
+        .assert_stderr_has("\"2025-13\" is not a month: expected YYYY-MM");
+    usage_agg(&workdir(), &[], &["verify", "--month", "25-01"]).assert_status(64);
+}
+
+#[test]
+fn an_env_local_readable_by_others_draws_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let stack = Stack::new();
+    let dir = workdir();
+    let body: String = stack
+        .env()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect();
+    std::fs::write(dir.join(".env.local"), body).unwrap();
+    std::fs::set_permissions(
+        dir.join(".env.local"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let run = usage_agg(&dir, &[], &["aggregate", "--env", "dev"]);
+    run.assert_status(0)
+        .assert_stderr_has("readable by every user")
+        .assert_stderr_has("chmod 600");
+
+    std::fs::set_permissions(
+        dir.join(".env.local"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let run = usage_agg(&dir, &[], &["aggregate", "--env", "dev"]);
+    run.assert_status(0);
+    assert!(
+        !run.stderr.contains("readable by every user"),
+        "{}",
+        run.stderr
+    );
 }
