@@ -10,8 +10,37 @@ use crate::config::EnvChoice;
 #[derive(Debug, Parser)]
 #[command(name = "usage-agg", version, about, long_about = None)]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Print the result as one JSON object on stdout instead of the summary (fields: README, "JSON output")
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// No progress bar and no summary on stdout; warnings and errors still go to stderr
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
+    /// How logs are written on stderr
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// healthchecks.io-style URL: GET <URL>/start before a run, POST <URL>/<exit status> after with the JSON summary
+    #[arg(long, global = true, env = "USAGE_AGG_PING_URL", value_name = "URL")]
+    pub ping_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ mod engine;
 mod exit;
 mod failpoint;
 mod output;
+mod ping;
 mod postgrest;
 mod state;
 mod tables;
@@ -33,7 +34,7 @@ fn main() {
             std::process::exit(status.code());
         }
     };
-    init_logging();
+    init_logging(cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -46,8 +47,8 @@ fn main() {
     };
     let status = runtime.block_on(async {
         match cli.command {
-            Command::Aggregate(args) => commands::aggregate::run(args).await,
-            Command::Verify(args) => commands::verify::run(args).await,
+            Command::Aggregate(args) => commands::aggregate::run(args, &cli.global).await,
+            Command::Verify(args) => commands::verify::run(args, &cli.global).await,
             Command::Sql => commands::sql::run(),
         }
     });
@@ -56,14 +57,18 @@ fn main() {
 
 /// Logs go to stderr (the summary owns stdout); `RUST_LOG` picks the level,
 /// warnings by default.
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+fn init_logging(format: cli::LogFormat) {
     use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_ansi(ansi)
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        cli::LogFormat::Json => builder.json().init(),
+        cli::LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(ansi).init()
+        }
+    }
 }

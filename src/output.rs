@@ -391,3 +391,105 @@ mod tests {
         assert!(s.contains("Total requests processed: 4") && s.contains("Duration: 1.50 seconds"));
     }
 }
+
+/// The run as one JSON object: for `--json`, log shippers and the ping's
+/// body. Field names are stable (README, "JSON output"); add, never rename.
+pub struct RunRecord<'a> {
+    pub command: &'static str,
+    pub environment: Option<&'a str>,
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub dry_run: bool,
+    pub status: crate::exit::Status,
+    pub result: Result<&'a Outcome, &'a anyhow::Error>,
+    pub warnings: &'a [String],
+}
+
+/// `verify --json`: the keys that differ, in the same shape as drift.
+pub fn verify_json(drift: &[Change], stored: usize, rows_read: u64) -> serde_json::Value {
+    serde_json::json!({
+        "version": 1,
+        "command": "verify",
+        "keys_checked": stored,
+        "rows_read": rows_read,
+        "differing": drift.iter().map(change_json).collect::<Vec<_>>(),
+    })
+}
+
+fn change_json(c: &Change) -> serde_json::Value {
+    use serde_json::json;
+    let totals = |t: &Totals| {
+        json!({
+            "requests": t.requests, "successes": t.successes, "errors": t.errors,
+            "last_request_at": t.last_request_at.map(crate::aggregation::format_timestamp),
+            "last_request_id": t.last_request_id,
+        })
+    };
+    json!({
+        "portal_id": c.key.portal_id,
+        "month": c.key.month.to_string(),
+        "stored": c.before.as_ref().map(totals),
+        "new": totals(&c.after),
+    })
+}
+
+pub fn run_json(r: &RunRecord) -> serde_json::Value {
+    use serde_json::json;
+    let mut v = json!({
+        "version": 1,
+        "command": r.command,
+        "environment": r.environment,
+        "started_at": r.started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "duration_seconds": (r.duration.as_secs_f64() * 1000.0).round() / 1000.0,
+        "dry_run": r.dry_run,
+        "exit_status": r.status.code(),
+        "warnings": r.warnings,
+    });
+    match r.result {
+        Ok(o) => {
+            let outcome = if !o.refused_decreases.is_empty() {
+                "decreases_refused"
+            } else if o.bad.count > 0 {
+                "bad_rows"
+            } else {
+                "ok"
+            };
+            let extra = json!({
+                "outcome": outcome,
+                "mode": match &o.mode {
+                    Mode::RecomputeWithoutMigration => "recompute_without_migration".to_string(),
+                    Mode::Rebuild { first_run: true } => "first_rebuild".to_string(),
+                    Mode::Rebuild { first_run: false } => "full_rebuild".to_string(),
+                    Mode::Month(m) => format!("month:{m}"),
+                    Mode::Incremental => "incremental".to_string(),
+                },
+                "rows_read": o.rows_read,
+                "rows_counted": o.rows_counted,
+                "rows_rejected": o.bad.count,
+                "rejected_examples": o.bad.examples.iter().map(|(id, why)| json!({"id": id, "reason": why.to_string()})).collect::<Vec<_>>(),
+                "keys_touched": o.keys_touched,
+                "keys_written": if o.dry_run { 0 } else { o.write.written },
+                "keys_to_write": o.changes.len(),
+                "changes": if o.dry_run { o.changes.iter().map(change_json).collect::<Vec<_>>() } else { Vec::new() },
+                "drift": o.drift.iter().map(change_json).collect::<Vec<_>>(),
+                "refused_decreases": o.refused_decreases.iter().map(change_json).collect::<Vec<_>>(),
+                "cursor_before": o.cursor.and_then(|c| c.0),
+                "cursor_after": o.cursor.map(|c| c.1),
+                "upsert_fallback": o.write.fallback_reason,
+                "error": null,
+            });
+            merge(&mut v, extra);
+        }
+        Err(e) => merge(
+            &mut v,
+            json!({"outcome": "failed", "error": format!("{e:#}")}),
+        ),
+    }
+    v
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(a), serde_json::Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}

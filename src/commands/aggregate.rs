@@ -1,48 +1,95 @@
 //! `usage-agg aggregate`: take the lease, pick the engine, run it, record
-//! the run, print the summary.
+//! the run, print the summary (or the JSON), ping the monitor.
 
 use std::time::{Duration, Instant};
 
 use super::{connect, report_error};
-use crate::cli::AggregateArgs;
+use crate::cli::{AggregateArgs, Global};
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::engine::{incremental, Options, Outcome};
-use crate::exit::Status;
-use crate::output::{self, Style};
+use crate::exit::{self, Status};
+use crate::output::{self, RunRecord, Style};
+use crate::ping::Ping;
 use crate::postgrest::Client;
 use crate::state::{self, JobState, LeaseHeld, MIGRATION_FILE};
 
-pub async fn run(args: AggregateArgs) -> Status {
+pub async fn run(args: AggregateArgs, global: &Global) -> Status {
     let style = Style::detect();
-    let (config, client) = match connect(&args.connection) {
-        Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+    let human = !global.json && !global.quiet;
+    let ping = match Ping::new(global.ping_url.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return report_error(&e.into(), None),
     };
-    let env = config.environment.upper();
+    ping.start().await;
     let started = chrono::Utc::now();
     let clock = Instant::now();
-    print!(
-        "{}",
-        output::header(style, started, env, &config.chosen_by, args.dry_run)
-    );
+    let mut warnings = Vec::new();
 
-    match aggregate(&client, &args, style).await {
-        Ok(outcome) => {
-            print!("{}", output::summary(style, &outcome, env, clock.elapsed()));
-            if outcome.bad.count > 0 || !outcome.refused_decreases.is_empty() {
-                Status::DataErr
-            } else {
-                Status::Ok
+    let connected = connect(&args.connection);
+    let (result, env) = match &connected {
+        Ok((config, client)) => {
+            let env = config.environment.upper();
+            if human {
+                print!(
+                    "{}",
+                    output::header(style, started, env, &config.chosen_by, args.dry_run)
+                );
             }
+            (aggregate(client, &args, &mut warnings).await, Some(env))
         }
-        Err(e) => {
-            print!("{}", output::failure(style, &format!("{e:#}")));
-            report_error(&e, Some(&config))
+        Err(_) => (Err(anyhow::anyhow!("not configured")), None),
+    };
+    let status = match (&connected, &result) {
+        (Err(e), _) => report_error(e, None),
+        (Ok(_), Ok(o)) if o.bad.count > 0 || !o.refused_decreases.is_empty() => Status::DataErr,
+        (Ok(_), Ok(_)) => Status::Ok,
+        (Ok((config, _)), Err(e)) => {
+            if human {
+                print!("{}", output::failure(style, &format!("{e:#}")));
+            }
+            report_error(e, Some(config))
+        }
+    };
+    if human {
+        if let (Ok(outcome), Some(env)) = (&result, env) {
+            for w in &warnings {
+                print!("{}", output::warning(style, w));
+            }
+            print!("{}", output::summary(style, outcome, env, clock.elapsed()));
+        }
+    } else {
+        for w in &warnings {
+            tracing::warn!("{w}");
         }
     }
+    let error = connected.as_ref().err();
+    let record = RunRecord {
+        command: "aggregate",
+        environment: env,
+        started_at: started,
+        duration: clock.elapsed(),
+        dry_run: args.dry_run,
+        status,
+        result: match (&result, error) {
+            (_, Some(e)) => Err(e),
+            (Ok(o), None) => Ok(o),
+            (Err(e), None) => Err(e),
+        },
+        warnings: &warnings,
+    };
+    let json = output::run_json(&record);
+    if global.json {
+        println!("{json}");
+    }
+    ping.finish(status, &json).await;
+    status
 }
 
-async fn aggregate(client: &Client, args: &AggregateArgs, style: Style) -> anyhow::Result<Outcome> {
+async fn aggregate(
+    client: &Client,
+    args: &AggregateArgs,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<Outcome> {
     let state = JobState::new(client);
     let opts = Options {
         dry_run: args.dry_run,
@@ -54,16 +101,10 @@ async fn aggregate(client: &Client, args: &AggregateArgs, style: Style) -> anyho
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     if !state.installed().await? {
-        print!(
-            "{}",
-            output::warning(
-                style,
-                &format!(
-                    "the usage-agg migration is not applied, so every key is recomputed from all rows (slow on big \
-                     tables, and overlapping runs are not guarded); apply {MIGRATION_FILE} (`usage-agg sql | psql`)"
-                )
-            )
-        );
+        warnings.push(format!(
+            "the usage-agg migration is not applied, so every key is recomputed from all rows (slow on big \
+             tables, and overlapping runs are not guarded); apply {MIGRATION_FILE} (`usage-agg sql | psql`)"
+        ));
         return rebuild::run(client, scope, None, &opts).await;
     }
 
@@ -71,7 +112,7 @@ async fn aggregate(client: &Client, args: &AggregateArgs, style: Style) -> anyho
     let cursor = if args.dry_run {
         state.read().await?.and_then(|s| s.cursor_id)
     } else {
-        take_lease(&state, &owner, opts.lease_ttl, style).await?
+        take_lease(&state, &owner, opts.lease_ttl, warnings).await?
     };
     let result = async {
         let horizon = state.safe_horizon(opts.horizon_wait).await?;
@@ -91,6 +132,7 @@ async fn aggregate(client: &Client, args: &AggregateArgs, style: Style) -> anyho
                 ("bad_rows", o.rows_counted)
             }
             Ok(o) => ("ok", o.rows_counted),
+            Err(e) if exit::classify(e) == Status::TempFail => ("stopped", 0),
             Err(_) => ("failed", 0),
         };
         if let Err(e) = state.finish(&owner, label, rows).await {
@@ -106,7 +148,7 @@ async fn take_lease(
     state: &JobState<'_>,
     owner: &str,
     ttl: Duration,
-    style: Style,
+    warnings: &mut Vec<String>,
 ) -> anyhow::Result<Option<i64>> {
     let lease = state.acquire(owner, ttl, None).await?;
     if lease.acquired {
@@ -115,16 +157,10 @@ async fn take_lease(
     if state::owner_is_dead_here(&lease.owner) {
         let taken = state.acquire(owner, ttl, Some(&lease.owner)).await?;
         if taken.acquired {
-            print!(
-                "{}",
-                output::warning(
-                    style,
-                    &format!(
-                        "took over the lease from {}, whose process is gone",
-                        lease.owner
-                    )
-                )
-            );
+            warnings.push(format!(
+                "took over the lease from {}, whose process is gone",
+                lease.owner
+            ));
             return Ok(taken.cursor);
         }
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{connect, report_error};
-use crate::cli::VerifyArgs;
+use crate::cli::{Global, VerifyArgs};
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
@@ -13,7 +13,7 @@ use crate::state::JobState;
 /// Verify waits for writers as briefly as aggregate does by default.
 const HORIZON_WAIT: Duration = Duration::from_millis(2000);
 
-pub async fn run(args: VerifyArgs) -> Status {
+pub async fn run(args: VerifyArgs, global: &Global) -> Status {
     let style = Style::detect();
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
@@ -37,10 +37,17 @@ pub async fn run(args: VerifyArgs) -> Status {
     match result {
         Ok(rc) => {
             let drift = rc.drift(true);
-            print!(
-                "{}",
-                output::verify_report(style, &drift, rc.stored.len(), rc.rows_read)
-            );
+            if global.json {
+                println!(
+                    "{}",
+                    output::verify_json(&drift, rc.stored.len(), rc.rows_read)
+                );
+            } else if !global.quiet {
+                print!(
+                    "{}",
+                    output::verify_report(style, &drift, rc.stored.len(), rc.rows_read)
+                );
+            }
             if drift.is_empty() {
                 Status::Ok
             } else {

@@ -308,3 +308,39 @@ fn handle(
     client.flush()?;
     client.shutdown(Shutdown::Both)
 }
+
+/// A stand-in for a monitoring service (healthchecks.io): answers 200 to
+/// everything and records what it was sent.
+pub struct Recorder {
+    pub url: String,
+    seen: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Recorder {
+    pub fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let Ok(msg) = read_message(&mut BufReader::new(&conn), false) else {
+                    continue;
+                };
+                log.lock().unwrap().push((
+                    msg.start.clone(),
+                    String::from_utf8_lossy(&msg.body).into_owned(),
+                ));
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK",
+                );
+            }
+        });
+        Recorder { url, seen }
+    }
+
+    /// (request line, body) of every request so far.
+    pub fn seen(&self) -> Vec<(String, String)> {
+        self.seen.lock().unwrap().clone()
+    }
+}

@@ -1,0 +1,142 @@
+//! What the operator sees: machine-readable output, logs, monitoring pings.
+
+mod common;
+
+use common::*;
+use stack::proxy::Recorder;
+
+#[test]
+fn json_prints_one_object_with_the_documented_fields_and_nothing_else() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 700, 4);
+    let run = usage_agg(
+        &workdir(),
+        &stack.env(),
+        &["aggregate", "--env", "dev", "--json"],
+    );
+    run.assert_status(0);
+    let v: serde_json::Value =
+        serde_json::from_str(run.stdout.trim()).expect("stdout is one JSON object");
+    assert_eq!(run.stdout.trim().lines().count(), 1);
+    assert_eq!(v["command"], "aggregate");
+    assert_eq!(v["environment"], "DEV");
+    assert_eq!(v["exit_status"], 0);
+    assert_eq!(v["outcome"], "ok");
+    assert_eq!(v["mode"], "first_rebuild");
+    assert_eq!(v["rows_read"], 700);
+    assert_eq!(v["rows_counted"], 700);
+    assert_eq!(v["rows_rejected"], 0);
+    assert_eq!(v["keys_touched"], 12);
+    assert_eq!(v["keys_written"], 12);
+    assert_eq!(v["cursor_after"], 700);
+    assert!(
+        v["error"].is_null() && v["started_at"].is_string() && v["duration_seconds"].is_number()
+    );
+
+    // A failure is JSON too, with the error and its exit status.
+    stack.sql().batch_execute("UPDATE usage_aggregation_state SET lease_owner = 'usage-agg@elsewhere:1', lease_expires_at = now() + interval '1 hour'").unwrap();
+    let run = usage_agg(
+        &workdir(),
+        &stack.env(),
+        &["aggregate", "--env", "dev", "--json"],
+    );
+    run.assert_status(75);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        (v["outcome"].as_str(), v["exit_status"].as_i64()),
+        (Some("failed"), Some(75))
+    );
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("usage-agg@elsewhere:1"));
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_log_line() {
+    let stack = Stack::new();
+    insert_rows(&stack, 50, 2);
+    let mut env = stack.env();
+    env.push(("RUST_LOG".into(), "debug".into()));
+    let run = usage_agg(
+        &workdir(),
+        &env,
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--log-format",
+            "json",
+            "--quiet",
+        ],
+    );
+    run.assert_status(0);
+    assert!(
+        run.stdout.is_empty(),
+        "--quiet prints nothing on stdout: {}",
+        run.stdout
+    );
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert!(lines.len() > 3);
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string());
+    }
+}
+
+#[test]
+fn pings_start_then_the_exit_status_with_the_summary_and_never_the_key() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    let monitor = Recorder::start();
+    let mut env = stack.env();
+    env.push((
+        "USAGE_AGG_PING_URL".into(),
+        format!("{}/ping/abc", monitor.url),
+    ));
+    usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]).assert_status(0);
+    let seen = monitor.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].0.starts_with("GET /ping/abc/start "), "{seen:?}");
+    assert!(seen[1].0.starts_with("POST /ping/abc/0 "), "{seen:?}");
+    let body: serde_json::Value = serde_json::from_str(&seen[1].1).unwrap();
+    assert_eq!(body["rows_counted"], 100);
+    assert!(!format!("{seen:?}").contains(&stack.key));
+
+    // A run that fails pings its status.
+    stack.sql().batch_execute("UPDATE usage_aggregation_state SET lease_owner = 'x', lease_expires_at = now() + interval '1 hour'").unwrap();
+    usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]).assert_status(75);
+    assert!(monitor.seen()[3].0.starts_with("POST /ping/abc/75 "));
+}
+
+#[test]
+fn a_ping_that_fails_never_fails_the_run() {
+    let stack = Stack::new();
+    insert_rows(&stack, 100, 2);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = usage_agg(
+        &workdir(),
+        &stack.env(),
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--ping-url",
+            &format!("http://127.0.0.1:{dead}/x"),
+        ],
+    );
+    run.assert_status(0)
+        .assert_stderr_has("monitoring ping failed");
+    assert_no_drift(&stack);
+    usage_agg(
+        &workdir(),
+        &stack.env(),
+        &["aggregate", "--env", "dev", "--ping-url", "hc-ping.com/x"],
+    )
+    .assert_status(78)
+    .assert_stderr_has("not an http(s) URL");
+}
