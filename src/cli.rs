@@ -49,8 +49,55 @@ pub enum Command {
     Aggregate(AggregateArgs),
     /// Recompute from raw rows and compare with portal_usage_monthly; write nothing
     Verify(VerifyArgs),
+    /// Show the job's state: cursor, backlog, lease, last run; a cron health check with --max-age
+    Status(StatusArgs),
+    /// Show usage from portal_usage_monthly: one portal by month, or the top portals of a month
+    Report(ReportArgs),
     /// Print the migration SQL (to paste into Supabase's SQL editor)
     Sql,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    /// Exit 75 when the last successful run is older than this (e.g. 90m, 2h, 1d)
+    #[arg(long, value_parser = duration, value_name = "AGE")]
+    pub max_age: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    /// One portal's usage, month by month
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub portal: Option<i64>,
+
+    /// How many months back (with --portal)
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=240))]
+    pub months: u16,
+
+    /// The month for the top portals (default: the newest month in the table)
+    #[arg(long, value_parser = month, conflicts_with = "portal")]
+    pub month: Option<Month>,
+
+    /// How many portals in the top list
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top: u16,
+
+    /// Output format
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 /// Where to connect: shared by every subcommand that talks to the server.
@@ -131,4 +178,23 @@ fn page_size(s: &str) -> Result<usize, String> {
 fn month(s: &str) -> Result<Month, String> {
     Month::parse(s)
         .ok_or_else(|| format!("{s:?} is not a month: expected YYYY-MM with a month from 01 to 12"))
+}
+
+/// `90`, `90s`, `15m`, `2h`, `1d`.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration: expected a number with s, m, h or d, e.g. 90m");
+    let (num, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(bad()),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }

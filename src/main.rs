@@ -49,6 +49,8 @@ fn main() {
         match cli.command {
             Command::Aggregate(args) => commands::aggregate::run(args, &cli.global).await,
             Command::Verify(args) => commands::verify::run(args, &cli.global).await,
+            Command::Status(args) => commands::status::run(args, &cli.global).await,
+            Command::Report(args) => commands::report::run(args, &cli.global).await,
             Command::Sql => commands::sql::run(),
         }
     });

@@ -57,10 +57,26 @@ struct HorizonAnswer {
     writers_in_flight: i64,
 }
 
-/// The part of usage_aggregation_state a dry run or verify reads.
-#[derive(Debug, Clone, Deserialize)]
+/// A row of usage_aggregation_state (times as PostgREST sends timestamptz).
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct StateRow {
     pub cursor_id: Option<i64>,
+    #[serde(default)]
+    pub lease_owner: Option<String>,
+    #[serde(default)]
+    pub lease_taken_at: Option<String>,
+    #[serde(default)]
+    pub lease_expires_at: Option<String>,
+    #[serde(default)]
+    pub last_run_started_at: Option<String>,
+    #[serde(default)]
+    pub last_run_finished_at: Option<String>,
+    #[serde(default)]
+    pub last_run_outcome: Option<String>,
+    #[serde(default)]
+    pub last_run_rows: Option<i64>,
+    #[serde(default)]
+    pub last_success_at: Option<String>,
 }
 
 /// The job's state over a client.
@@ -93,10 +109,7 @@ impl<'a> JobState<'a> {
 
     /// The state row, if a run ever made one.
     pub async fn read(&self) -> anyhow::Result<Option<StateRow>> {
-        let q: Query = vec![
-            ("job".into(), format!("eq.{JOB}")),
-            ("select".into(), "cursor_id".into()),
-        ];
+        let q: Query = vec![("job".into(), format!("eq.{JOB}"))];
         let rows: Vec<StateRow> = self
             .client
             .select(STATE_TABLE, &q)

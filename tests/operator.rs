@@ -140,3 +140,97 @@ fn a_ping_that_fails_never_fails_the_run() {
     .assert_status(78)
     .assert_stderr_has("not an http(s) URL");
 }
+
+#[test]
+fn status_shows_cursor_backlog_lease_and_last_run_and_checks_age() {
+    let stack = Stack::new();
+    insert_rows(&stack, 40, 2);
+    let status = |args: &[&str]| {
+        let mut all = vec!["status", "--env", "dev"];
+        all.extend_from_slice(args);
+        usage_agg(&workdir(), &stack.env(), &all)
+    };
+    status(&[])
+        .assert_status(0)
+        .assert_stdout_has("Migration:     NOT applied");
+
+    let mut stack = stack;
+    migrate(&mut stack);
+    let status = |args: &[&str]| {
+        let mut all = vec!["status", "--env", "dev"];
+        all.extend_from_slice(args);
+        usage_agg(&workdir(), &stack.env(), &all)
+    };
+    status(&["--max-age", "1h"])
+        .assert_status(75)
+        .assert_stdout_has("Last success:  never")
+        .assert_stdout_has("STALE");
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 25, 2);
+    let run = status(&["--max-age", "1h"]);
+    run.assert_status(0)
+        .assert_stdout_has("Cursor:        40 (every row up to this id is counted)")
+        .assert_stdout_has("about 25 rows waiting (newest id 65)")
+        .assert_stdout_has("Lease:         free")
+        .assert_stdout_has(", ok, 40 rows, took ");
+    let v: serde_json::Value = serde_json::from_str(status(&["--json"]).stdout.trim()).unwrap();
+    assert_eq!(
+        (v["cursor"].as_i64(), v["backlog_estimate"].as_i64()),
+        (Some(40), Some(25))
+    );
+    assert_eq!(v["last_run_outcome"], "ok");
+    assert_eq!(v["migration_installed"], true);
+}
+
+#[test]
+fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
+    let stack = Stack::new();
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, success, month_year)
+             SELECT 42, g % 10 <> 0, '2025-06' FROM generate_series(1, 100) g;
+             INSERT INTO usage_requests (portal_id, success, month_year)
+             SELECT 42, true, '2025-07' FROM generate_series(1, 50) g;
+             INSERT INTO usage_requests (portal_id, success, month_year)
+             SELECT 7, true, '2025-07' FROM generate_series(1, 80) g;",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(0);
+    let report = |args: &[&str]| {
+        let mut all = vec!["report", "--env", "dev"];
+        all.extend_from_slice(args);
+        usage_agg(&workdir(), &stack.env(), &all)
+    };
+    let run = report(&["--portal", "42"]);
+    run.assert_status(0)
+        .assert_stdout_has("Portal 42, last 12 months");
+    let june = run.stdout.lines().find(|l| l.contains("2025-06")).unwrap();
+    assert!(
+        june.contains("100")
+            && june.contains("90")
+            && june.contains("90.0%")
+            && june.ends_with(&"#".repeat(30)),
+        "{june}"
+    );
+
+    let top = report(&[]);
+    top.assert_status(0)
+        .assert_stdout_has("Top 10 portals by requests, 2025-07");
+    let order: Vec<&str> = top
+        .stdout
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(order, ["7", "42"]);
+
+    let csv = report(&["--month", "2025-06", "--format", "csv"]);
+    assert_eq!(
+        csv.stdout,
+        "portal_id,month,requests,successes,errors,success_rate\n42,2025-06,100,90,10,90.0\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(report(&["--portal", "7", "--json"]).stdout.trim()).unwrap();
+    assert_eq!(json["rows"][0]["requests"], 80);
+}

@@ -2,7 +2,9 @@
 //! an error the same way.
 
 pub mod aggregate;
+pub mod report;
 pub mod sql;
+pub mod status;
 pub mod verify;
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,257 @@
+//! `usage-agg report`: the dashboard's view from a terminal, read from
+//! portal_usage_monthly (what billing reads), not recomputed.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{connect, report_error};
+use crate::cli::{Global, ReportArgs, ReportFormat};
+use crate::exit::Status;
+use crate::output::Style;
+use crate::postgrest::{Client, Query};
+use crate::tables::MONTHLY_TABLE;
+
+/// One row of the report.
+#[derive(Debug, Clone, Deserialize)]
+struct Line {
+    portal_id: i64,
+    month_year: String,
+    request_count: Option<i64>,
+    success_count: Option<i64>,
+    error_count: Option<i64>,
+}
+
+impl Line {
+    fn rate(&self) -> Option<f64> {
+        let r = self.request_count.unwrap_or(0);
+        (r > 0).then(|| self.success_count.unwrap_or(0) as f64 * 100.0 / r as f64)
+    }
+}
+
+const COLUMNS: &str = "portal_id,month_year,request_count,success_count,error_count";
+const BAR_WIDTH: usize = 30;
+
+pub async fn run(args: ReportArgs, global: &Global) -> Status {
+    let (config, client) = match connect(&args.connection) {
+        Ok(c) => c,
+        Err(e) => return report_error(&e, None),
+    };
+    let (title, label, lines) = match fetch(&client, &args).await {
+        Ok(x) => x,
+        Err(e) => return report_error(&e, Some(&config)),
+    };
+    let format = if global.json {
+        ReportFormat::Json
+    } else {
+        args.format
+    };
+    print!("{}", render(format, Style::detect(), &title, label, &lines));
+    Status::Ok
+}
+
+/// The title, which column labels rows (month or portal), and the rows.
+async fn fetch(client: &Client, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+    if let Some(portal) = args.portal {
+        let q: Query = vec![
+            ("select".into(), COLUMNS.into()),
+            ("portal_id".into(), format!("eq.{portal}")),
+            ("order".into(), "month_year.desc".into()),
+            ("limit".into(), args.months.to_string()),
+        ];
+        let lines: Vec<Line> = client
+            .select(MONTHLY_TABLE, &q)
+            .await
+            .context("reading portal_usage_monthly")?;
+        return Ok((
+            format!("Portal {portal}, last {} months", args.months),
+            Label::Month,
+            lines,
+        ));
+    }
+    let month = match args.month {
+        Some(m) => m.to_string(),
+        None => {
+            let q: Query = vec![
+                ("select".into(), "month_year".into()),
+                ("order".into(), "month_year.desc".into()),
+                ("limit".into(), "1".into()),
+            ];
+            let newest: Vec<serde_json::Value> = client
+                .select(MONTHLY_TABLE, &q)
+                .await
+                .context("reading portal_usage_monthly")?;
+            match newest.first().and_then(|r| r["month_year"].as_str()) {
+                Some(m) => m.to_string(),
+                None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new())),
+            }
+        }
+    };
+    let q: Query = vec![
+        ("select".into(), COLUMNS.into()),
+        ("month_year".into(), format!("eq.{month}")),
+        (
+            "order".into(),
+            "request_count.desc.nullslast,portal_id.asc".into(),
+        ),
+        ("limit".into(), args.top.to_string()),
+    ];
+    let lines: Vec<Line> = client
+        .select(MONTHLY_TABLE, &q)
+        .await
+        .context("reading portal_usage_monthly")?;
+    Ok((
+        format!("Top {} portals by requests, {month}", args.top),
+        Label::Portal,
+        lines,
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Label {
+    Month,
+    Portal,
+}
+
+fn render(format: ReportFormat, style: Style, title: &str, label: Label, lines: &[Line]) -> String {
+    let mut s = String::new();
+    match format {
+        ReportFormat::Json => {
+            let rows: Vec<_> = lines
+                .iter()
+                .map(|l| {
+                    json!({
+                        "portal_id": l.portal_id, "month": l.month_year,
+                        "requests": l.request_count.unwrap_or(0), "successes": l.success_count.unwrap_or(0),
+                        "errors": l.error_count.unwrap_or(0),
+                        "success_rate": l.rate().map(|r| (r * 10.0).round() / 10.0),
+                    })
+                })
+                .collect();
+            let _ = writeln!(s, "{}", json!({"title": title, "rows": rows}));
+        }
+        ReportFormat::Csv => {
+            let _ = writeln!(s, "portal_id,month,requests,successes,errors,success_rate");
+            for l in lines {
+                let _ = writeln!(
+                    s,
+                    "{},{},{},{},{},{}",
+                    l.portal_id,
+                    l.month_year,
+                    l.request_count.unwrap_or(0),
+                    l.success_count.unwrap_or(0),
+                    l.error_count.unwrap_or(0),
+                    l.rate().map_or(String::new(), |r| format!("{r:.1}"))
+                );
+            }
+        }
+        ReportFormat::Table => {
+            let _ = writeln!(s, "{title}");
+            if lines.is_empty() {
+                let _ = writeln!(s, "  (no rows)");
+                return s;
+            }
+            let max = lines
+                .iter()
+                .map(|l| l.request_count.unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+                .max(1);
+            let block = if style.emoji { "█" } else { "#" };
+            let head = if label == Label::Month {
+                "month"
+            } else {
+                "portal"
+            };
+            let _ = writeln!(
+                s,
+                "  {head:>10}  {:>10}  {:>10}  {:>8}  {:>7}",
+                "requests", "successes", "errors", "success"
+            );
+            for l in lines {
+                let key = if label == Label::Month {
+                    l.month_year.clone()
+                } else {
+                    l.portal_id.to_string()
+                };
+                let req = l.request_count.unwrap_or(0);
+                let width = ((req as f64 / max as f64) * BAR_WIDTH as f64).round() as usize;
+                let _ = writeln!(
+                    s,
+                    "  {key:>10}  {req:>10}  {:>10}  {:>8}  {:>7}  {}",
+                    l.success_count.unwrap_or(0),
+                    l.error_count.unwrap_or(0),
+                    l.rate().map_or("-".into(), |r| format!("{r:.1}%")),
+                    block.repeat(width.max(usize::from(req > 0)))
+                );
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(month: &str, r: i64, ok: i64) -> Line {
+        Line {
+            portal_id: 42,
+            month_year: month.into(),
+            request_count: Some(r),
+            success_count: Some(ok),
+            error_count: Some(r - ok),
+        }
+    }
+
+    #[test]
+    fn table_bars_scale_to_the_busiest_row_and_show_the_success_rate() {
+        let lines = [
+            line("2025-07", 200, 190),
+            line("2025-06", 100, 100),
+            line("2025-05", 0, 0),
+        ];
+        let out = render(
+            ReportFormat::Table,
+            Style { emoji: false },
+            "Portal 42",
+            Label::Month,
+            &lines,
+        );
+        let rows: Vec<&str> = out.lines().collect();
+        assert!(
+            rows[2].contains("95.0%") && rows[2].ends_with(&"#".repeat(30)),
+            "{out}"
+        );
+        assert!(
+            rows[3].contains("100.0%") && rows[3].ends_with(&format!(" {}", "#".repeat(15))),
+            "{out}"
+        );
+        assert!(rows[4].trim_end().ends_with('-'), "{out}");
+    }
+
+    #[test]
+    fn csv_and_json_carry_the_same_numbers() {
+        let lines = [line("2025-07", 200, 190)];
+        let csv = render(
+            ReportFormat::Csv,
+            Style { emoji: false },
+            "t",
+            Label::Month,
+            &lines,
+        );
+        assert_eq!(csv.lines().nth(1), Some("42,2025-07,200,190,10,95.0"));
+        let json: serde_json::Value = serde_json::from_str(&render(
+            ReportFormat::Json,
+            Style { emoji: false },
+            "t",
+            Label::Month,
+            &lines,
+        ))
+        .unwrap();
+        assert_eq!(json["rows"][0]["errors"], 10);
+        assert_eq!(json["rows"][0]["success_rate"], 95.0);
+    }
+}

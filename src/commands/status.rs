@@ -1,0 +1,245 @@
+//! `usage-agg status`: where the job stands, in one screen, and (with
+//! `--max-age`) a health check for cron or a monitor: exit 75 when the last
+//! successful run is too old.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::{connect, report_error};
+use crate::cli::{Global, StatusArgs};
+use crate::exit::Status;
+use crate::postgrest::{Client, Query};
+use crate::state::{JobState, StateRow, MIGRATION_FILE};
+use crate::tables::RAW_TABLE;
+
+pub async fn run(args: StatusArgs, global: &Global) -> Status {
+    let (config, client) = match connect(&args.connection) {
+        Ok(c) => c,
+        Err(e) => return report_error(&e, None),
+    };
+    let gathered = gather(&client).await;
+    let (installed, state, newest) = match gathered {
+        Ok(g) => g,
+        Err(e) => return report_error(&e, Some(&config)),
+    };
+    let now = Utc::now();
+    let last_success = state.last_success_at.as_deref().and_then(parse_time);
+    let stale = args.max_age.is_some_and(|max| {
+        last_success.is_none_or(|t| (now - t).to_std().unwrap_or_default() > max)
+    });
+    let backlog = match (state.cursor_id, newest) {
+        (Some(c), Some(n)) => Some((n - c).max(0)),
+        (None, Some(n)) => Some(n),
+        (_, None) => Some(0),
+    };
+    let env = config.environment.upper();
+    if global.json {
+        println!(
+            "{}",
+            json!({
+                "version": 1,
+                "command": "status",
+                "environment": env,
+                "migration_installed": installed,
+                "cursor": state.cursor_id,
+                "newest_id": newest,
+                "backlog_estimate": backlog,
+                "lease_owner": state.lease_owner,
+                "lease_taken_at": state.lease_taken_at,
+                "lease_expires_at": state.lease_expires_at,
+                "last_run_started_at": state.last_run_started_at,
+                "last_run_finished_at": state.last_run_finished_at,
+                "last_run_outcome": state.last_run_outcome,
+                "last_run_rows": state.last_run_rows,
+                "last_run_seconds": run_seconds(&state),
+                "last_success_at": state.last_success_at,
+                "stale": stale,
+            })
+        );
+    } else if !global.quiet {
+        print!("{}", render(env, installed, &state, newest, backlog, now));
+        if stale {
+            println!(
+                "  STALE:         no successful run in the last {}",
+                humanize(args.max_age.unwrap_or_default().as_secs() as i64)
+            );
+        }
+    }
+    if stale {
+        Status::TempFail
+    } else {
+        Status::Ok
+    }
+}
+
+async fn gather(client: &Client) -> anyhow::Result<(bool, StateRow, Option<i64>)> {
+    let state = JobState::new(client);
+    let installed = state.installed().await?;
+    let row = if installed {
+        state.read().await?.unwrap_or_default()
+    } else {
+        StateRow::default()
+    };
+    // The newest id, by the primary key: cheap whatever the table's size.
+    // Minus the cursor, it bounds the backlog (ids skipped by rolled-back
+    // inserts make it an overestimate, never an under-).
+    let q: Query = vec![
+        ("select".into(), "id".into()),
+        ("order".into(), "id.desc".into()),
+        ("limit".into(), "1".into()),
+    ];
+    let newest: Vec<serde_json::Value> = client.select(RAW_TABLE, &q).await?;
+    Ok((
+        installed,
+        row,
+        newest.first().and_then(|r| r["id"].as_i64()),
+    ))
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+fn run_seconds(s: &StateRow) -> Option<f64> {
+    let start = parse_time(s.last_run_started_at.as_deref()?)?;
+    let end = parse_time(s.last_run_finished_at.as_deref()?)?;
+    Some((end - start).num_milliseconds() as f64 / 1000.0)
+}
+
+fn humanize(secs: i64) -> String {
+    match secs.abs() {
+        s if s < 120 => format!("{s} seconds"),
+        s if s < 7200 => format!("{} minutes", s / 60),
+        s if s < 172_800 => format!("{} hours", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
+fn when(s: Option<&str>, now: DateTime<Utc>) -> String {
+    match s.and_then(parse_time) {
+        Some(t) if t <= now => format!(
+            "{} ({} ago)",
+            t.format("%Y-%m-%d %H:%M:%S UTC"),
+            humanize((now - t).num_seconds())
+        ),
+        Some(t) => format!(
+            "{} (in {})",
+            t.format("%Y-%m-%d %H:%M:%S UTC"),
+            humanize((t - now).num_seconds())
+        ),
+        None => "never".into(),
+    }
+}
+
+fn render(
+    env: &str,
+    installed: bool,
+    s: &StateRow,
+    newest: Option<i64>,
+    backlog: Option<i64>,
+    now: DateTime<Utc>,
+) -> String {
+    let mut out = format!("usage-agg status ({env})\n");
+    let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+    if !installed {
+        line(
+            "Migration",
+            format!("NOT applied: every run recomputes all rows; apply {MIGRATION_FILE}"),
+        );
+        line(
+            "Newest row id",
+            newest.map_or("none (table empty)".into(), |n| n.to_string()),
+        );
+        return out;
+    }
+    line("Migration", "applied".into());
+    line(
+        "Cursor",
+        s.cursor_id
+            .map_or("none yet: the next run rebuilds every key".into(), |c| {
+                format!("{c} (every row up to this id is counted)")
+            }),
+    );
+    line(
+        "Backlog",
+        format!(
+            "about {} rows waiting (newest id {})",
+            backlog.unwrap_or(0),
+            newest.map_or("none".into(), |n| n.to_string())
+        ),
+    );
+    let lease_live = s
+        .lease_expires_at
+        .as_deref()
+        .and_then(parse_time)
+        .is_some_and(|t| t > now);
+    line(
+        "Lease",
+        match (&s.lease_owner, lease_live) {
+            (Some(owner), true) => format!(
+                "held by {owner} since {}, expires {}",
+                when(s.lease_taken_at.as_deref(), now),
+                when(s.lease_expires_at.as_deref(), now)
+            ),
+            (Some(owner), false) => format!("free (last held by {owner}, expired)"),
+            (None, _) => "free".into(),
+        },
+    );
+    line(
+        "Last run",
+        match &s.last_run_started_at {
+            None => "never".into(),
+            Some(_) => format!(
+                "started {}, {}{}{}",
+                when(s.last_run_started_at.as_deref(), now),
+                s.last_run_outcome
+                    .as_deref()
+                    .unwrap_or("still running (or killed)"),
+                s.last_run_rows
+                    .map_or(String::new(), |r| format!(", {r} rows")),
+                run_seconds(s).map_or(String::new(), |t| format!(", took {t:.1} s")),
+            ),
+        },
+    );
+    line("Last success", when(s.last_success_at.as_deref(), now));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_held_lease_and_the_last_run() {
+        let now = parse_time("2026-11-27T12:00:00+00:00").unwrap();
+        let s = StateRow {
+            cursor_id: Some(100),
+            lease_owner: Some("usage-agg@cron:42".into()),
+            lease_taken_at: Some("2026-11-27T11:58:00+00:00".into()),
+            lease_expires_at: Some("2026-11-27T12:08:00+00:00".into()),
+            last_run_started_at: Some("2026-11-27T11:00:00+00:00".into()),
+            last_run_finished_at: Some("2026-11-27T11:00:03.5+00:00".into()),
+            last_run_outcome: Some("ok".into()),
+            last_run_rows: Some(1234),
+            last_success_at: Some("2026-11-27T11:00:03.5+00:00".into()),
+        };
+        let text = render("PROD", true, &s, Some(150), Some(50), now);
+        assert!(
+            text.contains("about 50 rows waiting (newest id 150)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "held by usage-agg@cron:42 since 2026-11-27 11:58:00 UTC (2 minutes ago)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("expires 2026-11-27 12:08:00 UTC (in 8 minutes)"),
+            "{text}"
+        );
+        assert!(text.contains("ok, 1234 rows, took 3.5 s"), "{text}");
+    }
+}
