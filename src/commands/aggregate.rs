@@ -11,6 +11,7 @@ use crate::exit::{self, Status};
 use crate::output::{self, RunRecord, Style};
 use crate::ping::Ping;
 use crate::postgrest::Client;
+use crate::progress::Progress;
 use crate::state::{self, JobState, LeaseHeld, MIGRATION_FILE};
 
 pub async fn run(args: AggregateArgs, global: &Global) -> Status {
@@ -35,7 +36,11 @@ pub async fn run(args: AggregateArgs, global: &Global) -> Status {
                     output::header(style, started, env, &config.chosen_by, args.dry_run)
                 );
             }
-            (aggregate(client, &args, &mut warnings).await, Some(env))
+            let progress = Progress::for_terminal(!human);
+            (
+                aggregate(client, &args, progress, &mut warnings).await,
+                Some(env),
+            )
         }
         Err(_) => (Err(anyhow::anyhow!("not configured")), None),
     };
@@ -88,6 +93,7 @@ pub async fn run(args: AggregateArgs, global: &Global) -> Status {
 async fn aggregate(
     client: &Client,
     args: &AggregateArgs,
+    progress: Progress,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<Outcome> {
     let state = JobState::new(client);
@@ -98,6 +104,7 @@ async fn aggregate(
         allow_decrease: args.allow_decrease,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         horizon_wait: Duration::from_millis(args.horizon_wait_ms),
+        progress,
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     if !state.installed().await? {

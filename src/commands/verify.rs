@@ -8,6 +8,7 @@ use crate::cli::{Global, VerifyArgs};
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
+use crate::progress::Progress;
 use crate::state::JobState;
 
 /// Verify waits for writers as briefly as aggregate does by default.
@@ -31,7 +32,8 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
         } else {
             None
         };
-        rebuild::recount(&client, scope, marks, args.connection.page_size).await
+        let progress = Progress::for_terminal(global.quiet || global.json);
+        rebuild::recount(&client, scope, marks, args.connection.page_size, &progress).await
     }
     .await;
     match result {

@@ -65,6 +65,7 @@ pub async fn run(
         opts.batch_rows.max(1)
     };
     let mut scan = RawScan::new(client, cursor, Some(horizon), opts.page_size);
+    opts.progress.scan(cursor, Some(horizon));
     let mut start = cursor;
     loop {
         let mut fold = Fold::default();
@@ -80,6 +81,8 @@ pub async fn run(
                     for row in &page {
                         fold.add(row, |k, id| id > floor(k));
                     }
+                    opts.progress
+                        .advance(cursor, scan.position(), Some(horizon), scan.rows_read);
                     failpoint::hit("page");
                 }
                 None => {
@@ -119,6 +122,7 @@ pub async fn run(
             break;
         }
     }
+    opts.progress.finish();
     outcome.rows_read = scan.rows_read;
     outcome.keys_touched = touched.len();
     Ok(outcome)

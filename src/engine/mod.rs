@@ -77,7 +77,7 @@ pub struct Outcome {
 }
 
 /// Settings every engine takes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     pub dry_run: bool,
     pub page_size: usize,
@@ -88,4 +88,5 @@ pub struct Options {
     pub allow_decrease: bool,
     pub lease_ttl: Duration,
     pub horizon_wait: Duration,
+    pub progress: crate::progress::Progress,
 }

@@ -14,6 +14,7 @@ use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Month, Totals};
 use crate::failpoint;
 use crate::postgrest::{Client, Query};
+use crate::progress::Progress;
 use crate::state::JobState;
 use crate::tables::{self, RawScan};
 
@@ -48,6 +49,7 @@ pub async fn recount(
     scope: Scope,
     marks: Option<Marks>,
     page_size: usize,
+    progress: &Progress,
 ) -> anyhow::Result<Recount> {
     let with_watermark = marks.is_some();
     let scope_filter: Query = match scope {
@@ -86,13 +88,16 @@ pub async fn recount(
     let mut fresh = Fold::default();
     let mut reference = Fold::default();
     let mut scan = RawScan::new(client, 0, scan_end, page_size).filtered(scope_filter);
+    progress.scan(0, scan_end);
     while let Some(page) = scan.next_page().await? {
         for row in &page {
             fresh.add(row, |_, id| horizon.is_none_or(|h| id <= h));
             reference.add(row, covers);
         }
+        progress.advance(0, scan.position(), scan_end, scan.rows_read);
         failpoint::hit("page");
     }
+    progress.finish();
     Ok(Recount {
         rows_read: scan.rows_read,
         fresh,
@@ -180,7 +185,7 @@ pub async fn run(
     marks: Option<Marks>,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
-    let rc = recount(client, scope, marks, opts.page_size).await?;
+    let rc = recount(client, scope, marks, opts.page_size, &opts.progress).await?;
     let (refused, changes): (Vec<Change>, Vec<Change>) = rc
         .changes()
         .into_iter()
