@@ -119,6 +119,8 @@ pub enum BadReason {
     PortalId(String),
     Success(String),
     RequestTimestamp(String),
+    /// Refused by the same rule, applied in SQL by the server-side engine.
+    RejectedBySql,
 }
 
 impl fmt::Display for BadReason {
@@ -128,6 +130,9 @@ impl fmt::Display for BadReason {
             BadReason::PortalId(v) => write!(f, "portal_id {v} is not a positive integer"),
             BadReason::Success(v) => write!(f, "success {v} is not true or false"),
             BadReason::RequestTimestamp(v) => write!(f, "request_timestamp {v} is not a timestamp"),
+            BadReason::RejectedBySql => {
+                f.write_str("month_year, portal_id or success breaks the rules (checked in SQL)")
+            }
         }
     }
 }

@@ -94,6 +94,12 @@ pub struct ReportArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    Rest,
+    Rpc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {
     Table,
     Json,
@@ -132,6 +138,14 @@ pub struct AggregateArgs {
     /// Read everything and show what would be written; write nothing (not even the lease)
     #[arg(long)]
     pub dry_run: bool,
+
+    /// rest: page rows over PostgREST and aggregate here; rpc: aggregate in the database, batch by batch
+    #[arg(long, value_enum, default_value = "rest")]
+    pub engine: Engine,
+
+    /// With --engine rpc: ids per batch (each batch is one transaction)
+    #[arg(long, default_value_t = crate::engine::rpc::DEFAULT_BATCH_IDS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_ids: u64,
 
     /// Recompute every key from all its rows instead of only new rows
     #[arg(long, conflicts_with = "month")]

@@ -3,6 +3,7 @@
 
 use crate::config::ConfigError;
 use crate::engine::incremental::LeaseLost;
+use crate::engine::rpc::BatchBusy;
 use crate::postgrest::{ApiError, Failure, GaveUp};
 use crate::state::{HorizonNotSafe, LeaseHeld};
 
@@ -38,7 +39,11 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if cause.is::<ConfigError>() {
             return Status::Config;
         }
-        if cause.is::<LeaseHeld>() || cause.is::<HorizonNotSafe>() || cause.is::<LeaseLost>() {
+        if cause.is::<LeaseHeld>()
+            || cause.is::<HorizonNotSafe>()
+            || cause.is::<LeaseLost>()
+            || cause.is::<BatchBusy>()
+        {
             return Status::TempFail;
         }
         if let Some(f) = cause.downcast_ref::<Failure>() {

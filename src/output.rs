@@ -231,6 +231,7 @@ fn describe_mode(o: &Outcome) -> String {
         Mode::Rebuild { first_run: false } => "full rebuild (--full)".into(),
         Mode::Month(m) => format!("rebuild of {m} (--month)"),
         Mode::Incremental => "incremental (new rows only)".into(),
+        Mode::Rpc { batches } => format!("server-side (--engine rpc), {batches} batches"),
     }
 }
 
@@ -462,6 +463,7 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                     Mode::Rebuild { first_run: false } => "full_rebuild".to_string(),
                     Mode::Month(m) => format!("month:{m}"),
                     Mode::Incremental => "incremental".to_string(),
+                    Mode::Rpc { .. } => "rpc".to_string(),
                 },
                 "rows_read": o.rows_read,
                 "rows_counted": o.rows_counted,

@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use super::{connect, report_error};
+use crate::cli::Engine;
 use crate::cli::{AggregateArgs, Global};
 use crate::engine::rebuild::{self, Marks, Scope};
-use crate::engine::{incremental, Options, Outcome};
+use crate::engine::{incremental, rpc, Options, Outcome};
 use crate::exit::{self, Status};
 use crate::output::{self, RunRecord, Style};
 use crate::ping::Ping;
@@ -124,9 +125,12 @@ async fn aggregate(
     let result = async {
         let horizon = state.safe_horizon(opts.horizon_wait).await?;
         let marks = Marks { cursor, horizon };
+        let owner = (!args.dry_run).then_some(owner.as_str());
         match cursor {
+            Some(c) if scope == Scope::All && !args.full && args.engine == Engine::Rpc => {
+                rpc::run(client, c, owner, args.batch_ids, &opts).await
+            }
             Some(c) if scope == Scope::All && !args.full => {
-                let owner = (!args.dry_run).then_some(owner.as_str());
                 incremental::run(client, c, horizon, owner, &opts).await
             }
             _ => rebuild::run(client, scope, Some(marks), &opts).await,

@@ -9,6 +9,7 @@
 
 pub mod incremental;
 pub mod rebuild;
+pub mod rpc;
 
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub enum Mode {
     Month(Month),
     /// Rows above the cursor up to the horizon.
     Incremental,
+    /// The same, by the server-side function, in this many batches.
+    Rpc { batches: u64 },
 }
 
 /// What a run did, for the summary and the exit status.

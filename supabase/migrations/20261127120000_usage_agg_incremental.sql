@@ -216,6 +216,147 @@ AS $$
    WHERE job = p_job;
 $$;
 
+-- The server-side engine (`usage-agg aggregate --engine rpc`): one batch of
+-- the same work the REST engine does, in one transaction, for tables past
+-- what paging rows over HTTP serves. Each call: rows in (cursor, min(safe
+-- horizon, cursor + p_batch_ids)], each key counted from its own watermark
+-- (so rows a REST run that died already counted are left out, exactly as
+-- the REST engine does), bad rows skipped and counted, the cursor moved.
+-- Returns a JSON summary. The CLI calls it until it reports done.
+--
+-- Correct beside a REST run working at the same time: the keys the batch
+-- touches are locked before their watermarks are read, so the counts added
+-- are relative to the stored state they are added to; a key another run
+-- inserts meanwhile is recounted from that run's watermark.
+CREATE OR REPLACE FUNCTION public.usage_agg_rpc_batch(
+  p_job text DEFAULT 'default',
+  p_batch_ids bigint DEFAULT 500000,
+  p_max_wait_ms integer DEFAULT 2000,
+  p_dry_run boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  lo       bigint;
+  hi       bigint;
+  hz       jsonb;
+  horizon  bigint;
+  n_rows   bigint;
+  n_keys   bigint;
+  n_bad    bigint;
+  bad_ids  bigint[];
+  inserted bigint;
+  raced    bigint := 0;
+  k        record;
+BEGIN
+  -- One batch at a time per job, whoever calls.
+  IF NOT pg_try_advisory_xact_lock(hashtext('usage_agg_rpc_batch:' || p_job)) THEN
+    RETURN jsonb_build_object('busy', true);
+  END IF;
+  SELECT cursor_id INTO lo FROM public.usage_aggregation_state WHERE job = p_job;
+  IF lo IS NULL THEN
+    -- The first run after the migration rebuilds every key (and reports
+    -- drift): the CLI does that before the first batch.
+    RETURN jsonb_build_object('needs_rebuild', true);
+  END IF;
+  hz := public.usage_agg_safe_horizon(p_max_wait_ms);
+  horizon := (hz->>'horizon')::bigint;
+  IF horizon IS NULL THEN
+    RETURN jsonb_build_object('cursor', lo, 'horizon', NULL, 'writers_in_flight', hz->'writers_in_flight');
+  END IF;
+  hi := greatest(lo, least(horizon, lo + p_batch_ids));
+
+  SELECT count(*), (array_agg(id ORDER BY id))[1:5] INTO n_bad, bad_ids
+    FROM public.usage_requests
+   WHERE id > lo AND id <= hi
+     AND NOT coalesce(month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' AND portal_id > 0 AND success IS NOT NULL, false);
+
+  IF NOT p_dry_run THEN
+    -- Lock the stored keys this batch touches, so that their watermarks
+    -- cannot move between being read and being added to.
+    PERFORM 1
+       FROM public.portal_usage_monthly m
+      WHERE (m.portal_id, m.month_year) IN (
+              SELECT DISTINCT portal_id, month_year FROM public.usage_requests WHERE id > lo AND id <= hi)
+        FOR UPDATE OF m;
+  END IF;
+
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_batch (
+    portal_id bigint, month_year varchar(7), base bigint,
+    c bigint, s bigint, e bigint, at timestamp, w bigint) ON COMMIT DROP;
+  TRUNCATE usage_agg_batch;
+  INSERT INTO usage_agg_batch
+  SELECT r.portal_id, r.month_year, coalesce(m.last_request_id, -1),
+         count(*), count(*) FILTER (WHERE r.success), count(*) FILTER (WHERE NOT r.success),
+         max(r.request_timestamp), max(r.id)
+    FROM public.usage_requests r
+    LEFT JOIN public.portal_usage_monthly m ON m.portal_id = r.portal_id AND m.month_year = r.month_year
+   WHERE r.id > lo AND r.id <= hi
+     AND r.month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' AND r.portal_id > 0 AND r.success IS NOT NULL
+     AND r.id > coalesce(m.last_request_id, 0)
+   GROUP BY 1, 2, 3;
+  SELECT count(*), coalesce(sum(c), 0) INTO n_keys, n_rows FROM usage_agg_batch;
+
+  IF p_dry_run THEN
+    RETURN jsonb_build_object('dry_run', true, 'from', lo, 'to', hi, 'horizon', horizon,
+      'rows', n_rows, 'keys', n_keys, 'new_keys', (SELECT count(*) FROM usage_agg_batch WHERE base < 0),
+      'bad', n_bad, 'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon);
+  END IF;
+
+  UPDATE public.portal_usage_monthly t
+     SET request_count = coalesce(t.request_count, 0) + b.c,
+         success_count = coalesce(t.success_count, 0) + b.s,
+         error_count = coalesce(t.error_count, 0) + b.e,
+         last_request_at = greatest(t.last_request_at, b.at),
+         last_request_id = b.w,
+         updated_at = now()
+    FROM usage_agg_batch b
+   WHERE b.base >= 0 AND t.portal_id = b.portal_id AND t.month_year = b.month_year;
+
+  INSERT INTO public.portal_usage_monthly AS t
+         (portal_id, month_year, request_count, success_count, error_count, last_request_at, last_request_id, updated_at)
+  SELECT portal_id, month_year, c, s, e, at, w, now() FROM usage_agg_batch WHERE base < 0
+  ON CONFLICT (portal_id, month_year) DO NOTHING;
+  GET DIAGNOSTICS inserted = ROW_COUNT;
+
+  -- Keys another run inserted between our read and our insert (rare): add
+  -- this batch's rows above the watermark that run stored.
+  IF inserted < (SELECT count(*) FROM usage_agg_batch WHERE base < 0) THEN
+    FOR k IN
+      SELECT t.portal_id, t.month_year, t.last_request_id AS w
+        FROM usage_agg_batch b
+        JOIN public.portal_usage_monthly t ON t.portal_id = b.portal_id AND t.month_year = b.month_year
+       WHERE b.base < 0 AND t.last_request_id <> b.w AND t.last_request_id < hi
+         FOR UPDATE OF t
+    LOOP
+      raced := raced + 1;
+      UPDATE public.portal_usage_monthly t
+         SET request_count = coalesce(t.request_count, 0) + x.c,
+             success_count = coalesce(t.success_count, 0) + x.s,
+             error_count = coalesce(t.error_count, 0) + x.e,
+             last_request_at = greatest(t.last_request_at, x.at),
+             last_request_id = x.w,
+             updated_at = now()
+        FROM (SELECT count(*) AS c, count(*) FILTER (WHERE success) AS s, count(*) FILTER (WHERE NOT success) AS e,
+                     max(request_timestamp) AS at, max(id) AS w
+                FROM public.usage_requests
+               WHERE id > greatest(k.w, lo) AND id <= hi AND portal_id = k.portal_id AND month_year = k.month_year
+                 AND success IS NOT NULL) x
+       WHERE t.portal_id = k.portal_id AND t.month_year = k.month_year AND x.c > 0;
+    END LOOP;
+  END IF;
+
+  INSERT INTO public.usage_aggregation_state AS s (job, cursor_id) VALUES (p_job, hi)
+  ON CONFLICT (job) DO UPDATE SET cursor_id = greatest(coalesce(s.cursor_id, 0), excluded.cursor_id), updated_at = now();
+
+  RETURN jsonb_build_object('from', lo, 'to', hi, 'horizon', horizon, 'rows', n_rows, 'keys', n_keys,
+    'bad', n_bad, 'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'raced_keys', raced, 'done', hi >= horizon);
+END
+$$;
+
 -- service_role only: nothing for anon or authenticated, nor PUBLIC.
 DO $$
 DECLARE
@@ -226,7 +367,8 @@ BEGIN
     'public.usage_agg_acquire_lease(text, text, integer, text)',
     'public.usage_agg_renew_lease(text, text, integer)',
     'public.usage_agg_advance_cursor(text, bigint)',
-    'public.usage_agg_finish_run(text, text, text, bigint)'
+    'public.usage_agg_finish_run(text, text, text, bigint)',
+    'public.usage_agg_rpc_batch(text, bigint, integer, boolean)'
   ] LOOP
     EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN

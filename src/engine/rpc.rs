@@ -1,0 +1,130 @@
+//! The server-side engine (`--engine rpc`): the same work as the incremental
+//! engine, done by `usage_agg_rpc_batch` in the migration, one transaction
+//! per batch, until caught up. For tables past what paging rows over HTTP
+//! serves: SQL aggregates millions of rows a second where paging moves
+//! about a hundred thousand.
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Mode, Options, Outcome};
+use crate::aggregation::BadReason;
+use crate::failpoint;
+use crate::postgrest::{Client, Idempotent};
+use crate::state::{HorizonNotSafe, JobState, JOB};
+
+/// Ids per batch. Measured (docs/benchmarks.md): a batch of 500,000 rows
+/// takes about 0.6 s on 2 cores, a wide margin under Supabase's 8 s
+/// statement timeout even on a slower or busier database.
+pub const DEFAULT_BATCH_IDS: u64 = 500_000;
+
+/// Another call is running a batch for this job: exit 75, try later.
+#[derive(Debug, thiserror::Error)]
+#[error("another usage_agg_rpc_batch call is running for this job; it is doing this work")]
+pub struct BatchBusy;
+
+/// What one call answered (the migration's `usage_agg_rpc_batch`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Batch {
+    busy: bool,
+    needs_rebuild: bool,
+    from: Option<i64>,
+    to: Option<i64>,
+    horizon: Option<i64>,
+    writers_in_flight: i64,
+    rows: u64,
+    keys: usize,
+    new_keys: usize,
+    bad: u64,
+    bad_ids: Vec<i64>,
+    raced_keys: u64,
+    done: bool,
+}
+
+/// Calls batches until the cursor reaches the safe horizon. The caller has
+/// made sure the first rebuild happened (cursor set).
+pub async fn run(
+    client: &Client,
+    cursor: i64,
+    owner: Option<&str>,
+    batch_ids: u64,
+    opts: &Options,
+) -> anyhow::Result<Outcome> {
+    let state = JobState::new(client);
+    let mut outcome = Outcome {
+        mode: Mode::Rpc { batches: 0 },
+        dry_run: opts.dry_run,
+        ..Outcome::default()
+    };
+    let mut batches = 0;
+    let mut last;
+    loop {
+        let args = json!({
+            "p_job": JOB,
+            "p_batch_ids": batch_ids,
+            "p_max_wait_ms": opts.horizon_wait.as_millis() as u64,
+            "p_dry_run": opts.dry_run,
+        });
+        // Safe to send again: a batch whose answer was lost either did not
+        // commit (and is done again) or did (and the cursor moved past it,
+        // so the next call starts where it ended).
+        let b: Batch = client
+            .rpc("usage_agg_rpc_batch", &args, Idempotent::Yes)
+            .await?;
+        if b.busy {
+            return Err(BatchBusy.into());
+        }
+        anyhow::ensure!(
+            !b.needs_rebuild,
+            "the server-side engine needs a first rebuild; run `aggregate` once first"
+        );
+        let Some(to) = b.to else {
+            return Err(HorizonNotSafe {
+                writers: b.writers_in_flight,
+                waited_ms: opts.horizon_wait.as_millis() as u64,
+            }
+            .into());
+        };
+        batches += 1;
+        tracing::info!(
+            from = b.from,
+            to,
+            rows = b.rows,
+            keys = b.keys,
+            raced = b.raced_keys,
+            "batch"
+        );
+        outcome.rows_counted += b.rows;
+        outcome.keys_touched += b.keys;
+        outcome.write.written += if opts.dry_run { 0 } else { b.keys };
+        outcome.bad.count += b.bad;
+        for id in b.bad_ids {
+            if outcome.bad.examples.len() < crate::aggregation::BAD_EXAMPLES {
+                outcome.bad.examples.push((id, BadReason::RejectedBySql));
+            }
+        }
+        last = to;
+        opts.progress
+            .advance(cursor, to, b.horizon, outcome.rows_counted);
+        failpoint::hit("page");
+        if opts.dry_run {
+            tracing::info!(new_keys = b.new_keys, "dry run: the next batch");
+            break;
+        }
+        if b.done {
+            break;
+        }
+        if let Some(owner) = owner {
+            if !state.renew(owner, opts.lease_ttl).await? {
+                return Err(super::incremental::LeaseLost { cursor: to }.into());
+            }
+        }
+    }
+    opts.progress.finish();
+    outcome.mode = Mode::Rpc { batches };
+    if !opts.dry_run {
+        outcome.cursor = Some((Some(cursor), last));
+    }
+    Ok(outcome)
+}

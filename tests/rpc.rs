@@ -1,0 +1,134 @@
+//! The server-side engine (`--engine rpc`): the same contract as the REST
+//! engine, interchangeable with it run to run.
+
+mod common;
+
+use common::*;
+
+fn rpc(stack: &Stack, args: &[&str]) -> Run {
+    let mut all = vec!["--engine", "rpc"];
+    all.extend_from_slice(args);
+    aggregate(stack, &all)
+}
+
+#[test]
+fn alternating_engines_over_random_inserts_leaves_no_drift() {
+    let stack = migrated_stack();
+    let mut rng = Rng(4242);
+    insert_random(&stack, &mut rng, 2_000, 80);
+    // The first run is the rebuild whichever engine is asked for.
+    rpc(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has("Mode: full rebuild (first run with the migration)");
+    assert_no_drift(&stack);
+    for round in 0..16 {
+        let n = rng.below(3_000) as usize;
+        insert_random(&stack, &mut rng, n, 80);
+        let run = if round % 2 == 0 {
+            rpc(&stack, &["--batch-ids", "700"])
+        } else {
+            aggregate(&stack, &["--batch-rows", "900"])
+        };
+        run.assert_status(0);
+        if round % 2 == 0 {
+            run.assert_stdout_has("Mode: server-side (--engine rpc)");
+            run.assert_stdout_has(&format!("Found {n} requests"));
+        }
+        assert_no_drift(&stack);
+    }
+    assert_watermarks(&stack);
+}
+
+#[test]
+fn bad_rows_are_skipped_counted_and_named_by_the_sql_engine_too() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 300, 3);
+    rpc(&stack, &[]).assert_status(0);
+    let bad: i32 = stack
+        .sql()
+        .query_one("INSERT INTO usage_requests (portal_id, success, month_year) VALUES (-1, true, '2025-07') RETURNING id", &[])
+        .unwrap()
+        .get(0);
+    insert_rows(&stack, 100, 3);
+    rpc(&stack, &[])
+        .assert_status(65)
+        .assert_stdout_has("1 rows rejected as bad data")
+        .assert_stdout_has(&format!("ids {bad}"));
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn it_finishes_what_a_killed_rest_run_left_half_written() {
+    let stack = migrated_stack();
+    let mut rng = Rng(77);
+    insert_random(&stack, &mut rng, 1_000, 700);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_random(&stack, &mut rng, 5_000, 700);
+    let mut env = stack.env();
+    env.push(("USAGE_AGG_FAILPOINTS".into(), "chunk=abort@1".into()));
+    let killed = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
+    assert_eq!(killed.status, -1, "{}", killed.stderr);
+    assert_consistent(&stack);
+    rpc(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
+    assert_watermarks(&stack);
+}
+
+#[test]
+fn a_dry_run_reports_the_next_batch_and_writes_nothing() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 500, 5);
+    rpc(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 1_200, 5);
+    let before = table(&stack);
+    let cursor_before = cursor(&stack);
+    rpc(&stack, &["--dry-run", "--batch-ids", "1000"])
+        .assert_status(0)
+        .assert_stdout_has("Found 1000 requests");
+    assert_eq!(table(&stack), before);
+    assert_eq!(cursor(&stack), cursor_before);
+}
+
+#[test]
+fn a_run_racing_the_sql_engine_does_not_count_twice() {
+    let stack = migrated_stack();
+    let mut rng = Rng(12);
+    insert_random(&stack, &mut rng, 800, 40);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_random(&stack, &mut rng, 3_000, 40);
+
+    // A REST run has read a page; the SQL engine finishes everything; the
+    // REST run resumes and writes what it read.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
+        .args(["aggregate", "--env", "dev"])
+        .current_dir(workdir())
+        .env_clear()
+        .envs(stack.env())
+        .env("USAGE_AGG_FAILPOINTS", "page=pause@1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Read, Write};
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("failpoint page reached") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0);
+    }
+    stack
+        .sql()
+        .batch_execute(
+            "UPDATE usage_aggregation_state SET lease_expires_at = now() - interval '1 second'",
+        )
+        .unwrap();
+    rpc(&stack, &["--batch-ids", "1000"]).assert_status(0);
+    assert_no_drift(&stack);
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap().code();
+    assert!(matches!(status, Some(0) | Some(75)), "{status:?} {rest}");
+    assert_no_drift(&stack);
+}
