@@ -199,6 +199,12 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 fn pg_cmd(tool: &str) -> Command {
     let path = Path::new(PG_BIN).join(tool);
     if is_root() {
@@ -264,6 +270,12 @@ impl Stack {
     }
 
     pub fn on(cluster: &Cluster) -> Stack {
+        Stack::with_max_rows(cluster, MAX_ROWS)
+    }
+
+    /// A stack whose server caps responses at `max_rows` (the benchmark
+    /// pages 10,000 rows at a time; Supabase allows raising the cap).
+    pub fn with_max_rows(cluster: &Cluster, max_rows: u32) -> Stack {
         let db = cluster.create_database();
         let database_url = cluster.url(&db);
         let server_env = vec![
@@ -274,7 +286,7 @@ impl Stack {
             ("PGRST_DB_SCHEMAS".into(), "public".into()),
             ("PGRST_DB_ANON_ROLE".into(), "anon".into()),
             ("PGRST_JWT_SECRET".into(), JWT_SECRET.into()),
-            ("PGRST_DB_MAX_ROWS".into(), MAX_ROWS.to_string()),
+            ("PGRST_DB_MAX_ROWS".into(), max_rows.to_string()),
             ("PGRST_DB_POOL".into(), "4".into()),
             ("PGRST_DB_CHANNEL_ENABLED".into(), "true".into()),
             ("PGRST_SERVER_HOST".into(), "127.0.0.1".into()),

@@ -6,7 +6,7 @@
 //! HTTP/1.1 only, one request per connection (it answers
 //! `Connection: close`), which is all a test needs.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
