@@ -64,17 +64,18 @@ RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-  IF NEW.last_request_id < OLD.last_request_id THEN
-    RETURN OLD;
-  END IF;
-  RETURN NEW;
+  RETURN OLD;
 END
 $$;
 
+-- The WHEN clause is checked without calling the function, so ordinary
+-- writes (the watermark going up) pay nothing for the guard.
 DROP TRIGGER IF EXISTS usage_agg_guard_watermark ON public.portal_usage_monthly;
 CREATE TRIGGER usage_agg_guard_watermark
   BEFORE UPDATE ON public.portal_usage_monthly
-  FOR EACH ROW EXECUTE FUNCTION public.usage_agg_guard_watermark();
+  FOR EACH ROW
+  WHEN (NEW.last_request_id < OLD.last_request_id)
+  EXECUTE FUNCTION public.usage_agg_guard_watermark();
 
 -- The safe horizon (semantics.md, trap 4): the highest id H such that no
 -- transaction that could still commit a row with id <= H is open.
@@ -223,14 +224,27 @@ $$;
 -- (so rows a REST run that died already counted are left out, exactly as
 -- the REST engine does), bad rows skipped and counted, the cursor moved.
 -- Returns a JSON summary. The CLI calls it until it reports done.
---
--- Correct beside a REST run working at the same time: the keys the batch
--- touches are locked before their watermarks are read, so the counts added
--- are relative to the stored state they are added to; a key another run
--- inserts meanwhile is recounted from that run's watermark.
+
+-- Whether a key is one a row may count toward (semantics.md, trap 5).
+-- Checked per key, not per row: a batch has far fewer keys than rows, and
+-- the regular expression is the costliest part of the scan.
+CREATE OR REPLACE FUNCTION public.usage_agg_valid_key(p_portal_id bigint, p_month_year text)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+AS $$
+  SELECT coalesce(p_portal_id > 0 AND p_month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$', false)
+$$;
+
+-- Correct beside a REST run working at the same time: an existing key is
+-- updated only if its watermark is still the one read with its rows
+-- (Postgres re-checks that on the newest row version), a new key is
+-- inserted only if nobody else did. Keys that lost either race, and keys a
+-- REST run that died left with a watermark inside the batch, are then
+-- locked and counted from their stored watermark, in one more pass.
 CREATE OR REPLACE FUNCTION public.usage_agg_rpc_batch(
   p_job text DEFAULT 'default',
-  p_batch_ids bigint DEFAULT 500000,
+  p_batch_ids bigint DEFAULT 1000000,
   p_max_wait_ms integer DEFAULT 2000,
   p_dry_run boolean DEFAULT false)
 RETURNS jsonb
@@ -248,9 +262,9 @@ DECLARE
   n_keys   bigint;
   n_bad    bigint;
   bad_ids  bigint[];
-  inserted bigint;
-  raced    bigint := 0;
-  k        record;
+  redo     jsonb;
+  n_redo   bigint := 0;
+  redo_rows bigint := 0;
 BEGIN
   -- One batch at a time per job, whoever calls.
   IF NOT pg_try_advisory_xact_lock(hashtext('usage_agg_rpc_batch:' || p_job)) THEN
@@ -269,70 +283,91 @@ BEGIN
   END IF;
   hi := greatest(lo, least(horizon, lo + p_batch_ids));
 
-  SELECT count(*), (array_agg(id ORDER BY id))[1:5] INTO n_bad, bad_ids
-    FROM public.usage_requests
-   WHERE id > lo AND id <= hi
-     AND NOT coalesce(month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' AND portal_id > 0 AND success IS NOT NULL, false);
-
-  IF NOT p_dry_run THEN
-    -- Lock the stored keys this batch touches, so that their watermarks
-    -- cannot move between being read and being added to.
-    PERFORM 1
-       FROM public.portal_usage_monthly m
-      WHERE (m.portal_id, m.month_year) IN (
-              SELECT DISTINCT portal_id, month_year FROM public.usage_requests WHERE id > lo AND id <= hi)
-        FOR UPDATE OF m;
-  END IF;
-
+  -- One pass over the batch's rows, grouped by key, then joined to what is
+  -- stored. base: the stored watermark (-1: not stored yet).
   CREATE TEMP TABLE IF NOT EXISTS usage_agg_batch (
-    portal_id bigint, month_year varchar(7), base bigint,
-    c bigint, s bigint, e bigint, at timestamp, w bigint) ON COMMIT DROP;
+    portal_id bigint, month_year varchar, good boolean, base bigint,
+    c bigint, s bigint, e bigint, nulls bigint, at timestamp, w bigint) ON COMMIT DROP;
   TRUNCATE usage_agg_batch;
   INSERT INTO usage_agg_batch
-  SELECT r.portal_id, r.month_year, coalesce(m.last_request_id, -1),
-         count(*), count(*) FILTER (WHERE r.success), count(*) FILTER (WHERE NOT r.success),
-         max(r.request_timestamp), max(r.id)
-    FROM public.usage_requests r
-    LEFT JOIN public.portal_usage_monthly m ON m.portal_id = r.portal_id AND m.month_year = r.month_year
-   WHERE r.id > lo AND r.id <= hi
-     AND r.month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' AND r.portal_id > 0 AND r.success IS NOT NULL
-     AND r.id > coalesce(m.last_request_id, 0)
-   GROUP BY 1, 2, 3;
-  SELECT count(*), coalesce(sum(c), 0) INTO n_keys, n_rows FROM usage_agg_batch;
+  SELECT g.portal_id, g.month_year, public.usage_agg_valid_key(g.portal_id, g.month_year),
+         coalesce(m.last_request_id, -1), g.c, g.s, g.e, g.nulls, g.at, g.w
+    FROM (SELECT r.portal_id, r.month_year,
+                 count(r.success) AS c,
+                 count(*) FILTER (WHERE r.success) AS s,
+                 count(*) FILTER (WHERE NOT r.success) AS e,
+                 count(*) FILTER (WHERE r.success IS NULL) AS nulls,
+                 max(r.request_timestamp) FILTER (WHERE r.success IS NOT NULL) AS at,
+                 max(r.id) FILTER (WHERE r.success IS NOT NULL) AS w
+            FROM public.usage_requests r
+           WHERE r.id > lo AND r.id <= hi
+           GROUP BY 1, 2) g
+    LEFT JOIN public.portal_usage_monthly m ON m.portal_id = g.portal_id AND m.month_year = g.month_year;
 
-  IF p_dry_run THEN
-    RETURN jsonb_build_object('dry_run', true, 'from', lo, 'to', hi, 'horizon', horizon,
-      'rows', n_rows, 'keys', n_keys, 'new_keys', (SELECT count(*) FROM usage_agg_batch WHERE base < 0),
-      'bad', n_bad, 'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon);
+  SELECT coalesce(sum(b.c + b.nulls) FILTER (WHERE NOT b.good), 0) + coalesce(sum(b.nulls) FILTER (WHERE b.good), 0)
+    INTO n_bad FROM usage_agg_batch b;
+  IF n_bad > 0 THEN
+    SELECT array_agg(id ORDER BY id) INTO bad_ids FROM (
+      SELECT id FROM public.usage_requests
+       WHERE id > lo AND id <= hi AND (success IS NULL OR NOT public.usage_agg_valid_key(portal_id, month_year))
+       ORDER BY id LIMIT 5) x;
   END IF;
 
-  UPDATE public.portal_usage_monthly t
-     SET request_count = coalesce(t.request_count, 0) + b.c,
-         success_count = coalesce(t.success_count, 0) + b.s,
-         error_count = coalesce(t.error_count, 0) + b.e,
-         last_request_at = greatest(t.last_request_at, b.at),
-         last_request_id = b.w,
-         updated_at = now()
+  IF p_dry_run THEN
+    SELECT count(*), coalesce(sum(c), 0) INTO n_keys, n_rows FROM usage_agg_batch WHERE good AND c > 0;
+    RETURN jsonb_build_object('dry_run', true, 'from', lo, 'to', hi, 'horizon', horizon,
+      'rows', n_rows, 'keys', n_keys, 'bad', n_bad, 'bad_ids', to_jsonb(coalesce(bad_ids, '{}')),
+      'done', hi >= horizon);
+  END IF;
+
+  WITH upd AS (
+    UPDATE public.portal_usage_monthly t
+       SET request_count = coalesce(t.request_count, 0) + b.c,
+           success_count = coalesce(t.success_count, 0) + b.s,
+           error_count = coalesce(t.error_count, 0) + b.e,
+           last_request_at = greatest(t.last_request_at, b.at),
+           last_request_id = b.w,
+           updated_at = now()
+      FROM usage_agg_batch b
+     WHERE b.good AND b.c > 0 AND b.base >= 0 AND b.base <= lo
+       AND t.portal_id = b.portal_id AND t.month_year = b.month_year AND t.last_request_id = b.base
+    RETURNING t.portal_id, t.month_year
+  ), ins AS (
+    INSERT INTO public.portal_usage_monthly
+           (portal_id, month_year, request_count, success_count, error_count, last_request_at, last_request_id, updated_at)
+    SELECT b.portal_id, b.month_year, b.c, b.s, b.e, b.at, b.w, now()
+      FROM usage_agg_batch b WHERE b.good AND b.c > 0 AND b.base < 0
+    ON CONFLICT (portal_id, month_year) DO NOTHING
+    RETURNING portal_id, month_year
+  ), written AS (
+    SELECT portal_id, month_year FROM upd UNION ALL SELECT portal_id, month_year FROM ins
+  )
+  SELECT count(*) FILTER (WHERE d.portal_id IS NOT NULL),
+         coalesce(sum(b.c) FILTER (WHERE d.portal_id IS NOT NULL), 0),
+         coalesce(jsonb_agg(jsonb_build_object('p', b.portal_id, 'm', b.month_year)) FILTER (WHERE d.portal_id IS NULL), '[]')
+    INTO n_keys, n_rows, redo
     FROM usage_agg_batch b
-   WHERE b.base >= 0 AND t.portal_id = b.portal_id AND t.month_year = b.month_year;
+    LEFT JOIN written d ON d.portal_id = b.portal_id AND d.month_year = b.month_year
+   WHERE b.good AND b.c > 0;
 
-  INSERT INTO public.portal_usage_monthly AS t
-         (portal_id, month_year, request_count, success_count, error_count, last_request_at, last_request_id, updated_at)
-  SELECT portal_id, month_year, c, s, e, at, w, now() FROM usage_agg_batch WHERE base < 0
-  ON CONFLICT (portal_id, month_year) DO NOTHING;
-  GET DIAGNOSTICS inserted = ROW_COUNT;
-
-  -- Keys another run inserted between our read and our insert (rare): add
-  -- this batch's rows above the watermark that run stored.
-  IF inserted < (SELECT count(*) FROM usage_agg_batch WHERE base < 0) THEN
-    FOR k IN
-      SELECT t.portal_id, t.month_year, t.last_request_id AS w
-        FROM usage_agg_batch b
-        JOIN public.portal_usage_monthly t ON t.portal_id = b.portal_id AND t.month_year = b.month_year
-       WHERE b.base < 0 AND t.last_request_id <> b.w AND t.last_request_id < hi
-         FOR UPDATE OF t
-    LOOP
-      raced := raced + 1;
+  -- The rest (rare): lock them, then count the batch's rows above each
+  -- one's stored watermark in a single pass.
+  IF jsonb_array_length(redo) > 0 THEN
+    CREATE TEMP TABLE IF NOT EXISTS usage_agg_redo (portal_id bigint, month_year varchar, w bigint) ON COMMIT DROP;
+    TRUNCATE usage_agg_redo;
+    INSERT INTO usage_agg_redo
+    SELECT t.portal_id, t.month_year, t.last_request_id
+      FROM jsonb_to_recordset(redo) AS r(p bigint, m text)
+      JOIN public.portal_usage_monthly t ON t.portal_id = r.p AND t.month_year = r.m
+       FOR UPDATE OF t;
+    WITH x AS (
+      SELECT r.portal_id, r.month_year, count(*) AS c, count(*) FILTER (WHERE r.success) AS s,
+             count(*) FILTER (WHERE NOT r.success) AS e, max(r.request_timestamp) AS at, max(r.id) AS w
+        FROM public.usage_requests r
+        JOIN usage_agg_redo k ON k.portal_id = r.portal_id AND k.month_year = r.month_year
+       WHERE r.id > lo AND r.id <= hi AND r.id > k.w AND r.success IS NOT NULL
+       GROUP BY 1, 2
+    ), upd AS (
       UPDATE public.portal_usage_monthly t
          SET request_count = coalesce(t.request_count, 0) + x.c,
              success_count = coalesce(t.success_count, 0) + x.s,
@@ -340,20 +375,19 @@ BEGIN
              last_request_at = greatest(t.last_request_at, x.at),
              last_request_id = x.w,
              updated_at = now()
-        FROM (SELECT count(*) AS c, count(*) FILTER (WHERE success) AS s, count(*) FILTER (WHERE NOT success) AS e,
-                     max(request_timestamp) AS at, max(id) AS w
-                FROM public.usage_requests
-               WHERE id > greatest(k.w, lo) AND id <= hi AND portal_id = k.portal_id AND month_year = k.month_year
-                 AND success IS NOT NULL) x
-       WHERE t.portal_id = k.portal_id AND t.month_year = k.month_year AND x.c > 0;
-    END LOOP;
+        FROM x
+       WHERE t.portal_id = x.portal_id AND t.month_year = x.month_year
+      RETURNING x.c
+    )
+    SELECT count(*), coalesce(sum(c), 0) INTO n_redo, redo_rows FROM upd;
   END IF;
 
-  INSERT INTO public.usage_aggregation_state AS s (job, cursor_id) VALUES (p_job, hi)
-  ON CONFLICT (job) DO UPDATE SET cursor_id = greatest(coalesce(s.cursor_id, 0), excluded.cursor_id), updated_at = now();
+  INSERT INTO public.usage_aggregation_state AS st (job, cursor_id) VALUES (p_job, hi)
+  ON CONFLICT (job) DO UPDATE SET cursor_id = greatest(coalesce(st.cursor_id, 0), excluded.cursor_id), updated_at = now();
 
-  RETURN jsonb_build_object('from', lo, 'to', hi, 'horizon', horizon, 'rows', n_rows, 'keys', n_keys,
-    'bad', n_bad, 'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'raced_keys', raced, 'done', hi >= horizon);
+  RETURN jsonb_build_object('from', lo, 'to', hi, 'horizon', horizon,
+    'rows', n_rows + redo_rows, 'keys', n_keys + n_redo,
+    'bad', n_bad, 'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'raced_keys', n_redo, 'done', hi >= horizon);
 END
 $$;
 
@@ -368,7 +402,8 @@ BEGIN
     'public.usage_agg_renew_lease(text, text, integer)',
     'public.usage_agg_advance_cursor(text, bigint)',
     'public.usage_agg_finish_run(text, text, text, bigint)',
-    'public.usage_agg_rpc_batch(text, bigint, integer, boolean)'
+    'public.usage_agg_rpc_batch(text, bigint, integer, boolean)',
+    'public.usage_agg_valid_key(bigint, text)'
   ] LOOP
     EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN

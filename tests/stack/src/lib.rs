@@ -462,7 +462,7 @@ pub fn insert_sample_rows(db: &mut postgres::Client, n: i64, portals: i64, month
         .join(",");
     db.batch_execute(&format!(
         "INSERT INTO usage_requests (portal_id, request_timestamp, source_date, source_format, target_format, success, error_message, month_year)
-         SELECT 1000 + (g * 7919) % {portals},
+         SELECT 1000 + (g::bigint * 7919) % {portals},
                 (m || '-01')::timestamp + ((g % 27) || ' days')::interval + ((g % 86400) || ' seconds')::interval,
                 '2025-01-01', 'YYYY-MM-DD', 'DD/MM/YYYY',
                 g % 20 <> 0,

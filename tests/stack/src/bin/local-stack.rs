@@ -3,7 +3,7 @@
 //!
 //!     local-stack [--rows N] [--migrate FILE] -- COMMAND [ARGS...]
 //!
-//! Exits with the command's status. Used by `scripts/demo` and `scripts/bench`.
+//! The command also gets `DATABASE_URL`, a direct connection. Exits with the command's status. Used by `scripts/demo` and `scripts/bench`.
 
 use std::process::Command;
 
@@ -54,6 +54,7 @@ fn main() {
         let status = Command::new(&command[0])
             .args(&command[1..])
             .envs(s.env())
+            .env("DATABASE_URL", &s.database_url)
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", command[0]));
         status.code().unwrap_or(70)
