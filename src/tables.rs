@@ -68,15 +68,22 @@ impl<'a> RawScan<'a> {
         if self.done || self.upto.is_some_and(|u| self.after >= u) {
             return Ok(None);
         }
+        // No `id=lte.<upto>` in the query: with an upper bound, a planner
+        // working from a generic plan (the LIMIT a parameter) may choose a
+        // sequential scan and a sort for a wide range, several times slower
+        // than walking the primary key. Ids are unique integers, so asking
+        // for at most `upto - after` rows never reads past `upto` by much;
+        // rows above it are dropped here.
+        let limit = match self.upto {
+            Some(u) => (self.page_size as i64).min(u - self.after) as usize,
+            None => self.page_size,
+        };
         let mut query: Query = self.filters.clone();
         query.push(("select".into(), RAW_COLUMNS.into()));
         query.push(("id".into(), format!("gt.{}", self.after)));
-        if let Some(upto) = self.upto {
-            query.push(("id".into(), format!("lte.{upto}")));
-        }
         query.push(("order".into(), "id.asc".into()));
-        query.push(("limit".into(), self.page_size.to_string()));
-        let rows: Vec<RawRow> = self
+        query.push(("limit".into(), limit.to_string()));
+        let mut rows: Vec<RawRow> = self
             .client
             .select(RAW_TABLE, &query)
             .await
@@ -92,8 +99,13 @@ impl<'a> RawScan<'a> {
              is something rewriting the query?",
             self.after
         );
-        self.after = last.id;
         self.rows_read += rows.len() as u64;
+        self.after = last.id;
+        if let Some(upto) = self.upto.filter(|u| last.id >= *u) {
+            rows.retain(|r| r.id <= upto);
+            self.after = upto;
+            self.done = true;
+        }
         Ok(Some(rows))
     }
 }

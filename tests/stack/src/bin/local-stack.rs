@@ -1,7 +1,7 @@
 //! Starts a private stack (PostgreSQL 15 + postrust), loads sample rows, runs
 //! a command with `SUPABASE_DEV_*` pointing at the stack, then removes it all.
 //!
-//!     local-stack [--rows N] [--migrate FILE] -- COMMAND [ARGS...]
+//!     local-stack [--rows N] [--max-rows N] [--migrate FILE] -- COMMAND [ARGS...]
 //!
 //! The command also gets `DATABASE_URL`, a direct connection. Exits with the command's status. Used by `scripts/demo` and `scripts/bench`.
 
@@ -10,12 +10,14 @@ use std::process::Command;
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut rows: i64 = 20_000;
+    let mut max_rows = stack::MAX_ROWS;
     let mut migrations = Vec::new();
     let mut command = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows takes a number"),
             "--migrate" => migrations.push(args.next().expect("--migrate takes a SQL file")),
+            "--max-rows" => max_rows = args.next().and_then(|v| v.parse().ok()).expect("--max-rows takes a number"),
             "--" => {
                 command.extend(args.by_ref());
             }
@@ -30,7 +32,7 @@ fn main() {
     eprintln!("local-stack: starting PostgreSQL 15 and postrust on loopback...");
     let cluster = stack::Cluster::start();
     let code = {
-        let mut s = stack::Stack::on(&cluster);
+        let mut s = stack::Stack::with_max_rows(&cluster, max_rows);
         for m in &migrations {
             let out = s.psql_file(std::path::Path::new(m));
             assert!(
