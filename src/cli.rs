@@ -117,6 +117,10 @@ pub struct Connection {
     #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
     pub page_size: usize,
 
+    /// Id ranges scanned at once (the server answers requests in parallel)
+    #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub concurrency: u16,
+
     /// Seconds before a single request is abandoned (and tried again)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,

@@ -290,11 +290,12 @@ impl Client {
         parse: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<T, Failure> {
         use backon::{ExponentialBuilder, Retryable};
-        let tries = std::cell::Cell::new(0usize);
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        let tries = AtomicUsize::new(0);
         let deadline = self.retry.deadline;
-        let past_deadline = std::cell::Cell::new(false);
+        let past_deadline = AtomicBool::new(false);
         let attempt = || async {
-            tries.set(tries.get() + 1);
+            tries.fetch_add(1, Relaxed);
             let bytes = self.send_once(&req).await?;
             parse(&bytes).map_err(|detail| ApiError::Decode {
                 method: req.method.clone(),
@@ -323,7 +324,7 @@ impl Client {
                     (_, d) => d,
                 }?;
                 if deadline.is_some_and(|dl| Instant::now() + wanted >= dl) {
-                    past_deadline.set(true);
+                    past_deadline.store(true, Relaxed);
                     return None;
                 }
                 Some(wanted)
@@ -332,14 +333,14 @@ impl Client {
                 tracing::warn!(
                     "{e}; trying again in {:.1}s (try {} of {})",
                     delay.as_secs_f64(),
-                    tries.get() + 1,
+                    tries.load(Relaxed) + 1,
                     self.retry.max_retries + 1
                 )
             })
             .await;
         result.map_err(|last| {
-            let tries = tries.get();
-            if past_deadline.get() {
+            let tries = tries.load(Relaxed);
+            if past_deadline.load(Relaxed) {
                 Failure::GaveUp(GaveUp::Deadline { tries, last })
             } else if tries > 1 {
                 Failure::GaveUp(GaveUp::Retries { tries, last })

@@ -26,8 +26,8 @@ pub const MAX_URL_LEN: usize = 6000;
 /// Pages through `usage_requests` in id order: `id=gt.<last>&order=id.asc`.
 /// The end is an empty page and only that: the server's `max_rows` cap makes
 /// pages short without saying so (semantics.md, trap 1).
-pub struct RawScan<'a> {
-    client: &'a Client,
+pub struct RawScan {
+    client: Client,
     filters: Query,
     after: i64,
     upto: Option<i64>,
@@ -38,11 +38,11 @@ pub struct RawScan<'a> {
     pub pages: u64,
 }
 
-impl<'a> RawScan<'a> {
+impl RawScan {
     /// Rows with `after < id <= upto` (no upper bound when `upto` is None).
-    pub fn new(client: &'a Client, after: i64, upto: Option<i64>, page_size: usize) -> Self {
+    pub fn new(client: &Client, after: i64, upto: Option<i64>, page_size: usize) -> Self {
         RawScan {
-            client,
+            client: client.clone(),
             filters: Query::new(),
             after,
             upto,
@@ -57,11 +57,6 @@ impl<'a> RawScan<'a> {
     pub fn filtered(mut self, filters: Query) -> Self {
         self.filters = filters;
         self
-    }
-
-    /// Where the scan stands: every row up to here has been returned.
-    pub fn position(&self) -> i64 {
-        self.after
     }
 
     pub async fn next_page(&mut self) -> anyhow::Result<Option<Vec<RawRow>>> {
@@ -108,6 +103,89 @@ impl<'a> RawScan<'a> {
         }
         Ok(Some(rows))
     }
+}
+
+/// Scans ids in (after, upto] as `n` keyset scans over equal sub-ranges at
+/// once, handing pages over as they arrive, in no particular order (folding
+/// does not care). The server answers several requests in parallel, and
+/// parsing one page overlaps fetching the others.
+pub struct ParallelScan {
+    pages: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<RawRow>>>,
+    _tasks: tokio::task::JoinSet<()>,
+    /// Rows handed over so far.
+    pub rows_read: u64,
+}
+
+impl ParallelScan {
+    pub fn start(
+        client: &Client,
+        filters: Query,
+        after: i64,
+        upto: i64,
+        page_size: usize,
+        n: usize,
+    ) -> ParallelScan {
+        let n = n.max(1) as i64;
+        let span = (upto - after).max(0);
+        let (tx, rx) = tokio::sync::mpsc::channel(2 * n as usize);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let lo = after + span * i / n;
+            let hi = after + span * (i + 1) / n;
+            if hi <= lo {
+                continue;
+            }
+            let mut scan = RawScan::new(client, lo, Some(hi), page_size).filtered(filters.clone());
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                loop {
+                    let page = scan.next_page().await;
+                    let stop = !matches!(page, Ok(Some(_)));
+                    let item = match page {
+                        Ok(Some(rows)) => Ok(rows),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
+                    if tx.send(item).await.is_err() || stop {
+                        break;
+                    }
+                }
+            });
+        }
+        ParallelScan {
+            pages: rx,
+            _tasks: tasks,
+            rows_read: 0,
+        }
+    }
+
+    /// The next page from any range; None once every range is done. An
+    /// error stops the scan (dropping it aborts the other ranges).
+    pub async fn next_page(&mut self) -> anyhow::Result<Option<Vec<RawRow>>> {
+        match self.pages.recv().await {
+            Some(Ok(rows)) => {
+                self.rows_read += rows.len() as u64;
+                Ok(Some(rows))
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The newest id in `usage_requests` (by the primary key, so cheap), 0 when
+/// the table is empty.
+pub async fn newest_id(client: &Client) -> anyhow::Result<i64> {
+    let q: Query = vec![
+        ("select".into(), "id".into()),
+        ("order".into(), "id.desc".into()),
+        ("limit".into(), "1".into()),
+    ];
+    let rows: Vec<serde_json::Value> = client
+        .select(RAW_TABLE, &q)
+        .await
+        .context("reading the newest id")?;
+    Ok(rows.first().and_then(|r| r["id"].as_i64()).unwrap_or(0))
 }
 
 /// A `portal_usage_monthly` row as stored.

@@ -164,6 +164,7 @@ fn a_key_for_another_project_is_refused_with_exit_77() {
 #[test]
 fn a_missing_column_is_named_with_its_table() {
     let mut stack = Stack::new();
+    insert_rows(&stack, 10, 2);
     stack.ddl("ALTER TABLE usage_requests DROP COLUMN success");
     aggregate(&stack, &[])
         .assert_status(78)

@@ -106,6 +106,7 @@ async fn aggregate(
         lease_ttl: Duration::from_secs(args.lease_ttl),
         horizon_wait: Duration::from_millis(args.horizon_wait_ms),
         progress,
+        concurrency: usize::from(args.connection.concurrency),
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     if !state.installed().await? {

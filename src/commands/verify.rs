@@ -33,7 +33,15 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
             None
         };
         let progress = Progress::for_terminal(global.quiet || global.json);
-        rebuild::recount(&client, scope, marks, args.connection.page_size, &progress).await
+        rebuild::recount(
+            &client,
+            scope,
+            marks,
+            args.connection.page_size,
+            usize::from(args.connection.concurrency),
+            &progress,
+        )
+        .await
     }
     .await;
     match result {

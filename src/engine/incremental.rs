@@ -20,7 +20,7 @@ use crate::aggregation::{Fold, Key, Totals};
 use crate::failpoint;
 use crate::postgrest::{Client, Query};
 use crate::state::JobState;
-use crate::tables::{self, RawScan};
+use crate::tables::{self, ParallelScan, RawScan};
 
 /// The lease was lost mid-run (it expired and another run took it): stop at
 /// the next safe point. What was written is correct; exit 75.
@@ -58,41 +58,45 @@ pub async fn run(
         ..Outcome::default()
     };
     let mut touched = std::collections::BTreeSet::new();
-    // A dry run cannot see its own unwritten batches: one batch, then.
-    let batch_rows = if opts.dry_run {
-        u64::MAX
+    // Batches by id range (ids and rows are nearly one to one). A dry run
+    // cannot see its own unwritten batches: one batch, then.
+    let batch_ids = if opts.dry_run {
+        i64::MAX
     } else {
-        opts.batch_rows.max(1)
+        opts.batch_rows.max(1).min(i64::MAX as u64) as i64
     };
-    let mut scan = RawScan::new(client, cursor, Some(horizon), opts.page_size);
     opts.progress.scan(cursor, Some(horizon));
+    outcome.cursor = (!opts.dry_run).then_some((Some(cursor), cursor));
     let mut start = cursor;
-    loop {
+    while start < horizon {
+        let end = start.saturating_add(batch_ids).min(horizon);
         let mut fold = Fold::default();
         let floor = |k: &Key| {
             dirty
                 .get(k)
                 .map_or(start, |t: &Totals| t.last_request_id.max(start))
         };
-        let mut ended = false;
-        while fold.rows < batch_rows {
-            match scan.next_page().await? {
-                Some(page) => {
-                    for row in &page {
-                        fold.add(row, |k, id| id > floor(k));
-                    }
-                    opts.progress
-                        .advance(cursor, scan.position(), Some(horizon), scan.rows_read);
-                    failpoint::hit("page");
-                }
-                None => {
-                    ended = true;
-                    break;
-                }
+        let mut scan = ParallelScan::start(
+            client,
+            Query::new(),
+            start,
+            end,
+            opts.page_size,
+            opts.concurrency,
+        );
+        while let Some(page) = scan.next_page().await? {
+            for row in &page {
+                fold.add(row, |k, id| id > floor(k));
             }
+            outcome.rows_read += page.len() as u64;
+            opts.progress.advance(
+                cursor,
+                start + scan.rows_read as i64,
+                Some(horizon),
+                outcome.rows_read,
+            );
+            failpoint::hit("page");
         }
-        // Every id up to here has been read: the batch's end.
-        let end = if ended { horizon } else { scan.position() };
         outcome.rows_counted += fold.good_rows();
         touched.extend(fold.groups.keys().copied());
         let changes = settle(client, &fold, start, end, &dirty, opts).await?;
@@ -110,7 +114,7 @@ pub async fn run(
             failpoint::hit("after-cursor");
             outcome.cursor = Some((Some(cursor), now));
             if let Some(owner) = owner {
-                if !ended && !state.renew(owner, opts.lease_ttl).await? {
+                if end < horizon && !state.renew(owner, opts.lease_ttl).await? {
                     return Err(LeaseLost { cursor: now }.into());
                 }
             }
@@ -118,12 +122,8 @@ pub async fn run(
         outcome.bad.merge(fold.bad);
         outcome.changes.extend(changes);
         start = end;
-        if ended {
-            break;
-        }
     }
     opts.progress.finish();
-    outcome.rows_read = scan.rows_read;
     outcome.keys_touched = touched.len();
     Ok(outcome)
 }

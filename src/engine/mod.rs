@@ -21,6 +21,9 @@ use crate::tables::WriteStats;
 /// until an empty page whatever the page size.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
 
+/// Id ranges a scan reads at once. Measured (docs/benchmarks.md).
+pub const DEFAULT_CONCURRENCY: u16 = 2;
+
 /// A key whose stored state differs from what its rows say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -92,4 +95,6 @@ pub struct Options {
     pub lease_ttl: Duration,
     pub horizon_wait: Duration,
     pub progress: crate::progress::Progress,
+    /// Id ranges scanned at once.
+    pub concurrency: usize,
 }

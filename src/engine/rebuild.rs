@@ -16,7 +16,7 @@ use crate::failpoint;
 use crate::postgrest::{Client, Query};
 use crate::progress::Progress;
 use crate::state::JobState;
-use crate::tables::{self, RawScan};
+use crate::tables::{self, ParallelScan};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -49,6 +49,7 @@ pub async fn recount(
     scope: Scope,
     marks: Option<Marks>,
     page_size: usize,
+    concurrency: usize,
     progress: &Progress,
 ) -> anyhow::Result<Recount> {
     let with_watermark = marks.is_some();
@@ -87,14 +88,19 @@ pub async fn recount(
 
     let mut fresh = Fold::default();
     let mut reference = Fold::default();
-    let mut scan = RawScan::new(client, 0, scan_end, page_size).filtered(scope_filter);
-    progress.scan(0, scan_end);
+    // Without the migration there is no horizon: count what is there now.
+    let end = match scan_end {
+        Some(e) => e,
+        None => tables::newest_id(client).await?,
+    };
+    let mut scan = ParallelScan::start(client, scope_filter, 0, end, page_size, concurrency);
+    progress.scan(0, Some(end));
     while let Some(page) = scan.next_page().await? {
         for row in &page {
             fresh.add(row, |_, id| horizon.is_none_or(|h| id <= h));
             reference.add(row, covers);
         }
-        progress.advance(0, scan.position(), scan_end, scan.rows_read);
+        progress.advance(0, scan.rows_read as i64, Some(end), scan.rows_read);
         failpoint::hit("page");
     }
     progress.finish();
@@ -185,7 +191,15 @@ pub async fn run(
     marks: Option<Marks>,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
-    let rc = recount(client, scope, marks, opts.page_size, &opts.progress).await?;
+    let rc = recount(
+        client,
+        scope,
+        marks,
+        opts.page_size,
+        opts.concurrency,
+        &opts.progress,
+    )
+    .await?;
     let (refused, changes): (Vec<Change>, Vec<Change>) = rc
         .changes()
         .into_iter()

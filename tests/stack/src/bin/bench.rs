@@ -26,7 +26,11 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { bin: PathBuf::from("target/release/usage-agg"), rows: 1_000_000, runs: 3 };
+    let mut a = Args {
+        bin: PathBuf::from("target/release/usage-agg"),
+        rows: 1_000_000,
+        runs: 3,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{x} takes a value"));
@@ -34,7 +38,9 @@ fn args() -> Args {
             "--bin" => a.bin = PathBuf::from(val()),
             "--rows" => a.rows = val().parse().expect("--rows N"),
             "--runs" => a.runs = val().parse().expect("--runs N"),
-            other => panic!("unknown argument {other}; usage: bench [--bin PATH] [--rows N] [--runs N]"),
+            other => {
+                panic!("unknown argument {other}; usage: bench [--bin PATH] [--rows N] [--runs N]")
+            }
         }
     }
     a
@@ -54,7 +60,13 @@ impl Timing {
         let v: Vec<f64> = self.0.iter().map(Duration::as_secs_f64).collect();
         let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
         let max = v.iter().cloned().fold(0.0, f64::max);
-        format!("{:.3} s (min {:.3}, max {:.3}, n={})", self.median(), min, max, v.len())
+        format!(
+            "{:.3} s (min {:.3}, max {:.3}, n={})",
+            self.median(),
+            min,
+            max,
+            v.len()
+        )
     }
 }
 
@@ -76,7 +88,10 @@ fn run_cli(bin: &PathBuf, stack: &Stack, args: &[&str]) -> (Duration, i64) {
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(r, pid, "wait4");
     let took = started.elapsed();
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "usage-agg {args:?} failed: {status}");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "usage-agg {args:?} failed: {status}"
+    );
     std::mem::forget(child);
     (took, usage.ru_maxrss)
 }
@@ -84,7 +99,10 @@ fn run_cli(bin: &PathBuf, stack: &Stack, args: &[&str]) -> (Duration, i64) {
 /// The transport alone: the same keyset pages, bytes read, the last id found
 /// by a byte scan, nothing parsed or folded.
 fn bare_fetch(stack: &Stack) -> (Duration, u64) {
-    let http = reqwest::blocking::Client::builder().user_agent("usage-agg-bench").build().unwrap();
+    let http = reqwest::blocking::Client::builder()
+        .user_agent("usage-agg-bench")
+        .build()
+        .unwrap();
     let started = Instant::now();
     let (mut after, mut rows) = (0i64, 0u64);
     loop {
@@ -100,8 +118,14 @@ fn bare_fetch(stack: &Stack) -> (Duration, u64) {
             .unwrap()
             .bytes()
             .unwrap();
-        let Some(pos) = memrfind(&body, b"\"id\":") else { break };
-        let digits: String = body[pos + 5..].iter().take_while(|b| b.is_ascii_digit()).map(|b| *b as char).collect();
+        let Some(pos) = memrfind(&body, b"\"id\":") else {
+            break;
+        };
+        let digits: String = body[pos + 5..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .map(|b| *b as char)
+            .collect();
         after = digits.parse().unwrap();
         rows += body.windows(5).filter(|w| w == b"\"id\":").count() as u64;
     }
@@ -136,21 +160,41 @@ fn bare_sql(stack: &Stack) -> Duration {
 fn reset(stack: &Stack, cursor: Option<i64>) {
     let mut db = stack.sql();
     db.batch_execute("TRUNCATE portal_usage_monthly").unwrap();
-    db.batch_execute("DELETE FROM usage_aggregation_state").unwrap();
-    db.batch_execute("VACUUM ANALYZE portal_usage_monthly").unwrap();
+    db.batch_execute("DELETE FROM usage_aggregation_state")
+        .unwrap();
+    db.batch_execute("VACUUM ANALYZE portal_usage_monthly")
+        .unwrap();
     if let Some(c) = cursor {
-        db.execute("INSERT INTO usage_aggregation_state (job, cursor_id) VALUES ('default', $1)", &[&c]).unwrap();
+        db.execute(
+            "INSERT INTO usage_aggregation_state (job, cursor_id) VALUES ('default', $1)",
+            &[&c],
+        )
+        .unwrap();
     }
 }
 
 fn dataset(cluster: &Cluster, rows: i64) -> Stack {
     let mut s = Stack::with_max_rows(cluster, PAGE);
     let out = s.psql_file(&stack::repo_root().join(MIGRATION));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let started = Instant::now();
-    stack::insert_sample_rows(&mut s.sql(), rows, 10_000, &["2025-05", "2025-06", "2025-07"]);
-    s.sql().batch_execute("VACUUM ANALYZE usage_requests").unwrap();
-    eprintln!("bench: {rows} rows loaded in {:.1} s", started.elapsed().as_secs_f64());
+    stack::insert_sample_rows(
+        &mut s.sql(),
+        rows,
+        10_000,
+        &["2025-05", "2025-06", "2025-07"],
+    );
+    s.sql()
+        .batch_execute("VACUUM ANALYZE usage_requests")
+        .unwrap();
+    eprintln!(
+        "bench: {rows} rows loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     s
 }
 
@@ -176,17 +220,49 @@ fn main() {
     let mut rss_big = 0;
     for _ in 0..a.runs {
         reset(&big, None);
-        let (t, rss) = run_cli(&a.bin, &big, &["aggregate", "--env", "dev", "--page-size", &page]);
+        let (t, rss) = run_cli(
+            &a.bin,
+            &big,
+            &["aggregate", "--env", "dev", "--page-size", &page],
+        );
         rest.push(t);
         rss_big = rss_big.max(rss);
     }
     let rest = Timing(rest);
 
+    // The same full run at other concurrency levels, to choose the default.
+    let mut by_concurrency = Vec::new();
+    for c in ["1", "4"] {
+        let mut times = Vec::new();
+        for _ in 0..a.runs {
+            reset(&big, None);
+            let (t, _) = run_cli(
+                &a.bin,
+                &big,
+                &[
+                    "aggregate",
+                    "--env",
+                    "dev",
+                    "--page-size",
+                    &page,
+                    "--concurrency",
+                    c,
+                ],
+            );
+            times.push(t);
+        }
+        by_concurrency.push((c, Timing(times)));
+    }
+
     // An incremental run after 1,000 new rows.
     let mut incr = Vec::new();
     for _ in 0..a.runs {
         stack::insert_sample_rows(&mut big.sql(), 1_000, 10_000, &["2025-07"]);
-        let (t, _) = run_cli(&a.bin, &big, &["aggregate", "--env", "dev", "--page-size", &page]);
+        let (t, _) = run_cli(
+            &a.bin,
+            &big,
+            &["aggregate", "--env", "dev", "--page-size", &page],
+        );
         incr.push(t);
     }
     let incr = Timing(incr);
@@ -195,7 +271,11 @@ fn main() {
     let mut rpc = Vec::new();
     for _ in 0..a.runs {
         reset(&big, Some(0));
-        let (t, _) = run_cli(&a.bin, &big, &["aggregate", "--env", "dev", "--engine", "rpc"]);
+        let (t, _) = run_cli(
+            &a.bin,
+            &big,
+            &["aggregate", "--env", "dev", "--engine", "rpc"],
+        );
         rpc.push(t);
     }
     let rpc = Timing(rpc);
@@ -207,7 +287,11 @@ fn main() {
     reset(&big, Some(0));
     let mut db = big.sql();
     let started = Instant::now();
-    db.query_one("SELECT usage_agg_rpc_batch('default', 1000000, 2000, false)", &[]).unwrap();
+    db.query_one(
+        "SELECT usage_agg_rpc_batch('default', 1000000, 2000, false)",
+        &[],
+    )
+    .unwrap();
     let batch = started.elapsed();
     drop(db);
 
@@ -217,38 +301,88 @@ fn main() {
     let mut rss_small = 0;
     for _ in 0..a.runs {
         reset(&small, None);
-        let (_, rss) = run_cli(&a.bin, &small, &["aggregate", "--env", "dev", "--page-size", &page]);
+        let (_, rss) = run_cli(
+            &a.bin,
+            &small,
+            &["aggregate", "--env", "dev", "--page-size", &page],
+        );
         rss_small = rss_small.max(rss);
     }
-    let keys: i64 = big.sql().query_one("SELECT count(*) FROM (SELECT DISTINCT portal_id, month_year FROM usage_requests) k", &[]).unwrap().get(0);
+    let keys: i64 = big
+        .sql()
+        .query_one(
+            "SELECT count(*) FROM (SELECT DISTINCT portal_id, month_year FROM usage_requests) k",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     drop(big);
     drop(small);
     cluster.stop();
 
     let ratio = |a: f64, b: f64| a / b;
-    println!("## Figures ({rows} raw rows, {keys} portal-months, pages of {PAGE}, {} runs each)\n", a.runs);
+    println!(
+        "## Figures ({rows} raw rows, {keys} portal-months, pages of {PAGE}, {} runs each)\n",
+        a.runs
+    );
     println!("| measurement | time |");
     println!("|---|---|");
     println!("| bare page fetch (transport alone) | {} |", fetch.show());
-    println!("| REST engine, full run (first rebuild) | {} |", rest.show());
-    println!("| REST engine, incremental after 1,000 new rows | {} |", incr.show());
-    println!("| RPC engine, full run (batches of 1,000,000) | {} |", rpc.show());
-    println!("| bare SQL INSERT ... SELECT ... GROUP BY ... ON CONFLICT | {} |", sql.show());
-    println!("| one RPC batch of 1,000,000 ids (in SQL, no HTTP) | {:.3} s |", batch.as_secs_f64());
+    println!(
+        "| REST engine, full run (first rebuild), default --concurrency 2 | {} |",
+        rest.show()
+    );
+    for (c, t) in &by_concurrency {
+        println!(
+            "| REST engine, full run, --concurrency {c} | {} |",
+            t.show()
+        );
+    }
+    println!(
+        "| REST engine, incremental after 1,000 new rows | {} |",
+        incr.show()
+    );
+    println!(
+        "| RPC engine, full run (batches of 1,000,000) | {} |",
+        rpc.show()
+    );
+    println!(
+        "| bare SQL INSERT ... SELECT ... GROUP BY ... ON CONFLICT | {} |",
+        sql.show()
+    );
+    println!(
+        "| one RPC batch of 1,000,000 ids (in SQL, no HTTP) | {:.3} s |",
+        batch.as_secs_f64()
+    );
     println!("| peak RSS, REST full run, {rows} rows | {} KiB |", rss_big);
-    println!("| peak RSS, REST full run, {small_rows} rows | {} KiB |", rss_small);
+    println!(
+        "| peak RSS, REST full run, {small_rows} rows | {} KiB |",
+        rss_small
+    );
     println!();
     println!("| ratio | value | target |");
     println!("|---|---|---|");
     let show = |name: &str, v: f64, target: &str, ok: bool| {
-        println!("| {name} | {v:.3} | {target} {} |", if ok { "(met)" } else { "(MISSED)" });
+        println!(
+            "| {name} | {v:.3} | {target} {} |",
+            if ok { "(met)" } else { "(MISSED)" }
+        );
     };
     let r1 = ratio(rest.median(), fetch.median());
+    if let Some((_, one)) = by_concurrency.iter().find(|(c, _)| *c == "1") {
+        let r = ratio(one.median(), fetch.median());
+        println!("| REST engine --concurrency 1 / bare fetch (both one stream) | {r:.3} | (for reference) |");
+    }
     show("REST engine / bare fetch", r1, "< 1.1", r1 < 1.1);
     let r2 = ratio(incr.median(), rest.median());
     show("incremental / full", r2, "< 0.05", r2 < 0.05);
     let r3 = ratio(rpc.median(), sql.median());
     show("RPC engine / bare SQL", r3, "< 1.5", r3 < 1.5);
     let r4 = rss_big as f64 / rss_small as f64;
-    show(&format!("RSS({rows}) / RSS({small_rows})"), r4, "< 1.1", r4 < 1.1);
+    show(
+        &format!("RSS({rows}) / RSS({small_rows})"),
+        r4,
+        "< 1.1",
+        r4 < 1.1,
+    );
 }
