@@ -8,9 +8,9 @@ use serde_json::json;
 use super::{connect, report_error};
 use crate::cli::{Global, StatusArgs};
 use crate::exit::Status;
-use crate::postgrest::{Client, Query};
+use crate::postgrest::Client;
 use crate::state::{JobState, StateRow, MIGRATION_FILE};
-use crate::tables::RAW_TABLE;
+use crate::tables;
 
 pub async fn run(args: StatusArgs, global: &Global) -> Status {
     let (config, client) = match connect(&args.connection) {
@@ -80,20 +80,10 @@ async fn gather(client: &Client) -> anyhow::Result<(bool, StateRow, Option<i64>)
     } else {
         StateRow::default()
     };
-    // The newest id, by the primary key: cheap whatever the table's size.
-    // Minus the cursor, it bounds the backlog (ids skipped by rolled-back
-    // inserts make it an overestimate, never an under-).
-    let q: Query = vec![
-        ("select".into(), "id".into()),
-        ("order".into(), "id.desc".into()),
-        ("limit".into(), "1".into()),
-    ];
-    let newest: Vec<serde_json::Value> = client.select(RAW_TABLE, &q).await?;
-    Ok((
-        installed,
-        row,
-        newest.first().and_then(|r| r["id"].as_i64()),
-    ))
+    // Minus the cursor, the newest id bounds the backlog (ids skipped by
+    // rolled-back inserts make it an overestimate, never an under-).
+    let newest = tables::newest_id(client).await?;
+    Ok((installed, row, (newest > 0).then_some(newest)))
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {

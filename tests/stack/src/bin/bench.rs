@@ -232,7 +232,7 @@ fn main() {
 
     // The same full run at other concurrency levels, to choose the default.
     let mut by_concurrency = Vec::new();
-    for c in ["1", "4"] {
+    for c in ["1", "2"] {
         let mut times = Vec::new();
         for _ in 0..a.runs {
             reset(&big, None);
@@ -329,7 +329,7 @@ fn main() {
     println!("|---|---|");
     println!("| bare page fetch (transport alone) | {} |", fetch.show());
     println!(
-        "| REST engine, full run (first rebuild), default --concurrency 2 | {} |",
+        "| REST engine, full run (first rebuild), default --concurrency 4 | {} |",
         rest.show()
     );
     for (c, t) in &by_concurrency {
