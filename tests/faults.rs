@@ -97,6 +97,22 @@ fn a_connection_cut_mid_body_is_tried_again() {
 }
 
 #[test]
+fn a_connection_dropped_before_any_answer_is_tried_again() {
+    let stack = busy_stack();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "POST",
+        "/portal_usage_monthly?on_conflict",
+        Fault::HangUp,
+        2,
+    );
+    run_via(&stack, &proxy, &[])
+        .assert_status(0)
+        .assert_stderr_has("trying again");
+    assert_no_drift(&stack);
+}
+
+#[test]
 fn truncated_json_is_tried_again() {
     let stack = busy_stack();
     let proxy = FaultProxy::start(&stack.rest_url);

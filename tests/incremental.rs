@@ -529,3 +529,29 @@ fn sql_prints_the_migration() {
         std::fs::read_to_string(stack::repo_root().join(MIGRATION)).unwrap()
     );
 }
+
+#[test]
+fn a_late_row_for_a_past_month_is_counted_into_that_month() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 300, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             VALUES (1000, '2024-12-31 23:59:59', false, '2024-12'), (1000, '2025-05-02 08:00:00', true, '2025-05')",
+        )
+        .unwrap();
+    aggregate(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has("Found 2 requests");
+    assert_no_drift(&stack);
+    let dec: (i64, i64) = {
+        let row = stack
+            .sql()
+            .query_one("SELECT request_count::bigint, error_count::bigint FROM portal_usage_monthly WHERE portal_id = 1000 AND month_year = '2024-12'", &[])
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(dec, (1, 1));
+}
