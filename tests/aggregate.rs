@@ -43,31 +43,22 @@ fn a_rerun_changes_nothing() {
     let stack = Stack::new();
     insert_rows(&stack, 1_000, 10);
     aggregate(&stack, &[]).assert_status(0);
-    let before: Vec<(i64, String)> = stack
-        .sql()
-        .query(
-            "SELECT id::bigint, updated_at::text FROM portal_usage_monthly ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let versions = || -> Vec<(i64, String)> {
+        let sql = "SELECT id::bigint, updated_at::text FROM portal_usage_monthly ORDER BY id";
+        stack
+            .sql()
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let before = versions();
 
     aggregate(&stack, &[])
         .assert_status(0)
         .assert_stdout_has("(0 written, 30 unchanged)");
-    let after: Vec<(i64, String)> = stack
-        .sql()
-        .query(
-            "SELECT id::bigint, updated_at::text FROM portal_usage_monthly ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(before, after, "a rerun must not touch a single row");
+    assert_eq!(before, versions(), "a rerun must not touch a single row");
     assert_no_drift(&stack);
 }
 

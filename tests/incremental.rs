@@ -186,55 +186,6 @@ fn runs_started_together_agree() {
     }
 }
 
-/// A run stopped at a failpoint (see src/failpoint.rs).
-struct Paused {
-    child: std::process::Child,
-    stderr: std::io::BufReader<std::process::ChildStderr>,
-}
-
-/// Starts a run that stops at `failpoint`, and returns once it has.
-fn paused_run(stack: &Stack, failpoint: &str) -> Paused {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
-        .args(["aggregate", "--env", "dev"])
-        .current_dir(workdir())
-        .env_clear()
-        .envs(stack.env())
-        .env("USAGE_AGG_FAILPOINTS", format!("{failpoint}=pause@1"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(&format!("failpoint {failpoint} reached")) {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "the run ended before its pause"
-        );
-    }
-    Paused { child, stderr }
-}
-
-/// Lets a paused run go on to its end; asserts it ended as a run may when
-/// another took over: done (0) or lease lost (75).
-#[track_caller]
-fn resume(mut p: Paused) {
-    use std::io::{Read, Write};
-    p.child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let mut rest = String::new();
-    p.stderr.read_to_string(&mut rest).unwrap();
-    let out = p.child.wait_with_output().unwrap();
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(75)),
-        "{:?}\n{}{rest}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 #[test]
 fn a_run_that_read_rows_before_a_newer_run_wrote_them_does_not_count_them_twice() {
     let stack = migrated_stack();

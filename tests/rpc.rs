@@ -99,24 +99,7 @@ fn a_run_racing_the_sql_engine_does_not_count_twice() {
 
     // A REST run has read a page; the SQL engine finishes everything; the
     // REST run resumes and writes what it read.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
-        .args(["aggregate", "--env", "dev"])
-        .current_dir(workdir())
-        .env_clear()
-        .envs(stack.env())
-        .env("USAGE_AGG_FAILPOINTS", "page=pause@1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::{BufRead, Read, Write};
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("failpoint page reached") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0);
-    }
+    let slow = paused_run(&stack, "page");
     stack
         .sql()
         .batch_execute(
@@ -125,10 +108,6 @@ fn a_run_racing_the_sql_engine_does_not_count_twice() {
         .unwrap();
     rpc(&stack, &["--batch-ids", "1000"]).assert_status(0);
     assert_no_drift(&stack);
-    child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap().code();
-    assert!(matches!(status, Some(0) | Some(75)), "{status:?} {rest}");
+    resume(slow);
     assert_no_drift(&stack);
 }
