@@ -235,8 +235,6 @@ pub struct Fold {
     /// (watermark above the scan's start).
     pub skipped: u64,
     pub bad: BadRows,
-    /// The highest id seen, the next page's `id=gt.`.
-    pub last_id: Option<i64>,
 }
 
 impl Fold {
@@ -246,7 +244,6 @@ impl Fold {
     /// count each key up to its watermark.
     pub fn add(&mut self, row: &RawRow, include: impl Fn(&Key, i64) -> bool) {
         self.rows += 1;
-        self.last_id = self.last_id.max(Some(row.id));
         match validate(row) {
             Ok(good) if include(&good.key, good.id) => self
                 .groups
@@ -330,7 +327,7 @@ mod tests {
         );
         assert_eq!(t.last_request_at, parse_timestamp("2025-01-04T10:00:00"));
         assert_eq!(f.groups.len(), 2);
-        assert_eq!((f.rows, f.good_rows(), f.last_id), (4, 4, Some(4)));
+        assert_eq!((f.rows, f.good_rows()), (4, 4));
     }
 
     #[test]
@@ -375,7 +372,6 @@ mod tests {
             f.bad.examples.iter().map(|e| e.0).collect::<Vec<_>>(),
             vec![1, 2, 3, 4, 5]
         );
-        assert_eq!(f.last_id, Some(9));
     }
 
     #[test]

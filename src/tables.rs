@@ -33,9 +33,6 @@ pub struct RawScan {
     upto: Option<i64>,
     page_size: usize,
     done: bool,
-    /// Rows the server returned, for the operator and the cost test.
-    pub rows_read: u64,
-    pub pages: u64,
 }
 
 impl RawScan {
@@ -48,8 +45,6 @@ impl RawScan {
             upto,
             page_size,
             done: false,
-            rows_read: 0,
-            pages: 0,
         }
     }
 
@@ -83,7 +78,6 @@ impl RawScan {
             .select(RAW_TABLE, &query)
             .await
             .with_context(|| format!("reading {RAW_TABLE} after id {}", self.after))?;
-        self.pages += 1;
         let Some(last) = rows.last() else {
             self.done = true;
             return Ok(None);
@@ -94,7 +88,6 @@ impl RawScan {
              is something rewriting the query?",
             self.after
         );
-        self.rows_read += rows.len() as u64;
         self.after = last.id;
         if let Some(upto) = self.upto.filter(|u| last.id >= *u) {
             rows.retain(|r| r.id <= upto);
