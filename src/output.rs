@@ -162,14 +162,14 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             o.write.fallback_keys
         );
     }
-    let unchanged = o.keys_touched.saturating_sub(o.changes.len());
+    let unchanged = o.keys_touched.saturating_sub(o.keys_changed);
     if o.dry_run {
         s.push_str(&dry_run_table(&o.changes));
         let _ = writeln!(
             s,
             "{} Dry run: {} keys would be written, {unchanged} unchanged; nothing was written",
             style.mark(Mark::Ok),
-            o.changes.len()
+            o.keys_changed
         );
     } else {
         let _ = writeln!(
@@ -177,7 +177,7 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             "{} Aggregation completed: {} processed ({} written, {unchanged} unchanged), 0 errors",
             style.mark(Mark::Ok),
             o.keys_touched,
-            o.write.written
+            if o.dry_run { 0 } else { o.keys_changed }
         );
     }
     let b = style.mark(Mark::Bullet);
@@ -470,8 +470,8 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                 "rows_rejected": o.bad.count,
                 "rejected_examples": o.bad.examples.iter().map(|(id, why)| json!({"id": id, "reason": why.to_string()})).collect::<Vec<_>>(),
                 "keys_touched": o.keys_touched,
-                "keys_written": if o.dry_run { 0 } else { o.write.written },
-                "keys_to_write": o.changes.len(),
+                "keys_written": if o.dry_run { 0 } else { o.keys_changed },
+                "keys_to_write": o.keys_changed,
                 "changes": if o.dry_run { o.changes.iter().map(change_json).collect::<Vec<_>>() } else { Vec::new() },
                 "drift": o.drift.iter().map(change_json).collect::<Vec<_>>(),
                 "refused_decreases": o.refused_decreases.iter().map(change_json).collect::<Vec<_>>(),

@@ -58,6 +58,7 @@ pub async fn run(
         ..Outcome::default()
     };
     let mut touched = std::collections::BTreeSet::new();
+    let mut changed = std::collections::BTreeSet::new();
     // Batches by id range (ids and rows are nearly one to one). A dry run
     // cannot see its own unwritten batches: one batch, then.
     let batch_ids = if opts.dry_run {
@@ -120,11 +121,15 @@ pub async fn run(
             }
         }
         outcome.bad.merge(fold.bad);
-        outcome.changes.extend(changes);
+        changed.extend(changes.iter().map(|c| c.key));
+        if opts.dry_run {
+            outcome.changes.extend(changes);
+        }
         start = end;
     }
     opts.progress.finish();
     outcome.keys_touched = touched.len();
+    outcome.keys_changed = changed.len();
     Ok(outcome)
 }
 

@@ -72,7 +72,11 @@ pub struct Outcome {
     pub bad: BadRows,
     /// Portal-month combinations the counted rows fall in.
     pub keys_touched: usize,
-    /// Keys written (or, dry, that would be written), with what they held.
+    /// Distinct keys whose stored state changed (or, dry, would change).
+    pub keys_changed: usize,
+    /// The changes themselves, kept only where they are shown (a dry run's
+    /// table, a rebuild's): a long incremental run would otherwise hold one
+    /// per key per batch.
     pub changes: Vec<Change>,
     /// Stored keys that disagreed with their own rows (rebuilds only).
     pub drift: Vec<Change>,

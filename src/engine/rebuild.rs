@@ -240,6 +240,7 @@ pub async fn run(
         }
     }
     outcome.bad = rc.fresh.bad;
+    outcome.keys_changed = changes.len();
     outcome.changes = changes;
     Ok(outcome)
 }
