@@ -8,7 +8,16 @@ use crate::config::EnvChoice;
 /// Rolls usage_requests up into portal_usage_monthly over Supabase's REST
 /// API (PostgREST): every row counted exactly once, safe to rerun.
 #[derive(Debug, Parser)]
-#[command(name = "usage-agg", version, about, long_about = None)]
+#[command(
+    name = "usage-agg",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit statuses: 0 done; 64 bad arguments; 65 rows rejected as bad data, keys left unwritten or \
+                  (verify) keys that differ; 69 server unreachable or failing; 70 internal error; 75 try again later \
+                  (lease held, writers in flight, deadline; status: too long since a success); 77 key refused; \
+                  78 configuration or schema. README.md explains each."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
