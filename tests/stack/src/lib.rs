@@ -409,12 +409,39 @@ impl Stack {
 
     pub fn reload_schema(&mut self) {
         if self.is_external() {
+            // PostgREST has no "reloaded" signal, but its root (the OpenAPI
+            // description) carries the schema's comment: set a fresh one,
+            // ask for a reload, and wait until the root shows it.
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let nonce = format!(
+                "usage-agg test schema {} {}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            );
             self.sql()
-                .batch_execute("NOTIFY pgrst, 'reload schema'")
+                .batch_execute(&format!(
+                    "COMMENT ON SCHEMA public IS '{nonce}'; NOTIFY pgrst, 'reload schema'"
+                ))
                 .unwrap();
-            // No acknowledgement exists for a reload; give PostgREST its usual
-            // debounce time. Only the external mode does this.
-            std::thread::sleep(Duration::from_millis(1500));
+            let http = reqwest::blocking::Client::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let body = http
+                    .get(format!("{}/", self.rest_url))
+                    .header("apikey", &self.key)
+                    .bearer_auth(&self.key)
+                    .send()
+                    .and_then(|r| r.text())
+                    .unwrap_or_default();
+                if body.contains(&nonce) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "PostgREST did not reload its schema cache within 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(50)); // polling for the reload
+            }
         } else {
             self.stop_server();
             self.start_server();
