@@ -9,8 +9,9 @@
 //!
 //! Set `USAGE_AGG_TEST_REST_URL`, `USAGE_AGG_TEST_KEY` and
 //! `USAGE_AGG_TEST_DATABASE_URL` to run the same tests against any other
-//! PostgREST (a real one, say) on a database that already has the seed's
-//! schema; the tests then share that database and run one at a time.
+//! PostgREST (a real one, say) on a disposable database: the tests then
+//! share it, run one at a time, and each starts by recreating the seed's
+//! schema there.
 
 pub mod proxy;
 
@@ -313,7 +314,7 @@ impl Stack {
             std::env::var(n)
                 .unwrap_or_else(|_| panic!("USAGE_AGG_TEST_REST_URL is set, so {n} must be too"))
         };
-        let stack = Stack {
+        let mut stack = Stack {
             rest_url: rest_url.trim_end_matches('/').to_string(),
             key: var("USAGE_AGG_TEST_KEY"),
             anon_key: std::env::var("USAGE_AGG_TEST_ANON_KEY").unwrap_or_default(),
@@ -322,17 +323,23 @@ impl Stack {
             server_env: Vec::new(),
             _exclusive: Some(guard),
         };
+        // Every test starts from the seed's schema, as on our own stack:
+        // the database must be a disposable one.
         stack
             .sql()
-            .batch_execute(
-                "TRUNCATE usage_requests, portal_usage_monthly RESTART IDENTITY;
-             DO $$ BEGIN
-               IF to_regclass('usage_aggregation_state') IS NOT NULL THEN
-                 DELETE FROM usage_aggregation_state;
-               END IF;
-             END $$;",
-            )
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS usage_aggregation_state, portal_usage_monthly, usage_requests CASCADE;
+                 DO $$ DECLARE f regprocedure; BEGIN
+                   FOR f IN SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                            WHERE n.nspname = 'public' AND p.proname LIKE 'usage\\_agg\\_%' LOOP
+                     EXECUTE format('DROP FUNCTION %s CASCADE', f);
+                   END LOOP;
+                 END $$;
+                 {SEED_SCHEMA}
+                 {GRANTS}"
+            ))
             .unwrap();
+        stack.reload_schema();
         stack
     }
 
@@ -411,7 +418,8 @@ impl Stack {
         if self.is_external() {
             // PostgREST has no "reloaded" signal, but its root (the OpenAPI
             // description) carries the schema's comment: set a fresh one,
-            // ask for a reload, and wait until the root shows it.
+            // ask for a reload, and wait until the root shows it. (postrust's
+            // root is not an OpenAPI document; our own stack restarts it.)
             static N: AtomicUsize = AtomicUsize::new(0);
             let nonce = format!(
                 "usage-agg test schema {} {}",
