@@ -196,12 +196,7 @@ fn a_run_that_read_rows_before_a_newer_run_wrote_them_does_not_count_them_twice(
 
     // The slow run has read a page of new rows, not yet what is stored.
     let slow = paused_run(&stack, "page");
-    stack
-        .sql()
-        .batch_execute(
-            "UPDATE usage_aggregation_state SET lease_expires_at = now() - interval '1 second'",
-        )
-        .unwrap();
+    expire_lease(&stack);
     aggregate(&stack, &[]).assert_status(0);
     assert_no_drift(&stack);
 
@@ -224,12 +219,7 @@ fn a_run_whose_lease_expires_while_it_writes_cannot_undo_a_newer_run() {
     // what was stored then. Its lease runs out; more rows arrive; a newer
     // run takes over and finishes.
     let slow = paused_run(&stack, "chunk");
-    stack
-        .sql()
-        .batch_execute(
-            "UPDATE usage_aggregation_state SET lease_expires_at = now() - interval '1 second'",
-        )
-        .unwrap();
+    expire_lease(&stack);
     insert_random(&stack, &mut rng, 2_000, 700);
     aggregate(&stack, &[]).assert_status(0);
     assert_no_drift(&stack);

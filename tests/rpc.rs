@@ -100,12 +100,7 @@ fn a_run_racing_the_sql_engine_does_not_count_twice() {
     // A REST run has read a page; the SQL engine finishes everything; the
     // REST run resumes and writes what it read.
     let slow = paused_run(&stack, "page");
-    stack
-        .sql()
-        .batch_execute(
-            "UPDATE usage_aggregation_state SET lease_expires_at = now() - interval '1 second'",
-        )
-        .unwrap();
+    expire_lease(&stack);
     rpc(&stack, &["--batch-ids", "1000"]).assert_status(0);
     assert_no_drift(&stack);
     resume(slow);

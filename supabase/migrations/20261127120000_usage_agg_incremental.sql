@@ -102,23 +102,21 @@ AS $$
 DECLARE
   candidate bigint;
   writers   text[];
+  first     boolean := true;
   deadline  timestamptz := clock_timestamp() + make_interval(secs => greatest(max_wait_ms, 0) / 1000.0);
 BEGIN
   candidate := coalesce(
     pg_sequence_last_value(pg_get_serial_sequence('public.usage_requests', 'id')::regclass), 0);
-  SELECT array_agg(DISTINCT virtualtransaction) INTO writers
-    FROM pg_locks
-   WHERE locktype = 'relation'
-     AND relation = 'public.usage_requests'::regclass
-     AND mode = 'RowExclusiveLock'
-     AND pid <> pg_backend_pid();
+  -- The writers at this moment, then the ones of them still there.
   LOOP
     SELECT array_agg(DISTINCT virtualtransaction) INTO writers
       FROM pg_locks
      WHERE locktype = 'relation'
        AND relation = 'public.usage_requests'::regclass
        AND mode = 'RowExclusiveLock'
-       AND virtualtransaction = ANY (writers);
+       AND pid <> pg_backend_pid()
+       AND (first OR virtualtransaction = ANY (writers));
+    first := false;
     EXIT WHEN writers IS NULL OR clock_timestamp() >= deadline;
     PERFORM pg_sleep(0.005);
   END LOOP;

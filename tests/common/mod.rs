@@ -328,3 +328,13 @@ pub fn resume(mut p: Paused) {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Makes the lease run out now, as it does under a stalled run.
+pub fn expire_lease(stack: &Stack) {
+    stack
+        .sql()
+        .batch_execute(
+            "UPDATE usage_aggregation_state SET lease_expires_at = now() - interval '1 second'",
+        )
+        .unwrap();
+}
