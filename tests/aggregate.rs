@@ -217,9 +217,8 @@ fn the_key_never_appears_in_any_output_even_at_trace_level() {
         stack.key.rsplit_once('.').unwrap().0,
         "c2lnbmVkLXdpdGgtYW5vdGhlci1zZWNyZXQ"
     );
-    let mut bad_env = env.clone();
-    bad_env.retain(|(k, _)| k != "SUPABASE_DEV_SERVICE_ROLE_KEY");
-    bad_env.push(("SUPABASE_DEV_SERVICE_ROLE_KEY".into(), forged.clone()));
+    let mut bad_env = env_with(&stack, "SUPABASE_DEV_SERVICE_ROLE_KEY", &forged);
+    bad_env.push(("RUST_LOG".into(), "trace".into()));
     let refused = usage_agg(&workdir(), &bad_env, &["aggregate", "--env", "dev"]);
     refused.assert_status(77);
 

@@ -129,15 +129,7 @@ fn a_missing_table_says_the_schema_is_missing() {
 #[test]
 fn an_anon_key_is_named_as_such() {
     let stack = Stack::new();
-    let mut env: Vec<_> = stack
-        .env()
-        .into_iter()
-        .filter(|(k, _)| k != "SUPABASE_DEV_SERVICE_ROLE_KEY")
-        .collect();
-    env.push((
-        "SUPABASE_DEV_SERVICE_ROLE_KEY".into(),
-        stack.anon_key.clone(),
-    ));
+    let env = env_with(&stack, "SUPABASE_DEV_SERVICE_ROLE_KEY", &stack.anon_key);
     let run = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
     run.assert_status(78)
         .assert_stderr_has("looks like an anon key");
@@ -148,12 +140,7 @@ fn an_anon_key_is_named_as_such() {
 fn a_key_for_another_project_is_refused_with_exit_77() {
     let stack = Stack::new();
     let other = stack::mint_jwt("service_role", "another-projects-secret-also-32-characters");
-    let mut env: Vec<_> = stack
-        .env()
-        .into_iter()
-        .filter(|(k, _)| k != "SUPABASE_DEV_SERVICE_ROLE_KEY")
-        .collect();
-    env.push(("SUPABASE_DEV_SERVICE_ROLE_KEY".into(), other.clone()));
+    let env = env_with(&stack, "SUPABASE_DEV_SERVICE_ROLE_KEY", &other);
     let run = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
     run.assert_status(77)
         .assert_stderr_has("HTTP 401")

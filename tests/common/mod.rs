@@ -269,15 +269,16 @@ pub fn assert_consistent(stack: &Stack) {
     );
 }
 
+/// The stack's environment with one variable set to another value.
+pub fn env_with(stack: &Stack, var: &str, value: &str) -> Vec<(String, String)> {
+    let mut env: Vec<_> = stack.env().into_iter().filter(|(k, _)| k != var).collect();
+    env.push((var.into(), value.into()));
+    env
+}
+
 /// The stack's environment, with the REST URL pointed elsewhere (a proxy).
 pub fn env_via(stack: &Stack, rest_url: &str) -> Vec<(String, String)> {
-    let mut env: Vec<_> = stack
-        .env()
-        .into_iter()
-        .filter(|(k, _)| k != "SUPABASE_DEV_REST_URL")
-        .collect();
-    env.push(("SUPABASE_DEV_REST_URL".into(), rest_url.into()));
-    env
+    env_with(stack, "SUPABASE_DEV_REST_URL", rest_url)
 }
 
 /// A run stopped at a failpoint (see src/failpoint.rs).
