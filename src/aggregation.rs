@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use chrono::NaiveDateTime;
+use chrono::{Datelike, NaiveDateTime};
 use serde::Deserialize;
 
 /// One `usage_requests` row as the server sent it. Fields other than `id` are
@@ -195,6 +195,7 @@ pub fn validate(row: &RawRow) -> Result<GoodRow, BadReason> {
         serde_json::Value::Null => None,
         serde_json::Value::String(s) => Some(
             parse_timestamp(s)
+                .filter(writable)
                 .ok_or_else(|| BadReason::RequestTimestamp(row.request_timestamp.to_string()))?,
         ),
         other => return Err(BadReason::RequestTimestamp(other.to_string())),
@@ -205,6 +206,16 @@ pub fn validate(row: &RawRow) -> Result<GoodRow, BadReason> {
         success,
         at,
     })
+}
+
+/// Whether a time can go back to PostgreSQL as it came: years 1 to 9999.
+/// PostgreSQL holds more (4713 BC to 294276 AD, and infinity), but those
+/// come as `12025-...`, `... BC` or `infinity`, which no client writes back
+/// faithfully; the server-side engine refuses the same rows
+/// (`usage_agg_valid_time`), so both engines agree (docs/semantics.md,
+/// "Bad rows").
+fn writable(t: &NaiveDateTime) -> bool {
+    (1..=9999).contains(&t.year())
 }
 
 /// PostgREST sends `timestamp` as `2025-07-26T14:28:18.46` and `timestamptz`
@@ -406,6 +417,35 @@ mod tests {
         let sum = t(5, "2025-01-09T00:00:00", 50).plus(t(2, "2025-01-03T00:00:00", 70));
         assert_eq!((sum.requests, sum.last_request_id), (7, 70));
         assert_eq!(sum.last_request_at, parse_timestamp("2025-01-09T00:00:00"));
+    }
+
+    #[test]
+    fn times_postgres_holds_but_no_client_writes_back_are_bad_rows() {
+        for (at, ok) in [
+            ("9999-12-31T23:59:59.999999", true),
+            ("0001-01-01T00:00:00", true),
+            ("12025-01-01T00:00:00", false),
+            ("+12025-01-01T00:00:00", false),
+            ("0044-03-15T00:00:00 BC", false),
+            ("infinity", false),
+            ("-infinity", false),
+        ] {
+            let r = RawRow {
+                request_timestamp: json!(at),
+                ..row(1, json!(9), "2025-01", true)
+            };
+            assert_eq!(validate(&r).is_ok(), ok, "{at}");
+        }
+        let extreme = row(2, json!(i64::MAX), "2025-01", true);
+        assert_eq!(validate(&extreme).unwrap().key.portal_id, i64::MAX);
+        assert!(validate(&row(3, json!(i64::MIN), "2025-01", true)).is_err());
+        assert!(validate(&row(
+            4,
+            json!(9_223_372_036_854_775_808u64),
+            "2025-01",
+            true
+        ))
+        .is_err());
     }
 
     #[test]

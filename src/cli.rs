@@ -172,6 +172,11 @@ pub struct AggregateArgs {
     #[arg(long)]
     pub allow_decrease: bool,
 
+    /// Repair after the id sequence moved backwards or a table was truncated: reset the cursor and the
+    /// watermarks, then rebuild every key from its rows (lowering counts where rows are gone)
+    #[arg(long, conflicts_with_all = ["month", "full", "dry_run"])]
+    pub rebase: bool,
+
     /// Rows per batch: written and the cursor moved after each
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_rows: u64,

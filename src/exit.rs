@@ -39,6 +39,12 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if cause.is::<ConfigError>() {
             return Status::Config;
         }
+        if let Some(r) = cause.downcast_ref::<crate::preflight::Refused>() {
+            return r.status();
+        }
+        if cause.is::<crate::engine::UsageError>() {
+            return Status::Usage;
+        }
         if cause.is::<LeaseHeld>()
             || cause.is::<HorizonNotSafe>()
             || cause.is::<LeaseLost>()
@@ -98,11 +104,14 @@ pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
         (Some(401 | 403), _) => Some(format!(
             "the server refused the key in {key_var}: check that it is this project's service_role key (not the anon key) and that the URL is this project's"
         )),
-        (Some(404), Some("PGRST202" | "42883")) => Some(format!(
-            "the database function {} is missing: the migration is not (fully) applied; apply {}",
-            what.trim_start_matches("rpc/"),
-            crate::state::MIGRATION_FILE
-        )),
+        (Some(404), Some("PGRST202" | "42883")) => {
+            let function = what.trim_start_matches("rpc/");
+            Some(format!(
+                "the database function {function} is missing: the migrations are not all applied; apply {} \
+                 and every migration after it, in order (`usage-agg sql | psql`, or `supabase db push`)",
+                crate::state::migration_defining(function)
+            ))
+        }
         (Some(404), Some("PGRST205" | "42P01")) => Some(format!(
             "the table {what} does not exist here: check that the URL is the right project's and that its schema is applied (README, \"The schema it expects\")"
         )),

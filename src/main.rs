@@ -11,6 +11,7 @@ mod failpoint;
 mod output;
 mod ping;
 mod postgrest;
+mod preflight;
 mod progress;
 mod state;
 mod tables;

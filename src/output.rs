@@ -136,23 +136,85 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         );
     }
     if !o.drift.is_empty() {
-        let _ = writeln!(
-            s,
-            "{} Drift: {} stored keys disagreed with their own rows and were corrected:",
-            style.mark(Mark::Warn),
-            o.drift.len()
-        );
-        s.push_str(&dry_run_table(&o.drift));
+        // Only keys actually written are "corrected": a refused key keeps
+        // its stored counts, and a dry run writes nothing.
+        let refused: std::collections::BTreeSet<_> =
+            o.refused_decreases.iter().map(|c| c.key).collect();
+        let (kept, fixed): (Vec<Change>, Vec<Change>) = o
+            .drift
+            .iter()
+            .cloned()
+            .partition(|c| refused.contains(&c.key) || o.write.lost.contains(&c.key));
+        let verb = if o.dry_run {
+            "would be corrected"
+        } else {
+            "were corrected"
+        };
+        let _ = if kept.is_empty() {
+            writeln!(
+                s,
+                "{} Drift: {} stored keys disagreed with their own rows and {verb}:",
+                style.mark(Mark::Warn),
+                fixed.len()
+            )
+        } else {
+            writeln!(
+                s,
+                "{} Drift: {} stored keys disagreed with their own rows; {} {verb}, {} NOT (below){}",
+                style.mark(Mark::Warn),
+                o.drift.len(),
+                fixed.len(),
+                kept.len(),
+                if fixed.is_empty() { "" } else { ":" }
+            )
+        };
+        s.push_str(&capped_table(&fixed));
     }
     if !o.refused_decreases.is_empty() {
         let _ = writeln!(
             s,
-            "{} {} keys would have their stored counts lowered (raw rows deleted?) and were NOT written; \
-             check them, then rerun with --allow-decrease:",
+            "{} {} keys would have their stored counts lowered (raw rows deleted or moved?) and were NOT lowered; \
+             their new rows are still counted. Check them, then rerun with --allow-decrease:",
             style.mark(Mark::Warn),
             o.refused_decreases.len()
         );
-        s.push_str(&dry_run_table(&o.refused_decreases));
+        s.push_str(&capped_table(&o.refused_decreases));
+    } else if o.refusals_standing.count > 0 {
+        let _ = writeln!(
+            s,
+            "{} {} keys still hold counts above their raw rows (refused decreases since {}: {}); check them, \
+             then `aggregate --full --allow-decrease` (or --month)",
+            style.mark(Mark::Warn),
+            o.refusals_standing.count,
+            o.refusals_standing.since.as_deref().unwrap_or("an earlier run"),
+            o.refusals_standing.examples.join(", ")
+        );
+    }
+    if !o.write.lost.is_empty() {
+        let keys: Vec<String> = o
+            .write
+            .lost
+            .iter()
+            .take(TABLE_CAP)
+            .map(|k| k.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "{} {} writes did not take effect although no newer run had counted those keys: {}{}; run \
+             `usage-agg verify`, and look for triggers or rules on portal_usage_monthly",
+            style.mark(Mark::Error),
+            o.write.lost.len(),
+            keys.join(", "),
+            more(o.write.lost.len())
+        );
+    }
+    if !o.write.superseded.is_empty() {
+        let _ = writeln!(
+            s,
+            "{} {} keys were already counted further by another run; its newer totals were kept",
+            style.mark(Mark::Info),
+            o.write.superseded.len()
+        );
     }
     if let Some(reason) = &o.write.fallback_reason {
         let _ = writeln!(
@@ -164,7 +226,7 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     }
     let unchanged = o.keys_touched.saturating_sub(o.keys_changed);
     if o.dry_run {
-        s.push_str(&dry_run_table(&o.changes));
+        s.push_str(&capped_table(&o.changes));
         let _ = writeln!(
             s,
             "{} Dry run: {} keys would be written, {unchanged} unchanged; nothing was written",
@@ -192,12 +254,19 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     }
     let _ = writeln!(s, "   {b} Duration: {} seconds", format_secs(took));
     let _ = writeln!(s, "   {b} Environment: {env}");
-    if !o.refused_decreases.is_empty() {
+    if !o.write.lost.is_empty() {
         let _ = writeln!(
             s,
-            "{} Usage aggregation completed, but {} keys were left unwritten (exit status 65)",
+            "{} Usage aggregation completed, but {} writes did not take effect (exit status 65)",
+            style.mark(Mark::Error),
+            o.write.lost.len()
+        );
+    } else if !o.refused_decreases.is_empty() || o.refusals_standing.count > 0 {
+        let _ = writeln!(
+            s,
+            "{} Usage aggregation completed, but {} keys hold counts above their raw rows (exit status 65)",
             style.mark(Mark::Warn),
-            o.refused_decreases.len()
+            o.refusals_standing.count.max(o.refused_decreases.len() as u64)
         );
     } else if o.bad.count > 0 {
         let _ = writeln!(
@@ -232,7 +301,32 @@ fn describe_mode(o: &Outcome) -> String {
         Mode::Month(m) => format!("rebuild of {m} (--month)"),
         Mode::Incremental => "incremental (new rows only)".into(),
         Mode::Rpc { batches } => format!("server-side (--engine rpc), {batches} batches"),
+        Mode::Rebase => "rebase: cursor and watermarks reset, every key rebuilt (--rebase)".into(),
     }
+}
+
+/// Rows a human table shows; the JSON has them all.
+pub const TABLE_CAP: usize = 20;
+
+fn more(n: usize) -> String {
+    if n > TABLE_CAP {
+        format!(" and {} more (see --json)", n - TABLE_CAP)
+    } else {
+        String::new()
+    }
+}
+
+/// At most [`TABLE_CAP`] keys, then how many more.
+pub fn capped_table(changes: &[Change]) -> String {
+    let mut s = dry_run_table(&changes[..changes.len().min(TABLE_CAP)]);
+    if changes.len() > TABLE_CAP {
+        let _ = writeln!(
+            s,
+            "  ... and {} more (see --json)",
+            changes.len() - TABLE_CAP
+        );
+    }
+    s
 }
 
 /// One warning line.
@@ -256,7 +350,7 @@ pub fn verify_report(style: Style, drift: &[Change], stored: usize, rows_read: u
             style.mark(Mark::Error),
             drift.len()
         );
-        s.push_str(&dry_run_table(drift));
+        s.push_str(&capped_table(drift));
     }
     s
 }
@@ -448,15 +542,8 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
     });
     match r.result {
         Ok(o) => {
-            let outcome = if !o.refused_decreases.is_empty() {
-                "decreases_refused"
-            } else if o.bad.count > 0 {
-                "bad_rows"
-            } else {
-                "ok"
-            };
             let extra = json!({
-                "outcome": outcome,
+                "outcome": o.verdict().label(),
                 "mode": match &o.mode {
                     Mode::RecomputeWithoutMigration => "recompute_without_migration".to_string(),
                     Mode::Rebuild { first_run: true } => "first_rebuild".to_string(),
@@ -464,6 +551,7 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                     Mode::Month(m) => format!("month:{m}"),
                     Mode::Incremental => "incremental".to_string(),
                     Mode::Rpc { .. } => "rpc".to_string(),
+                    Mode::Rebase => "rebase".to_string(),
                 },
                 "rows_read": o.rows_read,
                 "rows_counted": o.rows_counted,
@@ -475,6 +563,11 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                 "changes": if o.dry_run { o.changes.iter().map(change_json).collect::<Vec<_>>() } else { Vec::new() },
                 "drift": o.drift.iter().map(change_json).collect::<Vec<_>>(),
                 "refused_decreases": o.refused_decreases.iter().map(change_json).collect::<Vec<_>>(),
+                "keys_superseded": o.write.superseded.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                "keys_lost": o.write.lost.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                "refusals_standing": o.refusals_standing.count,
+                "refusals_since": o.refusals_standing.since,
+                "restored_keys": o.restored_keys,
                 "cursor_before": o.cursor.and_then(|c| c.0),
                 "cursor_after": o.cursor.map(|c| c.1),
                 "upsert_fallback": o.write.fallback_reason,

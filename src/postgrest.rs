@@ -425,22 +425,30 @@ impl Client {
     /// (Postgres 21000 otherwise): the caller guarantees both. Idempotent:
     /// with a conflict target, sending the same rows twice leaves the table
     /// as once (and callers write absolute values, never increments).
-    pub async fn upsert<T: Serialize>(
+    ///
+    /// Returns the `select` columns of every row as the database left it,
+    /// after its triggers: a trigger may keep a row as it was, and only the
+    /// representation tells the caller whether its write took effect.
+    pub async fn upsert<T: Serialize, R: DeserializeOwned>(
         &self,
         table: &str,
         on_conflict: &str,
+        select: &str,
         rows: &[T],
-    ) -> Result<(), Failure> {
-        let query = vec![("on_conflict".to_string(), on_conflict.to_string())];
+    ) -> Result<Vec<R>, Failure> {
+        let query = vec![
+            ("on_conflict".to_string(), on_conflict.to_string()),
+            ("select".to_string(), select.to_string()),
+        ];
         let req = Request {
             method: Method::POST,
             path: table,
             query: &query,
-            prefer: Some("resolution=merge-duplicates,return=minimal"),
+            prefer: Some("resolution=merge-duplicates,return=representation"),
             body: Some(serde_json::to_vec(rows).expect("rows serialize").into()),
             idempotent: Idempotent::Yes,
         };
-        self.call(req, |_| Ok(())).await
+        self.call(req, json).await
     }
 
     /// Plain INSERT of one row; a duplicate key is a 409 `23505`. Not
@@ -459,21 +467,23 @@ impl Client {
         self.call(req, |_| Ok(())).await
     }
 
-    /// PATCH the rows matching `filters`; returns how many matched (zero is
-    /// not an error in PostgREST, so the count is the only way to know).
+    /// PATCH the rows matching `filters`; returns the `select` columns of
+    /// each row matched, as the database left it (zero rows is not an error
+    /// in PostgREST, so the representation is the only way to know).
     /// Idempotent as callers use it: the body holds absolute values.
-    pub async fn update<T: Serialize>(
+    pub async fn update<T: Serialize, R: DeserializeOwned>(
         &self,
         table: &str,
         filters: &Query,
+        select: &str,
         body: &T,
-    ) -> Result<usize, Failure> {
+    ) -> Result<Vec<R>, Failure> {
         assert!(
             !filters.is_empty(),
             "a PATCH without a filter would touch every row"
         );
         let mut query = filters.clone();
-        query.push(("select".into(), "id".into()));
+        query.push(("select".into(), select.into()));
         let req = Request {
             method: Method::PATCH,
             path: table,
@@ -482,10 +492,7 @@ impl Client {
             body: Some(serde_json::to_vec(body).expect("body serializes").into()),
             idempotent: Idempotent::Yes,
         };
-        self.call(req, |b| {
-            json::<Vec<serde_json::Value>>(b).map(|rows| rows.len())
-        })
-        .await
+        self.call(req, json).await
     }
 
     /// Calls a database function (`POST /rpc/<name>`). The caller says

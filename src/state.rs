@@ -10,10 +10,32 @@ use serde_json::json;
 
 use crate::postgrest::{Client, Failure, Idempotent, Query};
 
-/// The migration these calls need; named in every message about it.
-pub const MIGRATION_FILE: &str = "supabase/migrations/20261127120000_usage_agg_incremental.sql";
-pub const MIGRATION_SQL: &str =
-    include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql");
+/// The migrations, in the order they apply; named in every message about
+/// them. A migration that has shipped is never edited: a change is a new file.
+pub const MIGRATIONS: [(&str, &str); 2] = [
+    (
+        "supabase/migrations/20261127120000_usage_agg_incremental.sql",
+        include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
+    ),
+    (
+        "supabase/migrations/20261130120000_usage_agg_trust.sql",
+        include_str!("../supabase/migrations/20261130120000_usage_agg_trust.sql"),
+    ),
+];
+/// The first migration: its state table says whether usage-agg is installed.
+pub const MIGRATION_FILE: &str = MIGRATIONS[0].0;
+/// The newest migration.
+pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// The migration that first defines the database function `name`, to name
+/// in the message when it is missing; the newest one if none does.
+pub fn migration_defining(name: &str) -> &'static str {
+    let needle = format!("FUNCTION public.{name}(");
+    MIGRATIONS
+        .iter()
+        .find(|(_, sql)| sql.contains(&needle))
+        .map_or(LATEST_MIGRATION, |(file, _)| file)
+}
 pub const STATE_TABLE: &str = "usage_aggregation_state";
 /// One job for now; the column leaves room for more (per region, say).
 pub const JOB: &str = "default";
@@ -41,12 +63,15 @@ pub struct LeaseHeld {
 /// Writers stayed in flight past the wait: nothing new can be counted safely.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{writers} transactions writing usage_requests were still open after {waited_ms} ms, so no id above the \
+    "{writers} transactions writing usage_requests were still open after {waited_ms} ms{}, so no id above the \
      cursor is known to be complete; nothing new was counted. If this repeats, look for transactions left \
-     open (pg_stat_activity, state 'idle in transaction')"
+     open (pg_stat_activity, state 'idle in transaction'; pg_prepared_xacts, then COMMIT PREPARED or \
+     ROLLBACK PREPARED)",
+    if *prepared > 0 { format!(" ({prepared} of them prepared, two-phase transactions)") } else { String::new() }
 )]
 pub struct HorizonNotSafe {
     pub writers: i64,
+    pub prepared: i64,
     pub waited_ms: u64,
 }
 
@@ -55,6 +80,8 @@ struct HorizonAnswer {
     horizon: Option<i64>,
     #[serde(default)]
     writers_in_flight: i64,
+    #[serde(default)]
+    prepared_in_flight: i64,
 }
 
 /// A row of usage_aggregation_state (times as PostgREST sends timestamptz).
@@ -176,10 +203,93 @@ impl<'a> JobState<'a> {
         answer.horizon.ok_or_else(|| {
             HorizonNotSafe {
                 writers: answer.writers_in_flight,
+                prepared: answer.prepared_in_flight,
                 waited_ms: wait.as_millis() as u64,
             }
             .into()
         })
+    }
+}
+
+impl JobState<'_> {
+    /// The facts a run checks before counting (docs/semantics.md,
+    /// "Assumptions"); [`crate::preflight`] judges them.
+    pub async fn preflight(&self) -> anyhow::Result<crate::preflight::Facts> {
+        self.client
+            // Idempotent: it only reads.
+            .rpc(
+                "usage_agg_preflight",
+                &json!({"p_job": JOB}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("checking the job's assumptions (usage_agg_preflight)")
+    }
+
+    /// Lowers every watermark to 0 and clears the cursor, in one
+    /// transaction, for the rebuild that follows (`--rebase`).
+    pub async fn rebase(&self, owner: &str) -> anyhow::Result<i64> {
+        self.client
+            // Idempotent: a second call finds the watermarks at 0 already.
+            .rpc(
+                "usage_agg_rebase",
+                &json!({"p_job": JOB, "p_owner": owner}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("resetting the cursor and the watermarks (usage_agg_rebase)")
+    }
+
+    /// Ends a rebase: the cursor to `to`, the recorded reset cleared.
+    pub async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64> {
+        self.client
+            // Idempotent: greatest(cursor, to), and the flag cleared again.
+            .rpc(
+                "usage_agg_finish_rebase",
+                &json!({"p_job": JOB, "p_cursor": to}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("finishing the rebase")
+    }
+
+    /// Replaces the refused keys of a rebuild's scope (`month`, or all);
+    /// returns how many stand in all.
+    pub async fn record_refusals(
+        &self,
+        month: Option<String>,
+        keys: &[(crate::aggregation::Key, i64, i64)],
+    ) -> anyhow::Result<u64> {
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|(k, stored, raw)| {
+                json!({"portal_id": k.portal_id, "month_year": k.month.to_string(),
+                       "stored_requests": stored, "raw_requests": raw})
+            })
+            .collect();
+        self.client
+            // Idempotent: it replaces the scope's list with the same list.
+            .rpc(
+                "usage_agg_record_refusals",
+                &json!({"p_job": JOB, "p_month": month, "p_keys": keys}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("recording the keys whose decrease was refused")
+    }
+
+    /// Rebuilds the keys whose monthly row was deleted, from all their rows
+    /// up to the cursor; returns them as `portal:month`.
+    pub async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
+        self.client
+            // Idempotent: the log is emptied in the same transaction.
+            .rpc(
+                "usage_agg_restore_deleted_keys",
+                &json!({"p_job": JOB}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("rebuilding keys whose monthly row was deleted")
     }
 }
 
@@ -220,6 +330,16 @@ pub fn owner_is_dead_here(owner: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_function_is_traced_to_the_migration_that_defines_it() {
+        assert_eq!(
+            migration_defining("usage_agg_safe_horizon"),
+            MIGRATIONS[0].0
+        );
+        assert_eq!(migration_defining("usage_agg_preflight"), MIGRATIONS[1].0);
+        assert_eq!(migration_defining("no_such_function"), LATEST_MIGRATION);
+    }
 
     #[test]
     fn a_dead_local_owner_is_recognised_and_a_live_or_remote_one_is_not() {

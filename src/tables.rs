@@ -335,21 +335,78 @@ struct MonthlyRow {
     last_request_id: Option<i64>,
 }
 
+impl MonthlyRow {
+    /// What this row says, as a stored row would read back.
+    fn totals(&self) -> Totals {
+        Totals {
+            requests: self.request_count,
+            successes: self.success_count,
+            errors: self.error_count,
+            last_request_at: self.last_request_at.as_deref().and_then(parse_timestamp),
+            last_request_id: self.last_request_id.unwrap_or(0),
+        }
+    }
+}
+
 /// How the writes went.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteStats {
+    /// Keys whose write took effect.
     pub written: usize,
     pub bulk_requests: usize,
     /// Keys written one by one because the bulk upsert was refused.
     pub fallback_keys: usize,
     /// Why the bulk upsert was refused, once.
     pub fallback_reason: Option<String>,
+    /// Keys another run had already counted further (a higher watermark):
+    /// the guard kept its newer state, as it should.
+    pub superseded: Vec<Key>,
+    /// Keys whose write should have taken effect and did not: the row the
+    /// database answered with is neither ours nor newer.
+    pub lost: Vec<Key>,
+}
+
+impl WriteStats {
+    pub fn absorb(&mut self, other: WriteStats) {
+        self.written += other.written;
+        self.bulk_requests += other.bulk_requests;
+        self.fallback_keys += other.fallback_keys;
+        self.fallback_reason = self.fallback_reason.take().or(other.fallback_reason);
+        self.superseded.extend(other.superseded);
+        self.lost.extend(other.lost);
+    }
+}
+
+/// What became of one key's write, judged from the row the database
+/// answered with (after the guard trigger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    Written,
+    Superseded,
+    Lost,
+}
+
+/// Our write took effect when the row holds what we sent; a higher
+/// watermark means a newer run's state won, which is the contract
+/// (docs/semantics.md, "Overlapping runs"). Anything else, a missing row
+/// included, is a write that silently did not happen.
+pub fn landed(sent: &Totals, stored: Option<&Totals>, with_watermark: bool) -> Landed {
+    match stored {
+        Some(s) if with_watermark && s.last_request_id > sent.last_request_id => Landed::Superseded,
+        Some(s)
+            if s.same_values(sent)
+                && (!with_watermark || s.last_request_id == sent.last_request_id) =>
+        {
+            Landed::Written
+        }
+        _ => Landed::Lost,
+    }
 }
 
 /// Writes each key's full state (absolute values, never deltas: a repeated
-/// write is harmless, semantics.md trap 2). Bulk upsert in chunks; when the
+/// write is harmless, docs/semantics.md). Bulk upsert in chunks; when the
 /// server refuses the upsert itself (no unique constraint to match: 42P10),
-/// falls back to writing key by key.
+/// falls back to writing key by key. Every key's answer is checked.
 pub async fn write_states(
     client: &Client,
     states: &[(Key, Totals)],
@@ -374,13 +431,19 @@ pub async fn write_states(
         states.windows(2).all(|w| w[0].0 < w[1].0),
         "keys must be sorted and unique: one request must not hold a key twice (Postgres 21000)"
     );
+    let select = stored_columns(with_watermark);
     let mut stats = WriteStats::default();
-    for chunk in rows.chunks(UPSERT_CHUNK) {
+    for (chunk, sent) in rows.chunks(UPSERT_CHUNK).zip(states.chunks(UPSERT_CHUNK)) {
+        let mut answered: HashMap<Key, Totals> = HashMap::new();
         if stats.fallback_reason.is_none() {
-            match client.upsert(MONTHLY_TABLE, CONFLICT_TARGET, chunk).await {
-                Ok(()) => {
+            match client
+                .upsert::<_, StoredRow>(MONTHLY_TABLE, CONFLICT_TARGET, &select, chunk)
+                .await
+            {
+                Ok(back) => {
                     stats.bulk_requests += 1;
-                    stats.written += chunk.len();
+                    answered.extend(back.iter().filter_map(|r| Some((r.key()?, r.totals()))));
+                    judge(sent, &answered, with_watermark, &mut stats);
                     crate::failpoint::hit("chunk");
                     continue;
                 }
@@ -395,13 +458,33 @@ pub async fn write_states(
                 }
             }
         }
-        for row in chunk {
-            write_one(client, row).await?;
+        for (row, (key, _)) in chunk.iter().zip(sent) {
+            if let Some(t) = write_one(client, row, &select).await? {
+                answered.insert(*key, t);
+            }
             stats.fallback_keys += 1;
-            stats.written += 1;
         }
+        judge(sent, &answered, with_watermark, &mut stats);
+    }
+    if !stats.lost.is_empty() {
+        tracing::error!(keys = stats.lost.len(), "writes that did not take effect");
     }
     Ok(stats)
+}
+
+fn judge(
+    sent: &[(Key, Totals)],
+    answered: &HashMap<Key, Totals>,
+    with_watermark: bool,
+    stats: &mut WriteStats,
+) {
+    for (key, t) in sent {
+        match landed(t, answered.get(key), with_watermark) {
+            Landed::Written => stats.written += 1,
+            Landed::Superseded => stats.superseded.push(*key),
+            Landed::Lost => stats.lost.push(*key),
+        }
+    }
 }
 
 /// The upsert itself is refused, not the data: no unique constraint matches
@@ -412,8 +495,13 @@ fn bulk_refused(e: &Failure) -> bool {
 
 /// One key, without upsert: PATCH by (portal_id, month_year); if no row
 /// matched, POST; if that POST lost a race to another insert (409), PATCH
-/// again. Writing absolute values makes each step safe to repeat.
-async fn write_one(client: &Client, row: &MonthlyRow) -> anyhow::Result<()> {
+/// again. Writing absolute values makes each step safe to repeat. Returns
+/// the row as the database left it (a POST that succeeded left ours).
+async fn write_one(
+    client: &Client,
+    row: &MonthlyRow,
+    select: &str,
+) -> anyhow::Result<Option<Totals>> {
     let filters: Query = vec![
         ("portal_id".into(), format!("eq.{}", row.portal_id)),
         ("month_year".into(), format!("eq.{}", row.month_year)),
@@ -424,27 +512,26 @@ async fn write_one(client: &Client, row: &MonthlyRow) -> anyhow::Result<()> {
             row.portal_id, row.month_year
         )
     };
-    if client
-        .update(MONTHLY_TABLE, &filters, row)
+    let patched: Vec<StoredRow> = client
+        .update(MONTHLY_TABLE, &filters, select, row)
         .await
-        .with_context(ctx)?
-        > 0
-    {
-        return Ok(());
+        .with_context(ctx)?;
+    if let Some(r) = patched.first() {
+        return Ok(Some(r.totals()));
     }
     match client.insert(MONTHLY_TABLE, row).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(Some(row.totals())),
         Err(e) if e.status().is_some_and(|s| s.as_u16() == 409) => {
-            let n = client
-                .update(MONTHLY_TABLE, &filters, row)
+            let patched: Vec<StoredRow> = client
+                .update(MONTHLY_TABLE, &filters, select, row)
                 .await
                 .with_context(ctx)?;
             anyhow::ensure!(
-                n > 0,
+                !patched.is_empty(),
                 "{}: insert conflicted, yet no row matched the update",
                 ctx()
             );
-            Ok(())
+            Ok(patched.first().map(StoredRow::totals))
         }
         Err(e) => Err(e).with_context(ctx),
     }

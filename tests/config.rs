@@ -170,6 +170,22 @@ fn a_missing_migration_function_names_the_migration() {
 }
 
 #[test]
+fn a_project_with_only_the_first_migration_is_told_to_apply_the_next() {
+    let mut stack = Stack::new();
+    migrate_file(&mut stack, MIGRATION);
+    for args in [&[][..], &["--engine", "rpc"][..]] {
+        aggregate(&stack, args)
+            .assert_status(78)
+            .assert_stderr_has("usage_agg_preflight is missing")
+            .assert_stderr_has(LATEST_MIGRATION);
+    }
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM portal_usage_monthly"),
+        0
+    );
+}
+
+#[test]
 fn an_impossible_month_is_a_usage_error() {
     let run = usage_agg(&workdir(), &[], &["aggregate", "--month", "2025-13"]);
     run.assert_status(64)

@@ -7,11 +7,12 @@ use super::{connect, report_error};
 use crate::cli::Engine;
 use crate::cli::{AggregateArgs, Global};
 use crate::engine::rebuild::{self, Marks, Scope};
-use crate::engine::{incremental, rpc, Options, Outcome};
+use crate::engine::{incremental, rpc, Mode, Options, Outcome, Refusals, UsageError};
 use crate::exit::{self, Status};
 use crate::output::{self, RunRecord, Style};
 use crate::ping::Ping;
 use crate::postgrest::Client;
+use crate::preflight;
 use crate::progress::Progress;
 use crate::state::{self, JobState, LeaseHeld, MIGRATION_FILE};
 
@@ -47,8 +48,7 @@ pub async fn run(args: AggregateArgs, global: &Global) -> Status {
     };
     let status = match (&connected, &result) {
         (Err(e), _) => report_error(e, None),
-        (Ok(_), Ok(o)) if o.bad.count > 0 || !o.refused_decreases.is_empty() => Status::DataErr,
-        (Ok(_), Ok(_)) => Status::Ok,
+        (Ok(_), Ok(o)) => o.verdict().status(),
         (Ok((config, _)), Err(e)) => {
             if human {
                 print!("{}", output::failure(style, &format!("{e:#}")));
@@ -98,11 +98,13 @@ async fn aggregate(
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<Outcome> {
     let state = JobState::new(client);
-    let opts = Options {
+    let owner = state::owner_id();
+    let mut opts = Options {
         dry_run: args.dry_run,
         page_size: args.connection.page_size,
         batch_rows: args.batch_rows,
-        allow_decrease: args.allow_decrease,
+        allow_decrease: args.allow_decrease || args.rebase,
+        owner: None,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         horizon_wait: Duration::from_millis(args.horizon_wait_ms),
         progress,
@@ -110,40 +112,85 @@ async fn aggregate(
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     if !state.installed().await? {
+        if args.rebase {
+            return Err(UsageError(format!(
+                "--rebase resets the cursor and the watermarks, which only exist with the migrations; \
+                 without them every run recomputes every key anyway: run without --rebase, or apply {MIGRATION_FILE} first"
+            ))
+            .into());
+        }
         warnings.push(format!(
             "the usage-agg migration is not applied, so every key is recomputed from all rows (slow on big \
              tables, and overlapping runs are not guarded); apply {MIGRATION_FILE} (`usage-agg sql | psql`)"
         ));
-        return rebuild::run(client, scope, None, &opts).await;
+        return rebuild::run(client, scope, None, false, &opts).await;
     }
 
-    let owner = state::owner_id();
+    // Before anything is counted: the assumptions the counts rest on.
+    let facts = state.preflight().await?;
+    let blocking: Vec<_> = preflight::problems(&facts)
+        .into_iter()
+        .filter(|p| !(args.rebase && p.rebase_repairs()))
+        .collect();
+    if !blocking.is_empty() {
+        return Err(preflight::Refused(blocking).into());
+    }
+
     let cursor = if args.dry_run {
-        state.read().await?.and_then(|s| s.cursor_id)
+        facts.cursor
     } else {
-        take_lease(&state, &owner, opts.lease_ttl, warnings).await?
+        let cursor = take_lease(&state, &owner, opts.lease_ttl, warnings).await?;
+        opts.owner = Some(owner.clone());
+        cursor
     };
     let result = async {
         let horizon = state.safe_horizon(opts.horizon_wait).await?;
+        if args.rebase {
+            let lowered = state.rebase(&owner).await?;
+            tracing::info!(keys = lowered, "watermarks reset for the rebase");
+            let marks = Marks {
+                cursor: None,
+                horizon,
+            };
+            return rebuild::run(client, Scope::All, Some(marks), true, &opts).await;
+        }
+        let restored = if facts.deleted_keys > 0 && !args.dry_run {
+            state.restore_deleted_keys().await?
+        } else {
+            Vec::new()
+        };
+        if !restored.is_empty() {
+            warnings.push(format!(
+                "{} keys had their portal_usage_monthly row deleted; rebuilt from all their rows: {}",
+                restored.len(),
+                restored.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
         let marks = Marks { cursor, horizon };
         let owner = (!args.dry_run).then_some(owner.as_str());
-        match cursor {
+        let mut outcome = match cursor {
             Some(c) if scope == Scope::All && !args.full && args.engine == Engine::Rpc => {
-                rpc::run(client, c, owner, args.batch_ids, &opts).await
+                rpc::run(client, c, owner, args.batch_ids, &opts).await?
             }
             Some(c) if scope == Scope::All && !args.full => {
-                incremental::run(client, c, horizon, owner, &opts).await
+                incremental::run(client, c, horizon, owner, &opts).await?
             }
-            _ => rebuild::run(client, scope, Some(marks), &opts).await,
+            _ => rebuild::run(client, scope, Some(marks), false, &opts).await?,
+        };
+        if matches!(outcome.mode, Mode::Incremental | Mode::Rpc { .. }) || args.dry_run {
+            outcome.refusals_standing = Refusals {
+                count: facts.refused_keys,
+                since: facts.refused_since.clone(),
+                examples: facts.refused_examples.clone(),
+            };
         }
+        outcome.restored_keys = restored;
+        Ok(outcome)
     }
     .await;
     if !args.dry_run {
         let (label, rows) = match &result {
-            Ok(o) if o.bad.count > 0 || !o.refused_decreases.is_empty() => {
-                ("bad_rows", o.rows_counted)
-            }
-            Ok(o) => ("ok", o.rows_counted),
+            Ok(o) => (o.verdict().label(), o.rows_counted),
             Err(e) if exit::classify(e) == Status::TempFail => ("stopped", 0),
             Err(_) => ("failed", 0),
         };

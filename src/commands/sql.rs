@@ -1,10 +1,18 @@
-//! `usage-agg sql`: the migration, for a user without the repository to
-//! paste into Supabase's SQL editor or pipe into psql.
+//! `usage-agg sql`: every migration, in the order they apply, for a user
+//! without the repository to paste into Supabase's SQL editor or pipe into
+//! psql. Each is idempotent, so printing all of them is safe on a project
+//! that has some already.
 
 use crate::exit::Status;
-use crate::state::MIGRATION_SQL;
+use crate::state::MIGRATIONS;
 
 pub fn run() -> Status {
-    print!("{MIGRATION_SQL}");
+    for (i, (file, sql)) in MIGRATIONS.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("-- ==== {file} ====");
+        print!("{sql}");
+    }
     Status::Ok
 }

@@ -1,6 +1,7 @@
 //! `usage-agg status`: where the job stands, in one screen, and (with
 //! `--max-age`) a health check for cron or a monitor: exit 75 when the last
-//! successful run is too old.
+//! successful run is too old; 65 or 78 while an assumption is broken or
+//! keys are known to hold wrong totals.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -9,6 +10,7 @@ use super::{connect, report_error};
 use crate::cli::{Global, StatusArgs};
 use crate::exit::Status;
 use crate::postgrest::Client;
+use crate::preflight;
 use crate::state::{JobState, StateRow, MIGRATION_FILE};
 use crate::tables;
 
@@ -18,7 +20,7 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
         Err(e) => return report_error(&e, None),
     };
     let gathered = gather(&client).await;
-    let (installed, state, newest) = match gathered {
+    let (installed, state, newest, facts) = match gathered {
         Ok(g) => g,
         Err(e) => return report_error(&e, Some(&config)),
     };
@@ -32,6 +34,8 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
         (None, Some(n)) => Some(n),
         (_, None) => Some(0),
     };
+    let problems = facts.as_ref().map(preflight::problems).unwrap_or_default();
+    let refused = facts.as_ref().map_or(0, |f| f.refused_keys);
     let env = config.environment.upper();
     if global.json {
         println!(
@@ -54,10 +58,26 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
                 "last_run_seconds": run_seconds(&state),
                 "last_success_at": state.last_success_at,
                 "stale": stale,
+                "problems": problems.iter().map(|p| json!({"code": p.code(), "message": p.to_string()})).collect::<Vec<_>>(),
+                "refused_keys": refused,
+                "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
+                "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
             })
         );
     } else if !global.quiet {
         print!("{}", render(env, installed, &state, newest, backlog, now));
+        for p in &problems {
+            println!("  PROBLEM:       {p}");
+        }
+        if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
+            println!(
+                "  REFUSED:       {} keys hold counts above their raw rows since {} ({}); check them, then \
+                 `usage-agg aggregate --full --allow-decrease` (or --month)",
+                f.refused_keys,
+                f.refused_since.as_deref().unwrap_or("?"),
+                f.refused_examples.join(", ")
+            );
+        }
         if stale {
             println!(
                 "  STALE:         no successful run in the last {}",
@@ -65,25 +85,35 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
             );
         }
     }
-    if stale {
+    // Known-wrong totals outrank an old success: they need a person.
+    if !problems.is_empty() {
+        preflight::Refused(problems).status()
+    } else if refused > 0 {
+        Status::DataErr
+    } else if stale {
         Status::TempFail
     } else {
         Status::Ok
     }
 }
 
-async fn gather(client: &Client) -> anyhow::Result<(bool, StateRow, Option<i64>)> {
+type Gathered = (bool, StateRow, Option<i64>, Option<preflight::Facts>);
+
+async fn gather(client: &Client) -> anyhow::Result<Gathered> {
     let state = JobState::new(client);
     let installed = state.installed().await?;
-    let row = if installed {
-        state.read().await?.unwrap_or_default()
+    let (row, facts) = if installed {
+        (
+            state.read().await?.unwrap_or_default(),
+            Some(state.preflight().await?),
+        )
     } else {
-        StateRow::default()
+        (StateRow::default(), None)
     };
     // Minus the cursor, the newest id bounds the backlog (ids skipped by
     // rolled-back inserts make it an overestimate, never an under-).
     let newest = tables::newest_id(client).await?;
-    Ok((installed, row, (newest > 0).then_some(newest)))
+    Ok((installed, row, (newest > 0).then_some(newest), facts))
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {

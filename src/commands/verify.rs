@@ -40,6 +40,7 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
             args.connection.page_size,
             usize::from(args.connection.concurrency),
             &progress,
+            None,
         )
         .await
     }

@@ -2,7 +2,7 @@
 //! horizon, and writes each touched key's full new state (stored state plus
 //! its new rows, with the newest id counted as its watermark).
 //!
-//! Why this is exactly once (semantics.md): a key's counts and watermark are
+//! Why this is exactly once (docs/semantics.md): a key's counts and watermark are
 //! one row, written in one request, so a write either happened whole or not
 //! at all; the new state is computed from the stored one and only rows above
 //! its watermark, so repeating a write (after a crash, or in an overlapping
@@ -105,10 +105,7 @@ pub async fn run(
             if !changes.is_empty() {
                 let states: Vec<_> = changes.iter().map(|c| (c.key, c.after)).collect();
                 let w = tables::write_states(client, &states, true, Utc::now().naive_utc()).await?;
-                outcome.write.written += w.written;
-                outcome.write.bulk_requests += w.bulk_requests;
-                outcome.write.fallback_keys += w.fallback_keys;
-                outcome.write.fallback_reason = outcome.write.fallback_reason.or(w.fallback_reason);
+                outcome.write.absorb(w);
             }
             failpoint::hit("before-cursor");
             let now = state.advance(end).await?;

@@ -1,5 +1,5 @@
 //! The engines: each reads raw rows and brings `portal_usage_monthly` to the
-//! state `shared/design/semantics.md` defines. They share the outcome they
+//! state `docs/semantics.md` defines. They share the outcome they
 //! report, so the output and exit status do not care which one ran.
 //!
 //! - `rebuild`: every key (or one month's) recomputed from all its rows.
@@ -59,6 +59,49 @@ pub enum Mode {
     Incremental,
     /// The same, by the server-side function, in this many batches.
     Rpc { batches: u64 },
+    /// `--rebase`: cursor and watermarks reset, every key rebuilt.
+    Rebase,
+}
+
+/// Arguments that make sense alone but not here: exit 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// How a run ended, in one word. The exit status, the label stored in
+/// `usage_aggregation_state.last_run_outcome` and the JSON `outcome` all
+/// come from here (README, "Outcomes"), so they cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    Ok,
+    /// Rows rejected as bad data; the rest is counted.
+    BadRows,
+    /// Keys whose stored counts are above their raw rows were left as they
+    /// are (this run's or an earlier run's refusals still stand).
+    DecreasesRefused,
+    /// Writes that should have taken effect and did not.
+    WritesLost,
+}
+
+impl Verdict {
+    pub fn status(self) -> crate::exit::Status {
+        match self {
+            Verdict::Ok => crate::exit::Status::Ok,
+            _ => crate::exit::Status::DataErr,
+        }
+    }
+
+    /// Stored and sent as JSON `outcome`. Only `ok` and `bad_rows` count as
+    /// a success (`last_success_at`): the totals are right for every row
+    /// that can be counted.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::BadRows => "bad_rows",
+            Verdict::DecreasesRefused => "decreases_refused",
+            Verdict::WritesLost => "writes_lost",
+        }
+    }
 }
 
 /// What a run did, for the summary and the exit status.
@@ -86,6 +129,34 @@ pub struct Outcome {
     pub dry_run: bool,
     /// The cursor before and after (with the migration).
     pub cursor: Option<(Option<i64>, i64)>,
+    /// Refused keys standing after this run, this run's included (with the
+    /// migration): how many, since when, a few of them.
+    pub refusals_standing: Refusals,
+    /// Keys whose monthly row had been deleted, rebuilt from all their rows.
+    pub restored_keys: Vec<String>,
+}
+
+/// Keys left above their raw rows, as recorded in the database.
+#[derive(Debug, Default, Clone)]
+pub struct Refusals {
+    pub count: u64,
+    pub since: Option<String>,
+    pub examples: Vec<String>,
+}
+
+impl Outcome {
+    /// The gravest thing the run knows about its own totals.
+    pub fn verdict(&self) -> Verdict {
+        if !self.write.lost.is_empty() {
+            Verdict::WritesLost
+        } else if !self.refused_decreases.is_empty() || self.refusals_standing.count > 0 {
+            Verdict::DecreasesRefused
+        } else if self.bad.count > 0 {
+            Verdict::BadRows
+        } else {
+            Verdict::Ok
+        }
+    }
 }
 
 /// Settings every engine takes.
@@ -98,6 +169,8 @@ pub struct Options {
     /// crash.
     pub batch_rows: u64,
     pub allow_decrease: bool,
+    /// The lease holder to renew during long scans (None when dry).
+    pub owner: Option<String>,
     pub lease_ttl: Duration,
     pub horizon_wait: Duration,
     pub progress: crate::progress::Progress,

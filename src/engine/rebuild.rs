@@ -1,5 +1,5 @@
 //! Recomputing keys from all their rows: the engine without the migration,
-//! and with it the first run, `--full`, `--month` and `verify`.
+//! and with it the first run, `--full`, `--month`, `--rebase` and `verify`.
 //!
 //! O(all rows) (or one month's), but it needs nothing beyond the seed's
 //! schema, and a rerun changes nothing. Before overwriting, it reports every
@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::Utc;
 
+use super::incremental::LeaseLost;
 use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Month, Totals};
 use crate::failpoint;
@@ -31,7 +32,7 @@ pub struct Marks {
     pub horizon: i64,
 }
 
-/// Rows counted two ways in one scan.
+/// Rows counted three ways in one scan.
 pub struct Recount {
     pub rows_read: u64,
     /// Every good row (up to the horizon): the state to write.
@@ -39,11 +40,25 @@ pub struct Recount {
     /// Each key's rows up to the point its stored row claims to cover: what
     /// the stored row should hold, to tell drift from rows not yet counted.
     pub reference: Fold,
+    /// Each stored key's rows above what it claims to cover, up to the
+    /// horizon: what an incremental run would add. A key whose decrease is
+    /// refused is still brought forward by these, so its new rows are
+    /// counted while its excess stands (docs/semantics.md, "Rebuilds").
+    pub above: Fold,
     pub stored: HashMap<Key, Totals>,
     marks: Option<Marks>,
 }
 
-/// Counts `scope`'s rows against what is stored.
+/// The lease a long scan keeps renewing: its holder and time to live.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal<'a> {
+    pub owner: &'a str,
+    pub ttl: std::time::Duration,
+}
+
+/// Counts `scope`'s rows against what is stored. With `renewal`, the lease
+/// is renewed every third of its life, so a rebuild longer than the lease
+/// keeps it (and stops, exit 75, if another run took it).
 pub async fn recount(
     client: &Client,
     scope: Scope,
@@ -51,6 +66,7 @@ pub async fn recount(
     page_size: usize,
     concurrency: usize,
     progress: &Progress,
+    renewal: Option<Renewal<'_>>,
 ) -> anyhow::Result<Recount> {
     let with_watermark = marks.is_some();
     let scope_filter: Query = match scope {
@@ -86,8 +102,17 @@ pub async fn recount(
     });
     let horizon = marks.map(|m| m.horizon);
 
+    let above_floor = |key: &Key, id: i64| {
+        horizon.is_some_and(|h| id <= h)
+            && stored
+                .get(key)
+                .is_some_and(|s| id > s.last_request_id.max(cursor))
+    };
     let mut fresh = Fold::default();
     let mut reference = Fold::default();
+    let mut above = Fold::default();
+    let state = JobState::new(client);
+    let mut renewed = std::time::Instant::now();
     // Without the migration there is no horizon: count what is there now.
     let end = match scan_end {
         Some(e) => e,
@@ -99,15 +124,28 @@ pub async fn recount(
         for row in &page {
             fresh.add(row, |_, id| horizon.is_none_or(|h| id <= h));
             reference.add(row, covers);
+            if with_watermark {
+                above.add(row, above_floor);
+            }
         }
         progress.advance(0, scan.rows_read as i64, Some(end), scan.rows_read);
         failpoint::hit("page");
+        if let Some(r) = renewal.filter(|r| renewed.elapsed() >= r.ttl / 3) {
+            if !state.renew(r.owner, r.ttl).await? {
+                return Err(LeaseLost {
+                    cursor: marks.and_then(|m| m.cursor).unwrap_or(0),
+                }
+                .into());
+            }
+            renewed = std::time::Instant::now();
+        }
     }
     progress.finish();
     Ok(Recount {
         rows_read: scan.rows_read,
         fresh,
         reference,
+        above,
         stored,
         marks,
     })
@@ -139,58 +177,93 @@ impl Recount {
             .collect()
     }
 
-    /// The writes that bring every key in scope to its rows' state. Keys
-    /// another run already counted further are left to it; stored keys with
-    /// no rows left are brought to zero (a decrease, so only when allowed).
-    pub fn changes(&self) -> Vec<Change> {
-        let with_watermark = self.marks.is_some();
-        let mut out = Vec::new();
-        for (key, new) in &self.fresh.groups {
+    /// The writes that bring every key in scope to "all its rows up to the
+    /// horizon", with the horizon as its watermark (docs/semantics.md,
+    /// "Rebuilds"): a deleted or moved newest row is then no obstacle, and
+    /// a key another run counted past the horizon is left to that run (the
+    /// guard would keep its state anyway). A write that would lower a
+    /// stored count is refused unless `allow_decrease`; the key is then
+    /// brought forward by its new rows only, as an incremental run would.
+    pub fn plan(&self, allow_decrease: bool) -> Plan {
+        let horizon = self.marks.map(|m| m.horizon);
+        let keys: BTreeSet<&Key> = self.fresh.groups.keys().chain(self.stored.keys()).collect();
+        let mut plan = Plan::default();
+        for key in keys {
             let before = self.stored.get(key).copied();
+            let truth = self.fresh.groups.get(key).copied().unwrap_or_default();
+            if let (Some(h), Some(b)) = (horizon, before) {
+                if b.last_request_id > h {
+                    continue;
+                }
+            }
+            let after = match horizon {
+                Some(h) => Totals {
+                    last_request_id: h,
+                    ..truth
+                },
+                None => truth,
+            };
             let needed = match before {
-                None => true,
-                Some(b) if with_watermark && b.last_request_id > new.last_request_id => false,
+                None => truth.requests > 0,
+                // Same values: right at its own watermark too, unless rows
+                // above that watermark are in the counts (a table written
+                // before the migration, watermark 0).
                 Some(b) => {
-                    !b.same_values(new)
-                        || (with_watermark && b.last_request_id != new.last_request_id)
+                    !b.same_values(&after)
+                        || (horizon.is_some() && b.last_request_id < truth.last_request_id)
                 }
             };
-            if needed {
-                out.push(Change {
-                    key: *key,
-                    before,
-                    after: *new,
-                });
+            if !needed {
+                continue;
             }
-        }
-        for (key, b) in &self.stored {
-            if !self.fresh.groups.contains_key(key)
-                && (b.requests, b.successes, b.errors) != (0, 0, 0)
-            {
-                let emptied = Totals {
-                    last_request_id: b.last_request_id,
-                    ..Totals::default()
-                };
-                out.push(Change {
-                    key: *key,
-                    before: Some(*b),
-                    after: emptied,
-                });
+            let change = Change {
+                key: *key,
+                before,
+                after,
+            };
+            if !change.decreases() || allow_decrease {
+                plan.writes.push(change);
+                continue;
             }
+            if let (Some(h), Some(b)) = (horizon, before) {
+                let new = self.above.groups.get(key).copied().unwrap_or_default();
+                if new.requests > 0 {
+                    plan.writes.push(Change {
+                        key: *key,
+                        before,
+                        after: Totals {
+                            last_request_id: h,
+                            ..b.plus(new)
+                        },
+                    });
+                }
+            }
+            plan.refused.push(change);
         }
-        out.sort_by_key(|c| c.key);
-        out
+        plan
     }
 }
 
+/// What a rebuild writes, and what it refuses to lower.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub writes: Vec<Change>,
+    pub refused: Vec<Change>,
+}
+
 /// Rebuilds `scope`, and with the migration and the whole table in scope,
-/// moves the cursor to the horizon.
+/// moves the cursor to the horizon (for a rebase, ends the rebase too).
 pub async fn run(
     client: &Client,
     scope: Scope,
     marks: Option<Marks>,
+    rebase: bool,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
+    let renewal = opts.owner.as_deref().map(|owner| Renewal {
+        owner,
+        ttl: opts.lease_ttl,
+    });
     let rc = recount(
         client,
         scope,
@@ -198,13 +271,12 @@ pub async fn run(
         opts.page_size,
         opts.concurrency,
         &opts.progress,
+        renewal,
     )
     .await?;
-    let (refused, changes): (Vec<Change>, Vec<Change>) = rc
-        .changes()
-        .into_iter()
-        .partition(|c| c.decreases() && !opts.allow_decrease);
+    let plan = rc.plan(opts.allow_decrease);
     let mode = match (scope, marks) {
+        _ if rebase => Mode::Rebase,
         (Scope::Month(m), _) => Mode::Month(m),
         (Scope::All, None) => Mode::RecomputeWithoutMigration,
         (Scope::All, Some(m)) => Mode::Rebuild {
@@ -221,26 +293,172 @@ pub async fn run(
         } else {
             Vec::new()
         },
-        refused_decreases: refused,
+        refused_decreases: plan.refused,
         dry_run: opts.dry_run,
         ..Outcome::default()
     };
+    outcome.keys_changed = plan.writes.len();
     if !opts.dry_run {
-        if !changes.is_empty() {
-            let states: Vec<_> = changes.iter().map(|c| (c.key, c.after)).collect();
+        let state = JobState::new(client);
+        if !plan.writes.is_empty() {
+            let states: Vec<_> = plan.writes.iter().map(|c| (c.key, c.after)).collect();
             outcome.write =
                 tables::write_states(client, &states, marks.is_some(), Utc::now().naive_utc())
                     .await?;
+            outcome.keys_changed = outcome.write.written;
         }
-        if let (Some(m), Scope::All) = (marks, scope) {
-            failpoint::hit("before-cursor");
-            let now = JobState::new(client).advance(m.horizon).await?;
-            failpoint::hit("after-cursor");
-            outcome.cursor = Some((m.cursor, now));
+        if let Some(m) = marks {
+            let refused: Vec<_> = outcome
+                .refused_decreases
+                .iter()
+                .map(|c| {
+                    let stored = c.before.map_or(0, |b| b.requests);
+                    (c.key, stored, c.after.requests)
+                })
+                .collect();
+            let month = match scope {
+                Scope::Month(m) => Some(m.to_string()),
+                Scope::All => None,
+            };
+            outcome.refusals_standing.count = state.record_refusals(month, &refused).await?;
+            if let (Scope::All, true) = (scope, outcome.write.lost.is_empty()) {
+                failpoint::hit("before-cursor");
+                let now = if rebase {
+                    state.finish_rebase(m.horizon).await?
+                } else {
+                    state.advance(m.horizon).await?
+                };
+                failpoint::hit("after-cursor");
+                outcome.cursor = Some((m.cursor, now));
+            }
         }
     }
     outcome.bad = rc.fresh.bad;
-    outcome.keys_changed = changes.len();
-    outcome.changes = changes;
+    if opts.dry_run {
+        outcome.changes = plan.writes;
+    }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregation::RawRow;
+    use serde_json::json;
+
+    const JAN: Month = Month {
+        year: 2025,
+        month: 1,
+    };
+
+    fn key(p: i64) -> Key {
+        Key {
+            portal_id: p,
+            month: JAN,
+        }
+    }
+
+    fn row(id: i64, portal: i64) -> RawRow {
+        RawRow {
+            id,
+            portal_id: json!(portal),
+            month_year: json!("2025-01"),
+            success: json!(true),
+            request_timestamp: json!("2025-01-02T00:00:00"),
+        }
+    }
+
+    fn stored(requests: i64, watermark: i64) -> Totals {
+        Totals {
+            requests,
+            successes: requests,
+            errors: 0,
+            last_request_at: crate::aggregation::parse_timestamp("2025-01-02T00:00:00"),
+            last_request_id: watermark,
+        }
+    }
+
+    /// A recount of `rows` against `stored`, cursor and horizon given.
+    fn recount_of(rows: &[RawRow], stored: &[(Key, Totals)], cursor: i64, horizon: i64) -> Recount {
+        let stored: HashMap<Key, Totals> = stored.iter().copied().collect();
+        let mut fresh = Fold::default();
+        let mut above = Fold::default();
+        for r in rows {
+            fresh.add(r, |_, id| id <= horizon);
+            above.add(r, |k, id| {
+                id <= horizon
+                    && stored
+                        .get(k)
+                        .is_some_and(|s| id > s.last_request_id.max(cursor))
+            });
+        }
+        Recount {
+            rows_read: rows.len() as u64,
+            fresh,
+            reference: Fold::default(),
+            above,
+            stored,
+            marks: Some(Marks {
+                cursor: Some(cursor),
+                horizon,
+            }),
+        }
+    }
+
+    #[test]
+    fn every_write_carries_the_horizon_as_its_watermark() {
+        // Key 1's newest row (id 3) was deleted: stored says 3 rows up to 3.
+        let rc = recount_of(&[row(1, 1), row(2, 1)], &[(key(1), stored(3, 3))], 3, 10);
+        let plan = rc.plan(true);
+        assert_eq!(plan.writes.len(), 1);
+        assert_eq!(plan.writes[0].after.requests, 2);
+        assert_eq!(plan.writes[0].after.last_request_id, 10);
+        assert!(rc.plan(false).writes.is_empty());
+    }
+
+    #[test]
+    fn a_refused_key_is_still_brought_forward_by_its_new_rows() {
+        // Stored 5 up to id 4, but only 3 rows up to 4 remain; row 7 is new.
+        let rows = [row(1, 1), row(2, 1), row(4, 1), row(7, 1)];
+        let rc = recount_of(&rows, &[(key(1), stored(5, 4))], 4, 10);
+        let plan = rc.plan(false);
+        assert_eq!(plan.refused.len(), 1, "{plan:?}");
+        assert_eq!(plan.refused[0].after.requests, 4);
+        assert_eq!(
+            (
+                plan.writes[0].after.requests,
+                plan.writes[0].after.last_request_id
+            ),
+            (6, 10),
+            "the stored 5 plus row 7"
+        );
+    }
+
+    #[test]
+    fn a_key_counted_past_the_horizon_is_left_to_the_newer_run() {
+        let rc = recount_of(&[row(1, 1)], &[(key(1), stored(0, 20))], 5, 10);
+        let plan = rc.plan(true);
+        assert!(
+            plan.writes.is_empty() && plan.refused.is_empty(),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn a_stored_key_with_no_rows_left_is_emptied_only_when_allowed() {
+        let rc = recount_of(&[], &[(key(2), stored(4, 4))], 4, 10);
+        assert_eq!(rc.plan(false).refused.len(), 1);
+        assert!(rc.plan(false).writes.is_empty());
+        let w = rc.plan(true).writes;
+        assert_eq!((w[0].after.requests, w[0].after.last_request_id), (0, 10));
+    }
+
+    #[test]
+    fn a_right_key_is_not_rewritten_unless_its_watermark_misses_rows() {
+        let rc = recount_of(&[row(1, 1), row(2, 1)], &[(key(1), stored(2, 2))], 2, 10);
+        assert!(rc.plan(false).writes.is_empty());
+        let before_migration =
+            recount_of(&[row(1, 1), row(2, 1)], &[(key(1), stored(2, 0))], 2, 10);
+        assert_eq!(before_migration.plan(false).writes.len(), 1);
+    }
 }

@@ -33,6 +33,7 @@ struct Batch {
     to: Option<i64>,
     horizon: Option<i64>,
     writers_in_flight: i64,
+    prepared_in_flight: i64,
     rows: u64,
     keys: usize,
     new_keys: usize,
@@ -82,6 +83,7 @@ pub async fn run(
         let Some(to) = b.to else {
             return Err(HorizonNotSafe {
                 writers: b.writers_in_flight,
+                prepared: b.prepared_in_flight,
                 waited_ms: opts.horizon_wait.as_millis() as u64,
             }
             .into());

@@ -116,7 +116,7 @@ impl Cluster {
             let port = free_port();
             let opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-                 -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB",
+                 -c full_page_writes=off -c max_prepared_transactions=20 -c max_connections=400 -c shared_buffers=256MB",
                 dir.display()
             );
             let out = pg_cmd("pg_ctl")

@@ -17,7 +17,10 @@ use stack::{Cluster, Stack};
 /// Rows per page for every HTTP scan: the server's cap is raised to match
 /// (Supabase allows it), so the engine and the baseline page alike.
 const PAGE: u32 = 10_000;
-const MIGRATION: &str = "supabase/migrations/20261127120000_usage_agg_incremental.sql";
+const MIGRATIONS: [&str; 2] = [
+    "supabase/migrations/20261127120000_usage_agg_incremental.sql",
+    "supabase/migrations/20261130120000_usage_agg_trust.sql",
+];
 
 struct Args {
     bin: PathBuf,
@@ -175,12 +178,14 @@ fn reset(stack: &Stack, cursor: Option<i64>) {
 
 fn dataset(cluster: &Cluster, rows: i64) -> Stack {
     let mut s = Stack::with_max_rows(cluster, PAGE);
-    let out = s.psql_file(&stack::repo_root().join(MIGRATION));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for m in MIGRATIONS {
+        let out = s.psql_file(&stack::repo_root().join(m));
+        assert!(
+            out.status.success(),
+            "{m}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let started = Instant::now();
     stack::insert_sample_rows(
         &mut s.sql(),
