@@ -34,7 +34,7 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
             ..RetryPolicy::default()
         },
     )?;
-    tracing::info!(rest_url = %config.rest_url, env = config.environment.upper(), "configured");
+    tracing::info!(rest_url = %config.rest_url, from = %config.url_var, env = config.environment.upper(), "configured");
     Ok((config, client))
 }
 
