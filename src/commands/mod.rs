@@ -42,10 +42,7 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
 /// exit status it maps to.
 pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
     eprintln!("usage-agg: error: {e:#}");
-    let key_var = config.map_or("the SERVICE_ROLE_KEY variable".to_string(), |c| {
-        format!("SUPABASE_{}_SERVICE_ROLE_KEY", c.environment.upper())
-    });
-    if let Some(h) = exit::hint(e, &key_var) {
+    if let Some(h) = exit::hint(e, config) {
         eprintln!("usage-agg: hint: {h}");
     }
     exit::classify(e)
