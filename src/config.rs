@@ -15,6 +15,10 @@ use reqwest::Url;
 /// The files looked in, in order of precedence after the environment.
 pub const ENV_FILES: [&str; 2] = [".env.local", ".env"];
 
+/// Set to `1`, lets the URL be plain `http://` to a host that is not this
+/// machine (the key then crosses the network in clear text).
+pub const ALLOW_INSECURE_HTTP: &str = "USAGE_AGG_ALLOW_INSECURE_HTTP";
+
 /// Which project: the user's two Supabase projects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Environment {
@@ -78,6 +82,9 @@ pub struct Config {
     pub chosen_by: String,
     /// The REST base: tables live at `<rest_url>/<table>`.
     pub rest_url: Url,
+    /// The variable `rest_url` came from (`SUPABASE_DEV_REST_URL` when the
+    /// override is set, else `SUPABASE_DEV_URL`), for messages.
+    pub url_var: String,
     pub key: Secret,
     pub key_kind: KeyKind,
 }
@@ -229,14 +236,21 @@ impl Config {
             }
         };
 
-        let rest_url = match sources.get(&rest_var) {
-            Some((v, from)) if !v.trim().is_empty() => parse_url(&rest_var, v.trim(), &from)?,
+        let (rest_url, url_var) = match sources.get(&rest_var) {
+            Some((v, from)) if !v.trim().is_empty() => {
+                let url = parse_url(&rest_var, v.trim(), &from)?;
+                refuse_clear_text(&rest_var, &url, &from, sources)?;
+                (url, rest_var)
+            }
             _ => {
                 let (v, from) =
                     required(&url_var, "your project URL, e.g. https://abcd.supabase.co")?;
                 let base = parse_url(&url_var, &v, &from)?;
-                base.join("rest/v1/")
-                    .map_err(|e| ConfigError(format!("{url_var} (in {from}): {e}")))?
+                refuse_clear_text(&url_var, &base, &from, sources)?;
+                let url = base
+                    .join("rest/v1/")
+                    .map_err(|e| ConfigError(format!("{url_var} (in {from}): {e}")))?;
+                (url, url_var)
             }
         };
         let (key, from) = required(
@@ -248,6 +262,7 @@ impl Config {
             environment,
             chosen_by,
             rest_url,
+            url_var,
             key: Secret(key),
             key_kind,
         })
@@ -277,6 +292,57 @@ fn parse_url(var: &str, value: &str, from: &str) -> Result<Url, ConfigError> {
         url.set_path(&path);
     }
     Ok(url)
+}
+
+/// Whether requests to `url` stay on this machine: `localhost`, 127.0.0.0/8
+/// or ::1.
+fn is_loopback(url: &Url) -> bool {
+    // The URL parser has already lower-cased the name and put IP addresses
+    // in canonical form (IPv6 between brackets).
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+/// Refuses plain `http://` to a host that is not this machine: every request
+/// carries the service role key, which would cross the network in clear
+/// text. `USAGE_AGG_ALLOW_INSECURE_HTTP=1` allows it, with a warning.
+fn refuse_clear_text(
+    var: &str,
+    url: &Url,
+    from: &str,
+    sources: &Sources,
+) -> Result<(), ConfigError> {
+    if url.scheme() != "http" || is_loopback(url) {
+        return Ok(());
+    }
+    let host = url.host_str().unwrap_or_default();
+    let opt_in = sources.get(ALLOW_INSECURE_HTTP);
+    match &opt_in {
+        Some((v, opt_from)) if v.trim() == "1" => {
+            tracing::warn!(
+                "{var} (in {from}) is plain http to {host}: the service role key crosses the network in clear text ({ALLOW_INSECURE_HTTP}=1 in {opt_from} allows it)"
+            );
+            Ok(())
+        }
+        _ => {
+            let ignored = match &opt_in {
+                Some((v, opt_from)) => {
+                    format!(" ({ALLOW_INSECURE_HTTP} is {v:?} in {opt_from}; only 1 opts in)")
+                }
+                None => String::new(),
+            };
+            Err(ConfigError(format!(
+                "{var} (in {from}) is plain http to {host}, which is not this machine: the service role key would cross the network in clear text; use https, or set {ALLOW_INSECURE_HTTP}=1 to allow it anyway{ignored}"
+            )))
+        }
+    }
 }
 
 /// Tells a JWT from an `sb_secret_` key, and refuses what is neither, or a
@@ -406,6 +472,118 @@ mod tests {
         ]);
         let err = Config::resolve(EnvChoice::Dev, &s).unwrap_err().0;
         assert!(err.contains("anon key") && !err.contains(&anon), "{err}");
+    }
+
+    /// Resolves with `url` in `var` (and a valid key), plus `extra`.
+    fn resolve_url(var: &str, url: &str, extra: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut pairs = vec![(var, url), ("SUPABASE_DEV_SERVICE_ROLE_KEY", "sb_secret_k")];
+        pairs.extend_from_slice(extra);
+        Config::resolve(EnvChoice::Dev, &sources(&pairs))
+    }
+
+    #[test]
+    fn plain_http_to_this_machine_is_accepted() {
+        for url in [
+            "http://127.0.0.1:3000",
+            "http://127.8.9.10",
+            "http://localhost:54321",
+            "http://LOCALHOST",
+            "http://[::1]:3000",
+            "http://127.1:3000",
+        ] {
+            for var in ["SUPABASE_DEV_URL", "SUPABASE_DEV_REST_URL"] {
+                let c = resolve_url(var, url, &[]).unwrap_or_else(|e| panic!("{var}={url}: {e}"));
+                assert_eq!(c.url_var, var);
+            }
+        }
+    }
+
+    #[test]
+    fn plain_http_to_another_host_is_refused_naming_the_variable_and_the_opt_in() {
+        for url in [
+            "http://example.invalid",
+            "http://abcd.supabase.co",
+            "http://10.0.0.5:3000",
+            "http://[::2]:3000",
+            "http://localhost.example.com",
+            "http://128.0.0.1",
+        ] {
+            for var in ["SUPABASE_DEV_URL", "SUPABASE_DEV_REST_URL"] {
+                let err = resolve_url(var, url, &[]).unwrap_err().0;
+                assert!(
+                    err.starts_with(&format!("{var} (in the environment) is plain http"))
+                        && err.contains("clear text")
+                        && err.contains("USAGE_AGG_ALLOW_INSECURE_HTTP=1")
+                        && !err.contains('\n')
+                        && !err.contains("sb_secret_k"),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_url_in_use_is_the_one_checked() {
+        // The override is what requests go to: an http project URL beside
+        // an https override is never used, and an http override is refused
+        // whatever the project URL says.
+        let pairs = [("SUPABASE_DEV_REST_URL", "https://rest.example.com")];
+        let c = resolve_url("SUPABASE_DEV_URL", "http://example.com", &pairs).unwrap();
+        assert_eq!(c.url_var, "SUPABASE_DEV_REST_URL");
+        let pairs = [("SUPABASE_DEV_REST_URL", "http://rest.example.com")];
+        let err = resolve_url("SUPABASE_DEV_URL", "https://example.com", &pairs)
+            .unwrap_err()
+            .0;
+        assert!(err.starts_with("SUPABASE_DEV_REST_URL"), "{err}");
+    }
+
+    #[test]
+    fn https_is_always_fine() {
+        for url in [
+            "https://abcd.supabase.co",
+            "https://10.0.0.5:8443",
+            "https://127.0.0.1",
+        ] {
+            let c = resolve_url("SUPABASE_DEV_URL", url, &[]).unwrap();
+            assert_eq!(c.url_var, "SUPABASE_DEV_URL");
+        }
+    }
+
+    #[test]
+    fn the_opt_in_allows_plain_http_and_only_1_opts_in() {
+        let opt = |v| [(ALLOW_INSECURE_HTTP, v)];
+        let c = resolve_url("SUPABASE_DEV_URL", "http://db.internal:8000", &opt("1")).unwrap();
+        assert_eq!(c.rest_url.as_str(), "http://db.internal:8000/rest/v1/");
+        resolve_url(
+            "SUPABASE_DEV_REST_URL",
+            "http://db.internal:3000",
+            &opt(" 1 "),
+        )
+        .unwrap();
+        for no in ["0", "", "yes"] {
+            let err = resolve_url("SUPABASE_DEV_URL", "http://db.internal", &opt(no))
+                .unwrap_err()
+                .0;
+            assert!(err.contains("only 1 opts in"), "{no:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_opt_in_is_read_from_the_env_files_too() {
+        let dir = std::env::temp_dir().join(format!("usage-agg-optin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(".env"), format!("{ALLOW_INSECURE_HTTP}=1\n")).unwrap();
+        let env = [
+            ("SUPABASE_DEV_URL", "http://db.internal"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", "sb_secret_k"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Sources::from_parts(env, &dir).unwrap();
+        let result = Config::resolve(EnvChoice::Dev, &s);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result.unwrap();
     }
 
     #[test]

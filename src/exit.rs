@@ -1,7 +1,7 @@
 //! Exit statuses (sysexits.h), and how an error maps to one. Cron and
 //! monitoring decide by these, so each means one thing; the README lists them.
 
-use crate::config::ConfigError;
+use crate::config::{Config, ConfigError};
 use crate::engine::incremental::LeaseLost;
 use crate::engine::rpc::BatchBusy;
 use crate::postgrest::{ApiError, Failure, GaveUp};
@@ -72,6 +72,9 @@ pub fn classify(err: &anyhow::Error) -> Status {
 fn classify_api(e: &ApiError) -> Status {
     match e {
         ApiError::Transport { .. } | ApiError::Decode { .. } => Status::Unavailable,
+        // The URL configured is not where the API is (or not the whole way):
+        // the operator must put the final one in the configuration.
+        ApiError::Redirect { .. } => Status::Config,
         ApiError::Status { status, .. } => match status.as_u16() {
             401 | 403 => Status::NoPerm,
             404 if matches!(e.code(), Some("PGRST205" | "42P01" | "PGRST202" | "42883")) => {
@@ -86,13 +89,32 @@ fn classify_api(e: &ApiError) -> Status {
     }
 }
 
-/// A sentence on what to do, for the errors an operator can fix.
-pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
+/// A sentence on what to do, for the errors an operator can fix. `config`
+/// names the variables (absent when the configuration itself failed).
+pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
     let api = err.chain().find_map(|c| {
         c.downcast_ref::<Failure>()
             .map(Failure::api)
             .or_else(|| c.downcast_ref::<ApiError>())
     })?;
+    let key_var = config.map_or("the SERVICE_ROLE_KEY variable".to_string(), |c| {
+        format!("SUPABASE_{}_SERVICE_ROLE_KEY", c.environment.upper())
+    });
+    if let ApiError::Redirect { target, .. } = api {
+        let vars = config.map_or(
+            "SUPABASE_<ENV>_URL (or the SUPABASE_<ENV>_REST_URL override)".to_string(),
+            |c| {
+                let env = c.environment.upper();
+                format!(
+                    "SUPABASE_{env}_URL (or the SUPABASE_{env}_REST_URL override; {} is the one in use)",
+                    c.url_var
+                )
+            },
+        );
+        return Some(format!(
+            "redirects are not followed (the key would go with them): if {target} is where the API is, put the final URL in {vars}"
+        ));
+    }
     let what = api
         .path()
         .trim_start_matches('/')
@@ -125,5 +147,47 @@ pub fn hint(err: &anyhow::Error, key_var: &str) -> Option<String> {
             Some("the server could not be reached: check the URL and the network; the next run will finish the job".into())
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Environment, KeyKind, Secret};
+    use reqwest::{Method, StatusCode};
+
+    fn redirect() -> anyhow::Error {
+        anyhow::Error::new(Failure::Api(ApiError::Redirect {
+            method: Method::GET,
+            path: "/usage_requests".into(),
+            status: StatusCode::TEMPORARY_REDIRECT,
+            target: "https://elsewhere.example:443".into(),
+        }))
+        .context("reading usage_requests")
+    }
+
+    #[test]
+    fn a_redirect_is_a_configuration_error_whose_hint_names_the_url_variables() {
+        assert_eq!(classify(&redirect()), Status::Config);
+        let config = Config {
+            environment: Environment::Prod,
+            chosen_by: "--env prod".into(),
+            rest_url: "https://a.supabase.co/rest/v1/".parse().unwrap(),
+            url_var: "SUPABASE_PROD_URL".into(),
+            key: Secret::new("sb_secret_k"),
+            key_kind: KeyKind::SecretKey,
+        };
+        let h = hint(&redirect(), Some(&config)).unwrap();
+        for needle in [
+            "https://elsewhere.example:443",
+            "SUPABASE_PROD_URL",
+            "SUPABASE_PROD_REST_URL",
+        ] {
+            assert!(h.contains(needle), "{needle:?} not in {h}");
+        }
+        assert!(!h.contains("sb_secret_k"), "{h}");
+        assert!(hint(&redirect(), None)
+            .unwrap()
+            .contains("SUPABASE_<ENV>_URL"));
     }
 }

@@ -102,6 +102,17 @@ pub enum ApiError {
         detail: String,
         timeout: bool,
     },
+    /// A 3xx. Never followed: the client would send the key along to
+    /// wherever the server points (see `Client::new`).
+    #[error("{method} {path} answered HTTP {status}, a redirect to {target}, which usage-agg does not follow")]
+    Redirect {
+        method: Method,
+        path: String,
+        status: StatusCode,
+        /// Where it points, as `scheme://host:port` only (no path, no
+        /// query: they may carry a token), or why that is unknown.
+        target: String,
+    },
     #[error(
         "{method} {path} answered HTTP 2xx with a body that is not what PostgREST sends: {detail}"
     )]
@@ -117,10 +128,11 @@ impl ApiError {
     /// PostgREST's pool in trouble, or Postgres asking for a retry
     /// (serialization failure, deadlock, lock not available). A 2xx whose
     /// body does not parse was cut short on the way. Nothing else: a 4xx
-    /// will answer the same again.
+    /// will answer the same again, and so will a redirect.
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Transport { .. } | ApiError::Decode { .. } => true,
+            ApiError::Redirect { .. } => false,
             ApiError::Status { status, .. } => match status.as_u16() {
                 502 | 503 | 504 | 520 | 522 | 524 => true,
                 500 => matches!(self.code(), Some("40001" | "40P01" | "55P03")),
@@ -131,7 +143,7 @@ impl ApiError {
 
     pub fn status(&self) -> Option<StatusCode> {
         match self {
-            ApiError::Status { status, .. } => Some(*status),
+            ApiError::Status { status, .. } | ApiError::Redirect { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -140,6 +152,7 @@ impl ApiError {
     pub fn path(&self) -> &str {
         match self {
             ApiError::Status { path, .. }
+            | ApiError::Redirect { path, .. }
             | ApiError::Transport { path, .. }
             | ApiError::Decode { path, .. } => path,
         }
@@ -256,6 +269,10 @@ impl Client {
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .default_headers(auth_headers(key, kind)?)
+            // A redirect would carry the key's headers to wherever it points
+            // (another host, or plain http): a 3xx is an error instead, and
+            // the operator puts the final URL in the configuration.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10).min(timeout))
             .gzip(true)
@@ -360,9 +377,8 @@ impl Client {
                 timeout: true,
             });
         }
-        let mut builder = self
-            .http
-            .request(req.method.clone(), self.url(req.path, req.query));
+        let url = self.url(req.path, req.query);
+        let mut builder = self.http.request(req.method.clone(), url.clone());
         if let Some(p) = req.prefer {
             builder = builder.header("Prefer", p);
         }
@@ -380,6 +396,15 @@ impl Client {
         };
         let resp = builder.send().await.map_err(transport)?;
         let status = resp.status();
+        if status.is_redirection() {
+            let target = redirect_target(&url, resp.headers().get(reqwest::header::LOCATION));
+            return Err(ApiError::Redirect {
+                method: req.method.clone(),
+                path: path_for_errors,
+                status,
+                target,
+            });
+        }
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
@@ -521,6 +546,27 @@ impl Client {
     }
 }
 
+/// Where a redirect points, for messages: `scheme://host:port` of the
+/// `Location` (resolved against the request's URL when relative), never its
+/// path, query or user info, which may carry a token.
+fn redirect_target(request_url: &Url, location: Option<&HeaderValue>) -> String {
+    let Some(location) = location else {
+        return "(no Location header)".into();
+    };
+    let target = location
+        .to_str()
+        .ok()
+        .and_then(|l| request_url.join(l.trim()).ok());
+    match target {
+        Some(t) => match (t.host_str(), t.port_or_known_default()) {
+            (Some(host), Some(port)) => format!("{}://{host}:{port}", t.scheme()),
+            (Some(host), None) => format!("{}://{host}", t.scheme()),
+            _ => format!("a {}: URL with no host", t.scheme()),
+        },
+        None => "(a Location header that is not a URL)".into(),
+    }
+}
+
 fn json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
@@ -601,6 +647,41 @@ mod tests {
         assert_eq!(secret["apikey"], "sb_secret_x");
         assert!(secret.get("authorization").is_none());
         assert!(USER_AGENT.starts_with("usage-agg/"));
+    }
+
+    #[test]
+    fn a_redirect_target_is_named_by_origin_only() {
+        let from = Url::parse("https://abc.supabase.co/rest/v1/usage_requests?id=gt.5").unwrap();
+        let target = |l: &str| redirect_target(&from, Some(&HeaderValue::from_str(l).unwrap()));
+        assert_eq!(
+            target("http://user:pw@evil.example:8080/steal?token=s3cret#x"),
+            "http://evil.example:8080"
+        );
+        assert_eq!(
+            target("https://other.example/x"),
+            "https://other.example:443"
+        );
+        assert_eq!(target("/elsewhere?k=v"), "https://abc.supabase.co:443");
+        assert_eq!(target("http://[::1]:3000/"), "http://[::1]:3000");
+        assert_eq!(redirect_target(&from, None), "(no Location header)");
+        assert!(!target("//x.example/?token=s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_redirect_is_not_transient_and_says_where_it_points() {
+        let e = ApiError::Redirect {
+            method: Method::GET,
+            path: "/usage_requests".into(),
+            status: StatusCode::TEMPORARY_REDIRECT,
+            target: "https://other.example:443".into(),
+        };
+        assert!(!e.is_transient());
+        assert_eq!(e.status(), Some(StatusCode::TEMPORARY_REDIRECT));
+        let s = e.to_string();
+        assert!(
+            s.contains("HTTP 307") && s.contains("https://other.example:443"),
+            "{s}"
+        );
     }
 
     #[test]

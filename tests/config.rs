@@ -227,3 +227,50 @@ fn an_env_local_readable_by_others_draws_a_warning() {
         run.stderr
     );
 }
+
+#[test]
+fn plain_http_to_another_host_is_refused_before_any_request_unless_allowed() {
+    for var in ["SUPABASE_DEV_URL", "SUPABASE_DEV_REST_URL"] {
+        let run = usage_agg(
+            &workdir(),
+            &pairs(&[
+                (var, "http://example.invalid"),
+                ("SUPABASE_DEV_SERVICE_ROLE_KEY", A_JWT),
+            ]),
+            &["aggregate", "--env", "dev"],
+        );
+        // 78, not 69: nothing was sent (example.invalid never resolves).
+        run.assert_status(78)
+            .assert_stderr_has(&format!("{var} (in the environment) is plain http"))
+            .assert_stderr_has("clear text")
+            .assert_stderr_has("USAGE_AGG_ALLOW_INSECURE_HTTP=1");
+        assert_eq!(run.stderr.lines().count(), 1, "one line:\n{}", run.stderr);
+        assert!(!run.all().contains(A_JWT.split('.').nth(1).unwrap()));
+    }
+
+    // The opt-in, read from .env.local like any other variable: the run
+    // goes on (and fails to reach the host), after one warning.
+    let dir = workdir();
+    let env_local = dir.join(".env.local");
+    std::fs::write(&env_local, "USAGE_AGG_ALLOW_INSECURE_HTTP=1\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&env_local, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = usage_agg(
+        &dir,
+        &pairs(&[
+            ("SUPABASE_DEV_URL", "http://example.invalid"),
+            ("SUPABASE_DEV_SERVICE_ROLE_KEY", A_JWT),
+        ]),
+        &["aggregate", "--env", "dev", "--max-retries", "0"],
+    );
+    run.assert_status(69)
+        .assert_stderr_has("SUPABASE_DEV_URL (in the environment) is plain http to example.invalid")
+        .assert_stderr_has("USAGE_AGG_ALLOW_INSECURE_HTTP=1 in");
+    assert_eq!(
+        run.stderr.matches("plain http").count(),
+        1,
+        "one warning:\n{}",
+        run.stderr
+    );
+    assert!(!run.all().contains(A_JWT.split('.').nth(1).unwrap()));
+}

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use stack::proxy::{Fault, FaultProxy};
+use stack::proxy::{Fault, FaultProxy, Recorder};
 
 /// A migrated stack with rows, aggregated once, then more rows waiting.
 fn busy_stack() -> Stack {
@@ -214,6 +214,45 @@ fn a_plain_insert_is_never_sent_twice() {
     assert_no_drift(&stack);
     assert_eq!(
         count(&stack, "SELECT count(*) FROM (SELECT 1 FROM portal_usage_monthly GROUP BY portal_id, month_year HAVING count(*) > 1) d"),
+        0
+    );
+}
+
+#[test]
+fn a_redirect_to_another_origin_is_not_followed_and_the_key_never_reaches_it() {
+    let stack = Stack::new();
+    insert_rows(&stack, 100, 3);
+    let elsewhere = Recorder::start();
+    let proxy = FaultProxy::start(&stack.rest_url);
+    let location = format!(
+        "{}/rest/v1/usage_requests?token=not-for-logs",
+        elsewhere.url
+    );
+    for method in ["GET", "POST", "PATCH"] {
+        proxy.inject(method, "/", Fault::redirect(307, &location), 100);
+    }
+    let run = run_via(&stack, &proxy, &[]);
+    run.assert_status(78)
+        .assert_stderr_has("HTTP 307")
+        .assert_stderr_has(&elsewhere.url)
+        .assert_stderr_has("SUPABASE_DEV_REST_URL");
+    assert!(
+        elsewhere.seen().is_empty(),
+        "the redirect was followed: {:?}",
+        elsewhere.seen()
+    );
+    assert_eq!(
+        proxy.requests().len(),
+        1,
+        "the run stops at the first redirect, without retrying it: {:?}",
+        proxy.requests()
+    );
+    let all = run.all();
+    for secret in stack.key.split('.').chain(["not-for-logs"]) {
+        assert!(!all.contains(secret), "{secret:?} printed:\n{all}");
+    }
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM portal_usage_monthly"),
         0
     );
 }

@@ -34,7 +34,7 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
             ..RetryPolicy::default()
         },
     )?;
-    tracing::info!(rest_url = %config.rest_url, env = config.environment.upper(), "configured");
+    tracing::info!(rest_url = %config.rest_url, from = %config.url_var, env = config.environment.upper(), "configured");
     Ok((config, client))
 }
 
@@ -42,10 +42,7 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
 /// exit status it maps to.
 pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
     eprintln!("usage-agg: error: {e:#}");
-    let key_var = config.map_or("the SERVICE_ROLE_KEY variable".to_string(), |c| {
-        format!("SUPABASE_{}_SERVICE_ROLE_KEY", c.environment.upper())
-    });
-    if let Some(h) = exit::hint(e, &key_var) {
+    if let Some(h) = exit::hint(e, config) {
         eprintln!("usage-agg: hint: {h}");
     }
     exit::classify(e)

@@ -457,12 +457,20 @@ impl Stack {
     }
 
     /// The environment a `usage-agg --env dev` run needs to reach this stack.
+    /// An external PostgREST on another host over plain http is refused by
+    /// usage-agg unless `USAGE_AGG_ALLOW_INSECURE_HTTP=1`: set in the tests'
+    /// environment, it is passed on.
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("SUPABASE_DEV_URL".into(), self.rest_url.clone()),
             ("SUPABASE_DEV_REST_URL".into(), self.rest_url.clone()),
             ("SUPABASE_DEV_SERVICE_ROLE_KEY".into(), self.key.clone()),
-        ]
+        ];
+        const OPT_IN: &str = "USAGE_AGG_ALLOW_INSECURE_HTTP";
+        if let Some(v) = std::env::var(OPT_IN).ok().filter(|_| self.is_external()) {
+            env.push((OPT_IN.into(), v));
+        }
+        env
     }
 }
 

@@ -1,7 +1,8 @@
 //! A fault-injecting HTTP proxy, put between usage-agg and the real server
 //! for the faults a real server will not produce on demand: a 503 burst, a
 //! connection cut mid-body, truncated JSON, a slow answer, a gateway's 414 or
-//! HTML error page. Requests no rule matches pass through untouched.
+//! HTML error page, a redirect to another origin. Requests no rule matches
+//! pass through untouched.
 //!
 //! HTTP/1.1 only, one request per connection (it answers
 //! `Connection: close`), which is all a test needs.
@@ -38,6 +39,16 @@ impl Fault {
             status: 503,
             headers: vec![("Retry-After".into(), retry_after_secs.to_string())],
             body: r#"{"code":"PGRST003","message":"Timed out acquiring connection from connection pool.","details":null,"hint":null}"#.into(),
+        }
+    }
+
+    /// A redirect (301, 302, 307, 308) to `location`, as a gateway answers
+    /// for a project moved elsewhere.
+    pub fn redirect(status: u16, location: &str) -> Fault {
+        Fault::Respond {
+            status,
+            headers: vec![("Location".into(), location.into())],
+            body: String::new(),
         }
     }
 
@@ -309,8 +320,9 @@ fn handle(
     client.shutdown(Shutdown::Both)
 }
 
-/// A stand-in for a monitoring service (healthchecks.io): answers 200 to
-/// everything and records what it was sent.
+/// A stand-in for a monitoring service (healthchecks.io), or for the other
+/// origin a redirect points to: answers 200 to everything and records what
+/// it was sent.
 pub struct Recorder {
     pub url: String,
     seen: Arc<Mutex<Vec<(String, String)>>>,
