@@ -427,6 +427,7 @@ mod tests {
             ("12025-01-01T00:00:00", false),
             ("+12025-01-01T00:00:00", false),
             ("0044-03-15T00:00:00 BC", false),
+            ("-0043-03-15T00:00:00", false),
             ("infinity", false),
             ("-infinity", false),
         ] {

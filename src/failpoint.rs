@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// The points, in the order a run reaches them.
-pub const POINTS: [&str; 4] = ["page", "chunk", "before-cursor", "after-cursor"];
+pub const POINTS: [&str; 5] = ["page", "chunk", "before-cursor", "after-cursor", "recount"];
 
 #[derive(Debug, Clone, Copy)]
 enum Action {

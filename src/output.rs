@@ -157,6 +157,13 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
                 style.mark(Mark::Warn),
                 fixed.len()
             )
+        } else if fixed.is_empty() {
+            writeln!(
+                s,
+                "{} Drift: {} stored keys disagreed with their own rows and were NOT corrected (below)",
+                style.mark(Mark::Warn),
+                kept.len()
+            )
         } else {
             writeln!(
                 s,

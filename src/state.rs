@@ -253,11 +253,11 @@ impl JobState<'_> {
             .context("finishing the rebase")
     }
 
-    /// Replaces the refused keys of a rebuild's scope (`month`, or all);
-    /// returns how many stand in all.
+    /// Replaces the refused keys of a rebuild's scope (`all`, or one month
+    /// as `YYYY-MM`); returns how many stand in all.
     pub async fn record_refusals(
         &self,
-        month: Option<String>,
+        scope: &str,
         keys: &[(crate::aggregation::Key, i64, i64)],
     ) -> anyhow::Result<u64> {
         let keys: Vec<_> = keys
@@ -271,7 +271,7 @@ impl JobState<'_> {
             // Idempotent: it replaces the scope's list with the same list.
             .rpc(
                 "usage_agg_record_refusals",
-                &json!({"p_job": JOB, "p_month": month, "p_keys": keys}),
+                &json!({"p_job": JOB, "p_scope": scope, "p_keys": keys}),
                 Idempotent::Yes,
             )
             .await

@@ -107,6 +107,11 @@ pub async fn run(
                 let w = tables::write_states(client, &states, true, Utc::now().naive_utc()).await?;
                 outcome.write.absorb(w);
             }
+            if !outcome.write.lost.is_empty() {
+                // The cursor must not pass rows whose counts did not land:
+                // stop here, loudly (exit 65); the next run tries again.
+                break;
+            }
             failpoint::hit("before-cursor");
             let now = state.advance(end).await?;
             failpoint::hit("after-cursor");

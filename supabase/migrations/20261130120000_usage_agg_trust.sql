@@ -96,9 +96,9 @@ CREATE TABLE IF NOT EXISTS public.usage_agg_refused_keys (
 );
 ALTER TABLE public.usage_agg_refused_keys ENABLE ROW LEVEL SECURITY;
 
--- Replaces the refusals in a rebuild's scope (one month, or all when
--- p_month is NULL) with the ones it found; returns how many stand in all.
-CREATE OR REPLACE FUNCTION public.usage_agg_record_refusals(p_job text, p_month text, p_keys jsonb)
+-- Replaces the refusals in a rebuild's scope (p_scope: 'all', or one month
+-- as YYYY-MM) with the ones it found; returns how many stand in all.
+CREATE OR REPLACE FUNCTION public.usage_agg_record_refusals(p_job text, p_scope text, p_keys jsonb)
 RETURNS bigint
 LANGUAGE plpgsql
 VOLATILE
@@ -109,7 +109,7 @@ DECLARE
   n bigint;
 BEGIN
   DELETE FROM public.usage_agg_refused_keys
-   WHERE job = p_job AND (p_month IS NULL OR month_year = p_month);
+   WHERE job = p_job AND (p_scope = 'all' OR month_year = p_scope);
   INSERT INTO public.usage_agg_refused_keys (job, portal_id, month_year, stored_requests, raw_requests)
   SELECT p_job, k.portal_id, k.month_year, k.stored_requests, k.raw_requests
     FROM jsonb_to_recordset(coalesce(p_keys, '[]')) AS k(portal_id bigint, month_year text,
@@ -171,8 +171,8 @@ BEGIN
     'sequence_last_value', seq_last,
     'sequence_cache', seq_cache,
     'id_default', id_default,
-    'id_from_sequence', identity IN ('a', 'd')
-                        OR (seq IS NOT NULL AND id_default LIKE 'nextval(%'),
+    'id_from_sequence', coalesce(identity IN ('a', 'd')
+                                 OR (seq IS NOT NULL AND id_default LIKE 'nextval(%'), false),
     'newest_id', newest,
     'cursor', st.cursor_id,
     'highest_watermark', (SELECT max(last_request_id) FROM public.portal_usage_monthly),

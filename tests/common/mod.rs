@@ -307,9 +307,15 @@ pub struct Paused {
 
 /// Starts a run that stops at `failpoint`, and returns once it has.
 pub fn paused_run(stack: &Stack, failpoint: &str) -> Paused {
+    paused_run_with(stack, failpoint, &[])
+}
+
+/// The same, with more arguments for `aggregate`.
+pub fn paused_run_with(stack: &Stack, failpoint: &str, args: &[&str]) -> Paused {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
         .args(["aggregate", "--env", "dev"])
+        .args(args)
         .current_dir(workdir())
         .env_clear()
         .envs(stack.env())
