@@ -2,7 +2,7 @@
 //!
 //! Rows are folded one page at a time and dropped, so memory grows with the
 //! number of keys, never with the number of rows. A row that breaks the
-//! rules of `shared/design/semantics.md` (trap 5) is never folded: it is
+//! rules of docs/semantics.md ("Bad rows") is never folded: it is
 //! counted as bad, with a few example ids for the operator.
 
 use std::collections::BTreeMap;
@@ -174,7 +174,7 @@ pub struct GoodRow {
     pub at: Option<NaiveDateTime>,
 }
 
-/// Applies the rules of semantics.md (trap 5). `request_timestamp` may be
+/// Applies the rules of docs/semantics.md, "Bad rows". `request_timestamp` may be
 /// null (the seed's schema allows it); the other fields may not.
 pub fn validate(row: &RawRow) -> Result<GoodRow, BadReason> {
     let month = row

@@ -1,5 +1,5 @@
 //! Named points where the tests make a run die or stop, to prove that a run
-//! killed anywhere leaves correct totals (semantics.md, trap 2) and that
+//! killed anywhere leaves correct totals (docs/semantics.md, "Idempotent writes") and that
 //! overlapping runs agree (trap 3). Inert unless `USAGE_AGG_FAILPOINTS` is
 //! set, which no deployment does.
 //!

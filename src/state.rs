@@ -190,8 +190,8 @@ impl<'a> JobState<'a> {
             .map(drop)
     }
 
-    /// The highest id below which every transaction has ended (semantics.md,
-    /// trap 4), waiting at most `wait` for writers in flight.
+    /// The highest id below which every transaction has ended (docs/semantics.md,
+    /// "The safe horizon"), waiting at most `wait` for writers in flight.
     pub async fn safe_horizon(&self, wait: Duration) -> anyhow::Result<i64> {
         let args = json!({"max_wait_ms": wait.as_millis() as u64});
         let answer: HorizonAnswer = self

@@ -25,7 +25,7 @@ pub const MAX_URL_LEN: usize = 6000;
 
 /// Pages through `usage_requests` in id order: `id=gt.<last>&order=id.asc`.
 /// The end is an empty page and only that: the server's `max_rows` cap makes
-/// pages short without saying so (semantics.md, trap 1).
+/// pages short without saying so (docs/semantics.md, "Paging").
 pub struct RawScan {
     client: Client,
     filters: Query,

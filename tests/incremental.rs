@@ -1,6 +1,6 @@
 //! The incremental engine and the migration: every row counted exactly once,
 //! whatever order runs, crashes and commits happen in
-//! (shared/design/semantics.md; each numbered trap is a test here).
+//! (docs/semantics.md; each trap is a test here or in tests/trust.rs).
 
 mod common;
 

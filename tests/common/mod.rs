@@ -268,7 +268,7 @@ pub fn insert_random(stack: &Stack, rng: &mut Rng, n: usize, portals: u64) {
         .unwrap();
 }
 
-/// What is stored is true at each key's own watermark (semantics.md's
+/// What is stored is true at each key's own watermark (docs/semantics.md's
 /// invariant), even mid-way through a run that failed.
 #[track_caller]
 pub fn assert_consistent(stack: &Stack) {
