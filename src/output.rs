@@ -477,6 +477,27 @@ mod tests {
     }
 
     #[test]
+    fn tables_stop_at_twenty_keys_and_say_how_many_more() {
+        let changes: Vec<Change> = (1..=23)
+            .map(|p| Change {
+                key: Key {
+                    portal_id: p,
+                    month: Month {
+                        year: 2025,
+                        month: 1,
+                    },
+                },
+                before: None,
+                after: Totals::default(),
+            })
+            .collect();
+        let t = capped_table(&changes);
+        assert_eq!(t.lines().count(), 1 + TABLE_CAP + 1, "{t}");
+        assert!(t.ends_with("  ... and 3 more (see --json)\n"), "{t}");
+        assert_eq!(capped_table(&changes[..20]).lines().count(), 21);
+    }
+
+    #[test]
     fn plain_style_has_no_emoji() {
         let o = Outcome {
             rows_counted: 4,

@@ -536,3 +536,31 @@ async fn write_one(
         Err(e) => Err(e).with_context(ctx),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(requests: i64, watermark: i64) -> Totals {
+        Totals {
+            requests,
+            successes: requests,
+            last_request_id: watermark,
+            ..Totals::default()
+        }
+    }
+
+    #[test]
+    fn a_write_is_judged_by_the_row_the_database_answered_with() {
+        assert_eq!(landed(&t(5, 10), Some(&t(5, 10)), true), Landed::Written);
+        assert_eq!(landed(&t(5, 10), Some(&t(9, 12)), true), Landed::Superseded);
+        // The guard kept an equal watermark's other values, or something
+        // else undid the write, or the row is gone: lost.
+        assert_eq!(landed(&t(5, 10), Some(&t(4, 10)), true), Landed::Lost);
+        assert_eq!(landed(&t(5, 10), Some(&t(3, 2)), true), Landed::Lost);
+        assert_eq!(landed(&t(5, 10), None, true), Landed::Lost);
+        // Without the migration only the values count.
+        assert_eq!(landed(&t(5, 0), Some(&t(5, 0)), false), Landed::Written);
+        assert_eq!(landed(&t(5, 0), Some(&t(6, 0)), false), Landed::Lost);
+    }
+}

@@ -177,3 +177,38 @@ pub struct Options {
     /// Id ranges scanned at once.
     pub concurrency: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregation::{Key, Month};
+
+    #[test]
+    fn the_verdict_is_the_gravest_thing_the_run_knows() {
+        let key = Key {
+            portal_id: 1,
+            month: Month {
+                year: 2025,
+                month: 1,
+            },
+        };
+        let mut o = Outcome::default();
+        assert_eq!((o.verdict(), o.verdict().status().code()), (Verdict::Ok, 0));
+        o.bad.count = 1;
+        assert_eq!(o.verdict().label(), "bad_rows");
+        o.refusals_standing.count = 2;
+        assert_eq!(o.verdict().label(), "decreases_refused");
+        o.write.lost.push(key);
+        assert_eq!(o.verdict().label(), "writes_lost");
+        assert_eq!(o.verdict().status().code(), 65);
+        // A write superseded by a newer run is the contract working.
+        let fine = Outcome {
+            write: crate::tables::WriteStats {
+                superseded: vec![key],
+                ..Default::default()
+            },
+            ..Outcome::default()
+        };
+        assert_eq!(fine.verdict(), Verdict::Ok);
+    }
+}
