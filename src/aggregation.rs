@@ -131,7 +131,7 @@ impl fmt::Display for BadReason {
             BadReason::Success(v) => write!(f, "success {v} is not true or false"),
             BadReason::RequestTimestamp(v) => write!(f, "request_timestamp {v} is not a timestamp"),
             BadReason::RejectedBySql => {
-                f.write_str("month_year, portal_id or success breaks the rules (checked in SQL)")
+                f.write_str("month_year, portal_id, success or request_timestamp breaks the rules (checked in SQL)")
             }
         }
     }
