@@ -115,6 +115,63 @@ fn a_sequence_moved_backwards_is_refused_until_a_rebase() {
     }
 }
 
+/// Once the sequence has passed the cursor again, its value shows nothing:
+/// the insert trigger saw the ids at or below the cursor go by.
+#[test]
+fn a_sequence_set_back_and_refilled_past_the_cursor_is_caught_by_the_insert_trigger() {
+    let burn =
+        "BEGIN; INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+                SELECT 1, now(), true, '2025-05' FROM generate_series(1, 200); ROLLBACK;";
+    for (engine, reset) in [
+        // Restarted into a gap left by rolled-back inserts, refilled past the cursor.
+        (
+            "rest",
+            "ALTER SEQUENCE usage_requests_id_seq RESTART WITH 501",
+        ),
+        ("rpc", "SELECT setval('usage_requests_id_seq', 500)"),
+        // The dev reset that keeps the totals, refilled past the cursor.
+        (
+            "rest",
+            "DELETE FROM usage_requests; ALTER SEQUENCE usage_requests_id_seq RESTART",
+        ),
+    ] {
+        let stack = migrated_stack();
+        insert_rows(&stack, 500, 5);
+        stack.sql().batch_execute(burn).unwrap();
+        aggregate(&stack, &["--engine", engine]).assert_status(0);
+        stack.sql().batch_execute(reset).unwrap();
+        insert(&stack, 4242, "2025-06", 800);
+        let before = table(&stack);
+        aggregate(&stack, &["--engine", engine])
+            .assert_status(65)
+            .assert_stderr_has("at or below the cursor 700")
+            .assert_stderr_has("--rebase");
+        assert_eq!(table(&stack), before, "{reset}");
+        status(&stack).assert_status(65);
+        aggregate(&stack, &["--rebase"]).assert_status(0);
+        assert_truth(&stack);
+        aggregate(&stack, &["--engine", engine]).assert_status(0);
+    }
+    // An id given by hand, filling a gap below the cursor.
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    stack.sql().batch_execute(burn).unwrap();
+    insert_rows(&stack, 10, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (id, portal_id, request_timestamp, success, month_year)
+             VALUES (105, 77, '2025-05-01', true, '2025-05')",
+        )
+        .unwrap();
+    aggregate(&stack, &[])
+        .assert_status(65)
+        .assert_stderr_has("with id 105, at or below the cursor 310");
+    aggregate(&stack, &["--rebase"]).assert_status(0);
+    assert_truth(&stack);
+}
+
 #[test]
 fn a_truncate_restart_identity_refilled_past_the_cursor_is_caught_by_the_trigger() {
     let stack = migrated_stack();

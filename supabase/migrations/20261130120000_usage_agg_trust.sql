@@ -10,8 +10,9 @@
 --   * usage_agg_preflight(): the facts a run checks before it counts
 --     anything (the id sequence, its cache, the id column's default, the
 --     highest watermark, a reset recorded by the triggers below);
---   * TRUNCATE triggers on both tables that record the reset, so a table
---     emptied and refilled past the cursor is never silently skipped;
+--   * TRUNCATE triggers on both tables, and an INSERT trigger that notices
+--     ids at or below the cursor, recording the reset, so a table emptied or
+--     a sequence set back and refilled past the cursor is never skipped;
 --   * a log of portal_usage_monthly rows deleted by hand, and the function
 --     that rebuilds those keys from all their rows;
 --   * the keys a rebuild refused to lower, kept until a later run resolves them;
@@ -19,8 +20,9 @@
 --   * the safe horizon counting prepared (two-phase) transactions as writers;
 --   * the server-side batch refusing the timestamps the REST engine cannot
 --     carry (infinity, years outside 1..9999), so both engines agree.
--- Still nothing on the webhook's insert path: the trigger on usage_requests
--- fires on TRUNCATE only.
+-- On the webhook's insert path, one statement-level trigger that looks at
+-- one state row per INSERT statement (measured in docs/semantics.md,
+-- "Assumptions"); the other trigger on usage_requests fires on TRUNCATE.
 
 ALTER TABLE public.usage_aggregation_state
   ADD COLUMN IF NOT EXISTS reset_reason text,
@@ -51,6 +53,39 @@ DROP TRIGGER IF EXISTS usage_agg_note_truncate ON public.portal_usage_monthly;
 CREATE TRIGGER usage_agg_note_truncate
   AFTER TRUNCATE ON public.portal_usage_monthly
   FOR EACH STATEMENT EXECUTE FUNCTION public.usage_agg_note_truncate();
+
+-- A row inserted with an id at or below a cursor breaks the one assumption
+-- the cursor rests on: ids come from the sequence, which only moves forward.
+-- It happens when the sequence is restarted or set back (ALTER SEQUENCE ...
+-- RESTART, setval) or ids are given by hand, and it stays invisible once the
+-- sequence has passed the cursor again. One call per INSERT statement, a
+-- look at one state row; it writes only when it finds such a row.
+CREATE OR REPLACE FUNCTION public.usage_agg_note_low_ids()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  low bigint;
+BEGIN
+  SELECT min(id) INTO low FROM usage_agg_new_rows;
+  IF EXISTS (SELECT 1 FROM public.usage_aggregation_state WHERE cursor_id >= low) THEN
+    UPDATE public.usage_aggregation_state
+       SET reset_reason = format('a row was inserted into usage_requests with id %s, at or below the cursor %s '
+                                 '(the id sequence was set back, or ids were given by hand)', low, cursor_id),
+           reset_at = now(), updated_at = now()
+     WHERE cursor_id >= low AND reset_reason IS NULL;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS usage_agg_note_low_ids ON public.usage_requests;
+CREATE TRIGGER usage_agg_note_low_ids
+  AFTER INSERT ON public.usage_requests
+  REFERENCING NEW TABLE AS usage_agg_new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.usage_agg_note_low_ids();
 
 -- Keys whose monthly row was deleted (by hand, or by a restore that deletes
 -- and reinserts). An incremental run would otherwise start such a key again
