@@ -1,26 +1,13 @@
-//! usage-agg: see README.md. I/O lives at the edges (config, postgrest,
-//! tables, output); the aggregation core is pure.
-
-mod aggregation;
-mod cli;
-mod commands;
-mod config;
-mod engine;
-mod exit;
-mod failpoint;
-mod output;
-mod ping;
-mod postgrest;
-mod preflight;
-mod progress;
-mod state;
-mod tables;
+//! The usage-agg binary: parses the command line, sets up logging and the
+//! runtime, runs the command (the library does the work) and exits with its
+//! status. See README.md.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
-use crate::exit::Status;
+use usage_agg::cli::{self, Cli};
+use usage_agg::commands;
+use usage_agg::exit::Status;
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -47,15 +34,7 @@ fn main() {
             std::process::exit(Status::Software.code());
         }
     };
-    let status = runtime.block_on(async {
-        match cli.command {
-            Command::Aggregate(args) => commands::aggregate::run(args, &cli.global).await,
-            Command::Verify(args) => commands::verify::run(args, &cli.global).await,
-            Command::Status(args) => commands::status::run(args, &cli.global).await,
-            Command::Report(args) => commands::report::run(args, &cli.global).await,
-            Command::Sql => commands::sql::run(),
-        }
-    });
+    let status = runtime.block_on(commands::run(cli));
     std::process::exit(status.code());
 }
 

@@ -433,88 +433,6 @@ pub fn dry_run_table(changes: &[Change]) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::aggregation::{Key, Month};
-
-    #[test]
-    fn dry_run_table_shows_stored_beside_new_where_they_differ() {
-        let t = |r, s, e| Totals {
-            requests: r,
-            successes: s,
-            errors: e,
-            ..Totals::default()
-        };
-        let key = |p| Key {
-            portal_id: p,
-            month: Month {
-                year: 2025,
-                month: 7,
-            },
-        };
-        let table = dry_run_table(&[
-            Change {
-                key: key(42),
-                before: Some(t(10, 9, 1)),
-                after: t(12, 11, 1),
-            },
-            Change {
-                key: key(7),
-                before: None,
-                after: t(3, 3, 0),
-            },
-        ]);
-        let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(
-            lines[1].contains("42")
-                && lines[1].contains("12 (was 10)")
-                && lines[1].contains("11 (was 9)")
-        );
-        assert!(lines[1].trim_end().ends_with(" 1"), "{}", lines[1]);
-        assert!(lines[2].contains("2025-07") && !lines[2].contains("was"));
-    }
-
-    #[test]
-    fn tables_stop_at_twenty_keys_and_say_how_many_more() {
-        let changes: Vec<Change> = (1..=23)
-            .map(|p| Change {
-                key: Key {
-                    portal_id: p,
-                    month: Month {
-                        year: 2025,
-                        month: 1,
-                    },
-                },
-                before: None,
-                after: Totals::default(),
-            })
-            .collect();
-        let t = capped_table(&changes);
-        assert_eq!(t.lines().count(), 1 + TABLE_CAP + 1, "{t}");
-        assert!(t.ends_with("  ... and 3 more (see --json)\n"), "{t}");
-        assert_eq!(capped_table(&changes[..20]).lines().count(), 21);
-    }
-
-    #[test]
-    fn plain_style_has_no_emoji() {
-        let o = Outcome {
-            rows_counted: 4,
-            keys_touched: 1,
-            ..Outcome::default()
-        };
-        let s = summary(
-            Style { emoji: false },
-            &o,
-            "DEV",
-            Duration::from_millis(1500),
-        );
-        assert!(s.is_ascii(), "{s}");
-        assert!(s.contains("Total requests processed: 4") && s.contains("Duration: 1.50 seconds"));
-    }
-}
-
 /// The run as one JSON object: for `--json`, log shippers and the ping's
 /// body. Field names are stable (README, "JSON output"); add, never rename.
 pub struct RunRecord<'a> {
@@ -614,5 +532,87 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
     if let (Some(a), serde_json::Value::Object(b)) = (into.as_object_mut(), from) {
         a.extend(b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregation::{Key, Month};
+
+    #[test]
+    fn dry_run_table_shows_stored_beside_new_where_they_differ() {
+        let t = |r, s, e| Totals {
+            requests: r,
+            successes: s,
+            errors: e,
+            ..Totals::default()
+        };
+        let key = |p| Key {
+            portal_id: p,
+            month: Month {
+                year: 2025,
+                month: 7,
+            },
+        };
+        let table = dry_run_table(&[
+            Change {
+                key: key(42),
+                before: Some(t(10, 9, 1)),
+                after: t(12, 11, 1),
+            },
+            Change {
+                key: key(7),
+                before: None,
+                after: t(3, 3, 0),
+            },
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[1].contains("42")
+                && lines[1].contains("12 (was 10)")
+                && lines[1].contains("11 (was 9)")
+        );
+        assert!(lines[1].trim_end().ends_with(" 1"), "{}", lines[1]);
+        assert!(lines[2].contains("2025-07") && !lines[2].contains("was"));
+    }
+
+    #[test]
+    fn tables_stop_at_twenty_keys_and_say_how_many_more() {
+        let changes: Vec<Change> = (1..=23)
+            .map(|p| Change {
+                key: Key {
+                    portal_id: p,
+                    month: Month {
+                        year: 2025,
+                        month: 1,
+                    },
+                },
+                before: None,
+                after: Totals::default(),
+            })
+            .collect();
+        let t = capped_table(&changes);
+        assert_eq!(t.lines().count(), 1 + TABLE_CAP + 1, "{t}");
+        assert!(t.ends_with("  ... and 3 more (see --json)\n"), "{t}");
+        assert_eq!(capped_table(&changes[..20]).lines().count(), 21);
+    }
+
+    #[test]
+    fn plain_style_has_no_emoji() {
+        let o = Outcome {
+            rows_counted: 4,
+            keys_touched: 1,
+            ..Outcome::default()
+        };
+        let s = summary(
+            Style { emoji: false },
+            &o,
+            "DEV",
+            Duration::from_millis(1500),
+        );
+        assert!(s.is_ascii(), "{s}");
+        assert!(s.contains("Total requests processed: 4") && s.contains("Duration: 1.50 seconds"));
     }
 }

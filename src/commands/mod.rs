@@ -11,10 +11,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cli::Connection;
+use crate::cli::{Cli, Command, Connection};
 use crate::config::{Config, Sources};
 use crate::exit::{self, Status};
 use crate::postgrest::{Client, RetryPolicy};
+
+/// Runs the command the user asked for; returns the exit status.
+pub async fn run(cli: Cli) -> Status {
+    match cli.command {
+        Command::Aggregate(args) => aggregate::run(args, &cli.global).await,
+        Command::Verify(args) => verify::run(args, &cli.global).await,
+        Command::Status(args) => status::run(args, &cli.global).await,
+        Command::Report(args) => report::run(args, &cli.global).await,
+        Command::Sql => sql::run(),
+    }
+}
 
 /// Configuration and a client for it.
 pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {

@@ -260,6 +260,13 @@ pub struct Stack {
     _exclusive: Option<MutexGuard<'static, ()>>,
 }
 
+impl Default for Stack {
+    /// The stack the tests use: see [`Stack::new`].
+    fn default() -> Stack {
+        Stack::new()
+    }
+}
+
 impl Stack {
     /// A new database on the shared cluster with its own server, or the
     /// external PostgREST named by `USAGE_AGG_TEST_*`, emptied.

@@ -2,9 +2,7 @@
 //! whatever order runs, crashes and commits happen in
 //! (docs/semantics.md; each trap is a test here or in tests/trust.rs).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// `Rows read from the server: N` from a summary.
 fn rows_read(run: &Run) -> u64 {

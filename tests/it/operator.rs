@@ -1,8 +1,6 @@
 //! What the operator sees: machine-readable output, logs, monitoring pings.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use stack::proxy::Recorder;
 
 #[test]

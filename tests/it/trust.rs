@@ -4,9 +4,7 @@
 //! asserts the exit status and the message, and either no drift after the
 //! documented remedy or a refusal that left the totals as they were.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const ENGINES: [&str; 2] = ["rest", "rpc"];
 

@@ -2,11 +2,9 @@
 //! front of the real stack: for each, the outcome, the exit status, what was
 //! written is still correct, and a clean rerun leaves no drift.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use stack::proxy::{Fault, FaultProxy, Recorder};
 
 /// A migrated stack with rows, aggregated once, then more rows waiting.

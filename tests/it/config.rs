@@ -1,9 +1,7 @@
 //! Configuration and command-line errors: each names the problem and the fix,
 //! and has its own exit status.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
     p.iter()

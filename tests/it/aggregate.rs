@@ -1,9 +1,7 @@
 //! `usage-agg aggregate`, end to end: the real binary, a real PostgreSQL and
 //! a real PostgREST-compatible server; ground truth by SQL.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn counts_every_row_past_the_servers_row_cap() {

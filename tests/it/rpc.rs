@@ -1,9 +1,7 @@
 //! The server-side engine (`--engine rpc`): the same contract as the REST
 //! engine, interchangeable with it run to run.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn rpc(stack: &Stack, args: &[&str]) -> Run {
     let mut all = vec!["--engine", "rpc"];

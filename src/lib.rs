@@ -1,0 +1,27 @@
+//! usage-agg as a library: everything the binary does, so that engines and
+//! commands can be tested without it. `src/main.rs` only parses arguments,
+//! sets up logging and the runtime, calls [`commands::run`] and exits.
+//!
+//! The layers, each depending only on those above it:
+//! - [`aggregation`]: the pure core (rows in, per-key totals out; no I/O);
+//! - [`config`], [`postgrest`]: where to connect, and the protocol;
+//! - [`tables`], [`state`], [`preflight`]: this schema over the protocol;
+//! - [`engine`]: the engines and the outcome they report;
+//! - [`commands`], [`output`], [`exit`]: what a user runs, reads and gets back.
+//!
+//! The contract every engine keeps is docs/semantics.md.
+
+pub mod aggregation;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod engine;
+pub mod exit;
+pub mod failpoint;
+pub mod output;
+pub mod ping;
+pub mod postgrest;
+pub mod preflight;
+pub mod progress;
+pub mod state;
+pub mod tables;

@@ -1,0 +1,14 @@
+//! The integration tests: one binary, so that every test shares one
+//! PostgreSQL cluster (a database and a server of its own per test, as
+//! before). Each module reads as a spec of one part of the tool; `common`
+//! runs the real binary and computes ground truth with SQL.
+
+mod common;
+
+mod aggregate;
+mod config;
+mod faults;
+mod incremental;
+mod operator;
+mod rpc;
+mod trust;
