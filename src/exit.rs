@@ -4,7 +4,7 @@
 use crate::config::{Config, ConfigError};
 use crate::engine::incremental::LeaseLost;
 use crate::engine::rpc::BatchBusy;
-use crate::postgrest::{ApiError, Failure, GaveUp};
+use crate::postgrest::{ApiError, Failure, GaveUp, Kind};
 use crate::state::{HorizonNotSafe, LeaseHeld};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,22 +70,18 @@ pub fn classify(err: &anyhow::Error) -> Status {
 }
 
 fn classify_api(e: &ApiError) -> Status {
-    match e {
-        ApiError::Transport { .. } | ApiError::Decode { .. } => Status::Unavailable,
-        // The URL configured is not where the API is (or not the whole way):
-        // the operator must put the final one in the configuration.
-        ApiError::Redirect { .. } => Status::Config,
-        ApiError::Status { status, .. } => match status.as_u16() {
-            401 | 403 => Status::NoPerm,
-            404 if matches!(e.code(), Some("PGRST205" | "42P01" | "PGRST202" | "42883")) => {
-                Status::Config
-            }
-            400 if matches!(e.code(), Some("42703" | "PGRST204")) => Status::Config,
-            // A gateway's answers: too many requests, too slow, a URL longer
-            // than it takes. The server is not serving this request.
-            s if s >= 500 || matches!(s, 408 | 414 | 429) => Status::Unavailable,
-            _ => Status::Software,
-        },
+    match e.kind() {
+        // After the retries: the server could not be reached, or did not serve.
+        Kind::Transient | Kind::Unavailable | Kind::UrlTooLong => Status::Unavailable,
+        Kind::KeyRefused => Status::NoPerm,
+        // The URL configured is not where the API is, or the schema or the
+        // migrations are not what usage-agg needs.
+        Kind::Redirect
+        | Kind::NotFound
+        | Kind::MissingTable
+        | Kind::MissingFunction
+        | Kind::MissingColumn => Status::Config,
+        Kind::UpsertRefused | Kind::Conflict | Kind::Unexpected => Status::Software,
     }
 }
 
@@ -122,11 +118,11 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
         .next()
         .unwrap_or_default()
         .to_string();
-    match (api.status().map(|s| s.as_u16()), api.code()) {
-        (Some(401 | 403), _) => Some(format!(
+    match api.kind() {
+        Kind::KeyRefused => Some(format!(
             "the server refused the key in {key_var}: check that it is this project's service_role key (not the anon key) and that the URL is this project's"
         )),
-        (Some(404), Some("PGRST202" | "42883")) => {
+        Kind::MissingFunction => {
             let function = what.trim_start_matches("rpc/");
             Some(format!(
                 "the database function {function} is missing: the migrations are not all applied; apply {} \
@@ -134,16 +130,20 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
                 crate::state::migration_defining(function)
             ))
         }
-        (Some(404), Some("PGRST205" | "42P01")) => Some(format!(
+        Kind::MissingTable => Some(format!(
             "the table {what} does not exist here: check that the URL is the right project's and that its schema is applied (README, \"The schema it expects\")"
         )),
-        (Some(400), Some("42703" | "PGRST204")) => Some(format!(
+        Kind::MissingColumn => Some(format!(
             "a column of {what} is missing: the table does not match the schema in the README (\"The schema it expects\")"
         )),
-        (Some(414), _) => Some(
+        Kind::NotFound => Some(format!(
+            "nothing answers at {what} under the REST URL: check SUPABASE_<ENV>_URL (the project's URL, \
+             https://<ref>.supabase.co) or the SUPABASE_<ENV>_REST_URL override (the PostgREST root)"
+        )),
+        Kind::UrlTooLong => Some(
             "a gateway in front of PostgREST refused a URL this long; report it: usage-agg keeps URLs under 6 KB, this gateway allows less".into(),
         ),
-        (_, _) if matches!(api, ApiError::Transport { .. }) => {
+        Kind::Transient if matches!(api, ApiError::Transport { .. }) => {
             Some("the server could not be reached: check the URL and the network; the next run will finish the job".into())
         }
         _ => None,

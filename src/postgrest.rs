@@ -123,22 +123,67 @@ pub enum ApiError {
     },
 }
 
+/// What a server's answer means: decided here once, and used by retries,
+/// the fallback writes, exit statuses and hints (docs/postgrest.md,
+/// "Errors").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Worth another try: the network, a gateway or PostgREST's pool in
+    /// trouble, Postgres asking for a retry (serialization failure,
+    /// deadlock, lock not available), or a 2xx body cut short on the way.
+    Transient,
+    /// The server answers but does not serve: other 5xx, 408, 429.
+    Unavailable,
+    /// A gateway refused a URL this long (414).
+    UrlTooLong,
+    /// 401 or 403: the key is not one this server takes.
+    KeyRefused,
+    /// The table is not there (PGRST205, or 42P01 before PostgREST 12).
+    MissingTable,
+    /// The function is not there (PGRST202, or 42883).
+    MissingFunction,
+    /// A column is not there (42703, PGRST204).
+    MissingColumn,
+    /// No unique constraint matches `on_conflict` (42P10): upsert refused.
+    UpsertRefused,
+    /// A row with the same unique key exists (409, 23505).
+    Conflict,
+    /// A 3xx, never followed.
+    Redirect,
+    /// Any other 404 (PGRST125 "invalid path", or a gateway's page): the
+    /// URL does not lead to the API.
+    NotFound,
+    /// Anything else: a bug, or an answer nobody expected.
+    Unexpected,
+}
+
 impl ApiError {
-    /// Worth another try (postgrest-notes.md): the network, a gateway or
-    /// PostgREST's pool in trouble, or Postgres asking for a retry
-    /// (serialization failure, deadlock, lock not available). A 2xx whose
-    /// body does not parse was cut short on the way. Nothing else: a 4xx
-    /// will answer the same again, and so will a redirect.
-    pub fn is_transient(&self) -> bool {
+    /// This answer's [`Kind`].
+    pub fn kind(&self) -> Kind {
         match self {
-            ApiError::Transport { .. } | ApiError::Decode { .. } => true,
-            ApiError::Redirect { .. } => false,
-            ApiError::Status { status, .. } => match status.as_u16() {
-                502 | 503 | 504 | 520 | 522 | 524 => true,
-                500 => matches!(self.code(), Some("40001" | "40P01" | "55P03")),
-                _ => false,
+            ApiError::Transport { .. } | ApiError::Decode { .. } => Kind::Transient,
+            ApiError::Redirect { .. } => Kind::Redirect,
+            ApiError::Status { status, .. } => match (status.as_u16(), self.code()) {
+                (502 | 503 | 504 | 520 | 522 | 524, _) => Kind::Transient,
+                (500, Some("40001" | "40P01" | "55P03")) => Kind::Transient,
+                (401 | 403, _) => Kind::KeyRefused,
+                (404, Some("PGRST205" | "42P01")) => Kind::MissingTable,
+                (404, Some("PGRST202" | "42883")) => Kind::MissingFunction,
+                (400, Some("42703" | "PGRST204")) => Kind::MissingColumn,
+                (400, Some("42P10")) => Kind::UpsertRefused,
+                (409, _) => Kind::Conflict,
+                (404, _) => Kind::NotFound,
+                (414, _) => Kind::UrlTooLong,
+                (s, _) if s >= 500 || matches!(s, 408 | 429) => Kind::Unavailable,
+                _ => Kind::Unexpected,
             },
         }
+    }
+
+    /// Worth another try: nothing else is (a 4xx will answer the same again,
+    /// and so will a redirect).
+    pub fn is_transient(&self) -> bool {
+        self.kind() == Kind::Transient
     }
 
     pub fn status(&self) -> Option<StatusCode> {
@@ -582,6 +627,10 @@ pub enum Failure {
 }
 
 impl Failure {
+    pub fn kind(&self) -> Kind {
+        self.api().kind()
+    }
+
     pub fn api(&self) -> &ApiError {
         match self {
             Failure::Api(e)
@@ -702,5 +751,41 @@ mod tests {
             "{s}"
         );
         assert_eq!(ErrorBody::parse(b"").to_string(), "(empty body)");
+    }
+
+    #[test]
+    fn each_answer_has_one_kind() {
+        let status = |code: u16, pg: Option<&str>| ApiError::Status {
+            method: Method::GET,
+            path: "/t".into(),
+            status: StatusCode::from_u16(code).unwrap(),
+            body: match pg {
+                Some(c) => {
+                    ErrorBody::parse(format!(r#"{{"code":"{c}","message":"m"}}"#).as_bytes())
+                }
+                None => ErrorBody::parse(b"<html>nope</html>"),
+            },
+            retry_after: None,
+        };
+        for (code, pg, kind) in [
+            (503, None, Kind::Transient),
+            (500, Some("40001"), Kind::Transient),
+            (500, Some("XX000"), Kind::Unavailable),
+            (429, None, Kind::Unavailable),
+            (414, None, Kind::UrlTooLong),
+            (401, Some("PGRST301"), Kind::KeyRefused),
+            (404, Some("PGRST205"), Kind::MissingTable),
+            (404, Some("42883"), Kind::MissingFunction),
+            (404, Some("PGRST125"), Kind::NotFound),
+            (404, None, Kind::NotFound),
+            (400, Some("PGRST204"), Kind::MissingColumn),
+            (400, Some("42P10"), Kind::UpsertRefused),
+            (409, Some("23505"), Kind::Conflict),
+            (400, Some("22P02"), Kind::Unexpected),
+        ] {
+            let e = status(code, pg);
+            assert_eq!(e.kind(), kind, "{code} {pg:?}");
+            assert_eq!(e.is_transient(), kind == Kind::Transient);
+        }
     }
 }

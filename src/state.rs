@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::postgrest::{Client, Failure, Idempotent, Query};
+use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
@@ -129,7 +129,7 @@ impl<'a> JobState<'a> {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if e.status().is_some_and(|s| s.as_u16() == 404) => Ok(false),
+            Err(e) if e.kind() == Kind::MissingTable => Ok(false),
             Err(e) => Err(e).context("checking whether the usage-agg migration is applied"),
         }
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregation::{
     format_timestamp, parse_timestamp, Key, Month, RawRow, Totals, RAW_COLUMNS,
 };
-use crate::postgrest::{Client, Failure, Query};
+use crate::postgrest::{Client, Kind, Query};
 
 pub const RAW_TABLE: &str = "usage_requests";
 pub const MONTHLY_TABLE: &str = "portal_usage_monthly";
@@ -447,7 +447,7 @@ pub async fn write_states(
                     crate::failpoint::hit("chunk");
                     continue;
                 }
-                Err(e) if bulk_refused(&e) => {
+                Err(e) if e.kind() == Kind::UpsertRefused => {
                     tracing::warn!("bulk upsert refused, writing key by key: {e}");
                     stats.fallback_reason = Some(e.to_string());
                 }
@@ -487,12 +487,6 @@ fn judge(
     }
 }
 
-/// The upsert itself is refused, not the data: no unique constraint matches
-/// `on_conflict` (42P10), or the server cannot do upserts here.
-fn bulk_refused(e: &Failure) -> bool {
-    e.status().is_some_and(|s| s.as_u16() == 400) && matches!(e.code(), Some("42P10"))
-}
-
 /// One key, without upsert: PATCH by (portal_id, month_year); if no row
 /// matched, POST; if that POST lost a race to another insert (409), PATCH
 /// again. Writing absolute values makes each step safe to repeat. Returns
@@ -521,7 +515,7 @@ async fn write_one(
     }
     match client.insert(MONTHLY_TABLE, row).await {
         Ok(()) => Ok(Some(row.totals())),
-        Err(e) if e.status().is_some_and(|s| s.as_u16() == 409) => {
+        Err(e) if e.kind() == Kind::Conflict => {
             let patched: Vec<StoredRow> = client
                 .update(MONTHLY_TABLE, &filters, select, row)
                 .await
