@@ -73,7 +73,7 @@ fn classify_api(e: &ApiError) -> Status {
     match e.kind() {
         // After the retries: the server could not be reached, or did not serve.
         Kind::Transient | Kind::Unavailable | Kind::UrlTooLong => Status::Unavailable,
-        Kind::KeyRefused => Status::NoPerm,
+        Kind::KeyRefused | Kind::NotGranted => Status::NoPerm,
         // The URL configured is not where the API is, or the schema or the
         // migrations are not what usage-agg needs.
         Kind::Redirect
@@ -121,6 +121,10 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
     match api.kind() {
         Kind::KeyRefused => Some(format!(
             "the server refused the key in {key_var}: check that it is this project's service_role key (not the anon key) and that the URL is this project's"
+        )),
+        Kind::NotGranted => Some(format!(
+            "the key was accepted but its role may not use {what}: grant it (the migrations grant service_role \
+             what usage-agg needs; check that {key_var} is the service_role key and that they are applied)"
         )),
         Kind::MissingFunction => {
             let function = what.trim_start_matches("rpc/");

@@ -138,6 +138,8 @@ pub enum Kind {
     UrlTooLong,
     /// 401 or 403: the key is not one this server takes.
     KeyRefused,
+    /// 403 42501 with a key the server took: its role lacks a GRANT.
+    NotGranted,
     /// The table is not there (PGRST205, or 42P01 before PostgREST 12).
     MissingTable,
     /// The function is not there (PGRST202, or 42883).
@@ -166,9 +168,14 @@ impl ApiError {
             ApiError::Status { status, .. } => match (status.as_u16(), self.code()) {
                 (502 | 503 | 504 | 520 | 522 | 524, _) => Kind::Transient,
                 (500, Some("40001" | "40P01" | "55P03")) => Kind::Transient,
+                (403, Some("42501")) => Kind::NotGranted,
                 (401 | 403, _) => Kind::KeyRefused,
                 (404, Some("PGRST205" | "42P01")) => Kind::MissingTable,
-                (404, Some("PGRST202" | "42883")) => Kind::MissingFunction,
+                (404, Some("PGRST202")) => Kind::MissingFunction,
+                // 42883 is "no such function or operator": a missing function
+                // only when a function was called.
+                (404, Some("42883")) if self.path().starts_with("/rpc/") => Kind::MissingFunction,
+                (404, Some("42883")) => Kind::Unexpected,
                 (400, Some("42703" | "PGRST204")) => Kind::MissingColumn,
                 (400, Some("42P10")) => Kind::UpsertRefused,
                 (409, _) => Kind::Conflict,
@@ -775,7 +782,8 @@ mod tests {
             (414, None, Kind::UrlTooLong),
             (401, Some("PGRST301"), Kind::KeyRefused),
             (404, Some("PGRST205"), Kind::MissingTable),
-            (404, Some("42883"), Kind::MissingFunction),
+            (404, Some("42883"), Kind::Unexpected),
+            (403, Some("42501"), Kind::NotGranted),
             (404, Some("PGRST125"), Kind::NotFound),
             (404, None, Kind::NotFound),
             (400, Some("PGRST204"), Kind::MissingColumn),

@@ -152,6 +152,20 @@ impl ParallelScan {
         }
     }
 
+    /// Pages already in hand (the in-memory store's scan).
+    #[cfg(test)]
+    pub fn from_pages(pages: Vec<anyhow::Result<Vec<RawRow>>>) -> ParallelScan {
+        let (tx, rx) = tokio::sync::mpsc::channel(pages.len().max(1));
+        for p in pages {
+            tx.try_send(p).expect("room for every page");
+        }
+        ParallelScan {
+            pages: rx,
+            _tasks: tokio::task::JoinSet::new(),
+            rows_read: 0,
+        }
+    }
+
     /// The next page from any range; None once every range is done. An
     /// error stops the scan (dropping it aborts the other ranges).
     pub async fn next_page(&mut self) -> anyhow::Result<Option<Vec<RawRow>>> {
@@ -257,6 +271,48 @@ pub async fn read_stored_where(
             }
         }
     }
+}
+
+/// The newest month stored (`month_year` sorts as time), if any.
+pub async fn newest_month(client: &Client) -> anyhow::Result<Option<Month>> {
+    let q: Query = vec![
+        ("select".into(), "month_year".into()),
+        ("order".into(), "month_year.desc".into()),
+        ("limit".into(), "1".into()),
+    ];
+    let rows: Vec<serde_json::Value> = client
+        .select(MONTHLY_TABLE, &q)
+        .await
+        .with_context(|| format!("reading {MONTHLY_TABLE}"))?;
+    Ok(rows
+        .first()
+        .and_then(|r| r["month_year"].as_str())
+        .and_then(Month::parse))
+}
+
+/// A month's keys, most requests first, at most `n`.
+pub async fn top_of_month(
+    client: &Client,
+    month: Month,
+    n: usize,
+) -> anyhow::Result<Vec<(Key, Totals)>> {
+    let q: Query = vec![
+        ("select".into(), stored_columns(false)),
+        ("month_year".into(), format!("eq.{month}")),
+        (
+            "order".into(),
+            "request_count.desc.nullslast,portal_id.asc".into(),
+        ),
+        ("limit".into(), n.to_string()),
+    ];
+    let rows: Vec<StoredRow> = client
+        .select(MONTHLY_TABLE, &q)
+        .await
+        .with_context(|| format!("reading {MONTHLY_TABLE}"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| Some((r.key()?, r.totals())))
+        .collect())
 }
 
 /// The stored state of the given keys (those that exist), read month by
@@ -472,7 +528,7 @@ pub async fn write_states(
     Ok(stats)
 }
 
-fn judge(
+pub(crate) fn judge(
     sent: &[(Key, Totals)],
     answered: &HashMap<Key, Totals>,
     with_watermark: bool,

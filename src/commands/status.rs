@@ -9,17 +9,17 @@ use serde_json::json;
 use super::{connect, report_error};
 use crate::cli::{Global, StatusArgs};
 use crate::exit::Status;
-use crate::postgrest::Client;
 use crate::preflight;
-use crate::state::{JobState, StateRow, MIGRATION_FILE};
-use crate::tables;
+use crate::state::{StateRow, MIGRATION_FILE};
+use crate::store::rest::RestStore;
+use crate::store::Store;
 
 pub async fn run(args: StatusArgs, global: &Global) -> Status {
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
         Err(e) => return report_error(&e, None),
     };
-    let gathered = gather(&client).await;
+    let gathered = gather(&RestStore::new(client)).await;
     let (installed, state, newest, facts) = match gathered {
         Ok(g) => g,
         Err(e) => return report_error(&e, Some(&config)),
@@ -99,20 +99,19 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
 
 type Gathered = (bool, StateRow, Option<i64>, Option<preflight::Facts>);
 
-async fn gather(client: &Client) -> anyhow::Result<Gathered> {
-    let state = JobState::new(client);
-    let installed = state.installed().await?;
+async fn gather(store: &impl Store) -> anyhow::Result<Gathered> {
+    let installed = store.installed().await?;
     let (row, facts) = if installed {
         (
-            state.read().await?.unwrap_or_default(),
-            Some(state.preflight().await?),
+            store.state().await?.unwrap_or_default(),
+            Some(store.preflight().await?),
         )
     } else {
         (StateRow::default(), None)
     };
     // Minus the cursor, the newest id bounds the backlog (ids skipped by
     // rolled-back inserts make it an overestimate, never an under-).
-    let newest = tables::newest_id(client).await?;
+    let newest = store.newest_id().await?;
     Ok((installed, row, (newest > 0).then_some(newest), facts))
 }
 

@@ -9,7 +9,8 @@ use crate::engine::rebuild::{self, Marks, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
 use crate::progress::Progress;
-use crate::state::JobState;
+use crate::store::rest::RestStore;
+use crate::store::Store;
 
 /// Verify waits for writers as briefly as aggregate does by default.
 const HORIZON_WAIT: Duration = Duration::from_millis(2000);
@@ -22,19 +23,19 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     let result = async {
-        let state = JobState::new(&client);
-        let marks = if state.installed().await? {
-            let cursor = state.read().await?.and_then(|s| s.cursor_id);
+        let store = RestStore::new(client.clone());
+        let marks = if store.installed().await? {
+            let cursor = store.state().await?.and_then(|s| s.cursor_id);
             Some(Marks {
                 cursor,
-                horizon: state.safe_horizon(HORIZON_WAIT).await?,
+                horizon: store.safe_horizon(HORIZON_WAIT).await?,
             })
         } else {
             None
         };
         let progress = Progress::for_terminal(global.quiet || global.json);
         rebuild::recount(
-            &client,
+            &store,
             scope,
             marks,
             args.connection.page_size,

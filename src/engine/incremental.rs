@@ -13,14 +13,10 @@
 
 use std::collections::HashMap;
 
-use chrono::Utc;
-
 use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Totals};
 use crate::failpoint;
-use crate::postgrest::{Client, Query};
-use crate::state::JobState;
-use crate::tables::{self, ParallelScan, RawScan};
+use crate::store::{RawFilter, Store, StoredFilter};
 
 /// The lease was lost mid-run (it expired and another run took it): stop at
 /// the next safe point. What was written is correct; exit 75.
@@ -32,19 +28,18 @@ pub struct LeaseLost {
 
 /// Counts rows in (cursor, horizon], in batches of about `opts.batch_rows`.
 /// `owner` is the lease holder to renew after each batch (None when dry).
-pub async fn run(
-    client: &Client,
+pub async fn run<S: Store>(
+    store: &S,
     cursor: i64,
     horizon: i64,
     owner: Option<&str>,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
-    let state = JobState::new(client);
     // Keys a run that died (or one running now) wrote past the cursor: for
     // them, rows up to their watermark are counted already.
-    let mut dirty = HashMap::new();
-    let filter: Query = vec![("last_request_id".into(), format!("gt.{cursor}"))];
-    tables::read_stored_where(client, &filter, true, &mut dirty, opts.page_size).await?;
+    let dirty = store
+        .stored(StoredFilter::WatermarkAbove(cursor), true, opts.page_size)
+        .await?;
     if !dirty.is_empty() {
         tracing::info!(
             keys = dirty.len(),
@@ -77,14 +72,7 @@ pub async fn run(
                 .get(k)
                 .map_or(start, |t: &Totals| t.last_request_id.max(start))
         };
-        let mut scan = ParallelScan::start(
-            client,
-            Query::new(),
-            start,
-            end,
-            opts.page_size,
-            opts.concurrency,
-        );
+        let mut scan = store.scan(RawFilter::All, start, end, opts.page_size, opts.concurrency);
         while let Some(page) = scan.next_page().await? {
             for row in &page {
                 fold.add(row, |k, id| id > floor(k));
@@ -100,11 +88,11 @@ pub async fn run(
         }
         outcome.rows_counted += fold.good_rows();
         touched.extend(fold.groups.keys().copied());
-        let changes = settle(client, &fold, start, end, &dirty, opts).await?;
+        let changes = settle(store, &fold, start, end, &dirty, opts).await?;
         if !opts.dry_run {
             if !changes.is_empty() {
                 let states: Vec<_> = changes.iter().map(|c| (c.key, c.after)).collect();
-                let w = tables::write_states(client, &states, true, Utc::now().naive_utc()).await?;
+                let w = store.write(&states, true).await?;
                 outcome.write.absorb(w);
             }
             if !outcome.write.lost.is_empty() {
@@ -113,11 +101,11 @@ pub async fn run(
                 break;
             }
             failpoint::hit("before-cursor");
-            let now = state.advance(end).await?;
+            let now = store.advance(end).await?;
             failpoint::hit("after-cursor");
             outcome.cursor = Some((Some(cursor), now));
             if let Some(owner) = owner {
-                if end < horizon && !state.renew(owner, opts.lease_ttl).await? {
+                if end < horizon && !store.renew(owner, opts.lease_ttl).await? {
                     return Err(LeaseLost { cursor: now }.into());
                 }
             }
@@ -139,16 +127,16 @@ pub async fn run(
 /// stored watermark, up to `end`. The rows folded assumed the watermark read
 /// before the scan; when another run has written the key since, its rows
 /// are read again from the new watermark (rare: only under overlap).
-async fn settle(
-    client: &Client,
+async fn settle<S: Store>(
+    store: &S,
     fold: &Fold,
     start: i64,
     end: i64,
     dirty: &HashMap<Key, Totals>,
     opts: &Options,
 ) -> anyhow::Result<Vec<Change>> {
-    let stored =
-        tables::read_stored_for(client, fold.groups.keys().copied(), true, opts.page_size).await?;
+    let keys: Vec<Key> = fold.groups.keys().copied().collect();
+    let stored = store.stored_for(&keys, opts.page_size).await?;
     let mut changes = Vec::new();
     for (key, delta) in &fold.groups {
         let before = stored.get(key).copied();
@@ -163,7 +151,7 @@ async fn settle(
             continue; // another run counted this key further than we read
         } else {
             tracing::info!(%key, from, "key written by another run meanwhile; recounting its rows");
-            recount_key(client, *key, from, end, opts.page_size).await?
+            recount_key(store, *key, from, end, opts.page_size).await?
         };
         if delta.requests > 0 {
             changes.push(Change {
@@ -177,18 +165,14 @@ async fn settle(
 }
 
 /// One key's rows in (after, upto].
-async fn recount_key(
-    client: &Client,
+async fn recount_key<S: Store>(
+    store: &S,
     key: Key,
     after: i64,
     upto: i64,
     page_size: usize,
 ) -> anyhow::Result<Totals> {
-    let filters: Query = vec![
-        ("portal_id".into(), format!("eq.{}", key.portal_id)),
-        ("month_year".into(), format!("eq.{}", key.month)),
-    ];
-    let mut scan = RawScan::new(client, after, Some(upto), page_size).filtered(filters);
+    let mut scan = store.scan(RawFilter::Key(key), after, upto, page_size, 1);
     let mut fold = Fold::default();
     while let Some(page) = scan.next_page().await? {
         for row in &page {

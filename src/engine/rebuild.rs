@@ -8,16 +8,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use chrono::Utc;
-
 use super::incremental::LeaseLost;
 use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Month, Totals};
 use crate::failpoint;
-use crate::postgrest::{Client, Query};
 use crate::progress::Progress;
-use crate::state::JobState;
-use crate::tables::{self, ParallelScan};
+use crate::store::{RawFilter, Store, StoredFilter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -59,8 +55,8 @@ pub struct Renewal<'a> {
 /// Counts `scope`'s rows against what is stored. With `renewal`, the lease
 /// is renewed every third of its life, so a rebuild longer than the lease
 /// keeps it (and stops, exit 75, if another run took it).
-pub async fn recount(
-    client: &Client,
+pub async fn recount<S: Store>(
+    store: &S,
     scope: Scope,
     marks: Option<Marks>,
     page_size: usize,
@@ -72,19 +68,13 @@ pub async fn recount(
     // overlaps this one can write keys past the horizon (tests pause here).
     failpoint::hit("recount");
     let with_watermark = marks.is_some();
-    let scope_filter: Query = match scope {
-        Scope::All => Query::new(),
-        Scope::Month(m) => vec![("month_year".into(), format!("eq.{m}"))],
+    let (raw_filter, stored_filter) = match scope {
+        Scope::All => (RawFilter::All, StoredFilter::All),
+        Scope::Month(m) => (RawFilter::Month(m), StoredFilter::Month(m)),
     };
-    let mut stored = HashMap::new();
-    tables::read_stored_where(
-        client,
-        &scope_filter,
-        with_watermark,
-        &mut stored,
-        page_size,
-    )
-    .await?;
+    let stored = store
+        .stored(stored_filter, with_watermark, page_size)
+        .await?;
 
     let cursor = marks.and_then(|m| m.cursor).unwrap_or(0);
     // A stored row with a watermark covers its rows up to it (and, once the
@@ -114,14 +104,13 @@ pub async fn recount(
     let mut fresh = Fold::default();
     let mut reference = Fold::default();
     let mut above = Fold::default();
-    let state = JobState::new(client);
     let mut renewed = std::time::Instant::now();
     // Without the migration there is no horizon: count what is there now.
     let end = match scan_end {
         Some(e) => e,
-        None => tables::newest_id(client).await?,
+        None => store.newest_id().await?,
     };
-    let mut scan = ParallelScan::start(client, scope_filter, 0, end, page_size, concurrency);
+    let mut scan = store.scan(raw_filter, 0, end, page_size, concurrency);
     progress.scan(0, Some(end));
     while let Some(page) = scan.next_page().await? {
         for row in &page {
@@ -134,7 +123,7 @@ pub async fn recount(
         progress.advance(0, scan.rows_read as i64, Some(end), scan.rows_read);
         failpoint::hit("page");
         if let Some(r) = renewal.filter(|r| renewed.elapsed() >= r.ttl / 3) {
-            if !state.renew(r.owner, r.ttl).await? {
+            if !store.renew(r.owner, r.ttl).await? {
                 return Err(LeaseLost {
                     cursor: marks.and_then(|m| m.cursor).unwrap_or(0),
                 }
@@ -268,8 +257,8 @@ pub struct Plan {
 
 /// Rebuilds `scope`, and with the migration and the whole table in scope,
 /// moves the cursor to the horizon (for a rebase, ends the rebase too).
-pub async fn run(
-    client: &Client,
+pub async fn run<S: Store>(
+    store: &S,
     scope: Scope,
     marks: Option<Marks>,
     rebase: bool,
@@ -280,7 +269,7 @@ pub async fn run(
         ttl: opts.lease_ttl,
     });
     let rc = recount(
-        client,
+        store,
         scope,
         marks,
         opts.page_size,
@@ -314,12 +303,9 @@ pub async fn run(
     };
     outcome.keys_changed = plan.writes.len();
     if !opts.dry_run {
-        let state = JobState::new(client);
         if !plan.writes.is_empty() {
             let states: Vec<_> = plan.writes.iter().map(|c| (c.key, c.after)).collect();
-            outcome.write =
-                tables::write_states(client, &states, marks.is_some(), Utc::now().naive_utc())
-                    .await?;
+            outcome.write = store.write(&states, marks.is_some()).await?;
             outcome.keys_changed = outcome.write.written;
         }
         if let Some(m) = marks {
@@ -335,13 +321,13 @@ pub async fn run(
                 Scope::Month(m) => m.to_string(),
                 Scope::All => "all".to_string(),
             };
-            outcome.refusals_standing.count = state.record_refusals(&scope_name, &refused).await?;
+            outcome.refusals_standing.count = store.record_refusals(&scope_name, &refused).await?;
             if let (Scope::All, true) = (scope, outcome.write.lost.is_empty()) {
                 failpoint::hit("before-cursor");
                 let now = if rebase {
-                    state.finish_rebase(m.horizon).await?
+                    store.finish_rebase(m.horizon).await?
                 } else {
-                    state.advance(m.horizon).await?
+                    store.advance(m.horizon).await?
                 };
                 failpoint::hit("after-cursor");
                 outcome.cursor = Some((m.cursor, now));

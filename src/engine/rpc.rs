@@ -4,14 +4,11 @@
 //! serves: SQL aggregates millions of rows a second where paging moves
 //! about a hundred thousand.
 
-use serde::Deserialize;
-use serde_json::json;
-
 use super::{Mode, Options, Outcome};
 use crate::aggregation::BadReason;
 use crate::failpoint;
-use crate::postgrest::{Client, Idempotent};
-use crate::state::{HorizonNotSafe, JobState, JOB};
+use crate::state::HorizonNotSafe;
+use crate::store::Store;
 
 /// Ids per batch. Measured (docs/benchmarks.md): a batch of 1,000,000 rows
 /// into 30,000 keys takes under a second on 2 cores, leaving a wide margin
@@ -23,36 +20,15 @@ pub const DEFAULT_BATCH_IDS: u64 = 1_000_000;
 #[error("another usage_agg_rpc_batch call is running for this job; it is doing this work")]
 pub struct BatchBusy;
 
-/// What one call answered (the migration's `usage_agg_rpc_batch`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct Batch {
-    busy: bool,
-    needs_rebuild: bool,
-    from: Option<i64>,
-    to: Option<i64>,
-    horizon: Option<i64>,
-    writers_in_flight: i64,
-    prepared_in_flight: i64,
-    rows: u64,
-    keys: usize,
-    new_keys: usize,
-    bad: u64,
-    bad_ids: Vec<i64>,
-    raced_keys: u64,
-    done: bool,
-}
-
 /// Calls batches until the cursor reaches the safe horizon. The caller has
 /// made sure the first rebuild happened (cursor set).
-pub async fn run(
-    client: &Client,
+pub async fn run<S: Store>(
+    store: &S,
     cursor: i64,
     owner: Option<&str>,
     batch_ids: u64,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
-    let state = JobState::new(client);
     let mut outcome = Outcome {
         mode: Mode::Rpc { batches: 0 },
         dry_run: opts.dry_run,
@@ -61,17 +37,8 @@ pub async fn run(
     let mut batches = 0;
     let mut last;
     loop {
-        let args = json!({
-            "p_job": JOB,
-            "p_batch_ids": batch_ids,
-            "p_max_wait_ms": opts.horizon_wait.as_millis() as u64,
-            "p_dry_run": opts.dry_run,
-        });
-        // Safe to send again: a batch whose answer was lost either did not
-        // commit (and is done again) or did (and the cursor moved past it,
-        // so the next call starts where it ended).
-        let b: Batch = client
-            .rpc("usage_agg_rpc_batch", &args, Idempotent::Yes)
+        let b = store
+            .rpc_batch(batch_ids, opts.horizon_wait, opts.dry_run)
             .await?;
         if b.busy {
             return Err(BatchBusy.into());
@@ -121,7 +88,7 @@ pub async fn run(
             break;
         }
         if let Some(owner) = owner {
-            if !state.renew(owner, opts.lease_ttl).await? {
+            if !store.renew(owner, opts.lease_ttl).await? {
                 return Err(super::incremental::LeaseLost { cursor: to }.into());
             }
         }

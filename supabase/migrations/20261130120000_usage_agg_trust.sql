@@ -242,8 +242,9 @@ BEGIN
    WHERE job = p_job AND lease_owner = p_owner AND lease_expires_at > now()
      FOR UPDATE;
   IF NOT FOUND THEN
-    RAISE EXCEPTION 'usage_agg_rebase: % does not hold the lease of job %', p_owner, p_job
-      USING ERRCODE = '55P03';
+    -- P0001 (400), not a lock error: PostgREST answers those 500, which a
+    -- client retries, and this refusal will not go away by itself.
+    RAISE EXCEPTION 'usage_agg_rebase: % does not hold the lease of job %', p_owner, p_job;
   END IF;
   PERFORM set_config('usage_agg.rebase', 'on', true);
   UPDATE public.portal_usage_monthly SET last_request_id = 0 WHERE last_request_id <> 0;

@@ -1,0 +1,375 @@
+//! A run's life, from the migration check to the run record: what
+//! `usage-agg aggregate` does once its arguments are turned into a [`Job`].
+//! It picks the engine, holds the lease, reads the marks (cursor and safe
+//! horizon), checks the assumptions first, and records how the run ended
+//! (the label from [`crate::engine::Verdict`]). It knows only the
+//! [`Store`], so it runs the same against PostgREST and in memory.
+
+use std::time::Duration;
+
+use crate::cli::Engine;
+use crate::engine::rebuild::{self, Marks, Scope};
+use crate::engine::{incremental, rpc, Mode, Options, Outcome, Refusals, UsageError};
+use crate::exit::{self, Status};
+use crate::preflight;
+use crate::state::{self, LeaseHeld, MIGRATION_FILE};
+use crate::store::Store;
+
+/// What to run, decided from the command line once.
+pub struct Job {
+    /// Every key, or one month's (`--month`).
+    pub scope: Scope,
+    /// Recompute every key in scope (`--full`), rather than new rows only.
+    pub full: bool,
+    /// Reset the cursor and the watermarks first (`--rebase`).
+    pub rebase: bool,
+    pub engine: Engine,
+    /// Ids per server-side batch.
+    pub batch_ids: u64,
+    pub opts: Options,
+    /// Who this run is in the lease.
+    pub owner: String,
+}
+
+impl Job {
+    /// Runs the job; `warnings` collects what the operator should read even
+    /// when the run succeeds.
+    pub async fn run<S: Store>(
+        mut self,
+        store: &S,
+        warnings: &mut Vec<String>,
+    ) -> anyhow::Result<Outcome> {
+        if self.rebase {
+            self.opts.allow_decrease = true;
+        }
+        if !store.installed().await? {
+            if self.rebase {
+                return Err(UsageError(format!(
+                    "--rebase resets the cursor and the watermarks, which only exist with the migrations; \
+                     without them every run recomputes every key anyway: run without --rebase, or apply \
+                     {MIGRATION_FILE} first"
+                ))
+                .into());
+            }
+            warnings.push(format!(
+                "the usage-agg migration is not applied, so every key is recomputed from all rows (slow on big \
+                 tables, and overlapping runs are not guarded); apply {MIGRATION_FILE} (`usage-agg sql | psql`)"
+            ));
+            return rebuild::run(store, self.scope, None, false, &self.opts).await;
+        }
+
+        // Before anything is counted: the assumptions the counts rest on.
+        let facts = store.preflight().await?;
+        let blocking: Vec<_> = preflight::problems(&facts)
+            .into_iter()
+            .filter(|p| !(self.rebase && p.rebase_repairs()))
+            .collect();
+        if !blocking.is_empty() {
+            return Err(preflight::Refused(blocking).into());
+        }
+
+        let dry_run = self.opts.dry_run;
+        let cursor = if dry_run {
+            facts.cursor
+        } else {
+            let cursor = take_lease(store, &self.owner, self.opts.lease_ttl, warnings).await?;
+            self.opts.owner = Some(self.owner.clone());
+            cursor
+        };
+        let result = self.count(store, cursor, &facts, warnings).await;
+        if !dry_run {
+            let (label, rows) = match &result {
+                Ok(o) => (o.verdict().label(), o.rows_counted),
+                Err(e) if exit::classify(e) == Status::TempFail => ("stopped", 0),
+                Err(_) => ("failed", 0),
+            };
+            if let Err(e) = store.finish(&self.owner, label, rows).await {
+                tracing::warn!("could not record the run's outcome: {e:#}");
+            }
+        }
+        result
+    }
+
+    /// The counting itself, once the lease is held (or, dry, not needed).
+    async fn count<S: Store>(
+        &self,
+        store: &S,
+        cursor: Option<i64>,
+        facts: &preflight::Facts,
+        warnings: &mut Vec<String>,
+    ) -> anyhow::Result<Outcome> {
+        let opts = &self.opts;
+        let horizon = store.safe_horizon(opts.horizon_wait).await?;
+        if self.rebase {
+            let lowered = store.rebase(&self.owner).await?;
+            tracing::info!(keys = lowered, "watermarks reset for the rebase");
+            let marks = Marks {
+                cursor: None,
+                horizon,
+            };
+            return rebuild::run(store, Scope::All, Some(marks), true, opts).await;
+        }
+        let restored = if facts.deleted_keys > 0 && !opts.dry_run {
+            store.restore_deleted_keys().await?
+        } else {
+            Vec::new()
+        };
+        if !restored.is_empty() {
+            warnings.push(format!(
+                "{} keys had their portal_usage_monthly row deleted; rebuilt from all their rows: {}",
+                restored.len(),
+                restored.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let marks = Marks { cursor, horizon };
+        let owner = (!opts.dry_run).then_some(self.owner.as_str());
+        let incremental = self.scope == Scope::All && !self.full;
+        let mut outcome = match cursor {
+            Some(c) if incremental && self.engine == Engine::Rpc => {
+                rpc::run(store, c, owner, self.batch_ids, opts).await?
+            }
+            Some(c) if incremental => incremental::run(store, c, horizon, owner, opts).await?,
+            _ => rebuild::run(store, self.scope, Some(marks), false, opts).await?,
+        };
+        if matches!(outcome.mode, Mode::Incremental | Mode::Rpc { .. }) || opts.dry_run {
+            outcome.refusals_standing = Refusals {
+                count: facts.refused_keys,
+                since: facts.refused_since.clone(),
+                examples: facts.refused_examples.clone(),
+            };
+        }
+        outcome.restored_keys = restored;
+        Ok(outcome)
+    }
+}
+
+/// Takes the lease, or takes it over from a run on this host whose process
+/// is gone; returns the cursor.
+async fn take_lease<S: Store>(
+    store: &S,
+    owner: &str,
+    ttl: Duration,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<Option<i64>> {
+    let lease = store.acquire(owner, ttl, None).await?;
+    if lease.acquired {
+        return Ok(lease.cursor);
+    }
+    if state::owner_is_dead_here(&lease.owner) {
+        let taken = store.acquire(owner, ttl, Some(&lease.owner)).await?;
+        if taken.acquired {
+            warnings.push(format!(
+                "took over the lease from {}, whose process is gone",
+                lease.owner
+            ));
+            return Ok(taken.cursor);
+        }
+    }
+    Err(LeaseHeld {
+        owner: lease.owner,
+        since: lease.since.unwrap_or_default(),
+        expires_at: lease.expires_at.unwrap_or_default(),
+    }
+    .into())
+}
+
+/// The contract checked in memory, in milliseconds: the same properties the
+/// integration tests check against PostgreSQL (docs/semantics.md, "Traps
+/// and the tests that cover them"), for the logic of the engines and the job.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregation::Month;
+    use crate::engine::Verdict;
+    use crate::progress::Progress;
+    use crate::store::memory::{Kill, MemoryStore};
+
+    fn job(scope: Scope, full: bool, allow_decrease: bool, batch_rows: u64) -> Job {
+        Job {
+            scope,
+            full,
+            rebase: false,
+            engine: Engine::Rest,
+            batch_ids: 1_000_000,
+            opts: Options {
+                dry_run: false,
+                page_size: 7,
+                batch_rows,
+                allow_decrease,
+                owner: None,
+                lease_ttl: Duration::from_secs(600),
+                horizon_wait: Duration::from_millis(10),
+                progress: Progress::for_terminal(true),
+                concurrency: 2,
+            },
+            owner: "test@memory:1".into(),
+        }
+    }
+
+    async fn run(store: &MemoryStore, j: Job) -> anyhow::Result<Outcome> {
+        j.run(store, &mut Vec::new()).await
+    }
+
+    /// A reproducible workload: `n` rows over a few portals and months.
+    fn rows(seed: u64, n: usize) -> Vec<(i64, &'static str, bool)> {
+        const MONTHS: [&str; 3] = ["2025-05", "2025-06", "2025-07"];
+        (0..n as u64)
+            .map(|i| {
+                let x = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(i.wrapping_mul(1_442_695_040_888_963_407))
+                    >> 33;
+                (
+                    1 + (x % 5) as i64,
+                    MONTHS[(x / 5 % 3) as usize],
+                    x % 10 != 0,
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_first_run_rebuilds_and_later_runs_count_only_new_rows() {
+        let store = MemoryStore::default();
+        store.insert(&rows(1, 40));
+        let first = run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        assert_eq!(first.mode, Mode::Rebuild { first_run: true });
+        assert_eq!(store.cursor(), Some(40));
+        store.insert(&rows(2, 25));
+        let next = run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        assert_eq!((next.mode, next.rows_read), (Mode::Incremental, 25));
+        assert_eq!(store.counts(), store.truth());
+        assert!(store.consistent());
+        assert_eq!(store.outcome().as_deref(), Some("ok"));
+    }
+
+    #[tokio::test]
+    async fn a_run_killed_at_any_point_is_finished_by_the_next_with_every_row_counted_once() {
+        let kills = (1..=4).flat_map(|n| [Kill::Page(n), Kill::Write(n), Kill::Advance(n)]);
+        let mut died = 0;
+        for (round, kill) in kills.enumerate() {
+            let store = MemoryStore::default();
+            store.insert(&rows(round as u64, 30));
+            run(&store, job(Scope::All, false, false, 6)).await.unwrap();
+            store.insert(&rows(100 + round as u64, 45));
+            store.kill_at(kill);
+            let killed = run(&store, job(Scope::All, false, false, 6)).await;
+            assert!(store.consistent(), "{kill:?}: the invariant holds mid-way");
+            if store.was_killed() {
+                died += 1;
+                assert!(killed.is_err(), "{kill:?}");
+                store.restart();
+            }
+            run(&store, job(Scope::All, false, false, 6)).await.unwrap();
+            assert_eq!(store.counts(), store.truth(), "{kill:?}");
+            assert!(store.consistent(), "{kill:?}");
+        }
+        assert!(died >= 9, "only {died} of 12 kill points were reached");
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_makes_a_second_run_step_aside() {
+        let store = MemoryStore::default();
+        store.insert(&rows(3, 10));
+        store
+            .acquire("someone@elsewhere:7", Duration::from_secs(60), None)
+            .await
+            .unwrap();
+        let err = run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap_err();
+        assert_eq!(exit::classify(&err), Status::TempFail);
+        assert!(store.counts().is_empty());
+        store.expire_lease();
+        run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        assert_eq!(store.counts(), store.truth());
+    }
+
+    #[tokio::test]
+    async fn a_refused_decrease_keeps_counting_new_rows_and_is_not_a_success() {
+        let store = MemoryStore::default();
+        store.insert(&[(1, "2025-05", true); 5]);
+        run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        store.delete_raw(&[1, 2]);
+        store.insert(&[(1, "2025-05", true); 3]);
+        let full = run(&store, job(Scope::All, true, false, 10)).await.unwrap();
+        assert_eq!(full.verdict(), Verdict::DecreasesRefused);
+        assert_eq!(store.outcome().as_deref(), Some("decreases_refused"));
+        let key = *store.monthly().keys().next().unwrap();
+        assert_eq!(
+            store.monthly()[&key].requests,
+            8,
+            "5 stored, 3 new; the 2 gone stand"
+        );
+        // Every later run says so, and still counts.
+        store.insert(&[(1, "2025-05", false)]);
+        let next = run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        assert_eq!(
+            (next.verdict(), store.monthly()[&key].requests),
+            (Verdict::DecreasesRefused, 9)
+        );
+        let fixed = run(&store, job(Scope::All, true, true, 10)).await.unwrap();
+        assert_eq!(fixed.verdict(), Verdict::Ok);
+        assert_eq!(store.counts(), store.truth());
+    }
+
+    #[tokio::test]
+    async fn a_month_rebuild_lowers_only_its_month_and_only_when_allowed() {
+        let store = MemoryStore::default();
+        store.insert(&[
+            (1, "2025-05", true),
+            (1, "2025-05", true),
+            (2, "2025-06", true),
+        ]);
+        run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        store.delete_raw(&[1]);
+        let june = Month {
+            year: 2025,
+            month: 6,
+        };
+        let may = Month {
+            year: 2025,
+            month: 5,
+        };
+        let o = run(&store, job(Scope::Month(june), false, true, 10))
+            .await
+            .unwrap();
+        assert_eq!(o.verdict(), Verdict::Ok, "June has nothing to lower");
+        let o = run(&store, job(Scope::Month(may), false, false, 10))
+            .await
+            .unwrap();
+        assert_eq!(
+            (o.verdict(), o.refused_decreases.len()),
+            (Verdict::DecreasesRefused, 1)
+        );
+        run(&store, job(Scope::Month(may), false, true, 10))
+            .await
+            .unwrap();
+        assert_eq!(store.counts(), store.truth());
+        assert!(store.consistent());
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_writes_nothing_and_takes_no_lease() {
+        let store = MemoryStore::default();
+        store.insert(&rows(4, 20));
+        let mut dry = job(Scope::All, false, false, 10);
+        dry.opts.dry_run = true;
+        let o = run(&store, dry).await.unwrap();
+        assert!(o.keys_changed > 0);
+        assert!(store.monthly().is_empty());
+        assert_eq!((store.cursor(), store.outcome()), (None, None));
+    }
+}

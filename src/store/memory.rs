@@ -1,0 +1,445 @@
+//! A [`Store`] in memory, for unit tests of the engines and the job: the
+//! same contract as the database (the watermark guard, the cursor that
+//! never moves back, the lease, the refusals), and kill points: after a
+//! chosen number of calls of one kind the store "dies" (every later call
+//! fails, as the process would have), and [`MemoryStore::restart`] brings
+//! it back for the next run.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Batch, RawFilter, Store, StoredFilter};
+use crate::aggregation::{validate, Fold, Key, Month, RawRow, Totals};
+use crate::preflight::Facts;
+use crate::state::{Lease, StateRow};
+use crate::tables::{judge, ParallelScan, WriteStats};
+
+/// Where a test kills the store: the `n`th call (from 1) of this kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// A page of a scan.
+    Page(usize),
+    /// A write of totals (the write is lost with the process).
+    Write(usize),
+    /// A cursor move (it does not happen).
+    Advance(usize),
+}
+
+#[derive(Default)]
+struct Inner {
+    raw: BTreeMap<i64, RawRow>,
+    seq: i64,
+    monthly: BTreeMap<Key, Totals>,
+    cursor: Option<i64>,
+    lease: Option<String>,
+    lease_expired: bool,
+    outcome: Option<String>,
+    refused: BTreeMap<Key, (i64, i64)>,
+    kill: Option<Kill>,
+    pages: usize,
+    writes: usize,
+    advances: usize,
+    dead: bool,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: RefCell<Inner>,
+}
+
+fn killed() -> anyhow::Error {
+    anyhow::anyhow!("the process was killed (memory store)")
+}
+
+impl MemoryStore {
+    /// Appends rows `(portal, month, success)` with ids from the sequence.
+    pub fn insert(&self, rows: &[(i64, &str, bool)]) {
+        let mut s = self.inner.borrow_mut();
+        for (portal, month, ok) in rows {
+            s.seq += 1;
+            let id = s.seq;
+            s.raw.insert(
+                id,
+                RawRow {
+                    id,
+                    portal_id: json!(portal),
+                    month_year: json!(month),
+                    success: json!(ok),
+                    request_timestamp: json!(format!("{month}-02T10:00:{:02}", id % 60)),
+                },
+            );
+        }
+    }
+
+    /// Deletes raw rows by id (a duplicate delivery removed).
+    pub fn delete_raw(&self, ids: &[i64]) {
+        let mut s = self.inner.borrow_mut();
+        for id in ids {
+            s.raw.remove(id);
+        }
+    }
+
+    /// Kills the store at `kill` during the next run.
+    pub fn kill_at(&self, kill: Kill) {
+        let mut s = self.inner.borrow_mut();
+        s.kill = Some(kill);
+        s.pages = 0;
+        s.writes = 0;
+        s.advances = 0;
+    }
+
+    /// After a kill: the next process starts; the dead one's lease is gone.
+    pub fn restart(&self) {
+        let mut s = self.inner.borrow_mut();
+        s.dead = false;
+        s.kill = None;
+        s.lease = None;
+    }
+
+    /// Whether the last run's process was killed.
+    pub fn was_killed(&self) -> bool {
+        self.inner.borrow().dead
+    }
+
+    /// Makes the lease run out, as under a stalled run.
+    pub fn expire_lease(&self) {
+        self.inner.borrow_mut().lease_expired = true;
+    }
+
+    pub fn cursor(&self) -> Option<i64> {
+        self.inner.borrow().cursor
+    }
+
+    pub fn outcome(&self) -> Option<String> {
+        self.inner.borrow().outcome.clone()
+    }
+
+    pub fn monthly(&self) -> BTreeMap<Key, Totals> {
+        self.inner.borrow().monthly.clone()
+    }
+
+    /// What the table must hold: every good row, per key (watermarks aside).
+    pub fn truth(&self) -> BTreeMap<Key, (i64, i64, i64)> {
+        let s = self.inner.borrow();
+        let mut fold = Fold::default();
+        for row in s.raw.values() {
+            fold.add(row, |_, _| true);
+        }
+        fold.groups
+            .into_iter()
+            .map(|(k, t)| (k, (t.requests, t.successes, t.errors)))
+            .collect()
+    }
+
+    /// The stored counts, keys with none left out.
+    pub fn counts(&self) -> BTreeMap<Key, (i64, i64, i64)> {
+        self.monthly()
+            .into_iter()
+            .filter(|(_, t)| t.requests != 0)
+            .map(|(k, t)| (k, (t.requests, t.successes, t.errors)))
+            .collect()
+    }
+
+    /// The invariant of docs/semantics.md: each stored key holds exactly
+    /// its good rows up to its own watermark.
+    pub fn consistent(&self) -> bool {
+        let s = self.inner.borrow();
+        s.monthly.iter().all(|(key, t)| {
+            let mut fold = Fold::default();
+            for row in s.raw.values().filter(|r| r.id <= t.last_request_id) {
+                fold.add(row, |k, _| k == key);
+            }
+            let truth = fold.groups.get(key).copied().unwrap_or_default();
+            (truth.requests, truth.successes, truth.errors) == (t.requests, t.successes, t.errors)
+        })
+    }
+
+    fn alive(&self) -> anyhow::Result<()> {
+        if self.inner.borrow().dead {
+            return Err(killed());
+        }
+        Ok(())
+    }
+
+    /// Counts a call of one kind; true when this is the one to die at.
+    fn dies(&self, kind: fn(usize) -> Kill, count: impl Fn(&mut Inner) -> &mut usize) -> bool {
+        let mut s = self.inner.borrow_mut();
+        let n = {
+            let c = count(&mut s);
+            *c += 1;
+            *c
+        };
+        if s.kill == Some(kind(n)) {
+            s.dead = true;
+        }
+        s.dead
+    }
+}
+
+fn matches(filter: RawFilter, row: &RawRow) -> bool {
+    match filter {
+        RawFilter::All => true,
+        RawFilter::Month(m) => row.month_year.as_str() == Some(&m.to_string()),
+        RawFilter::Key(k) => validate(row).is_ok_and(|g| g.key == k),
+    }
+}
+
+impl Store for MemoryStore {
+    fn scan(
+        &self,
+        filter: RawFilter,
+        after: i64,
+        upto: i64,
+        page_size: usize,
+        _concurrency: usize,
+    ) -> ParallelScan {
+        let rows: Vec<RawRow> = self
+            .inner
+            .borrow()
+            .raw
+            .range(after + 1..=upto.max(after))
+            .map(|(_, r)| r.clone())
+            .filter(|r| matches(filter, r))
+            .collect();
+        let mut pages = Vec::new();
+        for chunk in rows.chunks(page_size.max(1)) {
+            if self.dies(Kill::Page, |s| &mut s.pages) {
+                pages.push(Err(killed()));
+                break;
+            }
+            pages.push(Ok(chunk.to_vec()));
+        }
+        ParallelScan::from_pages(pages)
+    }
+
+    async fn newest_id(&self) -> anyhow::Result<i64> {
+        self.alive()?;
+        Ok(self
+            .inner
+            .borrow()
+            .raw
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0))
+    }
+
+    async fn stored(
+        &self,
+        filter: StoredFilter,
+        _with_watermark: bool,
+        _page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>> {
+        self.alive()?;
+        Ok(self
+            .inner
+            .borrow()
+            .monthly
+            .iter()
+            .filter(|(k, t)| match filter {
+                StoredFilter::All => true,
+                StoredFilter::Month(m) => k.month == m,
+                StoredFilter::WatermarkAbove(id) => t.last_request_id > id,
+                StoredFilter::Portal(p) => k.portal_id == p,
+            })
+            .map(|(k, t)| (*k, *t))
+            .collect())
+    }
+
+    async fn stored_for(
+        &self,
+        keys: &[Key],
+        _page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>> {
+        self.alive()?;
+        let s = self.inner.borrow();
+        Ok(keys
+            .iter()
+            .filter_map(|k| s.monthly.get(k).map(|t| (*k, *t)))
+            .collect())
+    }
+
+    async fn newest_month(&self) -> anyhow::Result<Option<Month>> {
+        self.alive()?;
+        Ok(self.inner.borrow().monthly.keys().map(|k| k.month).max())
+    }
+
+    async fn top_of_month(&self, month: Month, n: usize) -> anyhow::Result<Vec<(Key, Totals)>> {
+        self.alive()?;
+        let mut v: Vec<(Key, Totals)> = self
+            .inner
+            .borrow()
+            .monthly
+            .iter()
+            .filter(|(k, _)| k.month == month)
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        v.sort_by_key(|(k, t)| (-t.requests, k.portal_id));
+        v.truncate(n);
+        Ok(v)
+    }
+
+    /// Writes as the database does, the guard included: a write that would
+    /// lower a watermark keeps the row as it is.
+    async fn write(
+        &self,
+        states: &[(Key, Totals)],
+        with_watermark: bool,
+    ) -> anyhow::Result<WriteStats> {
+        self.alive()?;
+        if self.dies(Kill::Write, |s| &mut s.writes) {
+            return Err(killed());
+        }
+        let mut s = self.inner.borrow_mut();
+        let mut answered = HashMap::new();
+        for (key, t) in states {
+            let kept = s
+                .monthly
+                .get(key)
+                .filter(|old| with_watermark && t.last_request_id < old.last_request_id)
+                .copied();
+            let now = kept.unwrap_or(*t);
+            s.monthly.insert(*key, now);
+            answered.insert(*key, now);
+        }
+        let mut stats = WriteStats {
+            bulk_requests: 1,
+            ..WriteStats::default()
+        };
+        judge(states, &answered, with_watermark, &mut stats);
+        Ok(stats)
+    }
+
+    async fn installed(&self) -> anyhow::Result<bool> {
+        self.alive()?;
+        Ok(true)
+    }
+
+    async fn state(&self) -> anyhow::Result<Option<StateRow>> {
+        self.alive()?;
+        let s = self.inner.borrow();
+        Ok(Some(StateRow {
+            cursor_id: s.cursor,
+            lease_owner: s.lease.clone(),
+            last_run_outcome: s.outcome.clone(),
+            ..StateRow::default()
+        }))
+    }
+
+    async fn acquire(
+        &self,
+        owner: &str,
+        _ttl: Duration,
+        steal_from: Option<&str>,
+    ) -> anyhow::Result<Lease> {
+        self.alive()?;
+        let mut s = self.inner.borrow_mut();
+        let free = match &s.lease {
+            None => true,
+            Some(o) => o == owner || s.lease_expired || Some(o.as_str()) == steal_from,
+        };
+        if free {
+            s.lease = Some(owner.to_string());
+            s.lease_expired = false;
+        }
+        Ok(Lease {
+            acquired: free,
+            owner: s.lease.clone().unwrap_or_default(),
+            since: None,
+            expires_at: None,
+            cursor: s.cursor,
+        })
+    }
+
+    async fn renew(&self, owner: &str, _ttl: Duration) -> anyhow::Result<bool> {
+        self.alive()?;
+        Ok(self.inner.borrow().lease.as_deref() == Some(owner))
+    }
+
+    async fn advance(&self, to: i64) -> anyhow::Result<i64> {
+        self.alive()?;
+        if self.dies(Kill::Advance, |s| &mut s.advances) {
+            return Err(killed());
+        }
+        let mut s = self.inner.borrow_mut();
+        let now = s.cursor.unwrap_or(0).max(to);
+        s.cursor = Some(now);
+        Ok(now)
+    }
+
+    async fn finish(&self, owner: &str, outcome: &str, _rows: u64) -> anyhow::Result<()> {
+        self.alive()?;
+        let mut s = self.inner.borrow_mut();
+        s.outcome = Some(outcome.to_string());
+        if s.lease.as_deref() == Some(owner) {
+            s.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn safe_horizon(&self, _wait: Duration) -> anyhow::Result<i64> {
+        self.alive()?;
+        Ok(self.inner.borrow().seq)
+    }
+
+    async fn preflight(&self) -> anyhow::Result<Facts> {
+        self.alive()?;
+        let s = self.inner.borrow();
+        let refused: Vec<String> = s.refused.keys().take(5).map(|k| k.to_string()).collect();
+        Ok(Facts {
+            sequence: Some("memory.usage_requests_id_seq".into()),
+            sequence_last_value: (s.seq > 0).then_some(s.seq),
+            sequence_cache: Some(1),
+            id_from_sequence: Some(true),
+            newest_id: s.raw.keys().next_back().copied(),
+            cursor: s.cursor,
+            highest_watermark: s.monthly.values().map(|t| t.last_request_id).max(),
+            refused_keys: s.refused.len() as u64,
+            refused_examples: refused,
+            ..Facts::default()
+        })
+    }
+
+    async fn rebase(&self, _owner: &str) -> anyhow::Result<i64> {
+        self.alive()?;
+        let mut s = self.inner.borrow_mut();
+        for t in s.monthly.values_mut() {
+            t.last_request_id = 0;
+        }
+        s.cursor = None;
+        s.refused.clear();
+        Ok(s.monthly.len() as i64)
+    }
+
+    async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64> {
+        self.advance(to).await
+    }
+
+    async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64> {
+        self.alive()?;
+        let mut s = self.inner.borrow_mut();
+        s.refused
+            .retain(|k, _| scope != "all" && k.month.to_string() != scope);
+        for (k, stored, raw) in keys {
+            s.refused.insert(*k, (*stored, *raw));
+        }
+        Ok(s.refused.len() as u64)
+    }
+
+    async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
+        self.alive()?;
+        Ok(Vec::new())
+    }
+
+    async fn rpc_batch(
+        &self,
+        _batch_ids: u64,
+        _wait: Duration,
+        _dry_run: bool,
+    ) -> anyhow::Result<Batch> {
+        anyhow::bail!("the server-side engine runs SQL: it is tested against the real stack")
+    }
+}

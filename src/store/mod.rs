@@ -1,0 +1,132 @@
+//! The Store: everything a run reads and writes, named in this domain's
+//! terms (keys, totals, the cursor, the lease), never in tables, columns or
+//! PostgREST filters. [`rest::RestStore`] is the real one, over PostgREST;
+//! the engines, the [`crate::job::Job`] and the commands know only this
+//! trait, so the engines' logic is unit-tested against an in-memory store
+//! (`memory`, tests only) in milliseconds, and the integration tests keep
+//! the real stack.
+
+pub mod rest;
+
+#[cfg(test)]
+pub mod memory;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::aggregation::{Key, Month, Totals};
+use crate::preflight::Facts;
+use crate::state::{Lease, StateRow};
+use crate::tables::{ParallelScan, WriteStats};
+
+/// Which raw rows a scan reads (besides its id range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawFilter {
+    All,
+    Month(Month),
+    Key(Key),
+}
+
+/// Which stored rows to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredFilter {
+    All,
+    Month(Month),
+    /// Keys whose watermark is above this id (counted past the cursor).
+    WatermarkAbove(i64),
+    Portal(i64),
+}
+
+/// What one server-side batch answered (`usage_agg_rpc_batch`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Batch {
+    pub busy: bool,
+    pub needs_rebuild: bool,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub horizon: Option<i64>,
+    pub writers_in_flight: i64,
+    pub prepared_in_flight: i64,
+    pub rows: u64,
+    pub keys: usize,
+    pub new_keys: usize,
+    pub bad: u64,
+    pub bad_ids: Vec<i64>,
+    pub raced_keys: u64,
+    pub done: bool,
+}
+
+/// The two tables and the job's state. Every method is one idempotent step
+/// (docs/semantics.md, "Idempotent writes"): a run that dies between any two
+/// leaves what the next run needs.
+// The futures are not required to be Send: a run is one task on a
+// current-thread runtime, and the store's own helpers spawn what they need.
+#[allow(async_fn_in_trait)]
+pub trait Store {
+    /// Raw rows with `after < id <= upto` matching `filter`, as pages in no
+    /// particular order, `concurrency` id ranges at once.
+    fn scan(
+        &self,
+        filter: RawFilter,
+        after: i64,
+        upto: i64,
+        page_size: usize,
+        concurrency: usize,
+    ) -> ParallelScan;
+    /// The newest raw id, 0 when there is none.
+    async fn newest_id(&self) -> anyhow::Result<i64>;
+    /// Stored totals matching `filter`; with `with_watermark`, each key's
+    /// watermark too (only with the migration).
+    async fn stored(
+        &self,
+        filter: StoredFilter,
+        with_watermark: bool,
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>>;
+    /// Stored totals (with watermarks) of these keys, those that exist.
+    async fn stored_for(
+        &self,
+        keys: &[Key],
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>>;
+    /// The newest month stored, if any.
+    async fn newest_month(&self) -> anyhow::Result<Option<Month>>;
+    /// A month's keys by requests, most first, at most `n`.
+    async fn top_of_month(&self, month: Month, n: usize) -> anyhow::Result<Vec<(Key, Totals)>>;
+    /// Writes each key's full state; says per key whether it took effect.
+    async fn write(
+        &self,
+        states: &[(Key, Totals)],
+        with_watermark: bool,
+    ) -> anyhow::Result<WriteStats>;
+
+    /// Whether the migrations are applied (the state exists).
+    async fn installed(&self) -> anyhow::Result<bool>;
+    async fn state(&self) -> anyhow::Result<Option<StateRow>>;
+    async fn acquire(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        steal_from: Option<&str>,
+    ) -> anyhow::Result<Lease>;
+    async fn renew(&self, owner: &str, ttl: Duration) -> anyhow::Result<bool>;
+    /// Moves the cursor to `to` unless it is further; returns where it is.
+    async fn advance(&self, to: i64) -> anyhow::Result<i64>;
+    async fn finish(&self, owner: &str, outcome: &str, rows: u64) -> anyhow::Result<()>;
+    async fn safe_horizon(&self, wait: Duration) -> anyhow::Result<i64>;
+    async fn preflight(&self) -> anyhow::Result<Facts>;
+    async fn rebase(&self, owner: &str) -> anyhow::Result<i64>;
+    async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64>;
+    async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64>;
+    async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;
+    /// One server-side batch (`--engine rpc`).
+    async fn rpc_batch(
+        &self,
+        batch_ids: u64,
+        wait: Duration,
+        dry_run: bool,
+    ) -> anyhow::Result<Batch>;
+}

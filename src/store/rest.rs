@@ -1,0 +1,194 @@
+//! The Store over PostgREST: the two tables through [`crate::tables`], the
+//! job's state and the migrations' functions through [`crate::state`].
+//! These three modules are the only ones that know table and column names
+//! and PostgREST filters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use serde_json::json;
+
+use super::{Batch, RawFilter, Store, StoredFilter};
+use crate::aggregation::{Key, Month, Totals};
+use crate::postgrest::{Client, Idempotent, Query};
+use crate::preflight::Facts;
+use crate::state::{JobState, Lease, StateRow, JOB};
+use crate::tables::{self, ParallelScan, WriteStats};
+
+/// The real store: one Supabase project's REST API.
+#[derive(Clone)]
+pub struct RestStore {
+    client: Client,
+}
+
+impl RestStore {
+    pub fn new(client: Client) -> RestStore {
+        RestStore { client }
+    }
+
+    fn state_fns(&self) -> JobState<'_> {
+        JobState::new(&self.client)
+    }
+}
+
+fn raw_query(filter: RawFilter) -> Query {
+    match filter {
+        RawFilter::All => Query::new(),
+        RawFilter::Month(m) => vec![("month_year".into(), format!("eq.{m}"))],
+        RawFilter::Key(k) => vec![
+            ("portal_id".into(), format!("eq.{}", k.portal_id)),
+            ("month_year".into(), format!("eq.{}", k.month)),
+        ],
+    }
+}
+
+fn stored_query(filter: StoredFilter) -> Query {
+    match filter {
+        StoredFilter::All => Query::new(),
+        StoredFilter::Month(m) => vec![("month_year".into(), format!("eq.{m}"))],
+        StoredFilter::WatermarkAbove(id) => vec![("last_request_id".into(), format!("gt.{id}"))],
+        StoredFilter::Portal(p) => vec![("portal_id".into(), format!("eq.{p}"))],
+    }
+}
+
+impl Store for RestStore {
+    fn scan(
+        &self,
+        filter: RawFilter,
+        after: i64,
+        upto: i64,
+        page_size: usize,
+        concurrency: usize,
+    ) -> ParallelScan {
+        ParallelScan::start(
+            &self.client,
+            raw_query(filter),
+            after,
+            upto,
+            page_size,
+            concurrency,
+        )
+    }
+
+    async fn newest_id(&self) -> anyhow::Result<i64> {
+        tables::newest_id(&self.client).await
+    }
+
+    async fn stored(
+        &self,
+        filter: StoredFilter,
+        with_watermark: bool,
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>> {
+        let mut out = HashMap::new();
+        tables::read_stored_where(
+            &self.client,
+            &stored_query(filter),
+            with_watermark,
+            &mut out,
+            page_size,
+        )
+        .await?;
+        Ok(out)
+    }
+
+    async fn stored_for(
+        &self,
+        keys: &[Key],
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>> {
+        tables::read_stored_for(&self.client, keys.iter().copied(), true, page_size).await
+    }
+
+    async fn newest_month(&self) -> anyhow::Result<Option<Month>> {
+        tables::newest_month(&self.client).await
+    }
+
+    async fn top_of_month(&self, month: Month, n: usize) -> anyhow::Result<Vec<(Key, Totals)>> {
+        tables::top_of_month(&self.client, month, n).await
+    }
+
+    async fn write(
+        &self,
+        states: &[(Key, Totals)],
+        with_watermark: bool,
+    ) -> anyhow::Result<WriteStats> {
+        tables::write_states(&self.client, states, with_watermark, Utc::now().naive_utc()).await
+    }
+
+    async fn installed(&self) -> anyhow::Result<bool> {
+        self.state_fns().installed().await
+    }
+
+    async fn state(&self) -> anyhow::Result<Option<StateRow>> {
+        self.state_fns().read().await
+    }
+
+    async fn acquire(
+        &self,
+        owner: &str,
+        ttl: Duration,
+        steal_from: Option<&str>,
+    ) -> anyhow::Result<Lease> {
+        self.state_fns().acquire(owner, ttl, steal_from).await
+    }
+
+    async fn renew(&self, owner: &str, ttl: Duration) -> anyhow::Result<bool> {
+        self.state_fns().renew(owner, ttl).await
+    }
+
+    async fn advance(&self, to: i64) -> anyhow::Result<i64> {
+        self.state_fns().advance(to).await
+    }
+
+    async fn finish(&self, owner: &str, outcome: &str, rows: u64) -> anyhow::Result<()> {
+        Ok(self.state_fns().finish(owner, outcome, rows).await?)
+    }
+
+    async fn safe_horizon(&self, wait: Duration) -> anyhow::Result<i64> {
+        self.state_fns().safe_horizon(wait).await
+    }
+
+    async fn preflight(&self) -> anyhow::Result<Facts> {
+        self.state_fns().preflight().await
+    }
+
+    async fn rebase(&self, owner: &str) -> anyhow::Result<i64> {
+        self.state_fns().rebase(owner).await
+    }
+
+    async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64> {
+        self.state_fns().finish_rebase(to).await
+    }
+
+    async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64> {
+        self.state_fns().record_refusals(scope, keys).await
+    }
+
+    async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
+        self.state_fns().restore_deleted_keys().await
+    }
+
+    async fn rpc_batch(
+        &self,
+        batch_ids: u64,
+        wait: Duration,
+        dry_run: bool,
+    ) -> anyhow::Result<Batch> {
+        let args = json!({
+            "p_job": JOB,
+            "p_batch_ids": batch_ids,
+            "p_max_wait_ms": wait.as_millis() as u64,
+            "p_dry_run": dry_run,
+        });
+        // Safe to send again: a batch whose answer was lost either did not
+        // commit (and is done again) or did (and the cursor moved past it,
+        // so the next call starts where it ended).
+        self.client
+            .rpc("usage_agg_rpc_batch", &args, Idempotent::Yes)
+            .await
+            .context("running a server-side batch (usage_agg_rpc_batch)")
+    }
+}
