@@ -1,6 +1,6 @@
 //! A small PostgREST client: the protocol (headers, query strings, statuses,
 //! error bodies) and nothing about usage. See
-//! `shared/reference/postgrest-notes.md` for the facts it follows.
+//! docs/postgrest.md for the protocol facts it follows.
 
 use std::fmt;
 use std::time::{Duration, Instant};

@@ -151,9 +151,12 @@ impl<'a> JobState<'a> {
         ttl: Duration,
         steal_from: Option<&str>,
     ) -> anyhow::Result<Lease> {
-        let args = json!({
-            "p_job": JOB, "p_owner": owner, "p_ttl_seconds": ttl.as_secs(), "p_steal_from": steal_from,
-        });
+        let mut args = json!({"p_job": JOB, "p_owner": owner, "p_ttl_seconds": ttl.as_secs()});
+        // Left out rather than sent as null, for its DEFAULT NULL to apply
+        // (docs/postgrest.md, "Calling functions").
+        if let Some(from) = steal_from {
+            args["p_steal_from"] = json!(from);
+        }
         self.client
             // Idempotent: taking the lease again for the same owner is a renewal.
             .rpc("usage_agg_acquire_lease", &args, Idempotent::Yes)
