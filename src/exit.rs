@@ -194,4 +194,43 @@ mod tests {
             .unwrap()
             .contains("SUPABASE_<ENV>_URL"));
     }
+
+    #[test]
+    fn each_typed_error_decides_its_status_wherever_it_sits_in_the_chain() {
+        use crate::engine::incremental::LeaseLost;
+        use crate::preflight::{Problem, Refused};
+        let status = |code: u16, pg: &str| {
+            anyhow::Error::new(Failure::Api(ApiError::Status {
+                method: Method::GET,
+                path: "/rpc/usage_agg_preflight".into(),
+                status: StatusCode::from_u16(code).unwrap(),
+                body: crate::postgrest::ErrorBody::parse(
+                    format!(r#"{{"code":"{pg}","message":"m"}}"#).as_bytes(),
+                ),
+                retry_after: None,
+            }))
+            .context("checking the job's assumptions")
+        };
+        for (err, want) in [
+            (status(401, "PGRST301"), Status::NoPerm),
+            (status(404, "PGRST202"), Status::Config),
+            (status(404, "PGRST125"), Status::Config),
+            (status(503, "PGRST001"), Status::Unavailable),
+            (status(400, "22P02"), Status::Software),
+            (
+                anyhow::Error::new(LeaseLost { cursor: 3 }),
+                Status::TempFail,
+            ),
+            (
+                anyhow::Error::new(Refused(vec![Problem::NoSequence])).context("starting"),
+                Status::Config,
+            ),
+            (anyhow::anyhow!("something else"), Status::Software),
+        ] {
+            assert_eq!(classify(&err), want, "{err:#}");
+        }
+        let hint = hint(&status(404, "PGRST202"), None).unwrap();
+        assert!(hint.contains("usage_agg_preflight is missing"), "{hint}");
+        assert!(hint.contains(crate::state::LATEST_MIGRATION), "{hint}");
+    }
 }

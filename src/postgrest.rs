@@ -40,7 +40,7 @@ pub enum ErrorBody {
 }
 
 impl ErrorBody {
-    fn parse(bytes: &[u8]) -> ErrorBody {
+    pub fn parse(bytes: &[u8]) -> ErrorBody {
         match serde_json::from_slice::<PgrstError>(bytes) {
             Ok(e) if e.code.is_some() || e.message.is_some() => ErrorBody::Postgrest(e),
             _ => {

@@ -613,4 +613,36 @@ mod tests {
         assert_eq!(landed(&t(5, 0), Some(&t(5, 0)), false), Landed::Written);
         assert_eq!(landed(&t(5, 0), Some(&t(6, 0)), false), Landed::Lost);
     }
+
+    #[test]
+    fn in_lists_are_cut_to_keep_every_url_under_the_budget() {
+        let client = Client::new(
+            "https://abc.supabase.co/rest/v1/".parse().unwrap(),
+            &crate::config::Secret::new("k"),
+            crate::config::KeyKind::SecretKey,
+            std::time::Duration::from_secs(1),
+            crate::postgrest::RetryPolicy::default(),
+        )
+        .unwrap();
+        let ids: Vec<i64> = (0..3000).map(|i| i64::MAX - i).collect();
+        let chunks = chunk_in_list(&client, &ids);
+        assert!(chunks.len() > 1);
+        let back: Vec<i64> = chunks
+            .iter()
+            .flat_map(|c| c.split(',').map(|x| x.parse::<i64>().unwrap()))
+            .collect();
+        assert_eq!(back, ids, "every id once, in order");
+        for c in &chunks {
+            let q: Query = vec![
+                ("month_year".into(), "eq.2025-01".into()),
+                ("portal_id".into(), format!("in.({c})")),
+                ("select".into(), stored_columns(true)),
+                ("id".into(), format!("gt.{}", i64::MAX)),
+                ("order".into(), "id.asc".into()),
+                ("limit".into(), "1000000".into()),
+            ];
+            assert!(client.url_len(MONTHLY_TABLE, &q) <= MAX_URL_LEN);
+        }
+        assert!(chunk_in_list(&client, &[]).is_empty());
+    }
 }

@@ -387,10 +387,10 @@ mod tests {
         let mut reference = Fold::default();
         for r in rows {
             fresh.add(r, |_, id| id <= horizon);
-            reference.add(r, |k, id| {
-                stored
-                    .get(k)
-                    .is_some_and(|s| id <= s.last_request_id.max(cursor))
+            // As `recount`'s `covers`, for stored keys with a watermark.
+            reference.add(r, |k, id| match stored.get(k) {
+                Some(s) => id <= s.last_request_id.max(cursor),
+                None => id <= cursor,
             });
             above.add(r, |k, id| {
                 id <= horizon
@@ -470,5 +470,20 @@ mod tests {
         let before_migration =
             recount_of(&[row(1, 1), row(2, 1)], &[(key(1), stored(2, 0))], 2, 10);
         assert_eq!(before_migration.plan(false).writes.len(), 1);
+    }
+
+    #[test]
+    fn drift_compares_each_stored_key_with_its_rows_up_to_its_own_watermark() {
+        // Key 1: stored 5 up to id 4, but 3 rows remain; row 7 is new, not drift.
+        // Key 2: rows below the cursor, no stored row (missing).
+        let rows = [row(1, 1), row(2, 1), row(4, 1), row(7, 1), row(3, 2)];
+        let rc = recount_of(&rows, &[(key(1), stored(5, 4))], 4, 10);
+        let drift = rc.drift(false);
+        assert_eq!(drift.len(), 1);
+        assert_eq!((drift[0].key, drift[0].after.requests), (key(1), 3));
+        let with_missing = rc.drift(true);
+        assert_eq!(with_missing.len(), 2);
+        assert_eq!(with_missing[1].key, key(2));
+        assert_eq!(with_missing[1].before, None);
     }
 }
