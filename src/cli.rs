@@ -27,24 +27,13 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every subcommand takes.
+/// Options every subcommand takes, before or after its name. Everything
+/// else belongs to the subcommands that honour it.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Print the result as one JSON object on stdout instead of the summary (fields: README, "JSON output")
-    #[arg(long, global = true)]
-    pub json: bool,
-
-    /// No progress bar and no summary on stdout; warnings and errors still go to stderr
-    #[arg(long, short, global = true)]
-    pub quiet: bool,
-
     /// How logs are written on stderr
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-
-    /// healthchecks.io-style URL: GET <URL>/start before a run, POST <URL>/<exit status> after with the JSON summary
-    #[arg(long, global = true, env = "USAGE_AGG_PING_URL", value_name = "URL")]
-    pub ping_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,10 +56,48 @@ pub enum Command {
     Sql,
 }
 
+impl Cli {
+    /// Parses the command line as [`clap::Parser::try_parse`] does, then
+    /// refuses the combinations clap's rules cannot express, with the same
+    /// kind of error (exit 64).
+    pub fn try_parse_checked() -> Result<Cli, clap::Error> {
+        Self::try_parse_checked_from(std::env::args_os())
+    }
+
+    /// [`Cli::try_parse_checked`] over given arguments (the first is the
+    /// program name).
+    pub fn try_parse_checked_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        if let Command::Aggregate(a) = &cli.command {
+            a.check()?;
+        }
+        Ok(cli)
+    }
+}
+
+/// What a subcommand prints on stdout.
+#[derive(Debug, Args)]
+pub struct Output {
+    /// Print the result as one JSON object on stdout instead of the text (fields: README.md)
+    #[arg(long)]
+    pub json: bool,
+
+    /// Nothing on stdout (no summary, no progress bar), the same exit status; warnings and errors still go to stderr
+    #[arg(long, short, conflicts_with = "json")]
+    pub quiet: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
 
     /// Exit 75 when the last successful run is older than this (e.g. 90m, 2h, 1d)
     #[arg(long, value_parser = duration, value_name = "AGE")]
@@ -82,24 +109,27 @@ pub struct ReportArgs {
     #[command(flatten)]
     pub connection: Connection,
 
+    #[command(flatten)]
+    pub output: Output,
+
     /// One portal's usage, month by month
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub portal: Option<i64>,
 
     /// How many months back (with --portal)
-    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=240))]
+    #[arg(long, default_value_t = 12, requires = "portal", value_parser = clap::value_parser!(u16).range(1..=240))]
     pub months: u16,
 
     /// The month for the top portals (default: the newest month in the table)
     #[arg(long, value_parser = month, conflicts_with = "portal")]
     pub month: Option<Month>,
 
-    /// How many portals in the top list
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// How many portals in the top list (not with --portal)
+    #[arg(long, default_value_t = 10, conflicts_with = "portal", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
 
-    /// Output format
-    #[arg(long, value_enum, default_value = "table")]
+    /// Output format (--json is --format json)
+    #[arg(long, value_enum, default_value = "table", conflicts_with_all = ["json", "quiet"])]
     pub format: ReportFormat,
 }
 
@@ -116,20 +146,13 @@ pub enum ReportFormat {
     Csv,
 }
 
-/// Where to connect: shared by every subcommand that talks to the server.
+/// Where to connect, and how hard to try: every subcommand that talks to
+/// the server.
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Which project: dev, prod, or auto (prod when APP_ENV, else NODE_ENV, is production or prod)
     #[arg(long, value_enum, default_value = "auto")]
     pub env: EnvChoice,
-
-    /// Rows asked for per page (the server may cap it lower, which is fine)
-    #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
-    pub page_size: usize,
-
-    /// Id ranges scanned at once (the server answers requests in parallel)
-    #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
-    pub concurrency: u16,
 
     /// Seconds before a single request is abandoned (and tried again)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -144,16 +167,41 @@ pub struct Connection {
     pub deadline: Option<u64>,
 }
 
+/// How raw rows are read: the subcommands that page through them
+/// (`aggregate`, `verify`).
 #[derive(Debug, Args)]
+pub struct Scan {
+    /// Rows asked for per page (the server may cap it lower, which is fine)
+    #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
+    pub page_size: usize,
+
+    /// Id ranges scanned at once (the server answers requests in parallel)
+    #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub concurrency: u16,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("rebuild").args(["full", "month"])))]
 pub struct AggregateArgs {
     #[command(flatten)]
     pub connection: Connection,
+
+    #[command(flatten)]
+    pub scan: Scan,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// healthchecks.io-style URL: GET <URL>/start before a run, POST <URL>/<exit status> after with the JSON summary
+    #[arg(long, env = "USAGE_AGG_PING_URL", value_name = "URL")]
+    pub ping_url: Option<String>,
 
     /// Read everything and show what would be written; write nothing (not even the lease)
     #[arg(long)]
     pub dry_run: bool,
 
     /// rest: page rows over PostgREST and aggregate here; rpc: aggregate in the database, batch by batch
+    /// (new rows only: not with --full, --month or --rebase)
     #[arg(long, value_enum, default_value = "rest")]
     pub engine: Engine,
 
@@ -170,7 +218,7 @@ pub struct AggregateArgs {
     pub month: Option<Month>,
 
     /// Let --full or --month lower stored counts (when raw rows were deleted)
-    #[arg(long)]
+    #[arg(long, requires = "rebuild")]
     pub allow_decrease: bool,
 
     /// Repair after the id sequence moved backwards or a table was truncated: reset the cursor and the
@@ -191,10 +239,47 @@ pub struct AggregateArgs {
     pub horizon_wait_ms: u64,
 }
 
+impl AggregateArgs {
+    /// What clap's rules cannot say: the server-side engine only counts
+    /// new rows, so a rebuild asked of it would silently run the REST one.
+    fn check(&self) -> Result<(), clap::Error> {
+        if self.engine != Engine::Rpc {
+            return Ok(());
+        }
+        let rebuild = if self.full {
+            "--full"
+        } else if self.month.is_some() {
+            "--month"
+        } else if self.rebase {
+            "--rebase"
+        } else {
+            return Ok(());
+        };
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let sub = cmd
+            .find_subcommand_mut("aggregate")
+            .expect("aggregate is a subcommand");
+        Err(sub.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "the argument '--engine rpc' cannot be used with '{rebuild}': the server-side engine counts \
+                 only new rows, and rebuilds run in the REST engine (drop --engine rpc)"
+            ),
+        ))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub connection: Connection,
+
+    #[command(flatten)]
+    pub scan: Scan,
+
+    #[command(flatten)]
+    pub output: Output,
 
     /// Check one month (YYYY-MM) only
     #[arg(long, value_parser = month)]

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use super::{connect, report_error};
+use crate::cli::AggregateArgs;
 use crate::cli::Engine;
-use crate::cli::{AggregateArgs, Global};
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::engine::{incremental, rpc, Mode, Options, Outcome, Refusals, UsageError};
 use crate::exit::{self, Status};
@@ -16,10 +16,10 @@ use crate::preflight;
 use crate::progress::Progress;
 use crate::state::{self, JobState, LeaseHeld, MIGRATION_FILE};
 
-pub async fn run(args: AggregateArgs, global: &Global) -> Status {
+pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
-    let human = !global.json && !global.quiet;
-    let ping = match Ping::new(global.ping_url.as_deref()) {
+    let human = !args.output.json && !args.output.quiet;
+    let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
         Err(e) => return report_error(&e.into(), None),
     };
@@ -84,7 +84,7 @@ pub async fn run(args: AggregateArgs, global: &Global) -> Status {
         warnings: &warnings,
     };
     let json = output::run_json(&record);
-    if global.json {
+    if args.output.json {
         println!("{json}");
     }
     ping.finish(status, &json).await;
@@ -101,14 +101,14 @@ async fn aggregate(
     let owner = state::owner_id();
     let mut opts = Options {
         dry_run: args.dry_run,
-        page_size: args.connection.page_size,
+        page_size: args.scan.page_size,
         batch_rows: args.batch_rows,
         allow_decrease: args.allow_decrease || args.rebase,
         owner: None,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         horizon_wait: Duration::from_millis(args.horizon_wait_ms),
         progress,
-        concurrency: usize::from(args.connection.concurrency),
+        concurrency: usize::from(args.scan.concurrency),
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     if !state.installed().await? {

@@ -19,10 +19,10 @@ use crate::postgrest::{Client, RetryPolicy};
 /// Runs the command the user asked for; returns the exit status.
 pub async fn run(cli: Cli) -> Status {
     match cli.command {
-        Command::Aggregate(args) => aggregate::run(args, &cli.global).await,
-        Command::Verify(args) => verify::run(args, &cli.global).await,
-        Command::Status(args) => status::run(args, &cli.global).await,
-        Command::Report(args) => report::run(args, &cli.global).await,
+        Command::Aggregate(args) => aggregate::run(args).await,
+        Command::Verify(args) => verify::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Report(args) => report::run(args).await,
         Command::Sql => sql::run(),
     }
 }

@@ -7,14 +7,14 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::{connect, report_error};
-use crate::cli::{Global, StatusArgs};
+use crate::cli::StatusArgs;
 use crate::exit::Status;
 use crate::postgrest::Client;
 use crate::preflight;
 use crate::state::{JobState, StateRow, MIGRATION_FILE};
 use crate::tables;
 
-pub async fn run(args: StatusArgs, global: &Global) -> Status {
+pub async fn run(args: StatusArgs) -> Status {
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
         Err(e) => return report_error(&e, None),
@@ -37,7 +37,7 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
     let problems = facts.as_ref().map(preflight::problems).unwrap_or_default();
     let refused = facts.as_ref().map_or(0, |f| f.refused_keys);
     let env = config.environment.upper();
-    if global.json {
+    if args.output.json {
         println!(
             "{}",
             json!({
@@ -64,7 +64,7 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
                 "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
             })
         );
-    } else if !global.quiet {
+    } else if !args.output.quiet {
         print!("{}", render(env, installed, &state, newest, backlog, now));
         for p in &problems {
             println!("  PROBLEM:       {p}");

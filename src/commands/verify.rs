@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{connect, report_error};
-use crate::cli::{Global, VerifyArgs};
+use crate::cli::VerifyArgs;
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
@@ -14,7 +14,7 @@ use crate::state::JobState;
 /// Verify waits for writers as briefly as aggregate does by default.
 const HORIZON_WAIT: Duration = Duration::from_millis(2000);
 
-pub async fn run(args: VerifyArgs, global: &Global) -> Status {
+pub async fn run(args: VerifyArgs) -> Status {
     let style = Style::detect();
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
@@ -32,13 +32,13 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
         } else {
             None
         };
-        let progress = Progress::for_terminal(global.quiet || global.json);
+        let progress = Progress::for_terminal(args.output.quiet || args.output.json);
         rebuild::recount(
             &client,
             scope,
             marks,
-            args.connection.page_size,
-            usize::from(args.connection.concurrency),
+            args.scan.page_size,
+            usize::from(args.scan.concurrency),
             &progress,
             None,
         )
@@ -48,12 +48,12 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
     match result {
         Ok(rc) => {
             let drift = rc.drift(true);
-            if global.json {
+            if args.output.json {
                 println!(
                     "{}",
                     output::verify_json(&drift, rc.stored.len(), rc.rows_read)
                 );
-            } else if !global.quiet {
+            } else if !args.output.quiet {
                 print!(
                     "{}",
                     output::verify_report(style, &drift, rc.stored.len(), rc.rows_read)
