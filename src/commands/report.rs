@@ -43,6 +43,10 @@ pub async fn run(args: ReportArgs) -> Status {
         Ok(x) => x,
         Err(e) => return report_error(&e, Some(&config)),
     };
+    // --quiet: the exit status alone says whether the table could be read.
+    if args.output.quiet {
+        return Status::Ok;
+    }
     let format = if args.output.json {
         ReportFormat::Json
     } else {
