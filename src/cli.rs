@@ -99,6 +99,11 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub output: Output,
 
+    /// healthchecks.io-style URL for this health check: GET <URL>/start before, POST <URL>/<exit status> after
+    /// with the JSON status (not read from USAGE_AGG_PING_URL, which is aggregate's check)
+    #[arg(long, value_name = "URL")]
+    pub ping_url: Option<String>,
+
     /// Exit 75 when the last successful run is older than this (e.g. 90m, 2h, 1d)
     #[arg(long, value_parser = duration, value_name = "AGE")]
     pub max_age: Option<std::time::Duration>,
@@ -280,6 +285,11 @@ pub struct VerifyArgs {
 
     #[command(flatten)]
     pub output: Output,
+
+    /// healthchecks.io-style URL for this check: GET <URL>/start before, POST <URL>/<exit status> after with
+    /// the JSON result (not read from USAGE_AGG_PING_URL, which is aggregate's check)
+    #[arg(long, value_name = "URL")]
+    pub ping_url: Option<String>,
 
     /// Check one month (YYYY-MM) only
     #[arg(long, value_parser = month)]

@@ -49,6 +49,24 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
     Ok((config, client))
 }
 
+/// What a monitor is sent (`--ping-url`) when a command ends in an error
+/// before it has a result: the fields of aggregate's JSON that say so.
+pub fn failure_json(
+    command: &str,
+    environment: Option<&str>,
+    status: Status,
+    e: &anyhow::Error,
+) -> serde_json::Value {
+    serde_json::json!({
+        "version": 1,
+        "command": command,
+        "environment": environment,
+        "exit_status": status.code(),
+        "outcome": "failed",
+        "error": format!("{e:#}"),
+    })
+}
+
 /// Prints the error (and a hint when there is one) on stderr; returns the
 /// exit status it maps to.
 pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
