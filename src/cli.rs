@@ -185,6 +185,9 @@ pub struct Scan {
     pub concurrency: u16,
 }
 
+/// The REST engine's ids per batch when `--batch-size` is not given.
+pub const DEFAULT_REST_BATCH_IDS: u64 = 100_000;
+
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("rebuild").args(["full", "month"])))]
 pub struct AggregateArgs {
@@ -210,9 +213,18 @@ pub struct AggregateArgs {
     #[arg(long, value_enum, default_value = "rest")]
     pub engine: Engine,
 
-    /// With --engine rpc: ids per batch (each batch is one transaction)
-    #[arg(long, default_value_t = crate::engine::rpc::DEFAULT_BATCH_IDS, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_ids: u64,
+    /// Ids per batch of new rows, both engines: the counts are written and the cursor moved after each
+    /// (one transaction each with --engine rpc) [default: 100000 (rest), 1000000 (rpc)]. The old names
+    /// --batch-rows and --batch-ids still work, for this release only
+    #[arg(
+        long,
+        alias = "batch-rows",
+        alias = "batch-ids",
+        value_name = "IDS",
+        conflicts_with_all = ["full", "month", "rebase"],
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub batch_size: Option<u64>,
 
     /// Recompute every key from all its rows instead of only new rows
     #[arg(long, conflicts_with = "month")]
@@ -231,10 +243,6 @@ pub struct AggregateArgs {
     #[arg(long, conflicts_with_all = ["month", "full", "dry_run"])]
     pub rebase: bool,
 
-    /// Rows per batch: written and the cursor moved after each
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_rows: u64,
-
     /// Seconds the lease lasts without renewal (renewed after each batch)
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub lease_ttl: u64,
@@ -245,6 +253,14 @@ pub struct AggregateArgs {
 }
 
 impl AggregateArgs {
+    /// Ids per batch for `engine`: `--batch-size`, else that engine's default.
+    pub fn batch_ids_for(&self, engine: Engine) -> u64 {
+        self.batch_size.unwrap_or(match engine {
+            Engine::Rest => DEFAULT_REST_BATCH_IDS,
+            Engine::Rpc => crate::engine::rpc::DEFAULT_BATCH_IDS,
+        })
+    }
+
     /// What clap's rules cannot say: the server-side engine only counts
     /// new rows, so a rebuild asked of it would silently run the REST one.
     fn check(&self) -> Result<(), clap::Error> {
@@ -325,4 +341,121 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
         _ => return Err(bad()),
     };
     Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_checked_from(std::iter::once("usage-agg").chain(args.split_whitespace()))
+    }
+
+    fn aggregate(args: &str) -> AggregateArgs {
+        match parse(&format!("aggregate {args}")).unwrap().command {
+            Command::Aggregate(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn each_subcommand_refuses_what_it_would_ignore() {
+        for args in [
+            "sql --json",
+            "sql --quiet",
+            "sql --ping-url http://x",
+            "sql --env dev",
+            "--json aggregate",
+            "report --ping-url http://x",
+            "report --portal 3 --top 5",
+            "report --months 3",
+            "report --json --format csv",
+            "report --quiet --format csv",
+            "status --page-size 10",
+            "status --concurrency 2",
+            "report --page-size 10",
+            "report --concurrency 2",
+            "aggregate --json --quiet",
+            "aggregate --engine rpc --full",
+            "aggregate --engine rpc --month 2025-01",
+            "aggregate --engine rpc --rebase",
+            "aggregate --allow-decrease",
+            "aggregate --rebase --allow-decrease",
+            "aggregate --batch-size 10 --full",
+            "aggregate --batch-rows 10 --month 2025-01",
+            "aggregate --batch-ids 10 --rebase",
+            "aggregate --batch-rows 10 --batch-ids 10",
+        ] {
+            let e = parse(args).expect_err(args);
+            assert!(e.use_stderr(), "{args}: an error, exit 64");
+            assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{args}");
+        }
+    }
+
+    #[test]
+    fn what_each_subcommand_honours_parses() {
+        for args in [
+            "sql",
+            "sql --log-format json",
+            "--log-format json sql",
+            "report --portal 3 --months 6 --json",
+            "report --month 2025-01 --top 5 --format csv",
+            "report -q",
+            "status --json --ping-url http://x --max-age 2h --deadline 30",
+            "verify --quiet --ping-url http://x --page-size 10 --concurrency 2",
+            "aggregate --engine rpc --batch-size 10 --dry-run",
+            "aggregate --engine rest --full --allow-decrease",
+            "aggregate --month 2025-01 --allow-decrease",
+            "aggregate --rebase --ping-url http://x --json",
+        ] {
+            parse(args).unwrap_or_else(|e| panic!("{args}: {e}"));
+        }
+    }
+
+    #[test]
+    fn batch_size_is_ids_per_batch_for_both_engines_with_each_engines_default() {
+        let a = aggregate("");
+        assert_eq!(a.batch_ids_for(Engine::Rest), DEFAULT_REST_BATCH_IDS);
+        assert_eq!(
+            a.batch_ids_for(Engine::Rpc),
+            crate::engine::rpc::DEFAULT_BATCH_IDS
+        );
+        for flag in ["--batch-size", "--batch-rows", "--batch-ids"] {
+            let a = aggregate(&format!("{flag} 700"));
+            assert_eq!(
+                (a.batch_ids_for(Engine::Rest), a.batch_ids_for(Engine::Rpc)),
+                (700, 700),
+                "{flag}"
+            );
+        }
+        assert!(parse("aggregate --batch-size 0").is_err());
+    }
+
+    #[test]
+    fn the_old_batch_names_are_hidden_from_the_help() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let help = cmd
+            .find_subcommand_mut("aggregate")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--batch-size <IDS>"), "{help}");
+        assert!(!help.contains("--batch-rows <"), "{help}");
+        assert!(!help.contains("--batch-ids <"), "{help}");
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(duration("90"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(duration("15m"), Ok(std::time::Duration::from_secs(900)));
+        assert_eq!(duration("2h"), Ok(std::time::Duration::from_secs(7200)));
+        assert_eq!(duration("1d"), Ok(std::time::Duration::from_secs(86_400)));
+        assert!(duration("2w").is_err() && duration("").is_err());
+    }
 }

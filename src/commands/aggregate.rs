@@ -102,7 +102,7 @@ async fn aggregate(
     let mut opts = Options {
         dry_run: args.dry_run,
         page_size: args.scan.page_size,
-        batch_rows: args.batch_rows,
+        batch_rows: args.batch_ids_for(Engine::Rest),
         allow_decrease: args.allow_decrease || args.rebase,
         owner: None,
         lease_ttl: Duration::from_secs(args.lease_ttl),
@@ -170,7 +170,7 @@ async fn aggregate(
         let owner = (!args.dry_run).then_some(owner.as_str());
         let mut outcome = match cursor {
             Some(c) if scope == Scope::All && !args.full && args.engine == Engine::Rpc => {
-                rpc::run(client, c, owner, args.batch_ids, &opts).await?
+                rpc::run(client, c, owner, args.batch_ids_for(Engine::Rpc), &opts).await?
             }
             Some(c) if scope == Scope::All && !args.full => {
                 incremental::run(client, c, horizon, owner, &opts).await?
