@@ -27,24 +27,13 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every subcommand takes.
+/// Options every subcommand takes, before or after its name. Everything
+/// else belongs to the subcommands that honour it.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Print the result as one JSON object on stdout instead of the summary (fields: README, "JSON output")
-    #[arg(long, global = true)]
-    pub json: bool,
-
-    /// No progress bar and no summary on stdout; warnings and errors still go to stderr
-    #[arg(long, short, global = true)]
-    pub quiet: bool,
-
     /// How logs are written on stderr
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-
-    /// healthchecks.io-style URL: GET <URL>/start before a run, POST <URL>/<exit status> after with the JSON summary
-    #[arg(long, global = true, env = "USAGE_AGG_PING_URL", value_name = "URL")]
-    pub ping_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,10 +56,53 @@ pub enum Command {
     Sql,
 }
 
+impl Cli {
+    /// Parses the command line as [`clap::Parser::try_parse`] does, then
+    /// refuses the combinations clap's rules cannot express, with the same
+    /// kind of error (exit 64).
+    pub fn try_parse_checked() -> Result<Cli, clap::Error> {
+        Self::try_parse_checked_from(std::env::args_os())
+    }
+
+    /// [`Cli::try_parse_checked`] over given arguments (the first is the
+    /// program name).
+    pub fn try_parse_checked_from<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        if let Command::Aggregate(a) = &cli.command {
+            a.check()?;
+        }
+        Ok(cli)
+    }
+}
+
+/// What a subcommand prints on stdout.
+#[derive(Debug, Args)]
+pub struct Output {
+    /// Print the result as one JSON object on stdout instead of the text (fields: README.md)
+    #[arg(long)]
+    pub json: bool,
+
+    /// Nothing on stdout (no summary, no progress bar), the same exit status; warnings and errors still go to stderr
+    #[arg(long, short, conflicts_with = "json")]
+    pub quiet: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// healthchecks.io-style URL for this health check: GET <URL>/start before, POST <URL>/<exit status> after
+    /// with the JSON status (not read from USAGE_AGG_PING_URL, which is aggregate's check)
+    #[arg(long, value_name = "URL")]
+    pub ping_url: Option<String>,
 
     /// Exit 75 when the last successful run is older than this (e.g. 90m, 2h, 1d)
     #[arg(long, value_parser = duration, value_name = "AGE")]
@@ -82,24 +114,27 @@ pub struct ReportArgs {
     #[command(flatten)]
     pub connection: Connection,
 
+    #[command(flatten)]
+    pub output: Output,
+
     /// One portal's usage, month by month
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub portal: Option<i64>,
 
     /// How many months back (with --portal)
-    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=240))]
+    #[arg(long, default_value_t = 12, requires = "portal", value_parser = clap::value_parser!(u16).range(1..=240))]
     pub months: u16,
 
     /// The month for the top portals (default: the newest month in the table)
     #[arg(long, value_parser = month, conflicts_with = "portal")]
     pub month: Option<Month>,
 
-    /// How many portals in the top list
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// How many portals in the top list (not with --portal)
+    #[arg(long, default_value_t = 10, conflicts_with = "portal", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
 
-    /// Output format
-    #[arg(long, value_enum, default_value = "table")]
+    /// Output format (--json is --format json)
+    #[arg(long, value_enum, default_value = "table", conflicts_with_all = ["json", "quiet"])]
     pub format: ReportFormat,
 }
 
@@ -116,20 +151,13 @@ pub enum ReportFormat {
     Csv,
 }
 
-/// Where to connect: shared by every subcommand that talks to the server.
+/// Where to connect, and how hard to try: every subcommand that talks to
+/// the server.
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Which project: dev, prod, or auto (prod when APP_ENV, else NODE_ENV, is production or prod)
     #[arg(long, value_enum, default_value = "auto")]
     pub env: EnvChoice,
-
-    /// Rows asked for per page (the server may cap it lower, which is fine)
-    #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
-    pub page_size: usize,
-
-    /// Id ranges scanned at once (the server answers requests in parallel)
-    #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
-    pub concurrency: u16,
 
     /// Seconds before a single request is abandoned (and tried again)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -144,22 +172,59 @@ pub struct Connection {
     pub deadline: Option<u64>,
 }
 
+/// How raw rows are read: the subcommands that page through them
+/// (`aggregate`, `verify`).
 #[derive(Debug, Args)]
+pub struct Scan {
+    /// Rows asked for per page (the server may cap it lower, which is fine)
+    #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
+    pub page_size: usize,
+
+    /// Id ranges scanned at once (the server answers requests in parallel)
+    #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub concurrency: u16,
+}
+
+/// The REST engine's ids per batch when `--batch-size` is not given.
+pub const DEFAULT_REST_BATCH_IDS: u64 = 100_000;
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("rebuild").args(["full", "month"])))]
 pub struct AggregateArgs {
     #[command(flatten)]
     pub connection: Connection,
+
+    #[command(flatten)]
+    pub scan: Scan,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// healthchecks.io-style URL: GET <URL>/start before a run, POST <URL>/<exit status> after with the JSON summary
+    #[arg(long, env = "USAGE_AGG_PING_URL", value_name = "URL")]
+    pub ping_url: Option<String>,
 
     /// Read everything and show what would be written; write nothing (not even the lease)
     #[arg(long)]
     pub dry_run: bool,
 
     /// rest: page rows over PostgREST and aggregate here; rpc: aggregate in the database, batch by batch
+    /// (new rows only: not with --full, --month or --rebase)
     #[arg(long, value_enum, default_value = "rest")]
     pub engine: Engine,
 
-    /// With --engine rpc: ids per batch (each batch is one transaction)
-    #[arg(long, default_value_t = crate::engine::rpc::DEFAULT_BATCH_IDS, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_ids: u64,
+    /// Ids per batch of new rows, both engines: the counts are written and the cursor moved after each
+    /// (one transaction each with --engine rpc) [default: 100000 (rest), 1000000 (rpc)]. The old names
+    /// --batch-rows and --batch-ids still work, for this release only
+    #[arg(
+        long,
+        alias = "batch-rows",
+        alias = "batch-ids",
+        value_name = "IDS",
+        conflicts_with_all = ["full", "month", "rebase"],
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub batch_size: Option<u64>,
 
     /// Recompute every key from all its rows instead of only new rows
     #[arg(long, conflicts_with = "month")]
@@ -170,17 +235,13 @@ pub struct AggregateArgs {
     pub month: Option<Month>,
 
     /// Let --full or --month lower stored counts (when raw rows were deleted)
-    #[arg(long)]
+    #[arg(long, requires = "rebuild")]
     pub allow_decrease: bool,
 
     /// Repair after the id sequence moved backwards or a table was truncated: reset the cursor and the
     /// watermarks, then rebuild every key from its rows (lowering counts where rows are gone)
     #[arg(long, conflicts_with_all = ["month", "full", "dry_run"])]
     pub rebase: bool,
-
-    /// Rows per batch: written and the cursor moved after each
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_rows: u64,
 
     /// Seconds the lease lasts without renewal (renewed after each batch)
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -191,10 +252,60 @@ pub struct AggregateArgs {
     pub horizon_wait_ms: u64,
 }
 
+impl AggregateArgs {
+    /// Ids per batch for `engine`: `--batch-size`, else that engine's default.
+    pub fn batch_ids_for(&self, engine: Engine) -> u64 {
+        self.batch_size.unwrap_or(match engine {
+            Engine::Rest => DEFAULT_REST_BATCH_IDS,
+            Engine::Rpc => crate::engine::rpc::DEFAULT_BATCH_IDS,
+        })
+    }
+
+    /// What clap's rules cannot say: the server-side engine only counts
+    /// new rows, so a rebuild asked of it would silently run the REST one.
+    fn check(&self) -> Result<(), clap::Error> {
+        if self.engine != Engine::Rpc {
+            return Ok(());
+        }
+        let rebuild = if self.full {
+            "--full"
+        } else if self.month.is_some() {
+            "--month"
+        } else if self.rebase {
+            "--rebase"
+        } else {
+            return Ok(());
+        };
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let sub = cmd
+            .find_subcommand_mut("aggregate")
+            .expect("aggregate is a subcommand");
+        Err(sub.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "the argument '--engine rpc' cannot be used with '{rebuild}': the server-side engine counts \
+                 only new rows, and rebuilds run in the REST engine (drop --engine rpc)"
+            ),
+        ))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub connection: Connection,
+
+    #[command(flatten)]
+    pub scan: Scan,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// healthchecks.io-style URL for this check: GET <URL>/start before, POST <URL>/<exit status> after with
+    /// the JSON result (not read from USAGE_AGG_PING_URL, which is aggregate's check)
+    #[arg(long, value_name = "URL")]
+    pub ping_url: Option<String>,
 
     /// Check one month (YYYY-MM) only
     #[arg(long, value_parser = month)]
@@ -230,4 +341,121 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
         _ => return Err(bad()),
     };
     Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_checked_from(std::iter::once("usage-agg").chain(args.split_whitespace()))
+    }
+
+    fn aggregate(args: &str) -> AggregateArgs {
+        match parse(&format!("aggregate {args}")).unwrap().command {
+            Command::Aggregate(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn each_subcommand_refuses_what_it_would_ignore() {
+        for args in [
+            "sql --json",
+            "sql --quiet",
+            "sql --ping-url http://x",
+            "sql --env dev",
+            "--json aggregate",
+            "report --ping-url http://x",
+            "report --portal 3 --top 5",
+            "report --months 3",
+            "report --json --format csv",
+            "report --quiet --format csv",
+            "status --page-size 10",
+            "status --concurrency 2",
+            "report --page-size 10",
+            "report --concurrency 2",
+            "aggregate --json --quiet",
+            "aggregate --engine rpc --full",
+            "aggregate --engine rpc --month 2025-01",
+            "aggregate --engine rpc --rebase",
+            "aggregate --allow-decrease",
+            "aggregate --rebase --allow-decrease",
+            "aggregate --batch-size 10 --full",
+            "aggregate --batch-rows 10 --month 2025-01",
+            "aggregate --batch-ids 10 --rebase",
+            "aggregate --batch-rows 10 --batch-ids 10",
+        ] {
+            let e = parse(args).expect_err(args);
+            assert!(e.use_stderr(), "{args}: an error, exit 64");
+            assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{args}");
+        }
+    }
+
+    #[test]
+    fn what_each_subcommand_honours_parses() {
+        for args in [
+            "sql",
+            "sql --log-format json",
+            "--log-format json sql",
+            "report --portal 3 --months 6 --json",
+            "report --month 2025-01 --top 5 --format csv",
+            "report -q",
+            "status --json --ping-url http://x --max-age 2h --deadline 30",
+            "verify --quiet --ping-url http://x --page-size 10 --concurrency 2",
+            "aggregate --engine rpc --batch-size 10 --dry-run",
+            "aggregate --engine rest --full --allow-decrease",
+            "aggregate --month 2025-01 --allow-decrease",
+            "aggregate --rebase --ping-url http://x --json",
+        ] {
+            parse(args).unwrap_or_else(|e| panic!("{args}: {e}"));
+        }
+    }
+
+    #[test]
+    fn batch_size_is_ids_per_batch_for_both_engines_with_each_engines_default() {
+        let a = aggregate("");
+        assert_eq!(a.batch_ids_for(Engine::Rest), DEFAULT_REST_BATCH_IDS);
+        assert_eq!(
+            a.batch_ids_for(Engine::Rpc),
+            crate::engine::rpc::DEFAULT_BATCH_IDS
+        );
+        for flag in ["--batch-size", "--batch-rows", "--batch-ids"] {
+            let a = aggregate(&format!("{flag} 700"));
+            assert_eq!(
+                (a.batch_ids_for(Engine::Rest), a.batch_ids_for(Engine::Rpc)),
+                (700, 700),
+                "{flag}"
+            );
+        }
+        assert!(parse("aggregate --batch-size 0").is_err());
+    }
+
+    #[test]
+    fn the_old_batch_names_are_hidden_from_the_help() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let help = cmd
+            .find_subcommand_mut("aggregate")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--batch-size <IDS>"), "{help}");
+        assert!(!help.contains("--batch-rows <"), "{help}");
+        assert!(!help.contains("--batch-ids <"), "{help}");
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(duration("90"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(duration("15m"), Ok(std::time::Duration::from_secs(900)));
+        assert_eq!(duration("2h"), Ok(std::time::Duration::from_secs(7200)));
+        assert_eq!(duration("1d"), Ok(std::time::Duration::from_secs(86_400)));
+        assert!(duration("2w").is_err() && duration("").is_err());
+    }
 }

@@ -2,7 +2,6 @@
 //! runtime, runs the command (the library does the work) and exits with its
 //! status. See README.md.
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use usage_agg::cli::{self, Cli};
@@ -10,7 +9,7 @@ use usage_agg::commands;
 use usage_agg::exit::Status;
 
 fn main() {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_checked() {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version are not errors; everything else is exit 64.

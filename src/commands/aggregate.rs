@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{connect, report_error};
-use crate::cli::{AggregateArgs, Global};
+use crate::cli::{AggregateArgs, Engine};
 use crate::engine::rebuild::Scope;
 use crate::engine::{Options, Outcome};
 use crate::exit::Status;
@@ -16,10 +16,10 @@ use crate::progress::Progress;
 use crate::state;
 use crate::store::rest::RestStore;
 
-pub async fn run(args: AggregateArgs, global: &Global) -> Status {
+pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
-    let human = !global.json && !global.quiet;
-    let ping = match Ping::new(global.ping_url.as_deref()) {
+    let human = !args.output.json && !args.output.quiet;
+    let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
         Err(e) => return report_error(&e.into(), None),
     };
@@ -84,7 +84,7 @@ pub async fn run(args: AggregateArgs, global: &Global) -> Status {
         warnings: &warnings,
     };
     let json = output::run_json(&record);
-    if global.json {
+    if args.output.json {
         println!("{json}");
     }
     ping.finish(status, &json).await;
@@ -102,17 +102,17 @@ async fn aggregate(
         full: args.full,
         rebase: args.rebase,
         engine: args.engine,
-        batch_ids: args.batch_ids,
+        batch_ids: args.batch_ids_for(Engine::Rpc),
         opts: Options {
             dry_run: args.dry_run,
-            page_size: args.connection.page_size,
-            batch_rows: args.batch_rows,
+            page_size: args.scan.page_size,
+            batch_rows: args.batch_ids_for(Engine::Rest),
             allow_decrease: args.allow_decrease,
             owner: None,
             lease_ttl: Duration::from_secs(args.lease_ttl),
             horizon_wait: Duration::from_millis(args.horizon_wait_ms),
             progress,
-            concurrency: usize::from(args.connection.concurrency),
+            concurrency: usize::from(args.scan.concurrency),
         },
         owner: state::owner_id(),
     };

@@ -19,10 +19,10 @@ use crate::postgrest::{Client, RetryPolicy};
 /// Runs the command the user asked for; returns the exit status.
 pub async fn run(cli: Cli) -> Status {
     match cli.command {
-        Command::Aggregate(args) => aggregate::run(args, &cli.global).await,
-        Command::Verify(args) => verify::run(args, &cli.global).await,
-        Command::Status(args) => status::run(args, &cli.global).await,
-        Command::Report(args) => report::run(args, &cli.global).await,
+        Command::Aggregate(args) => aggregate::run(args).await,
+        Command::Verify(args) => verify::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Report(args) => report::run(args).await,
         Command::Sql => sql::run(),
     }
 }
@@ -47,6 +47,24 @@ pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
     )?;
     tracing::info!(rest_url = %config.rest_url, from = %config.url_var, env = config.environment.upper(), "configured");
     Ok((config, client))
+}
+
+/// What a monitor is sent (`--ping-url`) when a command ends in an error
+/// before it has a result: the fields of aggregate's JSON that say so.
+pub fn failure_json(
+    command: &str,
+    environment: Option<&str>,
+    status: Status,
+    e: &anyhow::Error,
+) -> serde_json::Value {
+    serde_json::json!({
+        "version": 1,
+        "command": command,
+        "environment": environment,
+        "exit_status": status.code(),
+        "outcome": "failed",
+        "error": format!("{e:#}"),
+    })
 }
 
 /// Prints the error (and a hint when there is one) on stderr; returns the

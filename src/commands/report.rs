@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{connect, report_error};
-use crate::cli::{Global, ReportArgs, ReportFormat};
+use crate::cli::{ReportArgs, ReportFormat};
 use crate::exit::Status;
 use crate::output::Style;
 use crate::postgrest::{Client, Query};
@@ -34,7 +34,7 @@ impl Line {
 const COLUMNS: &str = "portal_id,month_year,request_count,success_count,error_count";
 const BAR_WIDTH: usize = 30;
 
-pub async fn run(args: ReportArgs, global: &Global) -> Status {
+pub async fn run(args: ReportArgs) -> Status {
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
         Err(e) => return report_error(&e, None),
@@ -43,7 +43,11 @@ pub async fn run(args: ReportArgs, global: &Global) -> Status {
         Ok(x) => x,
         Err(e) => return report_error(&e, Some(&config)),
     };
-    let format = if global.json {
+    // --quiet: the exit status alone says whether the table could be read.
+    if args.output.quiet {
+        return Status::Ok;
+    }
+    let format = if args.output.json {
         ReportFormat::Json
     } else {
         args.format

@@ -6,23 +6,45 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::{connect, report_error};
-use crate::cli::{Global, StatusArgs};
+use super::{connect, failure_json, report_error};
+use crate::cli::StatusArgs;
 use crate::exit::Status;
+use crate::ping::Ping;
 use crate::preflight;
 use crate::state::{StateRow, MIGRATION_FILE};
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
-pub async fn run(args: StatusArgs, global: &Global) -> Status {
+pub async fn run(args: StatusArgs) -> Status {
+    // A health check pings its own monitor: start, then the exit status
+    // with what --json prints (or the error).
+    let ping = match Ping::new(args.ping_url.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return report_error(&e.into(), None),
+    };
+    ping.start().await;
+    let (status, json) = check(&args).await;
+    ping.finish(status, &json).await;
+    status
+}
+
+/// The status shown, its exit status, and its JSON.
+async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => {
+            let status = report_error(&e, None);
+            return (status, failure_json("status", None, status, &e));
+        }
     };
+    let env = config.environment.upper();
     let gathered = gather(&RestStore::new(client)).await;
     let (installed, state, newest, facts) = match gathered {
         Ok(g) => g,
-        Err(e) => return report_error(&e, Some(&config)),
+        Err(e) => {
+            let status = report_error(&e, Some(&config));
+            return (status, failure_json("status", Some(env), status, &e));
+        }
     };
     let now = Utc::now();
     let last_success = state.last_success_at.as_deref().and_then(parse_time);
@@ -36,35 +58,32 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
     };
     let problems = facts.as_ref().map(preflight::problems).unwrap_or_default();
     let refused = facts.as_ref().map_or(0, |f| f.refused_keys);
-    let env = config.environment.upper();
-    if global.json {
-        println!(
-            "{}",
-            json!({
-                "version": 1,
-                "command": "status",
-                "environment": env,
-                "migration_installed": installed,
-                "cursor": state.cursor_id,
-                "newest_id": newest,
-                "backlog_estimate": backlog,
-                "lease_owner": state.lease_owner,
-                "lease_taken_at": state.lease_taken_at,
-                "lease_expires_at": state.lease_expires_at,
-                "last_run_started_at": state.last_run_started_at,
-                "last_run_finished_at": state.last_run_finished_at,
-                "last_run_outcome": state.last_run_outcome,
-                "last_run_rows": state.last_run_rows,
-                "last_run_seconds": run_seconds(&state),
-                "last_success_at": state.last_success_at,
-                "stale": stale,
-                "problems": problems.iter().map(|p| json!({"code": p.code(), "message": p.to_string()})).collect::<Vec<_>>(),
-                "refused_keys": refused,
-                "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
-                "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
-            })
-        );
-    } else if !global.quiet {
+    let summary = json!({
+        "version": 1,
+        "command": "status",
+        "environment": env,
+        "migration_installed": installed,
+        "cursor": state.cursor_id,
+        "newest_id": newest,
+        "backlog_estimate": backlog,
+        "lease_owner": state.lease_owner,
+        "lease_taken_at": state.lease_taken_at,
+        "lease_expires_at": state.lease_expires_at,
+        "last_run_started_at": state.last_run_started_at,
+        "last_run_finished_at": state.last_run_finished_at,
+        "last_run_outcome": state.last_run_outcome,
+        "last_run_rows": state.last_run_rows,
+        "last_run_seconds": run_seconds(&state),
+        "last_success_at": state.last_success_at,
+        "stale": stale,
+        "problems": problems.iter().map(|p| json!({"code": p.code(), "message": p.to_string()})).collect::<Vec<_>>(),
+        "refused_keys": refused,
+        "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
+        "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
+    });
+    if args.output.json {
+        println!("{summary}");
+    } else if !args.output.quiet {
         print!("{}", render(env, installed, &state, newest, backlog, now));
         for p in &problems {
             println!("  PROBLEM:       {p}");
@@ -86,7 +105,7 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
         }
     }
     // Known-wrong totals outrank an old success: they need a person.
-    if !problems.is_empty() {
+    let status = if !problems.is_empty() {
         preflight::Refused(problems).status()
     } else if refused > 0 {
         Status::DataErr
@@ -94,7 +113,8 @@ pub async fn run(args: StatusArgs, global: &Global) -> Status {
         Status::TempFail
     } else {
         Status::Ok
-    }
+    };
+    (status, summary)
 }
 
 type Gathered = (bool, StateRow, Option<i64>, Option<preflight::Facts>);

@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use super::{connect, report_error};
-use crate::cli::{Global, VerifyArgs};
+use super::{connect, failure_json, report_error};
+use crate::cli::VerifyArgs;
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
+use crate::ping::Ping;
 use crate::progress::Progress;
 use crate::store::rest::RestStore;
 use crate::store::Store;
@@ -15,11 +16,28 @@ use crate::store::Store;
 /// Verify waits for writers as briefly as aggregate does by default.
 const HORIZON_WAIT: Duration = Duration::from_millis(2000);
 
-pub async fn run(args: VerifyArgs, global: &Global) -> Status {
+pub async fn run(args: VerifyArgs) -> Status {
+    // The nightly check pings its own monitor: start, then the exit status
+    // with what --json prints (or the error).
+    let ping = match Ping::new(args.ping_url.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return report_error(&e.into(), None),
+    };
+    ping.start().await;
+    let (status, json) = verify(&args).await;
+    ping.finish(status, &json).await;
+    status
+}
+
+/// The comparison, printed; its exit status and its JSON.
+async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
     let style = Style::detect();
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => {
+            let status = report_error(&e, None);
+            return (status, failure_json("verify", None, status, &e));
+        }
     };
     let scope = args.month.map_or(Scope::All, Scope::Month);
     let result = async {
@@ -33,13 +51,13 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
         } else {
             None
         };
-        let progress = Progress::for_terminal(global.quiet || global.json);
+        let progress = Progress::for_terminal(args.output.quiet || args.output.json);
         rebuild::recount(
             &store,
             scope,
             marks,
-            args.connection.page_size,
-            usize::from(args.connection.concurrency),
+            args.scan.page_size,
+            usize::from(args.scan.concurrency),
             &progress,
             None,
         )
@@ -49,23 +67,26 @@ pub async fn run(args: VerifyArgs, global: &Global) -> Status {
     match result {
         Ok(rc) => {
             let drift = rc.drift(true);
-            if global.json {
-                println!(
-                    "{}",
-                    output::verify_json(&drift, rc.stored.len(), rc.rows_read)
-                );
-            } else if !global.quiet {
+            let json = output::verify_json(&drift, rc.stored.len(), rc.rows_read);
+            if args.output.json {
+                println!("{json}");
+            } else if !args.output.quiet {
                 print!(
                     "{}",
                     output::verify_report(style, &drift, rc.stored.len(), rc.rows_read)
                 );
             }
-            if drift.is_empty() {
+            let status = if drift.is_empty() {
                 Status::Ok
             } else {
                 Status::DataErr
-            }
+            };
+            (status, json)
         }
-        Err(e) => report_error(&e, Some(&config)),
+        Err(e) => {
+            let status = report_error(&e, Some(&config));
+            let env = config.environment.upper();
+            (status, failure_json("verify", Some(env), status, &e))
+        }
     }
 }

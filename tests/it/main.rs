@@ -8,6 +8,7 @@ mod common;
 mod aggregate;
 mod config;
 mod faults;
+mod flags;
 mod incremental;
 mod operator;
 mod rpc;
