@@ -3,25 +3,36 @@
 
 use std::fmt::Write as _;
 
-use anyhow::Context;
-use serde::Deserialize;
 use serde_json::json;
 
 use super::{connect, report_error};
+use crate::aggregation::{Key, Totals};
 use crate::cli::{ReportArgs, ReportFormat};
 use crate::exit::Status;
 use crate::output::Style;
-use crate::postgrest::{Client, Query};
-use crate::tables::MONTHLY_TABLE;
+use crate::store::rest::RestStore;
+use crate::store::{Store, StoredFilter};
 
 /// One row of the report.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 struct Line {
     portal_id: i64,
     month_year: String,
     request_count: Option<i64>,
     success_count: Option<i64>,
     error_count: Option<i64>,
+}
+
+impl From<&(Key, Totals)> for Line {
+    fn from((key, t): &(Key, Totals)) -> Line {
+        Line {
+            portal_id: key.portal_id,
+            month_year: key.month.to_string(),
+            request_count: Some(t.requests),
+            success_count: Some(t.successes),
+            error_count: Some(t.errors),
+        }
+    }
 }
 
 impl Line {
@@ -31,7 +42,8 @@ impl Line {
     }
 }
 
-const COLUMNS: &str = "portal_id,month_year,request_count,success_count,error_count";
+/// Rows a page when reading one portal's months (a portal has a few dozen).
+const PAGE: usize = 1000;
 const BAR_WIDTH: usize = 30;
 
 pub async fn run(args: ReportArgs) -> Status {
@@ -39,7 +51,7 @@ pub async fn run(args: ReportArgs) -> Status {
         Ok(c) => c,
         Err(e) => return report_error(&e, None),
     };
-    let (title, label, lines) = match fetch(&client, &args).await {
+    let (title, label, lines) = match fetch(&RestStore::new(client), &args).await {
         Ok(x) => x,
         Err(e) => return report_error(&e, Some(&config)),
     };
@@ -57,59 +69,36 @@ pub async fn run(args: ReportArgs) -> Status {
 }
 
 /// The title, which column labels rows (month or portal), and the rows.
-async fn fetch(client: &Client, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+async fn fetch(
+    store: &impl Store,
+    args: &ReportArgs,
+) -> anyhow::Result<(String, Label, Vec<Line>)> {
     if let Some(portal) = args.portal {
-        let q: Query = vec![
-            ("select".into(), COLUMNS.into()),
-            ("portal_id".into(), format!("eq.{portal}")),
-            ("order".into(), "month_year.desc".into()),
-            ("limit".into(), args.months.to_string()),
-        ];
-        let lines: Vec<Line> = client
-            .select(MONTHLY_TABLE, &q)
-            .await
-            .context("reading portal_usage_monthly")?;
+        let mut rows: Vec<(Key, Totals)> = store
+            .stored(StoredFilter::Portal(portal), false, PAGE)
+            .await?
+            .into_iter()
+            .collect();
+        rows.sort_by_key(|(k, _)| std::cmp::Reverse(k.month));
+        rows.truncate(usize::from(args.months));
         return Ok((
             format!("Portal {portal}, last {} months", args.months),
             Label::Month,
-            lines,
+            rows.iter().map(Line::from).collect(),
         ));
     }
     let month = match args.month {
-        Some(m) => m.to_string(),
-        None => {
-            let q: Query = vec![
-                ("select".into(), "month_year".into()),
-                ("order".into(), "month_year.desc".into()),
-                ("limit".into(), "1".into()),
-            ];
-            let newest: Vec<serde_json::Value> = client
-                .select(MONTHLY_TABLE, &q)
-                .await
-                .context("reading portal_usage_monthly")?;
-            match newest.first().and_then(|r| r["month_year"].as_str()) {
-                Some(m) => m.to_string(),
-                None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new())),
-            }
-        }
+        Some(m) => m,
+        None => match store.newest_month().await? {
+            Some(m) => m,
+            None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new())),
+        },
     };
-    let q: Query = vec![
-        ("select".into(), COLUMNS.into()),
-        ("month_year".into(), format!("eq.{month}")),
-        (
-            "order".into(),
-            "request_count.desc.nullslast,portal_id.asc".into(),
-        ),
-        ("limit".into(), args.top.to_string()),
-    ];
-    let lines: Vec<Line> = client
-        .select(MONTHLY_TABLE, &q)
-        .await
-        .context("reading portal_usage_monthly")?;
+    let rows = store.top_of_month(month, usize::from(args.top)).await?;
     Ok((
         format!("Top {} portals by requests, {month}", args.top),
         Label::Portal,
-        lines,
+        rows.iter().map(Line::from).collect(),
     ))
 }
 
