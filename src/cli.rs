@@ -156,20 +156,24 @@ pub enum ReportFormat {
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Which project: dev, prod, or auto (prod when APP_ENV, else NODE_ENV, is production or prod)
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", ignore_case = true)]
     pub env: EnvChoice,
 
-    /// Seconds before a single request is abandoned (and tried again)
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub timeout: u64,
+    /// Read the configuration from this file instead of ./.env.local and ./.env (the environment still wins)
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<std::path::PathBuf>,
+
+    /// How long a single request may take before it is abandoned (and tried again): 60s, 2m, ...
+    #[arg(long, default_value = "60s", value_parser = request_timeout, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
 
     /// Tries again after a transient failure (network, 502/503/504, ...) at most this many times per request
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(0..=100))]
     pub max_retries: u16,
 
-    /// Seconds the whole run may take; past it, no request is started or retried (exit 75)
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub deadline: Option<u64>,
+    /// How long the whole run may take (5m, 1h30m); past it, no request is started or retried (exit 75)
+    #[arg(long, value_parser = run_deadline, value_name = "DURATION")]
+    pub deadline: Option<std::time::Duration>,
 }
 
 /// How raw rows are read: the subcommands that page through them
@@ -243,9 +247,9 @@ pub struct AggregateArgs {
     #[arg(long, conflicts_with_all = ["month", "full", "dry_run"])]
     pub rebase: bool,
 
-    /// Seconds the lease lasts without renewal (renewed after each batch)
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub lease_ttl: u64,
+    /// How long the lease lasts without renewal (renewed after each batch): 600s, 10m, ...
+    #[arg(long, default_value = "10m", value_parser = lease_ttl, value_name = "DURATION")]
+    pub lease_ttl: std::time::Duration,
 
     /// Milliseconds to wait for inserts in flight before counting up to the newest id
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=7000))]
@@ -324,23 +328,42 @@ fn month(s: &str) -> Result<Month, String> {
         .ok_or_else(|| format!("{s:?} is not a month: expected YYYY-MM with a month from 01 to 12"))
 }
 
-/// `90`, `90s`, `15m`, `2h`, `1d`.
+/// `90` (seconds), `90s`, `15m`, `2h30m`, `1d`: one syntax for every
+/// duration option (humantime's).
 fn duration(s: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("{s:?} is not a duration: expected a number with s, m, h or d, e.g. 90m");
-    let (num, unit) = s.trim().split_at(
-        s.trim()
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.trim().len()),
-    );
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(bad()),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too large"));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{s:?} is not a duration ({e}): expected e.g. 90s, 5m, 2h30m or 1d"))
+}
+
+/// A duration of at least one second and at most `max`.
+fn bounded(s: &str, max: std::time::Duration) -> Result<std::time::Duration, String> {
+    let d = duration(s)?;
+    if d < std::time::Duration::from_secs(1) || d > max {
+        return Err(format!(
+            "{s:?} is out of range: from 1s to {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn request_timeout(s: &str) -> Result<std::time::Duration, String> {
+    bounded(s, std::time::Duration::from_secs(3600))
+}
+
+fn lease_ttl(s: &str) -> Result<std::time::Duration, String> {
+    bounded(s, std::time::Duration::from_secs(86_400))
+}
+
+fn run_deadline(s: &str) -> Result<std::time::Duration, String> {
+    bounded(s, std::time::Duration::from_secs(7 * 86_400))
 }
 
 #[cfg(test)]
@@ -456,6 +479,10 @@ mod tests {
         assert_eq!(duration("15m"), Ok(std::time::Duration::from_secs(900)));
         assert_eq!(duration("2h"), Ok(std::time::Duration::from_secs(7200)));
         assert_eq!(duration("1d"), Ok(std::time::Duration::from_secs(86_400)));
-        assert!(duration("2w").is_err() && duration("").is_err());
+        assert_eq!(duration("2h30m"), Ok(std::time::Duration::from_secs(9000)));
+        assert_eq!(duration("5m"), Ok(std::time::Duration::from_secs(300)));
+        assert!(duration("").is_err() && duration("soon").is_err() && duration("-1h").is_err());
+        assert!(request_timeout("0s").is_err() && request_timeout("2h").is_err());
+        assert_eq!(run_deadline("5m"), Ok(std::time::Duration::from_secs(300)));
     }
 }

@@ -100,18 +100,34 @@ pub struct Sources {
     env: HashMap<String, String>,
     files: Vec<(PathBuf, HashMap<String, String>)>,
     dir: PathBuf,
+    env_file: Option<PathBuf>,
 }
 
 impl Sources {
-    /// Reads the process environment and the files in `dir`.
-    pub fn load(dir: &Path) -> Result<Sources, ConfigError> {
-        Sources::from_parts(std::env::vars().collect(), dir)
+    /// Reads the process environment and the files in `dir`, or `env_file`
+    /// alone when given (`--env-file`).
+    pub fn load(dir: &Path, env_file: Option<&Path>) -> Result<Sources, ConfigError> {
+        Sources::from_parts(std::env::vars().collect(), dir, env_file)
     }
 
-    pub fn from_parts(env: HashMap<String, String>, dir: &Path) -> Result<Sources, ConfigError> {
+    pub fn from_parts(
+        env: HashMap<String, String>,
+        dir: &Path,
+        env_file: Option<&Path>,
+    ) -> Result<Sources, ConfigError> {
+        let paths: Vec<PathBuf> = match env_file {
+            Some(p) if !p.is_file() => {
+                return Err(ConfigError(format!(
+                    "--env-file {}: no such file; give the path of a KEY=VALUE file, or leave the option out \
+                     to read ./.env.local and ./.env",
+                    p.display()
+                )))
+            }
+            Some(p) => vec![p.to_path_buf()],
+            None => ENV_FILES.iter().map(|f| dir.join(f)).collect(),
+        };
         let mut files = Vec::new();
-        for name in ENV_FILES {
-            let path = dir.join(name);
+        for path in paths {
             if !path.exists() {
                 continue;
             }
@@ -124,7 +140,7 @@ impl Sources {
                     ConfigError(format!(
                         "{} is not a valid env file ({}); fix the line or remove the file",
                         path.display(),
-                        describe_dotenv_error(&e)
+                        describe_dotenv_error(&e, &path)
                     ))
                 })?;
                 values.insert(k, v);
@@ -135,6 +151,7 @@ impl Sources {
             env,
             files,
             dir: dir.to_path_buf(),
+            env_file: env_file.map(Path::to_path_buf),
         })
     }
 
@@ -154,21 +171,48 @@ impl Sources {
     /// "the environment, ./.env.local, ./.env": what a missing-variable message names.
     pub fn looked_in(&self) -> String {
         let mut places = vec!["the environment".to_string()];
-        places.extend(
-            ENV_FILES
-                .iter()
-                .map(|f| self.dir.join(f).display().to_string()),
-        );
+        match &self.env_file {
+            Some(p) => places.push(p.display().to_string()),
+            None => places.extend(
+                ENV_FILES
+                    .iter()
+                    .map(|f| self.dir.join(f).display().to_string()),
+            ),
+        }
         places.join(", ")
+    }
+
+    /// Exports the tool's own settings (`USAGE_AGG_*`) found only in the
+    /// files into this process's environment, so that options that read
+    /// them (`--ping-url`, ...) see them as they see real variables; a real
+    /// variable still wins. Keys and URLs are never exported.
+    pub fn export_tool_settings(&self) {
+        for (_, values) in self.files.iter().rev() {
+            for (k, v) in values {
+                if k.starts_with("USAGE_AGG_") && !self.env.contains_key(k) {
+                    std::env::set_var(k, v);
+                }
+            }
+        }
     }
 }
 
 /// dotenvy's errors quote the offending line, which may hold a key: keep only
 /// the position.
-fn describe_dotenv_error(e: &dotenvy::Error) -> String {
+fn describe_dotenv_error(e: &dotenvy::Error, path: &Path) -> String {
     match e {
-        dotenvy::Error::LineParse(_, index) => {
-            format!("parse error at character {index} of a line")
+        dotenvy::Error::LineParse(line, index) => {
+            // Its line number, found by the line's text, which is not shown.
+            let number = std::fs::read_to_string(path).ok().and_then(|content| {
+                let first = line.lines().next().unwrap_or_default();
+                content.lines().position(|l| l == first).map(|i| i + 1)
+            });
+            match number {
+                Some(n) => {
+                    format!("line {n}: parse error at character {index}; expected KEY=VALUE")
+                }
+                None => format!("parse error at character {index} of a line; expected KEY=VALUE"),
+            }
         }
         dotenvy::Error::Io(io) => io.to_string(),
         _ => "unreadable".into(),
@@ -230,8 +274,9 @@ impl Config {
                     "{name} is empty (in {from}); set it to {what}"
                 ))),
                 None => Err(ConfigError(format!(
-                    "{name} is not set (looked in {}); set it to {what}",
-                    sources.looked_in()
+                    "{name} is not set (looked in {}); set it to {what}{}",
+                    sources.looked_in(),
+                    auto_note(&chosen_by, environment)
                 ))),
             }
         };
@@ -247,9 +292,14 @@ impl Config {
                     required(&url_var, "your project URL, e.g. https://abcd.supabase.co")?;
                 let base = parse_url(&url_var, &v, &from)?;
                 refuse_clear_text(&url_var, &base, &from, sources)?;
-                let url = base
-                    .join("rest/v1/")
-                    .map_err(|e| ConfigError(format!("{url_var} (in {from}): {e}")))?;
+                // The project URL, or (a common paste) its REST root already.
+                let url = if base.path().ends_with("/rest/v1/") {
+                    tracing::debug!(%base, "{url_var} already ends with /rest/v1: used as the REST root");
+                    base
+                } else {
+                    base.join("rest/v1/")
+                        .map_err(|e| ConfigError(format!("{url_var} (in {from}): {e}")))?
+                };
                 (url, url_var)
             }
         };
@@ -266,6 +316,18 @@ impl Config {
             key: Secret(key),
             key_kind,
         })
+    }
+}
+
+/// When `--env auto` chose the environment, a missing variable says how,
+/// so an operator with only DEV configured sees why PROD was asked for.
+fn auto_note(chosen_by: &str, env: Environment) -> String {
+    match chosen_by.strip_prefix("--env auto: ") {
+        Some(why) => format!(
+            " ({why} chose {}; pass --env dev or --env prod to choose yourself)",
+            env.upper()
+        ),
+        None => String::new(),
     }
 }
 
@@ -388,7 +450,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Sources::from_parts(env, Path::new("/nonexistent-dir")).unwrap()
+        Sources::from_parts(env, Path::new("/nonexistent-dir"), None).unwrap()
     }
 
     fn jwt(role: &str) -> String {
@@ -398,6 +460,79 @@ mod tests {
             b.encode(r#"{"alg":"HS256"}"#),
             b.encode(format!(r#"{{"role":"{role}"}}"#))
         )
+    }
+
+    #[test]
+    fn a_project_url_given_with_its_rest_path_or_a_slash_is_normalised() {
+        for url in [
+            "https://abcd.supabase.co",
+            "https://abcd.supabase.co/",
+            "https://abcd.supabase.co/rest/v1",
+            "https://abcd.supabase.co/rest/v1/",
+        ] {
+            let key = jwt("service_role");
+            let s = sources(&[
+                ("SUPABASE_DEV_URL", url),
+                ("SUPABASE_DEV_SERVICE_ROLE_KEY", &key),
+            ]);
+            let c = Config::resolve(EnvChoice::Dev, &s).unwrap();
+            assert_eq!(
+                c.rest_url.as_str(),
+                "https://abcd.supabase.co/rest/v1/",
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_variable_says_when_node_env_chose_the_environment() {
+        let s = sources(&[
+            ("NODE_ENV", "production"),
+            ("SUPABASE_DEV_URL", "https://a.supabase.co"),
+        ]);
+        let e = Config::resolve(EnvChoice::Auto, &s)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SUPABASE_PROD_URL is not set"), "{e}");
+        assert!(
+            e.contains("NODE_ENV=production chose PROD; pass --env dev or --env prod"),
+            "{e}"
+        );
+        let e = Config::resolve(EnvChoice::Prod, &s)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("chose"), "{e}");
+    }
+
+    #[test]
+    fn an_env_file_error_names_the_file_and_the_line_but_never_its_text() {
+        let dir = std::env::temp_dir().join(format!("usage-agg-envline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("custom.env");
+        std::fs::write(
+            &file,
+            "A=1\n# fine\nSUPABASE_DEV_SERVICE_ROLE_KEY secret-value\n",
+        )
+        .unwrap();
+        let e = Sources::from_parts(HashMap::new(), &dir, Some(&file))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("custom.env is not a valid env file (line 3:"),
+            "{e}"
+        );
+        assert!(!e.contains("secret-value"), "{e}");
+        let missing = dir.join("nope.env");
+        let e = Sources::from_parts(HashMap::new(), &dir, Some(&missing))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--env-file") && e.contains("no such file"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -580,7 +715,7 @@ mod tests {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let s = Sources::from_parts(env, &dir).unwrap();
+        let s = Sources::from_parts(env, &dir, None).unwrap();
         let result = Config::resolve(EnvChoice::Dev, &s);
         std::fs::remove_dir_all(&dir).unwrap();
         result.unwrap();

@@ -6,9 +6,11 @@ use tracing_subscriber::EnvFilter;
 
 use usage_agg::cli::{self, Cli};
 use usage_agg::commands;
+use usage_agg::config::Sources;
 use usage_agg::exit::Status;
 
 fn main() {
+    export_tool_settings();
     let cli = match Cli::try_parse_checked() {
         Ok(cli) => cli,
         Err(e) => {
@@ -52,5 +54,28 @@ fn init_logging(format: cli::LogFormat) {
             let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             builder.with_ansi(ansi).init()
         }
+    }
+}
+
+/// `USAGE_AGG_*` settings written in the env files (or `--env-file`) count
+/// as if set in the environment, before the options that read them are
+/// parsed. Errors in the files are reported later, where the configuration
+/// is read, with the file and the line.
+fn export_tool_settings() {
+    let args: Vec<String> = std::env::args().collect();
+    let env_file = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--env-file=")
+            .map(str::to_string)
+            .or_else(|| {
+                (a == "--env-file")
+                    .then(|| args.get(i + 1).cloned())
+                    .flatten()
+            })
+    });
+    let Ok(dir) = std::env::current_dir() else {
+        return;
+    };
+    if let Ok(sources) = Sources::load(&dir, env_file.as_deref().map(std::path::Path::new)) {
+        sources.export_tool_settings();
     }
 }

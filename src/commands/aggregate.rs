@@ -109,7 +109,7 @@ async fn aggregate(
             batch_rows: args.batch_ids_for(Engine::Rest),
             allow_decrease: args.allow_decrease,
             owner: None,
-            lease_ttl: Duration::from_secs(args.lease_ttl),
+            lease_ttl: args.lease_ttl,
             horizon_wait: Duration::from_millis(args.horizon_wait_ms),
             progress,
             concurrency: usize::from(args.scan.concurrency),

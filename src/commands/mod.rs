@@ -7,7 +7,7 @@ pub mod sql;
 pub mod status;
 pub mod verify;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 
@@ -30,18 +30,16 @@ pub async fn run(cli: Cli) -> Status {
 /// Configuration and a client for it.
 pub fn connect(conn: &Connection) -> anyhow::Result<(Config, Client)> {
     let dir = std::env::current_dir().context("reading the working directory")?;
-    let sources = Sources::load(&dir)?;
+    let sources = Sources::load(&dir, conn.env_file.as_deref())?;
     let config = Config::resolve(conn.env, &sources)?;
     let client = Client::new(
         config.rest_url.clone(),
         &config.key,
         config.key_kind,
-        Duration::from_secs(conn.timeout),
+        conn.timeout,
         RetryPolicy {
             max_retries: usize::from(conn.max_retries),
-            deadline: conn
-                .deadline
-                .map(|d| Instant::now() + Duration::from_secs(d)),
+            deadline: conn.deadline.map(|d| Instant::now() + d),
             ..RetryPolicy::default()
         },
     )?;

@@ -99,8 +99,13 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         }
         if stale {
             println!(
-                "  STALE:         no successful run in the last {}",
-                humanize(args.max_age.unwrap_or_default().as_secs() as i64)
+                "  STALE:         no successful run in the last {}{}",
+                humanize(args.max_age.unwrap_or_default().as_secs() as i64),
+                if installed {
+                    ""
+                } else {
+                    " (none is recorded: runs keep their record in the migrations' state table, which is not there)"
+                }
             );
         }
     }

@@ -272,3 +272,76 @@ fn plain_http_to_another_host_is_refused_before_any_request_unless_allowed() {
     );
     assert!(!run.all().contains(A_JWT.split('.').nth(1).unwrap()));
 }
+
+#[test]
+fn inputs_are_taken_as_an_operator_writes_them() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 50, 2);
+    // --env in capitals, durations with units, one file of settings.
+    let dir = workdir();
+    let file = dir.join("prod.env");
+    let body: String = stack
+        .env()
+        .iter()
+        .map(|(k, v)| format!("{}={v}\n", k.replace("_DEV_", "_PROD_")))
+        .collect();
+    std::fs::write(&file, body).unwrap();
+    let path = file.to_str().unwrap();
+    usage_agg(
+        &dir,
+        &[],
+        &[
+            "aggregate",
+            "--env",
+            "PROD",
+            "--env-file",
+            path,
+            "--deadline",
+            "5m",
+            "--timeout",
+            "30s",
+            "--lease-ttl",
+            "2h30m",
+        ],
+    )
+    .assert_status(0);
+    assert_no_drift(&stack);
+    usage_agg(
+        &dir,
+        &[],
+        &[
+            "status",
+            "--env",
+            "Prod",
+            "--env-file",
+            path,
+            "--max-age",
+            "2h30m",
+        ],
+    )
+    .assert_status(0);
+    usage_agg(
+        &dir,
+        &[],
+        &["aggregate", "--env", "prod", "--deadline", "soon"],
+    )
+    .assert_status(64)
+    .assert_stderr_has("expected e.g. 90s, 5m, 2h30m or 1d");
+}
+
+#[test]
+fn usage_agg_settings_in_the_env_file_count_like_variables() {
+    let stack = Stack::new();
+    insert_rows(&stack, 20, 2);
+    let recorder = stack::proxy::Recorder::start();
+    let dir = workdir();
+    std::fs::write(
+        dir.join(".env.local"),
+        format!("USAGE_AGG_PING_URL={}/check\n", recorder.url),
+    )
+    .unwrap();
+    usage_agg(&dir, &stack.env(), &["aggregate", "--env", "dev"]).assert_status(0);
+    let seen: Vec<String> = recorder.seen().into_iter().map(|(line, _)| line).collect();
+    assert!(seen.iter().any(|l| l.contains("/check/start")), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains("/check/0")), "{seen:?}");
+}
