@@ -72,11 +72,14 @@ pub fn classify(err: &anyhow::Error) -> Status {
 fn classify_api(e: &ApiError) -> Status {
     match e.kind() {
         // After the retries: the server could not be reached, or did not serve.
-        Kind::Transient | Kind::Unavailable | Kind::UrlTooLong => Status::Unavailable,
+        Kind::Transient | Kind::Unavailable | Kind::UrlTooLong | Kind::Unresolvable => {
+            Status::Unavailable
+        }
         Kind::KeyRefused | Kind::NotGranted => Status::NoPerm,
         // The URL configured is not where the API is, or the schema or the
         // migrations are not what usage-agg needs.
         Kind::Redirect
+        | Kind::Tls
         | Kind::NotFound
         | Kind::MissingTable
         | Kind::MissingFunction
@@ -96,6 +99,10 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
     let key_var = config.map_or("the SERVICE_ROLE_KEY variable".to_string(), |c| {
         format!("SUPABASE_{}_SERVICE_ROLE_KEY", c.environment.upper())
     });
+    // The REST base in use (scheme, host, port, path; a URL never holds the
+    // key), and the variable it came from.
+    let url = config.map_or("the server".to_string(), |c| c.rest_url.to_string());
+    let url_var = config.map_or("SUPABASE_<ENV>_URL".to_string(), |c| c.url_var.clone());
     if let ApiError::Redirect { target, .. } = api {
         let vars = config.map_or(
             "SUPABASE_<ENV>_URL (or the SUPABASE_<ENV>_REST_URL override)".to_string(),
@@ -141,14 +148,21 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
             "a column of {what} is missing: the table does not match the schema in the README (\"The schema it expects\")"
         )),
         Kind::NotFound => Some(format!(
-            "nothing answers at {what} under the REST URL: check SUPABASE_<ENV>_URL (the project's URL, \
-             https://<ref>.supabase.co) or the SUPABASE_<ENV>_REST_URL override (the PostgREST root)"
+            "nothing answers at {what} under {url}: check {url_var} (the project's URL, \
+             https://<ref>.supabase.co, or with SUPABASE_<ENV>_REST_URL the PostgREST root)"
         )),
         Kind::UrlTooLong => Some(
             "a gateway in front of PostgREST refused a URL this long; report it: usage-agg keeps URLs under 6 KB, this gateway allows less".into(),
         ),
+        Kind::Unresolvable => Some(format!(
+            "the host of {url} does not resolve: check {url_var} (a typo in the project ref?) and this machine's DNS"
+        )),
+        Kind::Tls => Some(format!(
+            "TLS failed talking to {url}: if the server speaks plain HTTP (a local PostgREST), write http:// in \
+             {url_var}; if it is a certificate, check the host name and this machine's CA certificates"
+        )),
         Kind::Transient if matches!(api, ApiError::Transport { .. }) => {
-            Some("the server could not be reached: check the URL and the network; the next run will finish the job".into())
+            Some(format!("the server could not be reached at {url}: check {url_var} and the network; the next run will finish the job"))
         }
         _ => None,
     }

@@ -362,12 +362,21 @@ pub fn verify_report(style: Style, drift: &[Change], stored: usize, rows_read: u
     s
 }
 
-/// The one line printed when a run stops on an error.
-pub fn failure(style: Style, message: &str) -> String {
-    format!(
-        "{} Usage aggregation failed: {message}\n",
-        style.mark(Mark::Error)
-    )
+/// The one line the summary gives a run that stopped on an error; the
+/// error itself is on stderr, once.
+pub fn failure(style: Style, status: crate::exit::Status) -> String {
+    let code = status.code();
+    if status == crate::exit::Status::TempFail {
+        format!(
+            "{} Usage aggregation did not run this time (exit status {code}: try later; see stderr)\n",
+            style.mark(Mark::Info)
+        )
+    } else {
+        format!(
+            "{} Usage aggregation failed (exit status {code}; the error and a hint are on stderr)\n",
+            style.mark(Mark::Error)
+        )
+    }
 }
 
 fn format_secs(d: Duration) -> String {

@@ -152,6 +152,11 @@ pub enum Kind {
     Conflict,
     /// A 3xx, never followed.
     Redirect,
+    /// The host name does not resolve: no retry will change that in this run.
+    Unresolvable,
+    /// TLS failed: `https://` to a plain-HTTP server, or a certificate this
+    /// client does not trust. Not retried.
+    Tls,
     /// Any other 404 (PGRST125 "invalid path", or a gateway's page): the
     /// URL does not lead to the API.
     NotFound,
@@ -163,7 +168,8 @@ impl ApiError {
     /// This answer's [`Kind`].
     pub fn kind(&self) -> Kind {
         match self {
-            ApiError::Transport { .. } | ApiError::Decode { .. } => Kind::Transient,
+            ApiError::Transport { detail, .. } => transport_kind(detail),
+            ApiError::Decode { .. } => Kind::Transient,
             ApiError::Redirect { .. } => Kind::Redirect,
             ApiError::Status { status, .. } => match (status.as_u16(), self.code()) {
                 (502 | 503 | 504 | 520 | 522 | 524, _) => Kind::Transient,
@@ -656,6 +662,37 @@ impl Failure {
     }
 }
 
+/// What a transport failure means, from the causes reqwest and the system
+/// give (their wording is all there is). Most are worth another try; a name
+/// that does not resolve and a TLS failure are not.
+fn transport_kind(detail: &str) -> Kind {
+    let d = detail.to_ascii_lowercase();
+    if [
+        "dns error",
+        "failed to lookup address",
+        "name or service not known",
+        "no such host",
+    ]
+    .iter()
+    .any(|m| d.contains(m))
+    {
+        Kind::Unresolvable
+    } else if [
+        "invalidcontenttype",
+        "corrupt message",
+        "certificate",
+        "handshake",
+        "tls",
+    ]
+    .iter()
+    .any(|m| d.contains(m))
+    {
+        Kind::Tls
+    } else {
+        Kind::Transient
+    }
+}
+
 /// reqwest's messages nest the cause several levels down ("error sending
 /// request ... : connection refused"); walk the chain so the one line an
 /// operator sees says what actually happened. URLs are left out: the path is
@@ -758,6 +795,19 @@ mod tests {
             "{s}"
         );
         assert_eq!(ErrorBody::parse(b"").to_string(), "(empty body)");
+    }
+
+    #[test]
+    fn transport_failures_that_cannot_heal_are_not_transient() {
+        for (detail, kind) in [
+            ("could not connect: client error (Connect): dns error: failed to lookup address information: Name or service not known", Kind::Unresolvable),
+            ("could not connect: client error (Connect): received corrupt message of type InvalidContentType", Kind::Tls),
+            ("could not connect: invalid peer certificate: UnknownIssuer", Kind::Tls),
+            ("could not connect: tcp connect error: Connection refused (os error 111)", Kind::Transient),
+            ("timed out", Kind::Transient),
+        ] {
+            assert_eq!(transport_kind(detail), kind, "{detail}");
+        }
     }
 
     #[test]

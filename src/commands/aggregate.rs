@@ -50,10 +50,11 @@ pub async fn run(args: AggregateArgs) -> Status {
         (Err(e), _) => report_error(e, None),
         (Ok(_), Ok(o)) => o.verdict().status(),
         (Ok((config, _)), Err(e)) => {
+            let status = report_error(e, Some(config));
             if human {
-                print!("{}", output::failure(style, &format!("{e:#}")));
+                print!("{}", output::failure(style, status));
             }
-            report_error(e, Some(config))
+            status
         }
     };
     if human {

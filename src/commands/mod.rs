@@ -68,9 +68,32 @@ pub fn failure_json(
 /// Prints the error (and a hint when there is one) on stderr; returns the
 /// exit status it maps to.
 pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
-    eprintln!("usage-agg: error: {e:#}");
-    if let Some(h) = exit::hint(e, config) {
-        eprintln!("usage-agg: hint: {h}");
+    let status = exit::classify(e);
+    // "Try later" (a lease held, writers in flight, a deadline) is a notice:
+    // the job is fine and the next run does the work.
+    let level = if status == Status::TempFail {
+        "notice"
+    } else {
+        "error"
+    };
+    let hint = exit::hint(e, config);
+    if JSON_LOGS.get().copied().unwrap_or(false) {
+        let line = serde_json::json!({
+            "level": level.to_uppercase(),
+            "message": format!("{e:#}"),
+            "hint": hint,
+            "exit_status": status.code(),
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("usage-agg: {level}: {e:#}");
+        if let Some(h) = hint {
+            eprintln!("usage-agg: hint: {h}");
+        }
     }
-    exit::classify(e)
+    status
 }
+
+/// Whether stderr carries JSON lines (`--log-format json`), so that the
+/// final error is one too; set once by the binary.
+pub static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -345,3 +345,102 @@ fn usage_agg_settings_in_the_env_file_count_like_variables() {
     assert!(seen.iter().any(|l| l.contains("/check/start")), "{seen:?}");
     assert!(seen.iter().any(|l| l.contains("/check/0")), "{seen:?}");
 }
+
+#[test]
+fn urls_that_cannot_work_are_not_retried_and_the_hint_names_the_url() {
+    let stack = Stack::new();
+    // A name that does not resolve: one try, exit 69, the URL named.
+    let env = env_with(
+        &stack,
+        "SUPABASE_DEV_REST_URL",
+        "https://no-such-project.invalid/rest/v1",
+    );
+    let run = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
+    run.assert_status(69)
+        .assert_stderr_has("does not resolve")
+        .assert_stderr_has("https://no-such-project.invalid/rest/v1/");
+    assert!(
+        !run.stderr.contains("gave up after"),
+        "not retried:\n{}",
+        run.stderr
+    );
+    // https:// to a plain-HTTP server: exit 78, told to write http://.
+    let plain = stack
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "SUPABASE_DEV_REST_URL")
+        .map(|(_, v)| v)
+        .expect("the stack's REST URL");
+    let env = env_with(
+        &stack,
+        "SUPABASE_DEV_REST_URL",
+        &plain.replacen("http://", "https://", 1),
+    );
+    let run = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
+    run.assert_status(78).assert_stderr_has("write http://");
+    assert!(
+        !run.stderr.contains("gave up after"),
+        "not retried:\n{}",
+        run.stderr
+    );
+    // A path that is not the API: exit 78, a hint about the URL.
+    let env = env_with(
+        &stack,
+        "SUPABASE_DEV_REST_URL",
+        &format!("{plain}/nowhere/"),
+    );
+    usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"])
+        .assert_status(78)
+        .assert_stderr_has("SUPABASE_DEV_REST_URL");
+}
+
+#[test]
+fn the_final_error_is_printed_once_as_a_json_line_with_json_logs() {
+    let env = pairs(&[
+        ("SUPABASE_DEV_URL", &dead_url()),
+        ("SUPABASE_DEV_SERVICE_ROLE_KEY", A_JWT),
+    ]);
+    let run = usage_agg(
+        &workdir(),
+        &env,
+        &[
+            "--log-format",
+            "json",
+            "aggregate",
+            "--env",
+            "dev",
+            "--max-retries",
+            "0",
+        ],
+    );
+    run.assert_status(69);
+    for line in run.stderr.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v.is_object(), "{line}");
+    }
+    assert!(run.stderr.contains("\"exit_status\":69"), "{}", run.stderr);
+    // The summary says it failed, once, without repeating the error.
+    let plain = usage_agg(
+        &workdir(),
+        &env,
+        &["aggregate", "--env", "dev", "--max-retries", "0"],
+    );
+    assert_eq!(
+        plain.stdout.matches("failed").count(),
+        1,
+        "{}",
+        plain.stdout
+    );
+    assert!(
+        !plain.stdout.contains("could not connect"),
+        "{}",
+        plain.stdout
+    );
+    assert_eq!(
+        plain.stderr.matches("usage-agg: error:").count(),
+        1,
+        "{}",
+        plain.stderr
+    );
+}
