@@ -11,6 +11,43 @@ use chrono::{DateTime, Utc};
 use crate::aggregation::Totals;
 use crate::engine::{Change, Mode, Outcome};
 
+/// Writes to stdout. A reader that went away (`usage-agg ... | head -3`)
+/// is not an error: output stops quietly and the run goes on to its end, its
+/// record, its ping and its exit status (ripgrep stops quietly too).
+pub fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static GONE: AtomicBool = AtomicBool::new(false);
+    if GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            GONE.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `print!` for the summary, the tables and the JSON: see [`write_stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!`, the same way.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Style {
     pub emoji: bool,

@@ -33,7 +33,7 @@ pub async fn run(args: AggregateArgs) -> Status {
         Ok((config, client)) => {
             let env = config.environment.upper();
             if human {
-                print!(
+                crate::out!(
                     "{}",
                     output::header(style, started, env, &config.chosen_by, args.dry_run)
                 );
@@ -52,7 +52,7 @@ pub async fn run(args: AggregateArgs) -> Status {
         (Ok((config, _)), Err(e)) => {
             let status = report_error(e, Some(config));
             if human {
-                print!("{}", output::failure(style, status));
+                crate::out!("{}", output::failure(style, status));
             }
             status
         }
@@ -60,9 +60,9 @@ pub async fn run(args: AggregateArgs) -> Status {
     if human {
         if let (Ok(outcome), Some(env)) = (&result, env) {
             for w in &warnings {
-                print!("{}", output::warning(style, w));
+                crate::out!("{}", output::warning(style, w));
             }
-            print!("{}", output::summary(style, outcome, env, clock.elapsed()));
+            crate::out!("{}", output::summary(style, outcome, env, clock.elapsed()));
         }
     } else {
         for w in &warnings {
@@ -86,7 +86,7 @@ pub async fn run(args: AggregateArgs) -> Status {
     };
     let json = output::run_json(&record);
     if args.output.json {
-        println!("{json}");
+        crate::outln!("{json}");
     }
     ping.finish(status, &json).await;
     status

@@ -64,7 +64,7 @@ pub async fn run(args: ReportArgs) -> Status {
     } else {
         args.format
     };
-    print!("{}", render(format, Style::detect(), &title, label, &lines));
+    crate::out!("{}", render(format, Style::detect(), &title, label, &lines));
     Status::Ok
 }
 

@@ -9,10 +9,10 @@ use crate::state::MIGRATIONS;
 pub fn run() -> Status {
     for (i, (file, sql)) in MIGRATIONS.iter().enumerate() {
         if i > 0 {
-            println!();
+            crate::outln!();
         }
-        println!("-- ==== {file} ====");
-        print!("{sql}");
+        crate::outln!("-- ==== {file} ====");
+        crate::out!("{sql}");
     }
     Status::Ok
 }

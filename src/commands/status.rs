@@ -82,14 +82,14 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
     });
     if args.output.json {
-        println!("{summary}");
+        crate::outln!("{summary}");
     } else if !args.output.quiet {
-        print!("{}", render(env, installed, &state, newest, backlog, now));
+        crate::out!("{}", render(env, installed, &state, newest, backlog, now));
         for p in &problems {
-            println!("  PROBLEM:       {p}");
+            crate::outln!("  PROBLEM:       {p}");
         }
         if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
-            println!(
+            crate::outln!(
                 "  REFUSED:       {} keys hold counts above their raw rows since {} ({}); check them, then \
                  `usage-agg aggregate --full --allow-decrease` (or --month)",
                 f.refused_keys,
@@ -98,7 +98,7 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             );
         }
         if stale {
-            println!(
+            crate::outln!(
                 "  STALE:         no successful run in the last {}{}",
                 humanize(args.max_age.unwrap_or_default().as_secs() as i64),
                 if installed {

@@ -69,9 +69,9 @@ async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
             let drift = rc.drift(true);
             let json = output::verify_json(&drift, rc.stored.len(), rc.rows_read);
             if args.output.json {
-                println!("{json}");
+                crate::outln!("{json}");
             } else if !args.output.quiet {
-                print!(
+                crate::out!(
                     "{}",
                     output::verify_report(style, &drift, rc.stored.len(), rc.rows_read)
                 );

@@ -232,3 +232,19 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
         serde_json::from_str(report(&["--portal", "7", "--json"]).stdout.trim()).unwrap();
     assert_eq!(json["rows"][0]["requests"], 80);
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    // The reader closes its end at once, before usage-agg writes: every
+    // write meets a closed pipe.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#""$0" sql | (exec 0<&-; :); exit "${PIPESTATUS[0]}""#)
+        .arg(env!("CARGO_BIN_EXE_usage-agg"))
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
