@@ -116,9 +116,15 @@ impl Job {
         };
         if !restored.is_empty() {
             warnings.push(format!(
-                "{} keys had their portal_usage_monthly row deleted; rebuilt from all their rows: {}",
-                restored.len(),
-                restored.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+                "{} portal_usage_monthly row deleted; rebuilt from all {} rows: {}",
+                crate::output::count(restored.len() as u64, "key had its", "keys had their"),
+                if restored.len() == 1 { "its" } else { "their" },
+                restored
+                    .iter()
+                    .take(20)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         let marks = Marks { cursor, horizon };

@@ -137,15 +137,19 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     let _ = writeln!(s, "{} Mode: {}", style.mark(Mark::Info), describe_mode(o));
     let _ = writeln!(
         s,
-        "{} Found {} requests to aggregate",
+        "{} Found {} to aggregate",
         style.mark(Mark::Info),
-        o.rows_counted
+        count(o.rows_counted, "request", "requests")
     );
     let _ = writeln!(
         s,
-        "{} Aggregating for {} portal-month combinations",
+        "{} Aggregating for {}",
         style.mark(Mark::Target),
-        o.keys_touched
+        count(
+            (o.keys_touched) as u64,
+            "portal-month combination",
+            "portal-month combinations"
+        )
     );
     if o.bad.count > 0 {
         let ids: Vec<String> = o
@@ -156,9 +160,9 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "{} {} rows rejected as bad data and not counted (ids {}{}); first: {}",
+            "{} {} rejected as bad data and not counted (ids {}{}); first: {}",
             style.mark(Mark::Warn),
-            o.bad.count,
+            count(o.bad.count, "row", "rows"),
             ids.join(", "),
             if o.bad.count as usize > ids.len() {
                 ", ..."
@@ -190,16 +194,32 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         let _ = if kept.is_empty() {
             writeln!(
                 s,
-                "{} Drift: {} stored keys disagreed with their own rows and {verb}:",
+                "{} Drift: {} with {} own rows and {}:",
                 style.mark(Mark::Warn),
-                fixed.len()
+                count(
+                    (fixed.len()) as u64,
+                    "stored key disagreed",
+                    "stored keys disagreed"
+                ),
+                if fixed.len() == 1 { "its" } else { "their" },
+                if fixed.len() == 1 {
+                    verb.replace("were", "was")
+                } else {
+                    verb.to_string()
+                }
             )
         } else if fixed.is_empty() {
             writeln!(
                 s,
-                "{} Drift: {} stored keys disagreed with their own rows and were NOT corrected (below)",
+                "{} Drift: {} with {} own rows and {} NOT corrected (below)",
                 style.mark(Mark::Warn),
-                kept.len()
+                count(
+                    (kept.len()) as u64,
+                    "stored key disagreed",
+                    "stored keys disagreed"
+                ),
+                if kept.len() == 1 { "its" } else { "their" },
+                if kept.len() == 1 { "was" } else { "were" }
             )
         } else {
             writeln!(
@@ -217,20 +237,36 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     if !o.refused_decreases.is_empty() {
         let _ = writeln!(
             s,
-            "{} {} keys would have their stored counts lowered (raw rows deleted or moved?) and were NOT lowered; \
-             their new rows are still counted. Check them, then rerun with --allow-decrease:",
+            "{} {} stored counts lowered (raw rows deleted or moved?) and NOT lowered; \
+             new rows are still counted. Check, then rerun with --allow-decrease:",
             style.mark(Mark::Warn),
-            o.refused_decreases.len()
+            count(
+                (o.refused_decreases.len()) as u64,
+                "key would have its",
+                "keys would have their"
+            )
         );
         s.push_str(&capped_table(&o.refused_decreases));
     } else if o.refusals_standing.count > 0 {
         let _ = writeln!(
             s,
-            "{} {} keys still hold counts above their raw rows (refused decreases since {}: {}); check them, \
+            "{} {} counts above {} raw rows (refused decreases since {}: {}); check, \
              then `aggregate --full --allow-decrease` (or --month)",
             style.mark(Mark::Warn),
-            o.refusals_standing.count,
-            o.refusals_standing.since.as_deref().unwrap_or("an earlier run"),
+            count(
+                o.refusals_standing.count,
+                "key still holds",
+                "keys still hold"
+            ),
+            if o.refusals_standing.count == 1 {
+                "its"
+            } else {
+                "their"
+            },
+            o.refusals_standing
+                .since
+                .as_deref()
+                .unwrap_or("an earlier run"),
             o.refusals_standing.examples.join(", ")
         );
     }
@@ -244,10 +280,10 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "{} {} writes did not take effect although no newer run had counted those keys: {}{}; run \
+            "{} {} did not take effect although no newer run had counted those keys: {}{}; run \
              `usage-agg verify`, and look for triggers or rules on portal_usage_monthly",
             style.mark(Mark::Error),
-            o.write.lost.len(),
+            count((o.write.lost.len()) as u64, "write", "writes"),
             keys.join(", "),
             more(o.write.lost.len())
         );
@@ -255,17 +291,17 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     if !o.write.superseded.is_empty() {
         let _ = writeln!(
             s,
-            "{} {} keys were already counted further by another run; its newer totals were kept",
+            "{} {} already counted further by another run; its newer totals were kept",
             style.mark(Mark::Info),
-            o.write.superseded.len()
+            count((o.write.superseded.len()) as u64, "key was", "keys were")
         );
     }
     if let Some(reason) = &o.write.fallback_reason {
         let _ = writeln!(
             s,
-            "{} Bulk upsert refused ({reason}); wrote {} keys one by one. Add UNIQUE(portal_id, month_year) to portal_usage_monthly.",
+            "{} Bulk upsert refused ({reason}); wrote {} one by one. Add UNIQUE(portal_id, month_year) to portal_usage_monthly.",
             style.mark(Mark::Warn),
-            o.write.fallback_keys
+            count((o.write.fallback_keys) as u64, "key", "keys")
         );
     }
     let unchanged = o.keys_touched.saturating_sub(o.keys_changed);
@@ -273,17 +309,22 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         s.push_str(&capped_table(&o.changes));
         let _ = writeln!(
             s,
-            "{} Dry run: {} keys would be written, {unchanged} unchanged; nothing was written",
+            "{} Dry run: {} be written, {unchanged} unchanged; nothing was written",
             style.mark(Mark::Ok),
-            o.keys_changed
+            count((o.keys_changed) as u64, "key would", "keys would")
         );
     } else {
         let _ = writeln!(
             s,
-            "{} Aggregation completed: {} processed ({} written, {unchanged} unchanged), 0 errors",
-            style.mark(Mark::Ok),
+            "{} Aggregation completed: {} processed ({} written, {unchanged} unchanged), {}",
+            if o.write.lost.is_empty() {
+                style.mark(Mark::Ok)
+            } else {
+                style.mark(Mark::Error)
+            },
             o.keys_touched,
-            if o.dry_run { 0 } else { o.keys_changed }
+            o.keys_changed,
+            count((o.write.lost.len()) as u64, "write error", "write errors")
         );
     }
     let b = style.mark(Mark::Bullet);
@@ -301,23 +342,29 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     if !o.write.lost.is_empty() {
         let _ = writeln!(
             s,
-            "{} Usage aggregation completed, but {} writes did not take effect (exit status 65)",
+            "{} Usage aggregation completed, but {} not take effect (exit status 65)",
             style.mark(Mark::Error),
-            o.write.lost.len()
+            count((o.write.lost.len()) as u64, "write did", "writes did")
         );
     } else if !o.refused_decreases.is_empty() || o.refusals_standing.count > 0 {
         let _ = writeln!(
             s,
-            "{} Usage aggregation completed, but {} keys hold counts above their raw rows (exit status 65)",
+            "{} Usage aggregation completed, but {} counts above raw rows (exit status 65)",
             style.mark(Mark::Warn),
-            o.refusals_standing.count.max(o.refused_decreases.len() as u64)
+            count(
+                o.refusals_standing
+                    .count
+                    .max(o.refused_decreases.len() as u64),
+                "key holds",
+                "keys hold"
+            )
         );
     } else if o.bad.count > 0 {
         let _ = writeln!(
             s,
-            "{} Usage aggregation completed, but {} bad rows were skipped (exit status 65)",
+            "{} Usage aggregation completed, but {} skipped (exit status 65)",
             style.mark(Mark::Warn),
-            o.bad.count
+            count(o.bad.count, "bad row was", "bad rows were")
         );
     } else if o.keys_touched == 0 {
         let _ = writeln!(
@@ -344,9 +391,17 @@ fn describe_mode(o: &Outcome) -> String {
         Mode::Rebuild { first_run: false } => "full rebuild (--full)".into(),
         Mode::Month(m) => format!("rebuild of {m} (--month)"),
         Mode::Incremental => "incremental (new rows only)".into(),
-        Mode::Rpc { batches } => format!("server-side (--engine rpc), {batches} batches"),
+        Mode::Rpc { batches } => format!(
+            "server-side (--engine rpc), {}",
+            count(*batches, "batch", "batches")
+        ),
         Mode::Rebase => "rebase: cursor and watermarks reset, every key rebuilt (--rebase)".into(),
     }
+}
+
+/// "1 key", "2 keys": the number and the right form beside it.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Rows a human table shows; the JSON has them all.

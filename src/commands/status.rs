@@ -90,9 +90,10 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         }
         if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
             crate::outln!(
-                "  REFUSED:       {} keys hold counts above their raw rows since {} ({}); check them, then \
+                "  REFUSED:       {} counts above {} raw rows since {} ({}); check, then \
                  `usage-agg aggregate --full --allow-decrease` (or --month)",
-                f.refused_keys,
+                crate::output::count(f.refused_keys, "key holds", "keys hold"),
+                if f.refused_keys == 1 { "its" } else { "their" },
                 f.refused_since.as_deref().unwrap_or("?"),
                 f.refused_examples.join(", ")
             );

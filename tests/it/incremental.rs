@@ -33,7 +33,7 @@ fn the_first_run_rebuilds_and_later_runs_count_only_new_rows() {
         .assert_status(0)
         .assert_stdout_has("Mode: full rebuild (first run with the migration)")
         .assert_stdout_has("Cursor: none -> 2000")
-        .assert_stdout_has("Drift: 1 stored keys");
+        .assert_stdout_has("Drift: 1 stored key disagreed with its own rows");
     assert_no_drift(&stack);
     assert_watermarks(&stack);
 

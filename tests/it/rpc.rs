@@ -50,7 +50,7 @@ fn bad_rows_are_skipped_counted_and_named_by_the_sql_engine_too() {
     insert_rows(&stack, 100, 3);
     rpc(&stack, &[])
         .assert_status(65)
-        .assert_stdout_has("1 rows rejected as bad data")
+        .assert_stdout_has("1 row rejected as bad data")
         .assert_stdout_has(&format!("ids {bad}"));
     assert_no_drift(&stack);
 }

@@ -223,7 +223,7 @@ fn a_refused_decrease_keeps_counting_the_keys_new_rows_and_is_not_a_success() {
 
     let full = aggregate(&stack, &["--full"]);
     full.assert_status(65)
-        .assert_stdout_has("1 keys would have their stored counts lowered")
+        .assert_stdout_has("1 key would have its stored counts lowered")
         .assert_stdout_has("NOT lowered");
     assert!(!full.stdout.contains("were corrected"), "{}", full.stdout);
     assert_eq!(
@@ -242,7 +242,7 @@ fn a_refused_decrease_keeps_counting_the_keys_new_rows_and_is_not_a_success() {
     );
     status(&stack)
         .assert_status(65)
-        .assert_stdout_has("REFUSED:       1 keys")
+        .assert_stdout_has("REFUSED:       1 key holds")
         .assert_stdout_has("1000:2025-05");
 
     // Later runs keep counting it and keep saying so.
@@ -250,13 +250,13 @@ fn a_refused_decrease_keeps_counting_the_keys_new_rows_and_is_not_a_success() {
     for engine in ENGINES {
         aggregate(&stack, &["--engine", engine])
             .assert_status(65)
-            .assert_stdout_has("1 keys still hold counts above their raw rows");
+            .assert_stdout_has("1 key still holds counts above its raw rows");
     }
     assert_eq!(stored_requests(&stack, 1000, "2025-05"), stored + 15);
 
     aggregate(&stack, &["--full", "--allow-decrease"])
         .assert_status(0)
-        .assert_stdout_has("were corrected");
+        .assert_stdout_has("and was corrected");
     assert_truth(&stack);
     status(&stack).assert_status(0);
     assert_ne!(state_text(&stack, "last_success_at"), success);
