@@ -212,6 +212,10 @@ pub struct AggregateArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// The header before the run and the whole summary even when there is nothing to do (else one line then)
+    #[arg(long, short)]
+    pub verbose: bool,
+
     /// rest: page rows over PostgREST and aggregate here; rpc: aggregate in the database, batch by batch
     /// (new rows only: not with --full, --month or --rebase)
     #[arg(long, value_enum, default_value = "rest")]

@@ -131,6 +131,30 @@ pub fn header(
     s
 }
 
+/// A run that found nothing new and has nothing to warn about: worth one
+/// line in a cron log, not sixteen.
+pub fn nothing_to_report(o: &Outcome) -> bool {
+    !o.dry_run
+        && o.rows_read == 0
+        && o.keys_touched == 0
+        && o.verdict() == crate::engine::Verdict::Ok
+        && o.drift.is_empty()
+        && o.restored_keys.is_empty()
+        && o.write.superseded.is_empty()
+}
+
+/// That one line.
+pub fn nothing_done(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
+    let cursor = o
+        .cursor
+        .map_or(String::new(), |(_, c)| format!(", cursor {c}"));
+    format!(
+        "{} No pending requests to aggregate ({env}{cursor}, {} seconds)\n",
+        style.mark(Mark::Ok),
+        format_secs(took)
+    )
+}
+
 /// Everything after the run: counts, bad rows, the dry-run table, the summary.
 pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     let mut s = String::new();

@@ -29,14 +29,18 @@ pub async fn run(args: AggregateArgs) -> Status {
     let mut warnings = Vec::new();
 
     let connected = connect(&args.connection);
+    // The header goes out before the run with --verbose (a stalled run then
+    // shows how far it got); otherwise with the summary, so that an hourly
+    // run with nothing to do writes one line.
+    let mut header = String::new();
     let (result, env) = match &connected {
         Ok((config, client)) => {
             let env = config.environment.upper();
             if human {
-                crate::out!(
-                    "{}",
-                    output::header(style, started, env, &config.chosen_by, args.dry_run)
-                );
+                header = output::header(style, started, env, &config.chosen_by, args.dry_run);
+                if args.verbose {
+                    crate::out!("{}", std::mem::take(&mut header));
+                }
             }
             let progress = Progress::for_terminal(!human);
             (
@@ -52,17 +56,25 @@ pub async fn run(args: AggregateArgs) -> Status {
         (Ok((config, _)), Err(e)) => {
             let status = report_error(e, Some(config));
             if human {
-                crate::out!("{}", output::failure(style, status));
+                crate::out!("{header}{}", output::failure(style, status));
             }
             status
         }
     };
     if human {
         if let (Ok(outcome), Some(env)) = (&result, env) {
-            for w in &warnings {
-                crate::out!("{}", output::warning(style, w));
+            if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
+                crate::out!(
+                    "{}",
+                    output::nothing_done(style, outcome, env, clock.elapsed())
+                );
+            } else {
+                crate::out!("{header}");
+                for w in &warnings {
+                    crate::out!("{}", output::warning(style, w));
+                }
+                crate::out!("{}", output::summary(style, outcome, env, clock.elapsed()));
             }
-            crate::out!("{}", output::summary(style, outcome, env, clock.elapsed()));
         }
     } else {
         for w in &warnings {

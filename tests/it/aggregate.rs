@@ -77,7 +77,7 @@ fn new_rows_and_stale_values_are_brought_up_to_date() {
 #[test]
 fn an_empty_table_is_nothing_to_do() {
     let stack = Stack::new();
-    aggregate(&stack, &[])
+    aggregate(&stack, &["--verbose"])
         .assert_status(0)
         .assert_stdout_has("Found 0 requests")
         .assert_stdout_has("No pending requests to aggregate");

@@ -69,6 +69,23 @@ fn twenty_rounds_of_random_inserts_leave_no_drift_and_cost_what_they_add() {
 }
 
 #[test]
+fn a_run_with_nothing_to_do_writes_one_line() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 200, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    let run = aggregate(&stack, &[]);
+    run.assert_status(0)
+        .assert_stdout_has("No pending requests to aggregate (DEV, cursor 200, ");
+    assert_eq!(run.stdout.lines().count(), 1, "{}", run.stdout);
+    assert_eq!(run.stderr, "");
+    // Anything to say, and the whole summary is there.
+    insert_rows(&stack, 5, 3);
+    let run = aggregate(&stack, &[]);
+    run.assert_stdout_has("Starting usage aggregation")
+        .assert_stdout_has("Found 5 requests");
+}
+
+#[test]
 fn a_run_with_nothing_new_changes_nothing_and_says_so() {
     let stack = migrated_stack();
     insert_rows(&stack, 500, 5);
@@ -83,7 +100,7 @@ fn a_run_with_nothing_new_changes_nothing_and_says_so() {
         .unwrap()
         .get(0);
 
-    let run = aggregate(&stack, &[]);
+    let run = aggregate(&stack, &["--verbose"]);
     run.assert_status(0)
         .assert_stdout_has("Found 0 requests")
         .assert_stdout_has("No pending requests to aggregate");
@@ -318,7 +335,7 @@ fn bad_rows_are_skipped_once_and_never_block_the_cursor() {
         .assert_status(65)
         .assert_stdout_has("2 rows rejected as bad data");
     assert_no_drift(&stack);
-    aggregate(&stack, &[])
+    aggregate(&stack, &["--verbose"])
         .assert_status(0)
         .assert_stdout_has("Found 0 requests");
 }
