@@ -212,6 +212,10 @@ pub struct AggregateArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// With --dry-run: preview even while another run holds the lease (its half-written state shows)
+    #[arg(long, requires = "dry_run")]
+    pub force: bool,
+
     /// The header before the run and the whole summary even when there is nothing to do (else one line then)
     #[arg(long, short)]
     pub verbose: bool,

@@ -29,6 +29,8 @@ pub struct Job {
     pub opts: Options,
     /// Who this run is in the lease.
     pub owner: String,
+    /// A dry run beside a run that holds the lease goes ahead anyway.
+    pub force: bool,
 }
 
 impl Job {
@@ -70,6 +72,13 @@ impl Job {
 
         let dry_run = self.opts.dry_run;
         let cursor = if dry_run {
+            // A preview of a state another run is halfway through writing
+            // is wrong, and recounting its keys one by one is slow: wait.
+            if !self.force {
+                if let Some(held) = lease_held_by_another(store, &self.owner).await? {
+                    return Err(held.into());
+                }
+            }
             facts.cursor
         } else {
             let cursor = take_lease(store, &self.owner, self.opts.lease_ttl, warnings).await?;
@@ -149,6 +158,29 @@ impl Job {
     }
 }
 
+/// The live lease of another run, if there is one (read, never taken: a
+/// dry run writes nothing). Expiry is judged on this machine's clock, which
+/// is enough to tell a running run from one long gone.
+async fn lease_held_by_another<S: Store>(store: &S, me: &str) -> anyhow::Result<Option<LeaseHeld>> {
+    let Some(s) = store.state().await? else {
+        return Ok(None);
+    };
+    let Some(owner) = s
+        .lease_owner
+        .filter(|o| o != me && !state::owner_is_dead_here(o))
+    else {
+        return Ok(None);
+    };
+    let live = s.lease_expires_at.as_deref().is_none_or(|t| {
+        chrono::DateTime::parse_from_rfc3339(t).is_ok_and(|t| t > chrono::Utc::now())
+    });
+    Ok(live.then(|| LeaseHeld {
+        owner,
+        since: s.lease_taken_at.unwrap_or_default(),
+        expires_at: s.lease_expires_at.unwrap_or_default(),
+    }))
+}
+
 /// Takes the lease, or takes it over from a run on this host whose process
 /// is gone; returns the cursor.
 async fn take_lease<S: Store>(
@@ -209,6 +241,7 @@ mod tests {
                 concurrency: 2,
             },
             owner: "test@memory:1".into(),
+            force: false,
         }
     }
 
@@ -365,6 +398,28 @@ mod tests {
             .unwrap();
         assert_eq!(store.counts(), store.truth());
         assert!(store.consistent());
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_beside_a_held_lease_waits_unless_forced() {
+        let store = MemoryStore::default();
+        store.insert(&rows(5, 20));
+        run(&store, job(Scope::All, false, false, 10))
+            .await
+            .unwrap();
+        store.insert(&rows(6, 5));
+        store
+            .acquire("cron@elsewhere:9", Duration::from_secs(60), None)
+            .await
+            .unwrap();
+        let mut dry = job(Scope::All, false, false, 10);
+        dry.opts.dry_run = true;
+        let err = run(&store, dry).await.unwrap_err();
+        assert_eq!(exit::classify(&err), Status::TempFail);
+        let mut forced = job(Scope::All, false, false, 10);
+        forced.opts.dry_run = true;
+        forced.force = true;
+        assert_eq!(run(&store, forced).await.unwrap().rows_read, 5);
     }
 
     #[tokio::test]

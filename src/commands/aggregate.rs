@@ -128,6 +128,7 @@ async fn aggregate(
             concurrency: usize::from(args.scan.concurrency),
         },
         owner: state::owner_id(),
+        force: args.force,
     };
     job.run(&RestStore::new(client.clone()), warnings).await
 }

@@ -516,3 +516,23 @@ fn a_late_row_for_a_past_month_is_counted_into_that_month() {
     };
     assert_eq!(dec, (1, 1));
 }
+
+#[test]
+fn a_dry_run_beside_a_running_run_says_so_and_waits_unless_forced() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 300, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 300, 3);
+    let running = paused_run(&stack, "page");
+    let before = table(&stack);
+    aggregate(&stack, &["--dry-run"])
+        .assert_status(75)
+        .assert_stderr_has("usage-agg: notice: another run holds the lease");
+    aggregate(&stack, &["--dry-run", "--force"])
+        .assert_status(0)
+        .assert_stdout_has("Dry run");
+    assert_eq!(table(&stack), before, "a dry run writes nothing");
+    resume(running);
+    assert_no_drift(&stack);
+    usage_agg(&workdir(), &[], &["aggregate", "--force"]).assert_status(64);
+}
