@@ -147,10 +147,12 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
+/// How long the last finished run took; None while a newer run is under
+/// way (its start is not the finished run's), never negative.
 fn run_seconds(s: &StateRow) -> Option<f64> {
     let start = parse_time(s.last_run_started_at.as_deref()?)?;
     let end = parse_time(s.last_run_finished_at.as_deref()?)?;
-    Some((end - start).num_milliseconds() as f64 / 1000.0)
+    (end >= start).then(|| (end - start).num_milliseconds() as f64 / 1000.0)
 }
 
 fn humanize(secs: i64) -> String {
@@ -220,32 +222,65 @@ fn render(
         .as_deref()
         .and_then(parse_time)
         .is_some_and(|t| t > now);
+    // A lease whose process is gone (same host) is taken over at once by the
+    // next run, expired or not.
+    let holder_gone = s
+        .lease_owner
+        .as_deref()
+        .is_some_and(crate::state::owner_is_dead_here);
     line(
         "Lease",
-        match (&s.lease_owner, lease_live) {
-            (Some(owner), true) => format!(
+        match (&s.lease_owner, lease_live, holder_gone) {
+            (Some(owner), _, true) => format!(
+                "stale: held by {owner}, whose process is gone (the next run takes it over)"
+            ),
+            (Some(owner), true, false) => format!(
                 "held by {owner} since {}, expires {}",
                 when(s.lease_taken_at.as_deref(), now),
                 when(s.lease_expires_at.as_deref(), now)
             ),
-            (Some(owner), false) => format!("free (last held by {owner}, expired)"),
-            (None, _) => "free".into(),
+            (Some(owner), false, false) => {
+                format!("stale: last held by {owner}, expired (the next run takes it over)")
+            }
+            (None, _, _) => "free".into(),
         },
     );
+    // A run under way: its start is newer than the last run's end.
+    let started = s.last_run_started_at.as_deref().and_then(parse_time);
+    let finished = s.last_run_finished_at.as_deref().and_then(parse_time);
+    let running =
+        lease_live && !holder_gone && started.is_some_and(|st| finished.is_none_or(|f| st > f));
+    if running {
+        line(
+            "Running",
+            format!(
+                "since {}, by {}",
+                when(s.last_run_started_at.as_deref(), now),
+                s.lease_owner.as_deref().unwrap_or("?")
+            ),
+        );
+    }
     line(
         "Last run",
-        match &s.last_run_started_at {
-            None => "never".into(),
-            Some(_) => format!(
-                "started {}, {}{}{}",
-                when(s.last_run_started_at.as_deref(), now),
-                s.last_run_outcome
-                    .as_deref()
-                    .unwrap_or("still running (or killed)"),
-                s.last_run_rows
-                    .map_or(String::new(), |r| format!(", {r} rows")),
-                run_seconds(s).map_or(String::new(), |t| format!(", took {t:.1} s")),
-            ),
+        match (&s.last_run_finished_at, running) {
+            (None, _) if s.last_run_started_at.is_none() => "never".into(),
+            (None, _) => "none finished yet".into(),
+            (Some(_), _) => {
+                format!(
+                    "{} {}{}{}",
+                    if running { "finished" } else { "ended" },
+                    when(s.last_run_finished_at.as_deref(), now),
+                    s.last_run_outcome
+                        .as_deref()
+                        .map_or(String::new(), |o| format!(", {o}")),
+                    s.last_run_rows
+                        .map_or(String::new(), |r| format!(", {r} rows")),
+                ) + &if running {
+                    String::new()
+                } else {
+                    run_seconds(s).map_or(String::new(), |t| format!(", took {t:.1} s"))
+                }
+            }
         },
     );
     line("Last success", when(s.last_success_at.as_deref(), now));

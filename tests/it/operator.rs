@@ -248,3 +248,31 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+#[test]
+fn status_during_a_run_shows_it_running_and_a_dead_runs_lease_as_stale() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 300, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 300, 3);
+    let running = paused_run(&stack, "page");
+    let status = usage_agg(&workdir(), &stack.env(), &["status", "--env", "dev"]);
+    status
+        .assert_status(0)
+        .assert_stdout_has("Running:       since ")
+        .assert_stdout_has("Last run:      finished ");
+    assert!(!status.stdout.contains("took -"), "{}", status.stdout);
+    resume(running);
+    // A lease left by a process of this host that is gone.
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    stack
+        .sql()
+        .execute(
+            "UPDATE usage_aggregation_state SET lease_owner = $1, lease_expires_at = now() + interval '1 hour'",
+            &[&format!("usage-agg@{}:{}", me.trim(), u32::MAX - 3)],
+        )
+        .unwrap();
+    usage_agg(&workdir(), &stack.env(), &["status", "--env", "dev"])
+        .assert_stdout_has("stale: held by usage-agg@")
+        .assert_stdout_has("the next run takes it over");
+}
