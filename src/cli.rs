@@ -54,6 +54,18 @@ pub enum Command {
     Report(ReportArgs),
     /// Print the migration SQL (to paste into Supabase's SQL editor)
     Sql,
+    /// Check everything a run needs, one line each, with the fix: configuration, reachability, the key,
+    /// the tables, the migrations, the unique key, the assumptions, the lease, the last run
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
 }
 
 impl Cli {

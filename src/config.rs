@@ -87,6 +87,11 @@ pub struct Config {
     pub url_var: String,
     pub key: Secret,
     pub key_kind: KeyKind,
+    /// Where the URL and the key were found ("the environment", a file), and
+    /// the key's variable: what `doctor` shows, never the key.
+    pub url_from: String,
+    pub key_var: String,
+    pub key_from: String,
 }
 
 /// A configuration problem: exit status 78, one line naming the variable
@@ -303,6 +308,9 @@ impl Config {
                 (url, url_var)
             }
         };
+        let url_from = sources
+            .get(&url_var)
+            .map_or_else(|| "?".to_string(), |(_, from)| from);
         let (key, from) = required(
             &key_var,
             "the project's service_role key (Supabase: Settings > API keys)",
@@ -313,8 +321,11 @@ impl Config {
             chosen_by,
             rest_url,
             url_var,
+            url_from,
             key: Secret(key),
             key_kind,
+            key_var,
+            key_from: from,
         })
     }
 }

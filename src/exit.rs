@@ -194,6 +194,9 @@ mod tests {
             url_var: "SUPABASE_PROD_URL".into(),
             key: Secret::new("sb_secret_k"),
             key_kind: KeyKind::SecretKey,
+            url_from: "the environment".into(),
+            key_var: "SUPABASE_PROD_SERVICE_ROLE_KEY".into(),
+            key_from: "the environment".into(),
         };
         let h = hint(&redirect(), Some(&config)).unwrap();
         for needle in [

@@ -28,6 +28,8 @@ pub struct Facts {
     pub refused_since: Option<String>,
     pub refused_examples: Vec<String>,
     pub deleted_keys: u64,
+    /// Whether portal_usage_monthly has UNIQUE(portal_id, month_year).
+    pub unique_key: Option<bool>,
 }
 
 /// An assumption found broken.

@@ -273,6 +273,24 @@ pub async fn read_stored_where(
     }
 }
 
+/// Reads one row of each table with every column a run uses (the
+/// watermark too, with the migrations): a missing table or column answers
+/// here, by name, before any work.
+pub async fn probe(client: &Client, with_watermark: bool) -> anyhow::Result<()> {
+    let one = |columns: String| -> Query {
+        vec![("select".into(), columns), ("limit".into(), "1".into())]
+    };
+    client
+        .select::<serde_json::Value>(RAW_TABLE, &one(RAW_COLUMNS.into()))
+        .await
+        .with_context(|| format!("reading {RAW_TABLE}"))?;
+    client
+        .select::<serde_json::Value>(MONTHLY_TABLE, &one(stored_columns(with_watermark)))
+        .await
+        .with_context(|| format!("reading {MONTHLY_TABLE}"))?;
+    Ok(())
+}
+
 /// The newest month stored (`month_year` sorts as time), if any.
 pub async fn newest_month(client: &Client) -> anyhow::Result<Option<Month>> {
     let q: Query = vec![

@@ -2,6 +2,7 @@
 //! an error the same way.
 
 pub mod aggregate;
+pub mod doctor;
 pub mod report;
 pub mod sql;
 pub mod status;
@@ -24,6 +25,7 @@ pub async fn run(cli: Cli) -> Status {
         Command::Status(args) => status::run(args).await,
         Command::Report(args) => report::run(args).await,
         Command::Sql => sql::run(),
+        Command::Doctor(args) => doctor::run(args).await,
     }
 }
 

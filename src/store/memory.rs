@@ -313,6 +313,10 @@ impl Store for MemoryStore {
         Ok(stats)
     }
 
+    async fn probe(&self, _with_watermark: bool) -> anyhow::Result<()> {
+        self.alive()
+    }
+
     async fn installed(&self) -> anyhow::Result<bool> {
         self.alive()?;
         Ok(true)

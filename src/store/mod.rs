@@ -103,6 +103,10 @@ pub trait Store {
         with_watermark: bool,
     ) -> anyhow::Result<WriteStats>;
 
+    /// Reads one row of each table with every column used: a missing table
+    /// or column fails here, by name.
+    async fn probe(&self, with_watermark: bool) -> anyhow::Result<()>;
+
     /// Whether the migrations are applied (the state exists).
     async fn installed(&self) -> anyhow::Result<bool>;
     async fn state(&self) -> anyhow::Result<Option<StateRow>>;

@@ -118,6 +118,10 @@ impl Store for RestStore {
         tables::write_states(&self.client, states, with_watermark, Utc::now().naive_utc()).await
     }
 
+    async fn probe(&self, with_watermark: bool) -> anyhow::Result<()> {
+        tables::probe(&self.client, with_watermark).await
+    }
+
     async fn installed(&self) -> anyhow::Result<bool> {
         self.state_fns().installed().await
     }

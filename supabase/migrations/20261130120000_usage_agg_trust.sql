@@ -218,7 +218,17 @@ BEGIN
     'refused_examples', (SELECT coalesce(jsonb_agg(x.k ORDER BY x.k), '[]') FROM (
         SELECT portal_id || ':' || month_year AS k FROM public.usage_agg_refused_keys
          WHERE job = p_job ORDER BY portal_id, month_year LIMIT 5) x),
-    'deleted_keys', (SELECT count(*) FROM public.usage_agg_deleted_keys));
+    'deleted_keys', (SELECT count(*) FROM public.usage_agg_deleted_keys),
+    -- A unique index on exactly (portal_id, month_year): what the bulk upsert's
+    -- on_conflict needs (without it every key is written one by one).
+    'unique_key', EXISTS (
+      SELECT 1 FROM pg_index i
+       WHERE i.indrelid = 'public.portal_usage_monthly'::regclass AND i.indisunique
+         AND i.indnkeyatts = 2
+         AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+                FROM pg_attribute a
+               WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey))
+             = ARRAY['month_year', 'portal_id']));
 END
 $$;
 

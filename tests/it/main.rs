@@ -7,6 +7,7 @@ mod common;
 
 mod aggregate;
 mod config;
+mod doctor;
 mod faults;
 mod flags;
 mod incremental;

@@ -1,0 +1,356 @@
+//! `usage-agg doctor`: every check a new operator would otherwise make by
+//! hand, one line each, pass or fail with the fix (as `brew doctor` and
+//! `flutter doctor` do). Exit 0 only when all pass; otherwise the gravest
+//! failure's status. Later checks that need an earlier one are skipped when
+//! it fails, and say so.
+
+use serde_json::json;
+
+use super::connect;
+use crate::cli::DoctorArgs;
+use crate::config::KeyKind;
+use crate::exit::{self, Status};
+use crate::output::Style;
+use crate::preflight;
+use crate::state::{owner_is_dead_here, LATEST_MIGRATION, MIGRATIONS};
+use crate::store::rest::RestStore;
+use crate::store::Store;
+
+/// One check's result.
+struct Check {
+    name: &'static str,
+    /// None: skipped, because a check it needs failed.
+    pass: Option<bool>,
+    detail: String,
+    fix: Option<String>,
+    status: Status,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            pass: Some(true),
+            detail: detail.into(),
+            fix: None,
+            status: Status::Ok,
+        }
+    }
+
+    fn fail(
+        name: &'static str,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+        status: Status,
+    ) -> Check {
+        Check {
+            name,
+            pass: Some(false),
+            detail: detail.into(),
+            fix: Some(fix.into()),
+            status,
+        }
+    }
+
+    fn from_error(name: &'static str, e: &anyhow::Error, config: &crate::config::Config) -> Check {
+        Check::fail(
+            name,
+            format!("{e:#}"),
+            exit::hint(e, Some(config)).unwrap_or_else(|| "see the message".into()),
+            exit::classify(e),
+        )
+    }
+
+    fn skipped(name: &'static str, because: &str) -> Check {
+        Check {
+            name,
+            pass: None,
+            detail: format!("not checked: {because}"),
+            fix: None,
+            status: Status::Ok,
+        }
+    }
+}
+
+pub async fn run(args: DoctorArgs) -> Status {
+    let (config, client) = match connect(&args.connection) {
+        Ok(c) => c,
+        Err(e) => {
+            let check = Check::fail(
+                "configuration",
+                format!("{e:#}"),
+                "set the variable it names (README, \"Configuration\")",
+                exit::classify(&e),
+            );
+            return finish(&args, None, vec![check]);
+        }
+    };
+    let store = RestStore::new(client);
+    let env = config.environment.upper();
+    let mut checks = vec![Check::pass(
+        "configuration",
+        format!(
+            "{env} ({}); URL from {} ({}); key from {} ({}), {}",
+            config.chosen_by,
+            config.url_var,
+            config.url_from,
+            config.key_var,
+            config.key_from,
+            match config.key_kind {
+                KeyKind::Jwt => "a JWT",
+                KeyKind::SecretKey => "an sb_secret_ key",
+            }
+        ),
+    )];
+    checks.extend(diagnose(&store, &config).await);
+    finish(&args, Some(env), checks)
+}
+
+/// The checks after the configuration, in the order they depend on each other.
+async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    // Reachability, TLS and the key: one read that needs all three.
+    match store.newest_id().await {
+        Ok(_) => {
+            out.push(Check::pass(
+                "reachability",
+                format!(
+                    "{} answers over {}",
+                    config.rest_url,
+                    config.rest_url.scheme()
+                ),
+            ));
+            out.push(Check::pass(
+                "key",
+                "accepted, with the rights a run needs to read",
+            ));
+        }
+        Err(e) => {
+            let kind = exit::classify(&e);
+            let (failed, skipped) = if kind == Status::NoPerm {
+                ("key", "reachability")
+            } else {
+                ("reachability", "key")
+            };
+            if kind == Status::NoPerm {
+                out.push(Check::pass(
+                    "reachability",
+                    format!("{} answers", config.rest_url),
+                ));
+            }
+            out.push(Check::from_error(failed, &e, config));
+            if kind != Status::NoPerm {
+                out.push(Check::skipped(skipped, "the server could not be reached"));
+            }
+            for name in [
+                "tables",
+                "migrations",
+                "unique key",
+                "assumptions",
+                "lease",
+                "last run",
+            ] {
+                out.push(Check::skipped(name, "the server answered nothing usable"));
+            }
+            return out;
+        }
+    }
+    let installed = match store.installed().await {
+        Ok(i) => i,
+        Err(e) => {
+            out.push(Check::from_error("migrations", &e, config));
+            return out;
+        }
+    };
+    match store.probe(installed).await {
+        Ok(()) => out.push(Check::pass(
+            "tables",
+            "usage_requests and portal_usage_monthly, with every column a run uses",
+        )),
+        Err(e) => out.push(Check::from_error("tables", &e, config)),
+    }
+    let facts = if !installed {
+        out.push(Check::fail(
+            "migrations",
+            "not applied: every run recomputes every key from all rows, unguarded",
+            format!(
+                "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
+                MIGRATIONS
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", then ")
+            ),
+            Status::Config,
+        ));
+        None
+    } else {
+        match store.preflight().await {
+            Ok(f) => {
+                out.push(Check::pass(
+                    "migrations",
+                    format!(
+                        "all {} applied (up to {LATEST_MIGRATION})",
+                        MIGRATIONS.len()
+                    ),
+                ));
+                Some(f)
+            }
+            Err(e) => {
+                out.push(Check::from_error("migrations", &e, config));
+                None
+            }
+        }
+    };
+    let Some(facts) = facts else {
+        for name in ["unique key", "assumptions", "lease", "last run"] {
+            out.push(Check::skipped(name, "the migrations are not all applied"));
+        }
+        return out;
+    };
+    out.push(match facts.unique_key {
+        Some(false) => Check::fail(
+            "unique key",
+            "portal_usage_monthly has no UNIQUE(portal_id, month_year): every key is written one by one",
+            "ALTER TABLE public.portal_usage_monthly ADD UNIQUE (portal_id, month_year)",
+            Status::Config,
+        ),
+        _ => Check::pass("unique key", "UNIQUE(portal_id, month_year): bulk upserts"),
+    });
+    let problems = preflight::problems(&facts);
+    out.push(if problems.is_empty() {
+        Check::pass(
+            "assumptions",
+            format!(
+                "ids from {} (CACHE 1), never behind the cursor",
+                facts.sequence.as_deref().unwrap_or("the sequence")
+            ),
+        )
+    } else {
+        let refused = preflight::Refused(problems);
+        Check::fail(
+            "assumptions",
+            refused.to_string().replace("refused to count: ", ""),
+            "the repair each problem names",
+            refused.status(),
+        )
+    });
+    match store.state().await {
+        Ok(Some(s)) => {
+            let lease = match &s.lease_owner {
+                None => "free".to_string(),
+                Some(o) if owner_is_dead_here(o) => {
+                    format!("stale: held by {o}, whose process is gone")
+                }
+                Some(o) => format!(
+                    "held by {o} until {}",
+                    s.lease_expires_at.as_deref().unwrap_or("?")
+                ),
+            };
+            out.push(Check::pass("lease", lease));
+            let outcome = s.last_run_outcome.as_deref();
+            out.push(match outcome {
+                None => Check::pass("last run", "none yet"),
+                Some("ok" | "bad_rows" | "stopped") => Check::pass(
+                    "last run",
+                    format!(
+                        "{}, ended {}",
+                        outcome.unwrap_or_default(),
+                        s.last_run_finished_at.as_deref().unwrap_or("?")
+                    ),
+                ),
+                Some(o) => Check::fail(
+                    "last run",
+                    format!(
+                        "{o}, ended {}",
+                        s.last_run_finished_at.as_deref().unwrap_or("?")
+                    ),
+                    "run `usage-agg status` and `usage-agg verify` for the keys involved",
+                    Status::DataErr,
+                ),
+            });
+        }
+        Ok(None) => {
+            out.push(Check::pass("lease", "free (no run yet)"));
+            out.push(Check::pass("last run", "none yet"));
+        }
+        Err(e) => out.push(Check::from_error("lease", &e, config)),
+    }
+    if facts.refused_keys > 0 {
+        out.push(Check::fail(
+            "refused keys",
+            format!(
+                "{} above their raw rows ({})",
+                crate::output::count(facts.refused_keys, "key holds counts", "keys hold counts"),
+                facts.refused_examples.join(", ")
+            ),
+            "check them, then `usage-agg aggregate --full --allow-decrease` (or --month)",
+            Status::DataErr,
+        ));
+    }
+    out
+}
+
+/// Prints the checks (or the JSON) and returns the gravest status.
+fn finish(args: &DoctorArgs, env: Option<&str>, checks: Vec<Check>) -> Status {
+    let failed: Vec<&Check> = checks.iter().filter(|c| c.pass == Some(false)).collect();
+    // The order of precedence: configuration and the key before the data.
+    let status = [
+        Status::Config,
+        Status::NoPerm,
+        Status::Unavailable,
+        Status::DataErr,
+        Status::Software,
+    ]
+    .into_iter()
+    .find(|s| failed.iter().any(|c| c.status == *s))
+    .or_else(|| failed.first().map(|c| c.status))
+    .unwrap_or(Status::Ok);
+    if args.output.json {
+        crate::outln!(
+            "{}",
+            json!({
+                "version": 1,
+                "command": "doctor",
+                "environment": env,
+                "exit_status": status.code(),
+                "outcome": if failed.is_empty() { "ok" } else { "failed" },
+                "checks": checks.iter().map(|c| json!({
+                    "name": c.name,
+                    "result": match c.pass { Some(true) => "pass", Some(false) => "fail", None => "skipped" },
+                    "detail": c.detail,
+                    "fix": c.fix,
+                })).collect::<Vec<_>>(),
+            })
+        );
+    } else if !args.output.quiet {
+        let style = Style::detect();
+        for c in &checks {
+            let mark = match (c.pass, style.emoji) {
+                (Some(true), true) => "✅",
+                (Some(false), true) => "❌",
+                (None, true) => "➖",
+                (Some(true), false) => "ok  ",
+                (Some(false), false) => "FAIL",
+                (None, false) => "skip",
+            };
+            crate::outln!("{mark} {:<13} {}", c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                crate::outln!("     {:<13} fix: {fix}", "");
+            }
+        }
+        crate::outln!(
+            "{}",
+            if failed.is_empty() {
+                "All checks passed.".to_string()
+            } else {
+                format!(
+                    "{} failed (exit status {}).",
+                    crate::output::count(failed.len() as u64, "check", "checks"),
+                    status.code()
+                )
+            }
+        );
+    }
+    status
+}

@@ -1,0 +1,122 @@
+//! `usage-agg doctor`: a healthy stack passes every check; each broken piece
+//! fails its own check, with the fix, and the exit status says which kind.
+
+use crate::common::*;
+
+fn doctor(env: &[(String, String)], extra: &[&str]) -> Run {
+    let mut args = vec!["doctor", "--env", "dev"];
+    args.extend_from_slice(extra);
+    usage_agg(&workdir(), env, &args)
+}
+
+#[track_caller]
+fn fails(run: &Run, check: &str, status: i32, fix: &str) {
+    run.assert_status(status);
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("FAIL") && l.contains(check))
+        .unwrap_or_else(|| panic!("no failed {check} check:\n{}", run.stdout));
+    assert!(!line.is_empty());
+    run.assert_stdout_has(fix);
+}
+
+#[test]
+fn a_healthy_stack_passes_every_check() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let run = doctor(&stack.env(), &[]);
+    run.assert_status(0).assert_stdout_has("All checks passed.");
+    for check in [
+        "configuration",
+        "reachability",
+        "key",
+        "tables",
+        "migrations",
+        "unique key",
+        "assumptions",
+        "lease",
+        "last run",
+    ] {
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check}:\n{}",
+            run.stdout
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&doctor(&stack.env(), &["--json"]).stdout).unwrap();
+    assert_eq!(json["exit_status"], 0);
+    assert_eq!(json["outcome"], "ok");
+    assert!(json["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["result"] == "pass"));
+    assert!(!run.all().contains(
+        &stack
+            .env()
+            .iter()
+            .find(|(k, _)| k.ends_with("SERVICE_ROLE_KEY"))
+            .unwrap()
+            .1
+    ));
+}
+
+#[test]
+fn each_broken_piece_fails_its_own_check_with_the_fix() {
+    // Not configured.
+    let run = usage_agg(&workdir(), &[], &["doctor", "--env", "prod"]);
+    fails(&run, "configuration", 78, "SUPABASE_PROD_URL is not set");
+
+    // Nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stack = Stack::new();
+    let dead = env_with(
+        &stack,
+        "SUPABASE_DEV_REST_URL",
+        &format!("http://127.0.0.1:{port}"),
+    );
+    fails(
+        &doctor(&dead, &["--max-retries", "0"]),
+        "reachability",
+        69,
+        "could not be reached",
+    );
+
+    // The migrations are missing.
+    fails(
+        &doctor(&stack.env(), &[]),
+        "migrations",
+        78,
+        "usage-agg sql | psql",
+    );
+
+    // A column is missing.
+    let mut stack = migrated_stack();
+    stack.ddl("ALTER TABLE usage_requests DROP COLUMN request_timestamp");
+    fails(
+        &doctor(&stack.env(), &[]),
+        "tables",
+        78,
+        "a column of usage_requests is missing",
+    );
+
+    // No unique key, and a sequence that caches ids.
+    let mut stack = migrated_stack();
+    stack.ddl(
+        "ALTER TABLE portal_usage_monthly DROP CONSTRAINT portal_usage_monthly_portal_id_month_year_key;
+         ALTER SEQUENCE usage_requests_id_seq CACHE 10",
+    );
+    let run = doctor(&stack.env(), &[]);
+    fails(&run, "unique key", 78, "ADD UNIQUE (portal_id, month_year)");
+    fails(&run, "assumptions", 78, "CACHE 1");
+    run.assert_stdout_has("2 checks failed (exit status 78).");
+}
