@@ -12,4 +12,5 @@ mod flags;
 mod incremental;
 mod operator;
 mod rpc;
+mod supabase;
 mod trust;
