@@ -10,6 +10,7 @@ mod config;
 mod faults;
 mod flags;
 mod incremental;
+mod metrics;
 mod operator;
 mod rpc;
 mod supabase;
