@@ -119,6 +119,11 @@ pub struct StatusArgs {
     /// Exit 75 when the last successful run is older than this (e.g. 90m, 2h, 1d)
     #[arg(long, value_parser = duration, value_name = "AGE")]
     pub max_age: Option<std::time::Duration>,
+
+    /// Write what status found as Prometheus metrics (usage_agg_status_*) to this file for node_exporter's
+    /// textfile collector, after every check (not read from USAGE_AGG_METRICS_FILE, which is aggregate's file)
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +224,11 @@ pub struct AggregateArgs {
     /// healthchecks.io-style URL: GET <URL>/start before a run, POST <URL>/<exit status> after with the JSON summary
     #[arg(long, env = "USAGE_AGG_PING_URL", value_name = "URL")]
     pub ping_url: Option<String>,
+
+    /// Write the run's Prometheus metrics to this file for node_exporter's textfile collector (name it *.prom),
+    /// after every run, failed ones included; atomically (PATH.tmp.<pid>, then renamed)
+    #[arg(long, env = "USAGE_AGG_METRICS_FILE", value_name = "PATH")]
+    pub metrics_file: Option<std::path::PathBuf>,
 
     /// Read everything and show what would be written; write nothing (not even the lease)
     #[arg(long)]
@@ -424,6 +434,9 @@ mod tests {
             "status --concurrency 2",
             "report --page-size 10",
             "report --concurrency 2",
+            "sql --metrics-file m.prom",
+            "report --metrics-file m.prom",
+            "verify --metrics-file m.prom",
             "aggregate --json --quiet",
             "aggregate --engine rpc --full",
             "aggregate --engine rpc --month 2025-01",
@@ -456,6 +469,8 @@ mod tests {
             "aggregate --engine rest --full --allow-decrease",
             "aggregate --month 2025-01 --allow-decrease",
             "aggregate --rebase --ping-url http://x --json",
+            "aggregate --metrics-file /var/lib/node_exporter/usage_agg.prom --dry-run",
+            "status --metrics-file usage_agg_status.prom --max-age 2h",
         ] {
             parse(args).unwrap_or_else(|e| panic!("{args}: {e}"));
         }

@@ -7,7 +7,7 @@
 //! - [`config`], [`postgrest`]: where to connect, and the protocol;
 //! - [`tables`], [`state`], [`preflight`]: this schema over the protocol;
 //! - [`engine`]: the engines and the outcome they report;
-//! - [`commands`], [`output`], [`exit`]: what a user runs, reads and gets back.
+//! - [`commands`], [`output`], [`exit`], [`metrics`]: what a user runs, reads and gets back.
 //!
 //! The contract every engine keeps is docs/semantics.md.
 
@@ -19,6 +19,7 @@ pub mod engine;
 pub mod exit;
 pub mod failpoint;
 pub mod job;
+pub mod metrics;
 pub mod output;
 pub mod ping;
 pub mod postgrest;

@@ -1,5 +1,6 @@
 //! `usage-agg aggregate`: turn the arguments into a [`Job`], run it against
-//! the project's store, print the summary (or the JSON), ping the monitor.
+//! the project's store, print the summary (or the JSON), write the metrics
+//! file, ping the monitor.
 
 use std::time::{Duration, Instant};
 
@@ -9,19 +10,26 @@ use crate::engine::rebuild::Scope;
 use crate::engine::{Options, Outcome};
 use crate::exit::Status;
 use crate::job::Job;
+use crate::metrics::{self, RunMetrics};
 use crate::output::{self, RunRecord, Style};
 use crate::ping::Ping;
 use crate::postgrest::Client;
 use crate::progress::Progress;
 use crate::state;
 use crate::store::rest::RestStore;
+use crate::store::Store;
 
 pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
     let human = !args.output.json && !args.output.quiet;
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
-        Err(e) => return report_error(&e.into(), None),
+        Err(e) => {
+            let started = chrono::Utc::now();
+            let status = report_error(&e.into(), None);
+            write_metrics(&args, None, None, started, Duration::ZERO, status, None).await;
+            return status;
+        }
     };
     ping.start().await;
     let started = chrono::Utc::now();
@@ -100,8 +108,64 @@ pub async fn run(args: AggregateArgs) -> Status {
     if args.output.json {
         crate::outln!("{json}");
     }
+    let client = connected.as_ref().ok().map(|(_, client)| client);
+    let outcome = result.as_ref().ok();
+    write_metrics(
+        &args,
+        env,
+        client,
+        started,
+        record.duration,
+        status,
+        outcome,
+    )
+    .await;
     ping.finish(status, &json).await;
     status
+}
+
+/// The metrics file, when one is asked for: after every run, failed ones
+/// included (README, "Monitoring"). The backlog costs one more request (the
+/// newest id), made only when the run moved the cursor and so reached the
+/// server; the last success is carried over from the previous file.
+async fn write_metrics(
+    args: &AggregateArgs,
+    env: Option<&str>,
+    client: Option<&Client>,
+    started: chrono::DateTime<chrono::Utc>,
+    duration: Duration,
+    status: Status,
+    outcome: Option<&Outcome>,
+) {
+    let Some(path) = args
+        .metrics_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+    else {
+        return;
+    };
+    let environment = metrics::environment_label(env, args.connection.env);
+    let backlog = match (client, outcome.and_then(|o| o.cursor)) {
+        (Some(client), Some((_, cursor))) => {
+            match RestStore::new(client.clone()).newest_id().await {
+                Ok(newest) => Some((newest - cursor).max(0)),
+                Err(e) => {
+                    tracing::warn!("could not read the newest id for the backlog metric: {e:#}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let run = RunMetrics {
+        started_at: started,
+        duration,
+        exit_status: status.code(),
+        outcome,
+        backlog,
+        previous_success: metrics::previous_value(path, metrics::LAST_SUCCESS, &environment),
+    };
+    metrics::write_or_warn(path, &metrics::render(&environment, &run.gauges()));
 }
 
 async fn aggregate(

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::{connect, failure_json, report_error};
 use crate::cli::StatusArgs;
 use crate::exit::Status;
+use crate::metrics::{self, StatusMetrics};
 use crate::ping::Ping;
 use crate::preflight;
 use crate::state::{StateRow, MIGRATION_FILE};
@@ -20,12 +21,37 @@ pub async fn run(args: StatusArgs) -> Status {
     // with what --json prints (or the error).
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
-        Err(e) => return report_error(&e.into(), None),
+        Err(e) => {
+            let e = e.into();
+            let status = report_error(&e, None);
+            write_metrics(&args, status, &failure_json("status", None, status, &e));
+            return status;
+        }
     };
     ping.start().await;
     let (status, json) = check(&args).await;
+    write_metrics(&args, status, &json);
     ping.finish(status, &json).await;
     status
+}
+
+/// `--metrics-file`: what this check found, as `usage_agg_status_*`
+/// gauges. When the database could not be read, the last success it
+/// recorded is carried over from the previous file.
+fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
+    let Some(path) = args
+        .metrics_file
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+    else {
+        return;
+    };
+    let environment = metrics::environment_label(json["environment"].as_str(), args.connection.env);
+    let mut m = StatusMetrics::from_json(Utc::now(), status.code(), json);
+    if json["outcome"] == "failed" {
+        m.last_success = metrics::previous_value(path, metrics::STATUS_LAST_SUCCESS, &environment);
+    }
+    metrics::write_or_warn(path, &metrics::render(&environment, &m.gauges()));
 }
 
 /// The status shown, its exit status, and its JSON.

@@ -11,6 +11,8 @@ mod doctor;
 mod faults;
 mod flags;
 mod incremental;
+mod metrics;
 mod operator;
 mod rpc;
+mod supabase;
 mod trust;

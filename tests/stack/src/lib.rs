@@ -12,7 +12,12 @@
 //! PostgREST (a real one, say) on a disposable database: the tests then
 //! share it, run one at a time, and each starts by recreating the seed's
 //! schema there.
+//!
+//! Between usage-agg and the server, two optional pieces: [`gateway`], a
+//! stand-in for Supabase's API gateway (`/rest/v1/`, the `apikey` header,
+//! `sb_secret_` keys), and [`proxy`], which injects faults.
 
+pub mod gateway;
 pub mod proxy;
 
 use std::io::{Read, Write};
@@ -461,6 +466,21 @@ impl Stack {
             self.stop_server();
             self.start_server();
         }
+    }
+
+    /// A Supabase-like gateway in front of this stack's server (see
+    /// [`gateway`]): the project URL is its `url`, the REST API under
+    /// `/rest/v1/`. Start it after any DDL: our own server is restarted on
+    /// a new port to see a new schema, and the gateway keeps the old one.
+    pub fn gateway(&self) -> gateway::Gateway {
+        gateway::Gateway::start(
+            &self.rest_url,
+            gateway::GatewayKeys {
+                service_role_jwt: self.key.clone(),
+                anon_jwt: self.anon_key.clone(),
+                jwt_secret: (!self.is_external()).then(|| JWT_SECRET.to_string()),
+            },
+        )
     }
 
     /// The environment a `usage-agg --env dev` run needs to reach this stack.

@@ -161,15 +161,16 @@ impl Drop for FaultProxy {
     }
 }
 
-/// A parsed HTTP message: the first line, headers, body.
-struct Message {
-    start: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+/// A parsed HTTP message: the first line, headers, body. Shared with the
+/// gateway (gateway.rs).
+pub(crate) struct Message {
+    pub(crate) start: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Message {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -178,7 +179,7 @@ impl Message {
 
     /// Serialises with `Connection: close` and a Content-Length of
     /// `declared` bytes, whatever is actually sent.
-    fn head(&self, declared: usize) -> Vec<u8> {
+    pub(crate) fn head(&self, declared: usize) -> Vec<u8> {
         let mut out = format!("{}\r\n", self.start);
         for (k, v) in &self.headers {
             if [
@@ -200,7 +201,7 @@ impl Message {
     }
 }
 
-fn read_message(r: &mut impl BufRead, until_eof: bool) -> std::io::Result<Message> {
+pub(crate) fn read_message(r: &mut impl BufRead, until_eof: bool) -> std::io::Result<Message> {
     let mut start = String::new();
     r.read_line(&mut start)?;
     let mut headers = Vec::new();
