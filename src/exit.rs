@@ -149,7 +149,7 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
         )),
         Kind::NotFound => Some(format!(
             "nothing answers at {what} under {url}: check {url_var} (the project's URL, \
-             https://<ref>.supabase.co, or with SUPABASE_<ENV>_REST_URL the PostgREST root)"
+             https://<ref>.supabase.co, or with a REST URL override, the PostgREST root)"
         )),
         Kind::UrlTooLong => Some(
             "a gateway in front of PostgREST refused a URL this long; report it: usage-agg keeps URLs under 6 KB, this gateway allows less".into(),

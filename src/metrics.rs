@@ -146,13 +146,17 @@ pub fn write_or_warn(path: &Path, contents: &str) {
 /// when it could not be (the run failed before), from `--env`, or for
 /// `--env auto` from APP_ENV/NODE_ENV as the configuration would have
 /// chosen; `UNKNOWN` only when even that cannot be read.
-pub fn environment_label(known: Option<&str>, choice: EnvChoice) -> String {
+pub fn environment_label(
+    known: Option<&str>,
+    choice: EnvChoice,
+    env_file: Option<&std::path::Path>,
+) -> String {
     if let Some(env) = known {
         return env.to_string();
     }
     std::env::current_dir()
         .ok()
-        .and_then(|dir| Sources::load(&dir).ok())
+        .and_then(|dir| Sources::load(&dir, env_file).ok())
         .map(|s| choose_environment(choice, &s).0.upper().to_string())
         .unwrap_or_else(|| "UNKNOWN".into())
 }

@@ -144,7 +144,11 @@ async fn write_metrics(
     else {
         return;
     };
-    let environment = metrics::environment_label(env, args.connection.env);
+    let environment = metrics::environment_label(
+        env,
+        args.connection.env,
+        args.connection.env_file.as_deref(),
+    );
     let backlog = match (client, outcome.and_then(|o| o.cursor)) {
         (Some(client), Some((_, cursor))) => {
             match RestStore::new(client.clone()).newest_id().await {

@@ -46,7 +46,11 @@ fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
     else {
         return;
     };
-    let environment = metrics::environment_label(json["environment"].as_str(), args.connection.env);
+    let environment = metrics::environment_label(
+        json["environment"].as_str(),
+        args.connection.env,
+        args.connection.env_file.as_deref(),
+    );
     let mut m = StatusMetrics::from_json(Utc::now(), status.code(), json);
     if json["outcome"] == "failed" {
         m.last_success = metrics::previous_value(path, metrics::STATUS_LAST_SUCCESS, &environment);
