@@ -86,6 +86,21 @@ impl Job {
             cursor
         };
         let result = self.count(store, cursor, &facts, warnings).await;
+        // Rows rejected among rows read for the first time (incremental and
+        // server-side runs, the first rebuild): --full and --month read old
+        // rows again and would count them twice.
+        if let Ok(o) = &result {
+            let first_read = matches!(
+                o.mode,
+                Mode::Incremental | Mode::Rpc { .. } | Mode::Rebuild { first_run: true }
+            );
+            if !dry_run && first_read && o.bad.count > 0 {
+                let ids: Vec<i64> = o.bad.examples.iter().map(|(id, _)| *id).collect();
+                if let Err(e) = store.note_rejected(o.bad.count, &ids).await {
+                    tracing::warn!("could not record the rejected rows: {e:#}");
+                }
+            }
+        }
         if !dry_run {
             let (label, rows) = match &result {
                 Ok(o) => (o.verdict().label(), o.rows_counted),

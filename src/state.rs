@@ -104,6 +104,11 @@ pub struct StateRow {
     pub last_run_rows: Option<i64>,
     #[serde(default)]
     pub last_success_at: Option<String>,
+    /// Rows rejected as bad data over all runs, and the first ids.
+    #[serde(default)]
+    pub rejected_rows: Option<i64>,
+    #[serde(default)]
+    pub rejected_ids: Option<Vec<i64>>,
 }
 
 /// The job's state over a client.
@@ -279,6 +284,20 @@ impl JobState<'_> {
             )
             .await
             .context("recording the keys whose decrease was refused")
+    }
+
+    /// Adds a run's rejected rows to the job's tally.
+    pub async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()> {
+        self.client
+            // Not idempotent (it adds), and a lost answer only costs the tally.
+            .rpc::<_, serde_json::Value>(
+                "usage_agg_note_rejected",
+                &json!({"p_job": JOB, "p_count": count, "p_ids": ids}),
+                Idempotent::No,
+            )
+            .await
+            .context("recording the rows rejected")?;
+        Ok(())
     }
 
     /// Rebuilds the keys whose monthly row was deleted, from all their rows

@@ -108,6 +108,8 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         "stale": stale,
         "problems": problems.iter().map(|p| json!({"code": p.code(), "message": p.to_string()})).collect::<Vec<_>>(),
         "refused_keys": refused,
+        "rejected_rows": state.rejected_rows.unwrap_or(0),
+        "rejected_ids": state.rejected_ids.clone().unwrap_or_default(),
         "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
         "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
     });
@@ -314,6 +316,17 @@ fn render(
         },
     );
     line("Last success", when(s.last_success_at.as_deref(), now));
+    if let Some(n) = s.rejected_rows.filter(|n| *n > 0) {
+        let ids = s.rejected_ids.clone().unwrap_or_default();
+        line(
+            "Rejected",
+            format!(
+                "{} as bad data so far (first ids {}): fix or delete them; `usage-agg verify` lists them",
+                crate::output::count(n as u64, "row", "rows"),
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
     out
 }
 
@@ -334,8 +347,14 @@ mod tests {
             last_run_outcome: Some("ok".into()),
             last_run_rows: Some(1234),
             last_success_at: Some("2026-11-27T11:00:03.5+00:00".into()),
+            rejected_rows: Some(3),
+            rejected_ids: Some(vec![7, 9, 12]),
         };
         let text = render("PROD", true, &s, Some(150), Some(50), now);
+        assert!(
+            text.contains("Rejected:      3 rows as bad data so far (first ids 7, 9, 12)"),
+            "{text}"
+        );
         assert!(
             text.contains("about 50 rows waiting (newest id 150)"),
             "{text}"

@@ -433,6 +433,10 @@ impl Store for MemoryStore {
         Ok(s.refused.len() as u64)
     }
 
+    async fn note_rejected(&self, _count: u64, _ids: &[i64]) -> anyhow::Result<()> {
+        self.alive()
+    }
+
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
         self.alive()?;
         Ok(Vec::new())

@@ -126,6 +126,8 @@ pub trait Store {
     async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64>;
     async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64>;
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;
+    /// Adds a run's rejected rows to the job's tally (status, verify).
+    async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()>;
     /// One server-side batch (`--engine rpc`).
     async fn rpc_batch(
         &self,

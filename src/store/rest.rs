@@ -171,6 +171,10 @@ impl Store for RestStore {
         self.state_fns().record_refusals(scope, keys).await
     }
 
+    async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()> {
+        self.state_fns().note_rejected(count, ids).await
+    }
+
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
         self.state_fns().restore_deleted_keys().await
     }

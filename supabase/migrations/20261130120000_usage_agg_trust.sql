@@ -26,7 +26,28 @@
 
 ALTER TABLE public.usage_aggregation_state
   ADD COLUMN IF NOT EXISTS reset_reason text,
-  ADD COLUMN IF NOT EXISTS reset_at timestamptz;
+  ADD COLUMN IF NOT EXISTS reset_at timestamptz,
+  -- Rows rejected as bad data, over all runs (each row once: rebuilds do not
+  -- add the rows they read again), and the first ids, for status and verify.
+  ADD COLUMN IF NOT EXISTS rejected_rows bigint NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS rejected_ids bigint[] NOT NULL DEFAULT '{}';
+
+-- Adds a run's rejected rows to the job's tally; keeps the first 20 ids.
+CREATE OR REPLACE FUNCTION public.usage_agg_note_rejected(p_job text, p_count bigint, p_ids bigint[])
+RETURNS bigint
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+  UPDATE public.usage_aggregation_state
+     SET rejected_rows = rejected_rows + greatest(p_count, 0),
+         rejected_ids = (SELECT coalesce(array_agg(i ORDER BY i), '{}') FROM (
+                           SELECT DISTINCT i FROM unnest(rejected_ids || p_ids) i ORDER BY i LIMIT 20) x),
+         updated_at = now()
+   WHERE job = p_job
+  RETURNING rejected_rows;
+$$;
 
 -- A TRUNCATE of either table after the first run invalidates what the cursor
 -- and the watermarks claim (with RESTART IDENTITY, new ids start again below
@@ -561,6 +582,7 @@ DECLARE
 BEGIN
   FOREACH fn IN ARRAY ARRAY[
     'public.usage_agg_preflight(text)',
+    'public.usage_agg_note_rejected(text, bigint, bigint[])',
     'public.usage_agg_rebase(text, text)',
     'public.usage_agg_finish_rebase(text, bigint)',
     'public.usage_agg_record_refusals(text, text, jsonb)',

@@ -276,3 +276,38 @@ fn status_during_a_run_shows_it_running_and_a_dead_runs_lease_as_stale() {
         .assert_stdout_has("stale: held by usage-agg@")
         .assert_stdout_has("the next run takes it over");
 }
+
+#[test]
+fn rejected_rows_stay_visible_in_status_and_verify_until_someone_looks() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, success, month_year) VALUES (0, true, '2025-07'), (5, true, '2025-13')",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(65);
+    // Later runs are clean, and the rows are still shown.
+    insert_rows(&stack, 10, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    aggregate(&stack, &["--full"]).assert_status(65);
+    usage_agg(&workdir(), &stack.env(), &["status", "--env", "dev"])
+        .assert_stdout_has("Rejected:      2 rows as bad data so far (first ids 101, 102)");
+    usage_agg(&workdir(), &stack.env(), &["verify", "--env", "dev"])
+        .assert_stdout_has("2 rows are rejected as bad data and counted nowhere: id 101");
+    let json: serde_json::Value = serde_json::from_str(
+        &usage_agg(
+            &workdir(),
+            &stack.env(),
+            &["status", "--env", "dev", "--json"],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        json["rejected_rows"], 2,
+        "a --full rebuild does not count them again"
+    );
+}
