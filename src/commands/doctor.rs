@@ -203,7 +203,13 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         }
     };
     let Some(facts) = facts else {
-        for name in ["unique key", "assumptions", "lease", "last run"] {
+        for name in [
+            "unique key",
+            "assumptions",
+            "lease",
+            "rejected rows",
+            "last run",
+        ] {
             out.push(Check::skipped(name, "the migrations are not all applied"));
         }
         return out;
@@ -248,6 +254,25 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                 ),
             };
             out.push(Check::pass("lease", lease));
+            out.push(match s.rejected_rows.filter(|n| *n > 0) {
+                None => Check::pass("rejected rows", "none so far"),
+                Some(n) => Check::fail(
+                    "rejected rows",
+                    format!(
+                        "{} as bad data so far (first ids {})",
+                        crate::output::count(n as u64, "row", "rows"),
+                        s.rejected_ids
+                            .clone()
+                            .unwrap_or_default()
+                            .iter()
+                            .map(i64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "fix or delete them (`usage-agg verify` lists them with the reason); they are counted nowhere",
+                    Status::DataErr,
+                ),
+            });
             let outcome = s.last_run_outcome.as_deref();
             out.push(match outcome {
                 None => Check::pass("last run", "none yet"),
@@ -272,6 +297,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         }
         Ok(None) => {
             out.push(Check::pass("lease", "free (no run yet)"));
+            out.push(Check::pass("rejected rows", "none so far"));
             out.push(Check::pass("last run", "none yet"));
         }
         Err(e) => out.push(Check::from_error("lease", &e, config)),

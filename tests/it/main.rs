@@ -8,6 +8,7 @@ mod common;
 mod aggregate;
 mod config;
 mod doctor;
+mod examples;
 mod faults;
 mod flags;
 mod incremental;
