@@ -444,3 +444,39 @@ fn the_final_error_is_printed_once_as_a_json_line_with_json_logs() {
         plain.stderr
     );
 }
+
+#[test]
+fn every_subcommands_help_names_its_environment_variables_and_gives_examples() {
+    for sub in ["aggregate", "verify", "status", "report", "doctor"] {
+        let run = usage_agg(&workdir(), &[], &[sub, "--help"]);
+        run.assert_status(0);
+        for needle in [
+            "SUPABASE_DEV_URL",
+            "SUPABASE_PROD_SERVICE_ROLE_KEY",
+            "SUPABASE_DEV_REST_URL",
+            "NODE_ENV",
+            "USAGE_AGG_PING_URL",
+            "Examples:",
+            &format!("usage-agg {sub} --env"),
+            "Connection:",
+            "Output:",
+        ] {
+            run.assert_stdout_has(needle);
+        }
+    }
+    usage_agg(&workdir(), &[], &["aggregate", "--help"])
+        .assert_stdout_has("Reading rows:")
+        .assert_stdout_has("[env: USAGE_AGG_PING_URL=]");
+    usage_agg(&workdir(), &[], &["sql", "--help"]).assert_stdout_has("Examples:");
+    // Every README heading the help cites exists.
+    let readme = std::fs::read_to_string(stack::repo_root().join("README.md")).unwrap();
+    let help = usage_agg(&workdir(), &[], &["aggregate", "--help"]).stdout;
+    for cited in help.split('"').skip(1).step_by(2) {
+        if cited.chars().next().is_some_and(char::is_uppercase) && cited.len() < 40 {
+            assert!(
+                readme.contains(&format!("## {cited}")),
+                "README has no heading {cited:?}"
+            );
+        }
+    }
+}

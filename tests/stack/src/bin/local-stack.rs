@@ -7,7 +7,29 @@
 
 use std::process::Command;
 
+const USAGE: &str =
+    "usage: local-stack [--rows N] [--max-rows N] [--migrate FILE]... -- COMMAND [ARGS...]
+
+Starts PostgreSQL 15 and postrust on loopback, loads N sample rows (default 20000),
+applies each --migrate FILE in order, runs COMMAND with SUPABASE_DEV_URL,
+SUPABASE_DEV_REST_URL, SUPABASE_DEV_SERVICE_ROLE_KEY and DATABASE_URL pointing at the
+stack, removes it all, and exits with the command's status.";
+
+/// A bad argument: the usage on stderr, exit 64 (as usage-agg does).
+fn usage_error(what: &str) -> ! {
+    eprintln!("local-stack: {what}\n\n{USAGE}");
+    std::process::exit(64);
+}
+
 fn main() {
+    if std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--help" || a == "-h")
+    {
+        println!("{USAGE}");
+        return;
+    }
     let mut args = std::env::args().skip(1);
     let mut rows: i64 = 20_000;
     let mut max_rows = stack::MAX_ROWS;
@@ -15,19 +37,31 @@ fn main() {
     let mut command = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--rows" => rows = args.next().and_then(|v| v.parse().ok()).expect("--rows takes a number"),
-            "--migrate" => migrations.push(args.next().expect("--migrate takes a SQL file")),
-            "--max-rows" => max_rows = args.next().and_then(|v| v.parse().ok()).expect("--max-rows takes a number"),
+            "--rows" => {
+                rows = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage_error("--rows takes a number"))
+            }
+            "--migrate" => migrations.push(
+                args.next()
+                    .unwrap_or_else(|| usage_error("--migrate takes a SQL file")),
+            ),
+            "--max-rows" => {
+                max_rows = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage_error("--max-rows takes a number"))
+            }
             "--" => {
                 command.extend(args.by_ref());
             }
-            other => panic!("unknown argument {other}; usage: local-stack [--rows N] [--migrate FILE] -- COMMAND..."),
+            other => usage_error(&format!("unknown argument {other}")),
         }
     }
-    assert!(
-        !command.is_empty(),
-        "usage: local-stack [--rows N] [--migrate FILE] -- COMMAND..."
-    );
+    if command.is_empty() {
+        usage_error("no command given after --");
+    }
 
     eprintln!("local-stack: starting PostgreSQL 15 and postrust on loopback...");
     let cluster = stack::Cluster::start();
