@@ -64,7 +64,11 @@ pub async fn run(args: ReportArgs) -> Status {
     } else {
         args.format
     };
-    crate::out!("{}", render(format, Style::detect(), &title, label, &lines));
+    let env = config.environment.upper();
+    crate::out!(
+        "{}",
+        render(format, Style::detect(), env, &title, label, &lines)
+    );
     Status::Ok
 }
 
@@ -108,7 +112,14 @@ enum Label {
     Portal,
 }
 
-fn render(format: ReportFormat, style: Style, title: &str, label: Label, lines: &[Line]) -> String {
+fn render(
+    format: ReportFormat,
+    style: Style,
+    env: &str,
+    title: &str,
+    label: Label,
+    lines: &[Line],
+) -> String {
     let mut s = String::new();
     match format {
         ReportFormat::Json => {
@@ -123,7 +134,14 @@ fn render(format: ReportFormat, style: Style, title: &str, label: Label, lines: 
                     })
                 })
                 .collect();
-            let _ = writeln!(s, "{}", json!({"title": title, "rows": rows}));
+            let _ = writeln!(
+                s,
+                "{}",
+                json!({
+                    "version": 1, "command": "report", "environment": env, "exit_status": 0,
+                    "outcome": "ok", "title": title, "rows": rows,
+                })
+            );
         }
         ReportFormat::Csv => {
             let _ = writeln!(s, "portal_id,month,requests,successes,errors,success_rate");
@@ -209,6 +227,7 @@ mod tests {
         let out = render(
             ReportFormat::Table,
             Style { emoji: false },
+            "DEV",
             "Portal 42",
             Label::Month,
             &lines,
@@ -231,6 +250,7 @@ mod tests {
         let csv = render(
             ReportFormat::Csv,
             Style { emoji: false },
+            "DEV",
             "t",
             Label::Month,
             &lines,
@@ -239,12 +259,22 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&render(
             ReportFormat::Json,
             Style { emoji: false },
+            "DEV",
             "t",
             Label::Month,
             &lines,
         ))
         .unwrap();
         assert_eq!(json["rows"][0]["errors"], 10);
+        for field in [
+            "version",
+            "command",
+            "environment",
+            "exit_status",
+            "outcome",
+        ] {
+            assert!(json.get(field).is_some(), "{field}");
+        }
         assert_eq!(json["rows"][0]["success_rate"], 95.0);
     }
 }

@@ -88,10 +88,22 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     };
     let problems = facts.as_ref().map(preflight::problems).unwrap_or_default();
     let refused = facts.as_ref().map_or(0, |f| f.refused_keys);
+    // Known-wrong totals outrank an old success: they need a person.
+    let (status, outcome) = if !problems.is_empty() {
+        (preflight::Refused(problems.clone()).status(), "problems")
+    } else if refused > 0 {
+        (Status::DataErr, "decreases_refused")
+    } else if stale {
+        (Status::TempFail, "stale")
+    } else {
+        (Status::Ok, "ok")
+    };
     let summary = json!({
         "version": 1,
         "command": "status",
         "environment": env,
+        "exit_status": status.code(),
+        "outcome": outcome,
         "migration_installed": installed,
         "cursor": state.cursor_id,
         "newest_id": newest,
@@ -142,16 +154,6 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             );
         }
     }
-    // Known-wrong totals outrank an old success: they need a person.
-    let status = if !problems.is_empty() {
-        preflight::Refused(problems).status()
-    } else if refused > 0 {
-        Status::DataErr
-    } else if stale {
-        Status::TempFail
-    } else {
-        Status::Ok
-    };
     (status, summary)
 }
 

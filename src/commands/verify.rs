@@ -68,6 +68,9 @@ async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
         Ok(rc) => {
             let drift = rc.drift(true);
             let mut json = output::verify_json(&drift, rc.stored.len(), rc.rows_read);
+            json["environment"] = config.environment.upper().into();
+            json["exit_status"] = if drift.is_empty() { 0 } else { 65 }.into();
+            json["outcome"] = if drift.is_empty() { "ok" } else { "drift" }.into();
             // The rows no run can count, as they stand now: bad rows are
             // shown by every verify until someone fixes or deletes them.
             let bad = &rc.fresh.bad;

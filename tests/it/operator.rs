@@ -311,3 +311,25 @@ fn rejected_rows_stay_visible_in_status_and_verify_until_someone_looks() {
         "a --full rebuild does not count them again"
     );
 }
+
+#[test]
+fn every_json_answer_has_one_shape_first() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 60, 2);
+    for (args, command) in [
+        (vec!["aggregate", "--env", "dev", "--json"], "aggregate"),
+        (vec!["status", "--env", "dev", "--json"], "status"),
+        (vec!["verify", "--env", "dev", "--json"], "verify"),
+        (vec!["report", "--env", "dev", "--json"], "report"),
+        (vec!["doctor", "--env", "dev", "--json"], "doctor"),
+    ] {
+        let run = usage_agg(&workdir(), &stack.env(), &args);
+        let v: serde_json::Value = serde_json::from_str(run.stdout.trim())
+            .unwrap_or_else(|e| panic!("{command}: {e}\n{}", run.stdout));
+        assert_eq!(v["version"], 1, "{command}");
+        assert_eq!(v["command"], command);
+        assert_eq!(v["environment"], "DEV", "{command}");
+        assert_eq!(v["exit_status"], run.status, "{command}");
+        assert!(v["outcome"].is_string(), "{command}: {v}");
+    }
+}
