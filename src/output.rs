@@ -356,7 +356,12 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
     let _ = writeln!(s, "   {b} Total requests processed: {}", o.rows_counted);
     let _ = writeln!(s, "   {b} Portal-month combinations: {}", o.keys_touched);
     let _ = writeln!(s, "   {b} Rows rejected as bad data: {}", o.bad.count);
-    let _ = writeln!(s, "   {b} Rows read from the server: {}", o.rows_read);
+    if matches!(o.mode, Mode::Rpc { .. }) {
+        // The server-side engine reads rows in the database, not over HTTP.
+        let _ = writeln!(s, "   {b} Rows read in the database: {}", o.rows_read);
+    } else {
+        let _ = writeln!(s, "   {b} Rows read from the server: {}", o.rows_read);
+    }
     if let Some((before, after)) = o.cursor {
         let before = before.map_or("none".to_string(), |c| c.to_string());
         let _ = writeln!(s, "   {b} Cursor: {before} -> {after}");

@@ -104,3 +104,29 @@ fn a_run_racing_the_sql_engine_does_not_count_twice() {
     resume(slow);
     assert_no_drift(&stack);
 }
+
+#[test]
+fn the_server_side_engines_figures_are_distinct_keys_and_rows_read_in_the_database() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 600, 30);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 3000, 30);
+    let keys = count(
+        &stack,
+        "SELECT count(DISTINCT (portal_id, month_year)) FROM usage_requests WHERE id > 600",
+    );
+    // Small batches: every key is in several of them.
+    let run = aggregate(
+        &stack,
+        &["--engine", "rpc", "--batch-size", "500", "--verbose"],
+    );
+    run.assert_status(0)
+        .assert_stdout_has(&format!("Portal-month combinations: {keys}"))
+        .assert_stdout_has("Rows read in the database: 3000");
+    assert!(
+        !run.stdout.contains("Rows read from the server: 0"),
+        "{}",
+        run.stdout
+    );
+    assert_no_drift(&stack);
+}
