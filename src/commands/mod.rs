@@ -79,16 +79,26 @@ pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
         "error"
     };
     let hint = exit::hint(e, config);
+    // An answer from (or no answer from) the server: name where it was
+    // asked, scheme to path (a URL never holds the key).
+    let http = e.chain().any(|c| {
+        c.downcast_ref::<crate::postgrest::Failure>().is_some()
+            || c.downcast_ref::<crate::postgrest::ApiError>().is_some()
+    });
+    let at = match config {
+        Some(c) if http => format!(" [REST URL {}]", c.rest_url),
+        _ => String::new(),
+    };
     if JSON_LOGS.get().copied().unwrap_or(false) {
         let line = serde_json::json!({
             "level": level.to_uppercase(),
-            "message": format!("{e:#}"),
+            "message": format!("{e:#}{at}"),
             "hint": hint,
             "exit_status": status.code(),
         });
         eprintln!("{line}");
     } else {
-        eprintln!("usage-agg: {level}: {e:#}");
+        eprintln!("usage-agg: {level}: {e:#}{at}");
         if let Some(h) = hint {
             eprintln!("usage-agg: hint: {h}");
         }

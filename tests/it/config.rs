@@ -480,3 +480,29 @@ fn every_subcommands_help_names_its_environment_variables_and_gives_examples() {
         }
     }
 }
+
+#[test]
+fn an_http_error_names_the_rest_url_it_was_asked_at_and_never_the_key() {
+    let mut stack = Stack::new();
+    stack.ddl("DROP TABLE portal_usage_monthly");
+    let run = aggregate(&stack, &[]);
+    let url = stack
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "SUPABASE_DEV_REST_URL")
+        .unwrap()
+        .1;
+    run.assert_status(78).assert_stderr_has("[REST URL http://");
+    assert!(
+        run.stderr.contains(url.trim_end_matches('/')),
+        "{}",
+        run.stderr
+    );
+    let key = stack
+        .env()
+        .into_iter()
+        .find(|(k, _)| k.ends_with("SERVICE_ROLE_KEY"))
+        .unwrap()
+        .1;
+    assert!(!run.all().contains(&key));
+}
