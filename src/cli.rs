@@ -42,96 +42,66 @@ pub enum LogFormat {
     Json,
 }
 
+/// The environment variables every connecting subcommand reads, for the
+/// end of its `--help` (one text, kept beside the options it explains).
+macro_rules! environment_help {
+    () => {
+        "Environment (also from ./.env.local, ./.env or --env-file; a real variable wins):
+  SUPABASE_DEV_URL, SUPABASE_PROD_URL
+      the project URL, https://<ref>.supabase.co
+  SUPABASE_DEV_SERVICE_ROLE_KEY, SUPABASE_PROD_SERVICE_ROLE_KEY
+      the service_role key (a JWT, or an sb_secret_ key)
+  SUPABASE_DEV_REST_URL, SUPABASE_PROD_REST_URL
+      optional: a PostgREST root instead of <URL>/rest/v1
+  APP_ENV, NODE_ENV
+      with --env auto: production or prod chooses PROD
+  USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
+      aggregate's --ping-url and --metrics-file
+  USAGE_AGG_ALLOW_INSECURE_HTTP=1
+      allow http:// to a host that is not this machine
+
+README.md: \"Configuration\", \"Exit statuses\", \"Operating it\"."
+    };
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Aggregate new usage_requests rows into portal_usage_monthly
-    #[command(after_long_help = "Examples:
+    #[command(after_long_help = concat!(
+        "Examples:
   usage-agg aggregate --env prod                 count new rows (what cron runs)
   usage-agg aggregate --env dev --dry-run        preview, write nothing
   usage-agg aggregate --env prod --engine rpc    aggregate in the database, batch by batch
   usage-agg aggregate --env prod --full          recompute every key; report drift
   usage-agg aggregate --env prod --month 2025-07 --allow-decrease
-  usage-agg aggregate --env prod --rebase        after the id sequence moved back
-
-Environment (also from ./.env.local, ./.env or --env-file; a real variable wins):
-  SUPABASE_DEV_URL, SUPABASE_PROD_URL
-      the project URL, https://<ref>.supabase.co
-  SUPABASE_DEV_SERVICE_ROLE_KEY, SUPABASE_PROD_SERVICE_ROLE_KEY
-      the service_role key (a JWT, or an sb_secret_ key)
-  SUPABASE_DEV_REST_URL, SUPABASE_PROD_REST_URL
-      optional: a PostgREST root instead of <URL>/rest/v1
-  APP_ENV, NODE_ENV
-      with --env auto: production or prod chooses PROD
-  USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
-      aggregate's --ping-url and --metrics-file
-  USAGE_AGG_ALLOW_INSECURE_HTTP=1
-      allow http:// to a host that is not this machine
-
-README.md: \"Configuration\", \"Exit statuses\", \"Operating it\".")]
+  usage-agg aggregate --env prod --rebase        after the id sequence moved back\n\n",
+        environment_help!()
+    ))]
     Aggregate(AggregateArgs),
     /// Recompute from raw rows and compare with portal_usage_monthly; write nothing
-    #[command(after_long_help = "Examples:
+    #[command(after_long_help = concat!(
+        "Examples:
   usage-agg verify --env prod                    every key against its raw rows (reads all of them)
-  usage-agg verify --env prod --month 2025-07 --json
-
-Environment (also from ./.env.local, ./.env or --env-file; a real variable wins):
-  SUPABASE_DEV_URL, SUPABASE_PROD_URL
-      the project URL, https://<ref>.supabase.co
-  SUPABASE_DEV_SERVICE_ROLE_KEY, SUPABASE_PROD_SERVICE_ROLE_KEY
-      the service_role key (a JWT, or an sb_secret_ key)
-  SUPABASE_DEV_REST_URL, SUPABASE_PROD_REST_URL
-      optional: a PostgREST root instead of <URL>/rest/v1
-  APP_ENV, NODE_ENV
-      with --env auto: production or prod chooses PROD
-  USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
-      aggregate's --ping-url and --metrics-file
-  USAGE_AGG_ALLOW_INSECURE_HTTP=1
-      allow http:// to a host that is not this machine
-
-README.md: \"Configuration\", \"Exit statuses\", \"Operating it\".")]
+  usage-agg verify --env prod --month 2025-07 --json\n\n",
+        environment_help!()
+    ))]
     Verify(VerifyArgs),
     /// Show the job's state: cursor, backlog, lease, last run; a cron health check with --max-age
-    #[command(after_long_help = "Examples:
+    #[command(after_long_help = concat!(
+        "Examples:
   usage-agg status --env prod
-  usage-agg status --env prod --max-age 3h --quiet    a health check: exit 75 when stale
-
-Environment (also from ./.env.local, ./.env or --env-file; a real variable wins):
-  SUPABASE_DEV_URL, SUPABASE_PROD_URL
-      the project URL, https://<ref>.supabase.co
-  SUPABASE_DEV_SERVICE_ROLE_KEY, SUPABASE_PROD_SERVICE_ROLE_KEY
-      the service_role key (a JWT, or an sb_secret_ key)
-  SUPABASE_DEV_REST_URL, SUPABASE_PROD_REST_URL
-      optional: a PostgREST root instead of <URL>/rest/v1
-  APP_ENV, NODE_ENV
-      with --env auto: production or prod chooses PROD
-  USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
-      aggregate's --ping-url and --metrics-file
-  USAGE_AGG_ALLOW_INSECURE_HTTP=1
-      allow http:// to a host that is not this machine
-
-README.md: \"Configuration\", \"Exit statuses\", \"Operating it\".")]
+  usage-agg status --env prod --max-age 3h --quiet    a health check: exit 75 when stale\n\n",
+        environment_help!()
+    ))]
     Status(StatusArgs),
     /// Show usage from portal_usage_monthly: one portal by month, or the top portals of a month
-    #[command(after_long_help = "Examples:
+    #[command(after_long_help = concat!(
+        "Examples:
   usage-agg report --env prod                    the top portals of the newest month
   usage-agg report --env prod --portal 12345 --months 6
-  usage-agg report --env prod --month 2025-07 --top 50 --format csv
-
-Environment (also from ./.env.local, ./.env or --env-file; a real variable wins):
-  SUPABASE_DEV_URL, SUPABASE_PROD_URL
-      the project URL, https://<ref>.supabase.co
-  SUPABASE_DEV_SERVICE_ROLE_KEY, SUPABASE_PROD_SERVICE_ROLE_KEY
-      the service_role key (a JWT, or an sb_secret_ key)
-  SUPABASE_DEV_REST_URL, SUPABASE_PROD_REST_URL
-      optional: a PostgREST root instead of <URL>/rest/v1
-  APP_ENV, NODE_ENV
-      with --env auto: production or prod chooses PROD
-  USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
-      aggregate's --ping-url and --metrics-file
-  USAGE_AGG_ALLOW_INSECURE_HTTP=1
-      allow http:// to a host that is not this machine
-
-README.md: \"Configuration\", \"Exit statuses\", \"Operating it\".")]
+  usage-agg report --env prod --month 2025-07 --top 50 --format csv\n\n",
+        environment_help!()
+    ))]
     Report(ReportArgs),
     /// Print the migration SQL (to paste into Supabase's SQL editor)
     #[command(
@@ -140,25 +110,12 @@ README.md: \"Configuration\", \"Exit statuses\", \"Operating it\".")]
     Sql,
     /// Check everything a run needs, one line each, with the fix: configuration, reachability, the key,
     /// the tables, the migrations, the unique key, the assumptions, the lease, the last run
-    #[command(after_long_help = "Examples:
+    #[command(after_long_help = concat!(
+        "Examples:
   usage-agg doctor --env prod
-  usage-agg doctor --env dev --json
-
-Environment (also from ./.env.local, ./.env or --env-file; a real variable wins):
-  SUPABASE_DEV_URL, SUPABASE_PROD_URL
-      the project URL, https://<ref>.supabase.co
-  SUPABASE_DEV_SERVICE_ROLE_KEY, SUPABASE_PROD_SERVICE_ROLE_KEY
-      the service_role key (a JWT, or an sb_secret_ key)
-  SUPABASE_DEV_REST_URL, SUPABASE_PROD_REST_URL
-      optional: a PostgREST root instead of <URL>/rest/v1
-  APP_ENV, NODE_ENV
-      with --env auto: production or prod chooses PROD
-  USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
-      aggregate's --ping-url and --metrics-file
-  USAGE_AGG_ALLOW_INSECURE_HTTP=1
-      allow http:// to a host that is not this machine
-
-README.md: \"Configuration\", \"Exit statuses\", \"Operating it\".")]
+  usage-agg doctor --env dev --json\n\n",
+        environment_help!()
+    ))]
     Doctor(DoctorArgs),
 }
 
