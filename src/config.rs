@@ -12,6 +12,15 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use reqwest::Url;
 
+/// The tool's own settings an env file may hold, exported before options
+/// are parsed; nothing else (USAGE_AGG_FAILPOINTS is for tests, from the
+/// real environment only).
+pub const EXPORTED_SETTINGS: [&str; 3] = [
+    "USAGE_AGG_PING_URL",
+    "USAGE_AGG_METRICS_FILE",
+    ALLOW_INSECURE_HTTP,
+];
+
 /// The files looked in, in order of precedence after the environment.
 pub const ENV_FILES: [&str; 2] = [".env.local", ".env"];
 
@@ -194,7 +203,7 @@ impl Sources {
     pub fn export_tool_settings(&self) {
         for (_, values) in self.files.iter().rev() {
             for (k, v) in values {
-                if k.starts_with("USAGE_AGG_") && !self.env.contains_key(k) {
+                if EXPORTED_SETTINGS.contains(&k.as_str()) && !self.env.contains_key(k) {
                     std::env::set_var(k, v);
                 }
             }
@@ -359,6 +368,14 @@ fn parse_url(var: &str, value: &str, from: &str) -> Result<Url, ConfigError> {
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("it must not carry a query or a fragment"));
+    }
+    // A user name or password would be shown wherever the URL is, and sent
+    // as Basic auth in place of the key's Bearer token.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "it carries a user name or password (user:password@); usage-agg authenticates with the \
+             service role key alone: remove them",
+        ));
     }
     if !url.path().ends_with('/') {
         let path = format!("{}/", url.path());

@@ -28,24 +28,32 @@ fn plan() -> &'static HashMap<String, Action> {
         let Ok(spec) = std::env::var("USAGE_AGG_FAILPOINTS") else {
             return HashMap::new();
         };
-        spec.split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|item| {
-                let (name, action) = item
-                    .trim()
-                    .split_once('=')
-                    .expect("failpoint: name=action@N");
-                let (kind, n) = action.split_once('@').expect("failpoint: action@N");
-                let n: u64 = n.parse().expect("failpoint: N is a number");
-                assert!(POINTS.contains(&name), "failpoint: unknown point {name}");
-                let action = match kind {
-                    "abort" => Action::Abort(n),
-                    "pause" => Action::Pause(n),
-                    other => panic!("failpoint: unknown action {other}"),
-                };
-                (name.to_string(), action)
-            })
-            .collect()
+        let parse = |item: &str| -> Option<(String, Action)> {
+            let (name, action) = item.trim().split_once('=')?;
+            let (kind, n) = action.split_once('@')?;
+            let n: u64 = n.parse().ok()?;
+            let action = match kind {
+                "abort" => Action::Abort(n),
+                "pause" => Action::Pause(n),
+                _ => return None,
+            };
+            POINTS.contains(&name).then(|| (name.to_string(), action))
+        };
+        let mut plan = HashMap::new();
+        for item in spec.split(',').filter(|s| !s.trim().is_empty()) {
+            match parse(item) {
+                Some((name, action)) => {
+                    plan.insert(name, action);
+                }
+                // A test's typo: say so, and run without it.
+                None => crate::errln!(
+                    "usage-agg: ignoring USAGE_AGG_FAILPOINTS item {item:?}: expected POINT=abort@N or \
+                     POINT=pause@N with POINT one of {}",
+                    POINTS.join(", ")
+                ),
+            }
+        }
+        plan
     })
 }
 

@@ -32,7 +32,7 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("usage-agg: cannot start the async runtime: {e}");
+            usage_agg::errln!("usage-agg: cannot start the async runtime: {e}");
             std::process::exit(Status::Software.code());
         }
     };

@@ -29,6 +29,23 @@ pub fn write_stdout(args: std::fmt::Arguments) {
     }
 }
 
+/// Writes to stderr. A closed stderr (`2>&1 | head -1` once head is gone)
+/// must not turn the run's exit status into a panic's 101 or lose its end
+/// ping: the line is dropped.
+pub fn write_stderr(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.flush());
+}
+
+/// `eprintln!` that never panics: see [`write_stderr`].
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 /// `print!` for the summary, the tables and the JSON: see [`write_stdout`].
 #[macro_export]
 macro_rules! out {
@@ -137,6 +154,7 @@ pub fn nothing_to_report(o: &Outcome) -> bool {
     !o.dry_run
         && o.rows_read == 0
         && o.keys_touched == 0
+        && o.keys_changed == 0
         && o.verdict() == crate::engine::Verdict::Ok
         && o.drift.is_empty()
         && o.restored_keys.is_empty()
@@ -395,7 +413,11 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             style.mark(Mark::Warn),
             count(o.bad.count, "bad row was", "bad rows were")
         );
-    } else if o.keys_touched == 0 {
+    } else if o.keys_touched == 0
+        && o.keys_changed == 0
+        && o.drift.is_empty()
+        && o.restored_keys.is_empty()
+    {
         let _ = writeln!(
             s,
             "{} No pending requests to aggregate",

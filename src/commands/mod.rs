@@ -96,11 +96,11 @@ pub fn report_error(e: &anyhow::Error, config: Option<&Config>) -> Status {
             "hint": hint,
             "exit_status": status.code(),
         });
-        eprintln!("{line}");
+        crate::errln!("{line}");
     } else {
-        eprintln!("usage-agg: {level}: {e:#}{at}");
+        crate::errln!("usage-agg: {level}: {e:#}{at}");
         if let Some(h) = hint {
-            eprintln!("usage-agg: hint: {h}");
+            crate::errln!("usage-agg: hint: {h}");
         }
     }
     status

@@ -506,3 +506,47 @@ fn an_http_error_names_the_rest_url_it_was_asked_at_and_never_the_key() {
         .1;
     assert!(!run.all().contains(&key));
 }
+
+#[test]
+fn a_url_with_a_password_is_refused_without_showing_it() {
+    let stack = Stack::new();
+    let url = stack
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "SUPABASE_DEV_REST_URL")
+        .unwrap()
+        .1
+        .replacen("http://", "http://svc:hunter2pw@", 1);
+    let mut env = env_with(&stack, "SUPABASE_DEV_REST_URL", &url);
+    env.push(("RUST_LOG".into(), "trace".into()));
+    for sub in ["aggregate", "doctor", "status"] {
+        let run = usage_agg(&workdir(), &env, &[sub, "--env", "dev"]);
+        run.assert_status(78);
+        assert!(
+            run.all().contains("user name or password"),
+            "{sub}: {}",
+            run.all()
+        );
+        assert!(!run.all().contains("hunter2pw"), "{sub}: {}", run.all());
+    }
+}
+
+#[test]
+fn an_env_file_cannot_switch_on_test_failpoints() {
+    let stack = Stack::new();
+    insert_rows(&stack, 50, 2);
+    let dir = workdir();
+    std::fs::write(
+        dir.join(".env.local"),
+        "USAGE_AGG_FAILPOINTS=before-cursor=abort@1\n",
+    )
+    .unwrap();
+    usage_agg(&dir, &stack.env(), &["aggregate", "--env", "dev"]).assert_status(0);
+    // From the real environment (tests only), a malformed value is named
+    // and ignored, not a panic.
+    let mut env = stack.env();
+    env.push(("USAGE_AGG_FAILPOINTS".into(), "nonsense".into()));
+    usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"])
+        .assert_status(0)
+        .assert_stderr_has("ignoring USAGE_AGG_FAILPOINTS item \"nonsense\"");
+}

@@ -333,3 +333,75 @@ fn every_json_answer_has_one_shape_first() {
         assert!(v["outcome"].is_string(), "{command}: {v}");
     }
 }
+
+#[test]
+fn a_closed_stderr_keeps_the_exit_status_and_the_end_ping() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "UPDATE usage_aggregation_state SET lease_owner = 'usage-agg@elsewhere:1',
+               lease_expires_at = now() + interval '1 hour'",
+        )
+        .unwrap();
+    let monitor = Recorder::start();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
+        .args([
+            "aggregate",
+            "--env",
+            "dev",
+            "--ping-url",
+            &format!("{}/p", monitor.url),
+        ])
+        .current_dir(workdir())
+        .env_clear()
+        .envs(stack.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take()); // the reader went away
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(75),
+        "the real status: the lease is held"
+    );
+    let seen = monitor.seen();
+    assert!(
+        seen.iter().any(|s| s.0.starts_with("POST /p/75 ")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_run_that_rewrote_keys_never_ends_with_nothing_to_do() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute("DELETE FROM portal_usage_monthly WHERE portal_id = 1000")
+        .unwrap();
+    let run = aggregate(&stack, &[]);
+    run.assert_status(0);
+    assert!(
+        !run.stdout.contains("No pending requests"),
+        "{}",
+        run.stdout
+    );
+    assert_no_drift(&stack);
+    stack
+        .sql()
+        .batch_execute("TRUNCATE usage_requests")
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(65);
+    let run = aggregate(&stack, &["--rebase"]);
+    run.assert_status(0);
+    assert!(
+        !run.stdout.contains("No pending requests"),
+        "{}",
+        run.stdout
+    );
+}
