@@ -11,6 +11,7 @@
 //!
 //! The contract every engine keeps is docs/semantics.md.
 
+pub mod adjustments;
 pub mod aggregation;
 pub mod cli;
 pub mod commands;
@@ -20,6 +21,7 @@ pub mod exit;
 pub mod failpoint;
 pub mod job;
 pub mod output;
+pub mod periods;
 pub mod ping;
 pub mod postgrest;
 pub mod preflight;

@@ -8,6 +8,7 @@ use crate::cli::VerifyArgs;
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
+use crate::periods::Periods;
 use crate::ping::Ping;
 use crate::progress::Progress;
 use crate::store::rest::RestStore;
@@ -51,11 +52,17 @@ async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
         } else {
             None
         };
+        let periods = if marks.is_some() {
+            store.periods().await?
+        } else {
+            Periods::none()
+        };
         let progress = Progress::for_terminal(args.output.quiet || args.output.json);
         rebuild::recount(
             &store,
             scope,
             marks,
+            &periods,
             args.scan.page_size,
             usize::from(args.scan.concurrency),
             &progress,
