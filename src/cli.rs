@@ -54,6 +54,10 @@ pub enum Command {
     Report(ReportArgs),
     /// Print the migration SQL (to paste into Supabase's SQL editor)
     Sql,
+    /// Close a billing month: catch up, check its keys against their raw rows, record it closed with a snapshot
+    Close(crate::commands::close::CloseArgs),
+    /// Reopen a closed month, recorded with who, when and why
+    Reopen(crate::commands::reopen::ReopenArgs),
 }
 
 impl Cli {
@@ -319,7 +323,7 @@ fn page_size(s: &str) -> Result<usize, String> {
     }
 }
 
-fn month(s: &str) -> Result<Month, String> {
+pub(crate) fn month(s: &str) -> Result<Month, String> {
     Month::parse(s)
         .ok_or_else(|| format!("{s:?} is not a month: expected YYYY-MM with a month from 01 to 12"))
 }

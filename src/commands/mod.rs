@@ -2,6 +2,8 @@
 //! an error the same way.
 
 pub mod aggregate;
+pub mod close;
+pub mod reopen;
 pub mod report;
 pub mod sql;
 pub mod status;
@@ -24,6 +26,8 @@ pub async fn run(cli: Cli) -> Status {
         Command::Status(args) => status::run(args).await,
         Command::Report(args) => report::run(args).await,
         Command::Sql => sql::run(),
+        Command::Close(args) => close::run(args).await,
+        Command::Reopen(args) => reopen::run(args).await,
     }
 }
 

@@ -240,3 +240,181 @@ fn a_project_without_the_periods_migration_is_told_to_apply_it() {
             .assert_stderr_has(MIGRATIONS[2]);
     }
 }
+
+fn usage(stack: &Stack, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--env", "dev"]);
+    usage_agg(&workdir(), &stack.env(), &all)
+}
+
+/// The database's current month (UTC), and the one before it.
+fn this_and_last_month(stack: &Stack) -> (String, String) {
+    let r = stack
+        .sql()
+        .query_one(
+            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'),
+                    to_char((now() AT TIME ZONE 'UTC') - interval '1 month', 'YYYY-MM')",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn insert_month(stack: &Stack, portal: i64, month: &str, n: usize) {
+    let values = vec![format!("({portal}, '{month}-03 10:00:00', true, '{month}')"); n];
+    stack
+        .sql()
+        .batch_execute(&format!(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
+            values.join(",")
+        ))
+        .unwrap();
+}
+
+#[test]
+fn closing_is_refused_inside_the_grace_window_and_with_drift_twice_is_a_no_op_and_reopen_is_recorded(
+) {
+    let stack = migrated_stack();
+    let (now_month, last_month) = this_and_last_month(&stack);
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-05", 3);
+    insert_month(&stack, 1, &now_month, 4);
+    aggregate(&stack, &[]).assert_status(0);
+
+    // Inside the grace window: the current month has not even ended; the
+    // last month is still within a 300-day grace. Exit 64, naming when.
+    usage(&stack, &["close", "--month", &now_month])
+        .assert_status(64)
+        .assert_stderr_has("cannot close yet")
+        .assert_stderr_has("the earliest it can close is");
+    usage(
+        &stack,
+        &["close", "--month", &last_month, "--grace", "300d"],
+    )
+    .assert_status(64)
+    .assert_stderr_has("still inside its grace period");
+    usage(&stack, &["close", "--month", "2099-01"])
+        .assert_status(64)
+        .assert_stderr_has("has not even begun");
+
+    // Drift: a counted row deleted behind the job's back. Exit 65, the key
+    // named, the month left open.
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests WHERE id = (SELECT min(id) FROM usage_requests WHERE portal_id = 2)")
+        .unwrap();
+    usage(&stack, &["close", "--month", "2025-05"])
+        .assert_status(65)
+        .assert_stderr_has("2:2025-05");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM usage_agg_closed_months"),
+        0
+    );
+    aggregate(&stack, &["--month", "2025-05", "--allow-decrease"]).assert_status(0);
+
+    // A dry run checks and writes nothing; then it closes, catching up first.
+    usage(&stack, &["close", "--month", "2025-05", "--dry-run"])
+        .assert_status(0)
+        .assert_stdout_has("Dry run: 2025-05 can close");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM usage_agg_closed_months"),
+        0
+    );
+    insert_month(&stack, 3, "2025-05", 2);
+    let run = usage(&stack, &["close", "--month", "2025-05", "--json"]);
+    run.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["outcome"], "closed");
+    assert_eq!(
+        (v["keys"].as_i64(), v["requests"].as_i64()),
+        (Some(3), Some(9))
+    );
+    assert_eq!(v["caught_up_rows"], 2);
+    let by = v["closed_by"].as_str().unwrap().to_string();
+    assert!(by.contains('@'), "{by}");
+
+    // Twice: a no-op that says so.
+    usage(&stack, &["close", "--month", "2025-05"])
+        .assert_status(0)
+        .assert_stdout_has("2025-05 is already closed");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM usage_agg_period_events WHERE event = 'close'"
+        ),
+        1
+    );
+
+    // Closed: no hand edit either.
+    let edit = stack.sql().batch_execute(
+        "UPDATE portal_usage_monthly SET request_count = 0 WHERE month_year = '2025-05'",
+    );
+    assert!(format!("{:?}", edit.unwrap_err()).contains("2025-05 is closed"));
+
+    // Reopen: refused without a reason; recorded with one.
+    usage(&stack, &["reopen", "--month", "2025-05"]).assert_status(64);
+    usage(&stack, &["reopen", "--month", "2025-05", "--reason", "  "])
+        .assert_status(64)
+        .assert_stderr_has("a reason cannot be empty");
+    usage(
+        &stack,
+        &[
+            "reopen",
+            "--month",
+            "2025-05",
+            "--reason",
+            "invoice disputed by portal 2",
+        ],
+    )
+    .assert_status(0)
+    .assert_stdout_has("Reopened 2025-05");
+    let r = stack
+        .sql()
+        .query_one(
+            "SELECT e.by, e.reason, c.closed, c.reopen_reason, e.at IS NOT NULL
+               FROM usage_agg_period_events e JOIN usage_agg_closed_months c USING (month_year)
+              WHERE e.event = 'reopen'",
+            &[],
+        )
+        .unwrap();
+    let (who, why, closed, reason, when): (String, String, bool, String, bool) =
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    assert!(who.contains('@') && when);
+    assert_eq!(
+        (why.as_str(), closed, reason.as_str()),
+        (
+            "invoice disputed by portal 2",
+            false,
+            "invoice disputed by portal 2"
+        )
+    );
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "again"],
+    )
+    .assert_status(0)
+    .assert_stdout_has("2025-05 is not closed; nothing to do");
+
+    // Open again: its new rows go to its monthly rows.
+    insert_month(&stack, 1, "2025-05", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 0);
+}
+
+#[test]
+fn bad_input_gets_a_clear_message_and_exit_64() {
+    for (args, needle) in [
+        (
+            &["close", "--month", "2025-05", "--grace", "-1h"][..],
+            "cannot be negative",
+        ),
+        (&["close", "--month", "2025-13"][..], "is not a month"),
+        (&["close"][..], "--month"),
+        (&["reopen", "--month", "2025-05"][..], "--reason"),
+    ] {
+        usage_agg(&workdir(), &[], args)
+            .assert_status(64)
+            .assert_stderr_has(needle);
+    }
+}
