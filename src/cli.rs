@@ -58,6 +58,8 @@ pub enum Command {
     Close(crate::commands::close::CloseArgs),
     /// Reopen a closed month, recorded with who, when and why
     Reopen(crate::commands::reopen::ReopenArgs),
+    /// Book a signed manual correction, with its reason, once per idempotency key
+    Adjust(crate::commands::adjust::AdjustArgs),
 }
 
 impl Cli {

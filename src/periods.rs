@@ -231,6 +231,57 @@ pub async fn reopen(
         .with_context(|| format!("reopening {month} (usage_agg_reopen_month)"))
 }
 
+/// A closed month as `usage_agg_periods_status` reports it: its snapshot,
+/// and the good raw rows of it still there (prunable).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct ClosedMonth {
+    pub month: String,
+    pub closed_at: Option<String>,
+    pub closed_by: Option<String>,
+    pub up_to_id: Option<i64>,
+    pub keys: i64,
+    pub requests: i64,
+    pub successes: i64,
+    pub errors: i64,
+    pub pruned_through: i64,
+    pub rows_left: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Reopened {
+    pub month: String,
+    pub reopened_at: Option<String>,
+    pub reopened_by: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// The periods at a glance, without scanning raw rows.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct PeriodsStatus {
+    pub closed: Vec<ClosedMonth>,
+    pub newest_closed: Option<String>,
+    pub reopened: Vec<Reopened>,
+    /// Good raw rows of closed months still there.
+    pub prunable_rows: i64,
+    /// Months with usage, open, past their grace by the database's clock.
+    pub closable: Vec<String>,
+}
+
+pub async fn status(client: &Client, grace_secs: u64) -> anyhow::Result<PeriodsStatus> {
+    client
+        // Idempotent: it only reads.
+        .rpc(
+            "usage_agg_periods_status",
+            &json!({"p_grace_seconds": grace_secs}),
+            Idempotent::Yes,
+        )
+        .await
+        .context("reading the closed months (usage_agg_periods_status)")
+}
+
 /// Who does it, for the record: the operating-system user and the host.
 pub fn who() -> String {
     let user = ["USER", "LOGNAME"]
@@ -305,4 +356,174 @@ mod tests {
             .unwrap_err()
             .contains("more than a year"));
     }
+}
+
+/// What `verify` checks and shows besides each key's rows
+/// (docs/semantics.md, "Closed months").
+#[derive(Debug, Default, Clone)]
+pub struct Checks {
+    /// Closed months whose monthly rows no longer add up to their snapshot
+    /// (the trigger was bypassed: disabled, or a superuser's session).
+    pub snapshot_mismatches: Vec<String>,
+    pub closed_checked: usize,
+    /// Late adjustments: counted rows, part of the invariant.
+    pub late_keys: usize,
+    pub late_requests: i64,
+    /// Manual adjustments: corrections, shown apart, never compared with
+    /// raw rows.
+    pub manual_count: usize,
+    pub manual_requests: i64,
+    /// Good raw rows prune deleted, counted through usage_agg_pruned.
+    pub pruned_rows: i64,
+}
+
+impl Checks {
+    /// Compares each closed month in scope with its snapshot, and sums the
+    /// adjustments, from what the recount read.
+    pub async fn gather(
+        client: &Client,
+        rc: &crate::engine::rebuild::Recount,
+        month: Option<Month>,
+        page_size: usize,
+    ) -> anyhow::Result<Checks> {
+        let mut c = Checks {
+            late_keys: rc.late.len(),
+            late_requests: rc.late.values().map(|t| t.requests).sum(),
+            pruned_rows: rc.pruned.values().map(|t| t.requests).sum(),
+            ..Checks::default()
+        };
+        for closed in status(client, 0).await?.closed {
+            let Some(m) = Month::parse(&closed.month) else {
+                continue;
+            };
+            if month.is_some_and(|want| want != m) {
+                continue;
+            }
+            c.closed_checked += 1;
+            let rows: Vec<&Totals> = rc
+                .stored
+                .iter()
+                .filter(|(k, _)| k.month == m)
+                .map(|(_, t)| t)
+                .collect();
+            let now = (
+                rows.len() as i64,
+                rows.iter().map(|t| t.requests).sum::<i64>(),
+                rows.iter().map(|t| t.successes).sum::<i64>(),
+                rows.iter().map(|t| t.errors).sum::<i64>(),
+            );
+            let then = (
+                closed.keys,
+                closed.requests,
+                closed.successes,
+                closed.errors,
+            );
+            if now != then {
+                c.snapshot_mismatches.push(format!(
+                    "{m}: closed with {} keys, {} requests ({} successes, {} errors); now {} keys, {} requests \
+                     ({} successes, {} errors)",
+                    then.0, then.1, then.2, then.3, now.0, now.1, now.2, now.3
+                ));
+            }
+        }
+        let filters: crate::postgrest::Query = match month {
+            Some(m) => vec![("month_year".into(), format!("eq.{m}"))],
+            None => Vec::new(),
+        };
+        let manual = crate::adjustments::read_manual_where(client, &filters, page_size).await?;
+        c.manual_count = manual.len();
+        c.manual_requests = manual.iter().map(|a| a.request_count).sum();
+        Ok(c)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "closed_months_checked": self.closed_checked,
+            "snapshot_mismatches": self.snapshot_mismatches,
+            "late_adjustments": {"keys": self.late_keys, "requests": self.late_requests},
+            "manual_adjustments": {"count": self.manual_count, "requests": self.manual_requests},
+            "pruned_rows": self.pruned_rows,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if self.closed_checked > 0 {
+            if self.snapshot_mismatches.is_empty() {
+                s.push_str(&format!(
+                    "  Closed months: {} checked, each still adds up to the snapshot taken at its close\n",
+                    self.closed_checked
+                ));
+            } else {
+                s.push_str(&format!(
+                    "  Closed months: {} of {} no longer add up to the snapshot taken at their close (their rows \
+                     were changed past the trigger):\n",
+                    self.snapshot_mismatches.len(),
+                    self.closed_checked
+                ));
+                for m in &self.snapshot_mismatches {
+                    s.push_str(&format!("    {m}\n"));
+                }
+            }
+        }
+        if self.late_keys > 0 {
+            s.push_str(&format!(
+                "  Late adjustments: {} requests in {} keys, checked with their months' rows above\n",
+                self.late_requests, self.late_keys
+            ));
+        }
+        if self.pruned_rows > 0 {
+            s.push_str(&format!(
+                "  Pruned rows: {} (checked through what prune recorded when it deleted them)\n",
+                self.pruned_rows
+            ));
+        }
+        if self.manual_count > 0 {
+            s.push_str(&format!(
+                "  Manual adjustments: {} entries, {:+} requests in all (corrections, not counted rows: never \
+                 compared with raw rows; `usage-agg report` lists them)\n",
+                self.manual_count, self.manual_requests
+            ));
+        }
+        s
+    }
+}
+
+/// What `usage_agg_adjust` answered.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct AdjustAnswer {
+    pub booked: bool,
+    pub already: bool,
+    pub refused: Option<String>,
+    pub current_month: Option<String>,
+    pub adjustment: Option<crate::adjustments::Manual>,
+}
+
+/// A signed manual adjustment, once per idempotency key.
+#[derive(Debug, Clone)]
+pub struct AdjustRequest<'a> {
+    pub portal_id: i64,
+    pub month: Month,
+    pub requests: i64,
+    pub successes: i64,
+    pub errors: i64,
+    pub reason: &'a str,
+    pub key: &'a str,
+}
+
+pub async fn adjust(client: &Client, r: &AdjustRequest<'_>) -> anyhow::Result<AdjustAnswer> {
+    client
+        // Idempotent: the idempotency key books it once however often it is sent.
+        .rpc(
+            "usage_agg_adjust",
+            &json!({
+                "p_portal_id": r.portal_id, "p_month": r.month.to_string(), "p_requests": r.requests,
+                "p_successes": r.successes, "p_errors": r.errors, "p_reason": r.reason, "p_key": r.key,
+                "p_by": who(),
+            }),
+            Idempotent::Yes,
+        )
+        .await
+        .context("booking a manual adjustment (usage_agg_adjust)")
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand, and what they share: connecting, and reporting
 //! an error the same way.
 
+pub mod adjust;
 pub mod aggregate;
 pub mod close;
 pub mod reopen;
@@ -28,6 +29,7 @@ pub async fn run(cli: Cli) -> Status {
         Command::Sql => sql::run(),
         Command::Close(args) => close::run(args).await,
         Command::Reopen(args) => reopen::run(args).await,
+        Command::Adjust(args) => adjust::run(args).await,
     }
 }
 

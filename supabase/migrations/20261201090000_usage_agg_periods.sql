@@ -719,6 +719,7 @@ AS $$
     'closed', (SELECT coalesce(jsonb_agg(jsonb_build_object(
                  'month', c.month_year, 'closed_at', c.closed_at, 'closed_by', c.closed_by,
                  'up_to_id', c.up_to_id, 'keys', c.keys, 'requests', c.request_count,
+                 'successes', c.success_count, 'errors', c.error_count,
                  'pruned_through', c.pruned_through,
                  'rows_left', coalesce(s.n, 0) + coalesce(l.n, 0) - coalesce(p.n, 0))
                  ORDER BY c.month_year), '[]')

@@ -418,3 +418,159 @@ fn bad_input_gets_a_clear_message_and_exit_64() {
             .assert_stderr_has(needle);
     }
 }
+
+#[test]
+fn adjust_books_once_per_id_signed_and_verify_shows_it_apart() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 6);
+    insert_month(&stack, 2, "2025-06", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+
+    let adjust = |extra: &[&str]| {
+        let mut args = vec!["adjust", "--portal", "1", "--month", "2025-05"];
+        args.extend_from_slice(extra);
+        usage(&stack, &args)
+    };
+    let refund = [
+        "--requests",
+        "-2",
+        "--reason",
+        "refund: duplicate webhook deliveries",
+        "--id",
+        "r-1",
+    ];
+    adjust(&refund)
+        .assert_status(0)
+        .assert_stdout_has("Booked manual adjustment r-1")
+        .assert_stdout_has("-2 requests")
+        .assert_stdout_has("in 2025-06's invoice");
+    adjust(&refund)
+        .assert_status(0)
+        .assert_stdout_has("was already booked");
+    adjust(&["--requests", "-3", "--reason", "x", "--id", "r-1"])
+        .assert_status(64)
+        .assert_stderr_has("already used for a different adjustment");
+    let booked = stack
+        .sql()
+        .query_one(
+            "SELECT count(*), sum(request_count)::bigint, min(booked_month), min(reason), bool_and(created_at <= now())
+               FROM portal_usage_adjustments WHERE source = 'manual'",
+            &[],
+        )
+        .unwrap();
+    let (n, total, month, reason, timed): (i64, i64, String, String, bool) = (
+        booked.get(0),
+        booked.get(1),
+        booked.get(2),
+        booked.get(3),
+        booked.get(4),
+    );
+    assert_eq!((n, total, month.as_str(), timed), (1, -2, "2025-06", true));
+    assert!(reason.starts_with("refund"));
+
+    // Bad input: a portal with no usage, a month in the future, no reason.
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "99999",
+            "--month",
+            "2025-05",
+            "--requests",
+            "1",
+            "--reason",
+            "r",
+            "--id",
+            "x-1",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("portal 99999 has no usage recorded");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2099-01",
+            "--requests",
+            "1",
+            "--reason",
+            "r",
+            "--id",
+            "x-2",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("2099-01 is in the future");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2025-05",
+            "--requests",
+            "1",
+            "--id",
+            "x-3",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("--reason");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2025-05",
+            "--requests",
+            "5",
+            "--successes",
+            "1",
+            "--errors",
+            "1",
+            "--reason",
+            "r",
+            "--id",
+            "x-4",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("add up to 2, not --requests 5");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM portal_usage_adjustments"),
+        1
+    );
+
+    // History is never edited.
+    let edit = stack.sql().batch_execute(
+        "UPDATE portal_usage_adjustments SET request_count = -1, success_count = -1",
+    );
+    assert!(format!("{:?}", edit.unwrap_err()).contains("never edited"));
+
+    // verify: the manual adjustment apart, the closed month against its snapshot.
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months: 1 checked")
+        .assert_stdout_has("Manual adjustments: 1 entries, -2 requests");
+    stack
+        .sql()
+        .batch_execute(
+            "ALTER TABLE portal_usage_monthly DISABLE TRIGGER usage_agg_closed_month;
+             UPDATE portal_usage_monthly SET request_count = 60, success_count = 60 WHERE month_year = '2025-05';
+             ALTER TABLE portal_usage_monthly ENABLE TRIGGER usage_agg_closed_month;",
+        )
+        .unwrap();
+    let run = usage(&stack, &["verify", "--json"]);
+    run.assert_status(65);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["snapshot_mismatches"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["manual_adjustments"]["requests"], -2);
+}
