@@ -139,6 +139,11 @@ pub struct ReportArgs {
     #[arg(long, default_value_t = 10, conflicts_with = "portal", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
 
+    /// With --portal: its current month right now (stored totals, late adjustments and the rows no run has
+    /// counted yet), exact between runs
+    #[arg(long, requires = "portal", conflicts_with = "months")]
+    pub live: bool,
+
     /// Output format (--json is --format json)
     #[arg(long, value_enum, default_value = "table", conflicts_with_all = ["json", "quiet"])]
     pub format: ReportFormat,

@@ -527,3 +527,41 @@ pub async fn adjust(client: &Client, r: &AdjustRequest<'_>) -> anyhow::Result<Ad
         .await
         .context("booking a manual adjustment (usage_agg_adjust)")
 }
+
+/// A month's usage right now (`usage_current`): stored totals, late
+/// adjustments, and the good raw rows no run has counted yet.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Current {
+    pub request_count: i64,
+    pub success_count: i64,
+    pub error_count: i64,
+    pub last_request_at: Option<String>,
+}
+
+/// The database's current month (UTC).
+pub async fn current_month(client: &Client) -> anyhow::Result<Month> {
+    #[derive(Deserialize)]
+    struct Answer {
+        current_month: String,
+    }
+    let a: Answer = client
+        // Idempotent: it only reads.
+        .rpc("usage_agg_periods", &json!({}), Idempotent::Yes)
+        .await
+        .context("reading the database's month (usage_agg_periods)")?;
+    Month::parse(&a.current_month).context("the database's current month is not YYYY-MM")
+}
+
+pub async fn usage_current(client: &Client, portal: i64, month: Month) -> anyhow::Result<Current> {
+    let rows: Vec<Current> = client
+        // Idempotent: it only reads.
+        .rpc(
+            "usage_current",
+            &json!({"p_portal_id": portal, "p_month": month.to_string()}),
+            Idempotent::Yes,
+        )
+        .await
+        .context("reading the usage right now (usage_current)")?;
+    Ok(rows.into_iter().next().unwrap_or_default())
+}

@@ -51,7 +51,12 @@ pub async fn run(args: ReportArgs) -> Status {
         Ok(c) => c,
         Err(e) => return report_error(&e, None),
     };
-    let (title, label, lines) = match fetch(&RestStore::new(client), &args).await {
+    let fetched = if args.live {
+        live(&RestStore::new(client), &args).await
+    } else {
+        fetch(&RestStore::new(client), &args).await
+    };
+    let (title, label, lines) = match fetched {
         Ok(x) => x,
         Err(e) => return report_error(&e, Some(&config)),
     };
@@ -66,6 +71,27 @@ pub async fn run(args: ReportArgs) -> Status {
     };
     print!("{}", render(format, Style::detect(), &title, label, &lines));
     Status::Ok
+}
+
+/// `--live`: one row, the portal's current month right now
+/// (`usage_current`).
+async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+    let portal = args.portal.unwrap_or_default();
+    let month = crate::periods::current_month(store.client()).await?;
+    let c = crate::periods::usage_current(store.client(), portal, month).await?;
+    Ok((
+        format!(
+            "Portal {portal}, {month} right now (stored totals, late adjustments, rows not yet counted)"
+        ),
+        Label::Month,
+        vec![Line {
+            portal_id: portal,
+            month_year: month.to_string(),
+            request_count: Some(c.request_count),
+            success_count: Some(c.success_count),
+            error_count: Some(c.error_count),
+        }],
+    ))
 }
 
 /// The title, which column labels rows (month or portal), and the rows.

@@ -574,3 +574,118 @@ fn adjust_books_once_per_id_signed_and_verify_shows_it_apart() {
     assert_eq!(v["snapshot_mismatches"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["manual_adjustments"]["requests"], -2);
 }
+
+#[test]
+fn usage_current_equals_the_truth_while_inserts_and_runs_go_on() {
+    let stack = migrated_stack();
+    let (now_month, _) = this_and_last_month(&stack);
+    insert_month(&stack, 7, "2025-05", 20);
+    insert_month(&stack, 8, &now_month, 30);
+    insert_month(&stack, 7, &now_month, 10);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 7, "2025-05", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_eq!(late_rows(&stack), 3);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inserter = std::thread::spawn({
+        let db = stack.database_url.clone();
+        let now_month = now_month.clone();
+        let stop = stop.clone();
+        move || {
+            let mut c = postgres::Client::connect(&db, postgres::NoTls).unwrap();
+            let mut rng = Rng(5);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let month = if rng.below(3) == 0 {
+                    "2025-05"
+                } else {
+                    now_month.as_str()
+                };
+                let n = 1 + rng.below(20);
+                c.batch_execute(&format!(
+                    "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+                     SELECT 7, now(), g % 5 <> 0, '{month}' FROM generate_series(1, {n}) g"
+                ))
+                .unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+        }
+    });
+    let runner = std::thread::spawn({
+        let env = stack.env();
+        let stop = stop.clone();
+        move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let engine = ENGINES[i % 2];
+                let run = usage_agg(
+                    &workdir(),
+                    &env,
+                    &[
+                        "aggregate",
+                        "--env",
+                        "dev",
+                        "--engine",
+                        engine,
+                        "--batch-size",
+                        "40",
+                    ],
+                );
+                assert!(
+                    matches!(run.status, 0 | 75),
+                    "{}\n{}",
+                    run.stdout,
+                    run.stderr
+                );
+                i += 1;
+            }
+            i
+        }
+    });
+    // Each check is one statement, so one snapshot: usage_current and the
+    // raw rows, whatever the runs and inserts are doing.
+    let mut db = stack.sql();
+    for i in 0..150 {
+        for month in [now_month.as_str(), "2025-05"] {
+            let r = db
+                .query_one(
+                    "SELECT (SELECT row(request_count, success_count, error_count)::text FROM usage_current(7, $1)),
+                            (SELECT row(count(*), count(*) FILTER (WHERE success), count(*) FILTER (WHERE NOT success))::text
+                               FROM usage_requests WHERE portal_id = 7 AND month_year = $1)",
+                    &[&month],
+                )
+                .unwrap();
+            let (current, truth): (String, String) = (r.get(0), r.get(1));
+            assert_eq!(current, truth, "check {i}, {month}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    inserter.join().unwrap();
+    assert!(
+        runner.join().unwrap() >= 2,
+        "runs went on during the checks"
+    );
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+
+    // Over REST, as `report --live` and an app's quota check call it.
+    let truth = count(
+        &stack,
+        &format!("SELECT count(*) FROM usage_requests WHERE portal_id = 7 AND month_year = '{now_month}'"),
+    );
+    insert_month(&stack, 7, &now_month, 4);
+    let run = usage(&stack, &["report", "--portal", "7", "--live", "--json"]);
+    run.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["rows"][0]["requests"].as_i64(), Some(truth + 4), "{v}");
+    assert_eq!(v["rows"][0]["month"], now_month.as_str());
+
+    // service_role and authenticated may call it; anon may not.
+    let mut db = stack.sql();
+    db.batch_execute("SET ROLE authenticated; SELECT * FROM usage_current(7); RESET ROLE")
+        .unwrap();
+    let anon = db.batch_execute("SET ROLE anon; SELECT * FROM usage_current(7)");
+    assert!(format!("{:?}", anon.unwrap_err()).contains("permission denied"));
+}
