@@ -60,6 +60,8 @@ pub enum Command {
     Reopen(crate::commands::reopen::ReopenArgs),
     /// Book a signed manual correction, with its reason, once per idempotency key
     Adjust(crate::commands::adjust::AdjustArgs),
+    /// Delete the raw rows of closed months (their totals stay checkable), in resumable batches
+    Prune(crate::commands::prune::PruneArgs),
 }
 
 impl Cli {

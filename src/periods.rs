@@ -565,3 +565,43 @@ pub async fn usage_current(client: &Client, portal: i64, month: Month) -> anyhow
         .context("reading the usage right now (usage_current)")?;
     Ok(rows.into_iter().next().unwrap_or_default())
 }
+
+/// One prune batch's answer (`usage_agg_prune_batch`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct PruneBatch {
+    pub done: bool,
+    pub dry_run: bool,
+    pub refused: Option<String>,
+    pub months: Vec<String>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub deleted: u64,
+    pub good_deleted: u64,
+    pub rows_left: i64,
+    pub cursor: Option<i64>,
+}
+
+/// Ids per prune batch by default: a batch deletes at most this many rows
+/// and books them, in one transaction far inside Supabase's 8 s statement
+/// timeout (docs/semantics.md, "Closed months").
+pub const DEFAULT_PRUNE_BATCH_IDS: u64 = 100_000;
+
+pub async fn prune_batch(
+    client: &Client,
+    before: Month,
+    batch_ids: u64,
+    dry_run: bool,
+) -> anyhow::Result<PruneBatch> {
+    client
+        // Idempotent: a batch that committed moved pruned_through past its
+        // range, and rows deleted are gone, so a repeat finds nothing there.
+        .rpc(
+            "usage_agg_prune_batch",
+            &json!({"p_job": JOB, "p_before": before.to_string(), "p_batch_ids": batch_ids,
+                    "p_dry_run": dry_run}),
+            Idempotent::Yes,
+        )
+        .await
+        .context("pruning raw rows of closed months (usage_agg_prune_batch)")
+}

@@ -4,6 +4,7 @@
 pub mod adjust;
 pub mod aggregate;
 pub mod close;
+pub mod prune;
 pub mod reopen;
 pub mod report;
 pub mod sql;
@@ -30,6 +31,7 @@ pub async fn run(cli: Cli) -> Status {
         Command::Close(args) => close::run(args).await,
         Command::Reopen(args) => reopen::run(args).await,
         Command::Adjust(args) => adjust::run(args).await,
+        Command::Prune(args) => prune::run(args).await,
     }
 }
 

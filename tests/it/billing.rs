@@ -689,3 +689,105 @@ fn usage_current_equals_the_truth_while_inserts_and_runs_go_on() {
     let anon = db.batch_execute("SET ROLE anon; SELECT * FROM usage_current(7)");
     assert!(format!("{:?}", anon.unwrap_err()).contains("permission denied"));
 }
+
+fn billed_total(stack: &Stack) -> i64 {
+    count(
+        stack,
+        "SELECT (SELECT coalesce(sum(request_count), 0) FROM portal_usage_monthly)::bigint
+              + (SELECT coalesce(sum(request_count), 0) FROM portal_usage_adjustments)::bigint",
+    )
+}
+
+#[test]
+fn prune_keeps_closed_months_checkable_resumes_after_a_kill_and_full_leaves_them_alone() {
+    let stack = migrated_stack();
+    let mut rng = Rng(909);
+    insert_random(&stack, &mut rng, 4_000, 50);
+    aggregate(&stack, &[]).assert_status(0);
+    for m in months_2024() {
+        close_sql(&stack, &m);
+    }
+    insert_random(&stack, &mut rng, 600, 50);
+    aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+    assert!(late_rows(&stack) > 0);
+    let frozen = closed_rows(&stack);
+    let total = billed_total(&stack);
+    let raw_2024 = "SELECT count(*) FROM usage_requests WHERE month_year < '2025-01'";
+    let before = count(&stack, raw_2024);
+
+    // Open months before the limit are named and refused.
+    usage(&stack, &["prune", "--before", "2025-03"])
+        .assert_status(64)
+        .assert_stderr_has("months before 2025-03 are open: 2025-01, 2025-02");
+    let dry = usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--dry-run", "--json"],
+    );
+    dry.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(dry.stdout.trim()).unwrap();
+    assert_eq!(v["rows_left"].as_i64(), Some(before), "{v}");
+    assert_eq!(count(&stack, raw_2024), before);
+
+    // Killed after its second batch: what it deleted is booked, verify
+    // agrees, and the next prune resumes where it stopped.
+    let mut env = stack.env();
+    env.push(("USAGE_AGG_FAILPOINTS".into(), "page=abort@2".into()));
+    let killed = usage_agg(
+        &workdir(),
+        &env,
+        &[
+            "prune",
+            "--env",
+            "dev",
+            "--before",
+            "2025-01",
+            "--batch-size",
+            "500",
+        ],
+    );
+    assert_eq!(killed.status, -1, "{}", killed.stderr);
+    let left = count(&stack, raw_2024);
+    assert!(left < before && left > 0, "{left} of {before}");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT min(pruned_through) FROM usage_agg_closed_months"
+        ),
+        1_000
+    );
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+    usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--batch-size", "500"],
+    )
+    .assert_status(0)
+    .assert_stdout_has("Pruned");
+    assert_eq!(count(&stack, raw_2024), 0);
+    assert_invariant(&stack);
+    assert_eq!(billed_total(&stack), total, "the totals never drop");
+    assert_unchanged(&stack, &frozen, "after the prune");
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Pruned rows: ");
+
+    // A rebuild leaves the pruned months as they were.
+    aggregate(&stack, &["--full"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months left as they are: 2024-01");
+    assert_unchanged(&stack, &frozen, "after --full");
+    aggregate(&stack, &["--month", "2024-03"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months left as they are: 2024-03");
+
+    // Late rows after the prune are booked, checked, and pruned in turn.
+    insert_random(&stack, &mut rng, 300, 50);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+    usage(&stack, &["prune", "--before", "2025-01"]).assert_status(0);
+    assert_eq!(count(&stack, raw_2024), 0);
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+    assert_unchanged(&stack, &frozen, "at the end");
+}
