@@ -260,6 +260,12 @@ pub struct AggregateArgs {
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub lease_ttl: u64,
 
+    /// After the run, close every month past this grace after its end (e.g. 72h), each only if its keys agree
+    /// with their raw rows
+    #[arg(long, value_name = "GRACE", value_parser = crate::periods::parse_grace, allow_hyphen_values = true,
+          conflicts_with_all = ["dry_run", "month", "rebase"])]
+    pub auto_close: Option<std::time::Duration>,
+
     /// Milliseconds to wait for inserts in flight before counting up to the newest id
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=7000))]
     pub horizon_wait_ms: u64,

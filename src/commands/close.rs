@@ -404,3 +404,103 @@ mod tests {
         assert_eq!(humanize(Duration::from_secs(0)), "0");
     }
 }
+
+/// What `aggregate --auto-close` did after its run.
+#[derive(Debug, Default, Clone)]
+pub struct AutoClosed {
+    pub closed: Vec<Month>,
+    /// Months past their grace that did not close, and why.
+    pub refused: Vec<(Month, String)>,
+}
+
+impl AutoClosed {
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "auto_closed": self.closed.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            "auto_close_refused": self.refused.iter()
+                .map(|(m, why)| json!({"month": m.to_string(), "reason": why}))
+                .collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if !self.closed.is_empty() {
+            let months: Vec<String> = self.closed.iter().map(|m| m.to_string()).collect();
+            s.push_str(&format!(
+                "Closed {} (past their grace; their totals never change now)\n",
+                months.join(", ")
+            ));
+        }
+        for (m, why) in &self.refused {
+            s.push_str(&format!("NOT closed {m}: {why}\n"));
+        }
+        s
+    }
+}
+
+/// Closes every month with usage that is open and past `grace` by the
+/// database's clock, oldest first, each only if its keys agree with their
+/// raw rows (one recount for all of them). The caller has just caught up.
+pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<AutoClosed> {
+    let mut out = AutoClosed::default();
+    let status = periods::status(store.client(), grace.as_secs()).await?;
+    let months: Vec<Month> = status
+        .closable
+        .iter()
+        .filter_map(|m| Month::parse(m))
+        .collect();
+    if months.is_empty() {
+        return Ok(out);
+    }
+    let drift = if months.len() == 1 {
+        month_drift(store, months[0]).await?
+    } else {
+        let cursor = store.state().await?.and_then(|s| s.cursor_id);
+        let marks = Marks {
+            cursor,
+            horizon: store.safe_horizon(Duration::from_millis(2000)).await?,
+        };
+        let periods = store.periods().await?;
+        rebuild::recount(
+            store,
+            Scope::All,
+            Some(marks),
+            &periods,
+            crate::engine::DEFAULT_PAGE_SIZE,
+            usize::from(crate::engine::DEFAULT_CONCURRENCY),
+            &Progress::for_terminal(true),
+            None,
+        )
+        .await?
+        .drift(true)
+    };
+    let by = periods::who();
+    for m in months {
+        let keys: Vec<String> = drift
+            .iter()
+            .filter(|c| c.key.month == m)
+            .map(|c| c.key.to_string())
+            .collect();
+        if !keys.is_empty() {
+            out.refused.push((
+                m,
+                format!(
+                    "{} keys differ from their raw rows ({}); repair them (`usage-agg aggregate --month {m}`), \
+                     then it closes on the next run",
+                    keys.len(),
+                    keys.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+            continue;
+        }
+        let a = store.close_month(m, grace.as_secs(), &by).await?;
+        match a.refused {
+            None => out.closed.push(m),
+            Some(why) => out
+                .refused
+                .push((m, format!("the database refused ({why}: {})", a.keys))),
+        }
+    }
+    Ok(out)
+}

@@ -791,3 +791,75 @@ fn prune_keeps_closed_months_checkable_resumes_after_a_kill_and_full_leaves_them
     usage(&stack, &["verify"]).assert_status(0);
     assert_unchanged(&stack, &frozen, "at the end");
 }
+
+#[test]
+fn aggregate_auto_close_closes_every_month_past_its_grace_unless_it_drifts() {
+    let stack = migrated_stack();
+    let (now_month, _) = this_and_last_month(&stack);
+    for (p, m) in [
+        (1, "2025-04"),
+        (1, "2025-05"),
+        (2, "2025-06"),
+        (1, now_month.as_str()),
+    ] {
+        insert_month(&stack, p, m, 3);
+    }
+    aggregate(&stack, &[]).assert_status(0);
+    // 2025-06 drifts: a counted row deleted behind the job's back.
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests WHERE id = (SELECT min(id) FROM usage_requests WHERE month_year = '2025-06')")
+        .unwrap();
+    insert_month(&stack, 3, "2025-05", 2);
+    let run = aggregate(&stack, &["--auto-close", "72h", "--json"]);
+    run.assert_status(65);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        v["auto_closed"],
+        serde_json::json!(["2025-04", "2025-05"]),
+        "{v}"
+    );
+    assert_eq!(v["auto_close_refused"][0]["month"], "2025-06", "{v}");
+    assert!(v["auto_close_refused"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("2:2025-06"));
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT keys FROM usage_agg_closed_months WHERE month_year = '2025-05'"
+        ),
+        2,
+        "caught up before closing"
+    );
+
+    aggregate(&stack, &["--month", "2025-06", "--allow-decrease"]).assert_status(0);
+    aggregate(&stack, &["--auto-close", "72h"])
+        .assert_status(0)
+        .assert_stdout_has("Closed 2025-06");
+    aggregate(&stack, &["--auto-close", "72h"]).assert_status(0);
+    let closed: Vec<String> = stack
+        .sql()
+        .query(
+            "SELECT month_year FROM usage_agg_closed_months WHERE closed ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        closed,
+        ["2025-04", "2025-05", "2025-06"],
+        "the current month stays open"
+    );
+    usage_agg(&workdir(), &[], &["aggregate", "--auto-close", "-1h"])
+        .assert_status(64)
+        .assert_stderr_has("cannot be negative");
+    usage_agg(
+        &workdir(),
+        &[],
+        &["aggregate", "--auto-close", "72h", "--dry-run"],
+    )
+    .assert_status(64);
+}
