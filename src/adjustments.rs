@@ -306,3 +306,45 @@ pub async fn read_manual_where(
     )
     .await
 }
+
+/// An adjustment of either source, as billing reads it: booked in
+/// `booked_month`'s invoice.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Booked {
+    pub id: i64,
+    pub portal_id: i64,
+    pub month_year: String,
+    pub booked_month: String,
+    pub source: String,
+    pub request_count: i64,
+}
+
+/// Adjustments (both sources) matching `filters`; none when the periods
+/// migration is not applied (the table is missing): nothing was ever
+/// adjusted.
+pub async fn read_booked_where(
+    client: &Client,
+    filters: &Query,
+    page_size: usize,
+) -> anyhow::Result<Vec<Booked>> {
+    let read = read_all(
+        client,
+        ADJUSTMENTS_TABLE,
+        "id,portal_id,month_year,booked_month,source,request_count",
+        filters,
+        page_size,
+        |r: &Booked| r.id,
+    )
+    .await;
+    match read {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<crate::postgrest::Failure>()
+                    .is_some_and(|f| f.kind() == crate::postgrest::Kind::MissingTable)
+            }) =>
+        {
+            Ok(Vec::new())
+        }
+        other => other,
+    }
+}

@@ -863,3 +863,88 @@ fn aggregate_auto_close_closes_every_month_past_its_grace_unless_it_drifts() {
     )
     .assert_status(64);
 }
+
+#[test]
+fn status_and_report_show_closed_months_adjustments_and_the_billed_total() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-04", 5);
+    insert_month(&stack, 1, "2025-05", 4);
+    insert_month(&stack, 2, "2025-05", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-04"]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-04", 3);
+    aggregate(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has("3 rows of closed months booked as late adjustments");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2025-05",
+            "--requests",
+            "-1",
+            "--reason",
+            "goodwill",
+            "--id",
+            "g-1",
+        ],
+    )
+    .assert_status(0);
+
+    // Booked in 2025-06, the month after the newest closed one.
+    let csv = usage(&stack, &["report", "--portal", "1", "--format", "csv"]);
+    csv.assert_status(0);
+    let lines: Vec<&str> = csv.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "portal_id,month,requests,successes,errors,success_rate,late_adjustments,manual_adjustments,billed",
+            "1,2025-06,0,0,0,,3,-1,2",
+            "1,2025-05,4,4,0,100.0,0,0,4",
+            "1,2025-04,5,5,0,100.0,0,0,5",
+        ]
+    );
+    usage(&stack, &["report", "--portal", "1"])
+        .assert_status(0)
+        .assert_stdout_has("billed = requests + adjustments booked in that month");
+    let top: serde_json::Value = serde_json::from_str(
+        usage(&stack, &["report", "--month", "2025-05", "--json"])
+            .stdout
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(top["rows"][0]["billed"], 4, "{top}");
+
+    let run = usage(&stack, &["status"]);
+    run.assert_status(0)
+        .assert_stdout_has("Closed months: 2 (2025-04 to 2025-05); newest closed 2025-05")
+        .assert_stdout_has("Prunable:      14 raw rows of closed months are still there (`usage-agg prune --before 2025-06`)");
+    let v: serde_json::Value =
+        serde_json::from_str(usage(&stack, &["status", "--json"]).stdout.trim()).unwrap();
+    assert_eq!(
+        (v["newest_closed"].as_str(), v["prunable_rows"].as_i64()),
+        (Some("2025-05"), Some(14))
+    );
+    assert_eq!(v["closed_months"].as_array().unwrap().len(), 2);
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "audit"],
+    )
+    .assert_status(0);
+    usage(&stack, &["status"])
+        .assert_status(0)
+        .assert_stdout_has("Reopened:      2025-05 by ")
+        .assert_stdout_has("Closable:      2025-05");
+
+    // Without the periods migration, status says so, as the runs would (78).
+    let mut old = Stack::new();
+    migrate_file(&mut old, MIGRATIONS[0]);
+    migrate_file(&mut old, MIGRATIONS[1]);
+    usage_agg(&workdir(), &old.env(), &["status", "--env", "dev"])
+        .assert_status(78)
+        .assert_stdout_has("the periods migration is not applied");
+}
