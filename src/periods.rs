@@ -244,6 +244,9 @@ pub struct ClosedMonth {
     pub requests: i64,
     pub successes: i64,
     pub errors: i64,
+    /// Requests of the adjustments booked in it: at its close, and now.
+    pub booked_adjustments: i64,
+    pub booked_now: i64,
     pub pruned_through: i64,
     pub rows_left: i64,
 }
@@ -423,6 +426,12 @@ impl Checks {
                     "{m}: closed with {} keys, {} requests ({} successes, {} errors); now {} keys, {} requests \
                      ({} successes, {} errors)",
                     then.0, then.1, then.2, then.3, now.0, now.1, now.2, now.3
+                ));
+            }
+            if closed.booked_now != closed.booked_adjustments {
+                c.snapshot_mismatches.push(format!(
+                    "{m}: closed with {} requests of adjustments booked in it; now {}",
+                    closed.booked_adjustments, closed.booked_now
                 ));
             }
         }

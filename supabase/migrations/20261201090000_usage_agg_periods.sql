@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS public.usage_agg_closed_months (
   request_count   bigint NOT NULL,
   success_count   bigint NOT NULL,
   error_count     bigint NOT NULL,
+  -- The requests of the adjustments booked in the month at its close (late
+  -- rows of earlier months, manual corrections): with the monthly rows,
+  -- what its invoice counts. Neither changes while it is closed.
+  booked_request_count bigint NOT NULL DEFAULT 0,
   reopened_at     timestamptz,
   reopened_by     text,
   reopen_reason   text,
@@ -404,6 +408,7 @@ DECLARE
   n_req    bigint;
   n_ok     bigint;
   n_err    bigint;
+  n_booked bigint;
   blocked  jsonb;
 BEGIN
   LOCK TABLE public.usage_agg_closed_months IN SHARE ROW EXCLUSIVE MODE;
@@ -438,20 +443,23 @@ BEGIN
          coalesce(sum(error_count), 0)
     INTO n_keys, n_req, n_ok, n_err
     FROM public.portal_usage_monthly WHERE month_year = p_month;
+  SELECT coalesce(sum(request_count), 0) INTO n_booked
+    FROM public.portal_usage_adjustments WHERE booked_month = p_month;
   INSERT INTO public.usage_agg_closed_months AS t
          (month_year, closed, closed_at, closed_by, up_to_id, keys, request_count, success_count,
-          error_count, updated_at)
-  VALUES (p_month, true, now(), p_by, cur, n_keys, n_req, n_ok, n_err, now())
+          error_count, booked_request_count, updated_at)
+  VALUES (p_month, true, now(), p_by, cur, n_keys, n_req, n_ok, n_err, n_booked, now())
   ON CONFLICT (month_year) DO UPDATE
      SET closed = true, closed_at = now(), closed_by = excluded.closed_by, up_to_id = excluded.up_to_id,
          keys = excluded.keys, request_count = excluded.request_count,
-         success_count = excluded.success_count, error_count = excluded.error_count, updated_at = now();
+         success_count = excluded.success_count, error_count = excluded.error_count,
+         booked_request_count = excluded.booked_request_count, updated_at = now();
   INSERT INTO public.usage_agg_period_events
          (month_year, event, by, up_to_id, keys, request_count, success_count, error_count)
   VALUES (p_month, 'close', p_by, cur, n_keys, n_req, n_ok, n_err);
   RETURN jsonb_build_object('closed', true, 'month', p_month, 'closed_at', now(), 'closed_by', p_by,
                             'up_to_id', cur, 'keys', n_keys, 'requests', n_req, 'successes', n_ok,
-                            'errors', n_err);
+                            'errors', n_err, 'booked_adjustments', n_booked);
 END
 $$;
 
@@ -720,6 +728,9 @@ AS $$
                  'month', c.month_year, 'closed_at', c.closed_at, 'closed_by', c.closed_by,
                  'up_to_id', c.up_to_id, 'keys', c.keys, 'requests', c.request_count,
                  'successes', c.success_count, 'errors', c.error_count,
+                 'booked_adjustments', c.booked_request_count,
+                 'booked_now', (SELECT coalesce(sum(a.request_count), 0) FROM public.portal_usage_adjustments a
+                                 WHERE a.booked_month = c.month_year),
                  'pruned_through', c.pruned_through,
                  'rows_left', coalesce(s.n, 0) + coalesce(l.n, 0) - coalesce(p.n, 0))
                  ORDER BY c.month_year), '[]')

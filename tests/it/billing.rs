@@ -560,6 +560,34 @@ fn adjust_books_once_per_id_signed_and_verify_shows_it_apart() {
         .assert_status(0)
         .assert_stdout_has("Closed months: 1 checked")
         .assert_stdout_has("Manual adjustments: 1 entries, -2 requests");
+    // Closing 2025-06 freezes what is booked in it too: an edit past the
+    // trigger shows.
+    usage(&stack, &["close", "--month", "2025-06"]).assert_status(0);
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT booked_request_count FROM usage_agg_closed_months WHERE month_year = '2025-06'"
+        ),
+        -2
+    );
+    let tamper = |n: i64| {
+        stack
+            .sql()
+            .batch_execute(&format!(
+                "ALTER TABLE portal_usage_adjustments DISABLE TRIGGER usage_agg_guard_adjustment;
+                 UPDATE portal_usage_adjustments SET request_count = {n}, success_count = {n} WHERE idempotency_key = 'r-1';
+                 ALTER TABLE portal_usage_adjustments ENABLE TRIGGER usage_agg_guard_adjustment;"
+            ))
+            .unwrap()
+    };
+    tamper(-5);
+    usage(&stack, &["verify"])
+        .assert_status(65)
+        .assert_stdout_has("2025-06: closed with -2 requests of adjustments booked in it; now -5");
+    tamper(-2);
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months: 2 checked");
     stack
         .sql()
         .batch_execute(
@@ -947,4 +975,63 @@ fn status_and_report_show_closed_months_adjustments_and_the_billed_total() {
     usage_agg(&workdir(), &old.env(), &["status", "--env", "dev"])
         .assert_status(78)
         .assert_stdout_has("the periods migration is not applied");
+}
+
+#[test]
+fn a_rebase_keeps_closed_months_totals_and_books_their_later_rows_late() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-04", 5);
+    insert_month(&stack, 1, "2025-05", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    close_sql(&stack, "2025-04");
+    insert_month(&stack, 1, "2025-04", 2);
+    aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+    assert_eq!(late_rows(&stack), 2);
+
+    // A dev reset that keeps the totals: raw rows gone, ids from 1 again.
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests; ALTER SEQUENCE usage_requests_id_seq RESTART")
+        .unwrap();
+    insert_month(&stack, 1, "2025-05", 2);
+    aggregate(&stack, &[])
+        .assert_status(65)
+        .assert_stderr_has("--rebase");
+    aggregate(&stack, &["--rebase"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months left as they are: 2025-04");
+    let closed = stack
+        .sql()
+        .query_one(
+            "SELECT request_count::bigint, last_request_id FROM portal_usage_monthly WHERE month_year = '2025-04'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (closed.get::<_, i64>(0), closed.get::<_, i64>(1)),
+        (5, 0),
+        "counts kept, watermark reset"
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT max(last_request_id) FROM portal_usage_adjustments"
+        ),
+        0
+    );
+    assert_eq!(late_rows(&stack), 2, "booked adjustments stay");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT request_count::bigint FROM portal_usage_monthly WHERE month_year = '2025-05'"
+        ),
+        2,
+        "an open month is rebuilt from its rows"
+    );
+    // Rows of the closed month that come now are booked late, once.
+    insert_month(&stack, 1, "2025-04", 4);
+    aggregate(&stack, &[]).assert_status(0);
+    aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+    assert_eq!(late_rows(&stack), 6);
+    usage(&stack, &["status"]).assert_status(0);
 }
