@@ -82,6 +82,7 @@ pub async fn run<S: Store>(
     };
     let mut touched = BTreeSet::new();
     let mut changed = BTreeSet::new();
+    let mut late_changed = BTreeSet::new();
     // Batches by id range (ids and rows are nearly one to one). A dry run
     // cannot see its own unwritten batches: one batch, then.
     let batch_ids = if opts.dry_run {
@@ -149,7 +150,7 @@ pub async fn run<S: Store>(
             .iter()
             .map(|c| c.after.requests - c.before.map_or(0, |b| b.requests))
             .sum::<i64>() as u64;
-        outcome.late.keys += late.len();
+        late_changed.extend(late.iter().map(|c| (c.key, c.booked)));
         if opts.dry_run {
             outcome.changes.extend(changes);
             outcome.late.changes.extend(late);
@@ -159,6 +160,7 @@ pub async fn run<S: Store>(
     opts.progress.finish();
     outcome.keys_touched = touched.len();
     outcome.keys_changed = changed.len();
+    outcome.late.keys = late_changed.len();
     Ok(outcome)
 }
 

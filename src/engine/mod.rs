@@ -64,7 +64,8 @@ pub struct Late {
     /// Rows of closed months counted (into adjustments, never into their
     /// frozen monthly rows).
     pub rows: u64,
-    /// Late adjustments written (or, dry, to write), counted per write.
+    /// Late adjustments written (or, dry, to write): distinct ones for
+    /// the REST engine, summed over batches for the server-side one.
     pub keys: usize,
     /// The changes, kept where they are shown (a dry run).
     pub changes: Vec<LateChange>,
