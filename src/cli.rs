@@ -108,6 +108,14 @@ pub enum Command {
         after_long_help = "Examples:\n  usage-agg sql | psql \"$DATABASE_URL\" -v ON_ERROR_STOP=1\n  usage-agg sql > migrations.sql   (paste into Supabase's SQL editor)"
     )]
     Sql,
+    /// Close a billing month: catch up, check its keys against their raw rows, record it closed with a snapshot
+    Close(crate::commands::close::CloseArgs),
+    /// Reopen a closed month, recorded with who, when and why
+    Reopen(crate::commands::reopen::ReopenArgs),
+    /// Book a signed manual correction, with its reason, once per idempotency key
+    Adjust(crate::commands::adjust::AdjustArgs),
+    /// Delete the raw rows of closed months (their totals stay checkable), in resumable batches
+    Prune(crate::commands::prune::PruneArgs),
     /// Check everything a run needs, one line each, with the fix: configuration, reachability, the key,
     /// the tables, the migrations, the unique key, the assumptions, the lease, the last run
     #[command(after_long_help = concat!(
@@ -210,6 +218,11 @@ pub struct ReportArgs {
     /// How many portals in the top list (not with --portal)
     #[arg(long, default_value_t = 10, conflicts_with = "portal", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
+
+    /// With --portal: its current month right now (stored totals, late adjustments and the rows no run has
+    /// counted yet), exact between runs
+    #[arg(long, requires = "portal", conflicts_with = "months")]
+    pub live: bool,
 
     /// Output format (--json is --format json)
     #[arg(long, value_enum, default_value = "table", conflicts_with_all = ["json", "quiet"])]
@@ -344,6 +357,12 @@ pub struct AggregateArgs {
     #[arg(long, default_value = "10m", value_parser = lease_ttl, value_name = "DURATION")]
     pub lease_ttl: std::time::Duration,
 
+    /// After the run, close every month past this grace after its end (e.g. 72h), each only if its keys agree
+    /// with their raw rows
+    #[arg(long, value_name = "GRACE", value_parser = crate::periods::parse_grace, allow_hyphen_values = true,
+          conflicts_with_all = ["dry_run", "month", "rebase"])]
+    pub auto_close: Option<std::time::Duration>,
+
     /// Milliseconds to wait for inserts in flight before counting up to the newest id
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=7000))]
     pub horizon_wait_ms: u64,
@@ -416,7 +435,7 @@ fn page_size(s: &str) -> Result<usize, String> {
     }
 }
 
-fn month(s: &str) -> Result<Month, String> {
+pub(crate) fn month(s: &str) -> Result<Month, String> {
     Month::parse(s)
         .ok_or_else(|| format!("{s:?} is not a month: expected YYYY-MM with a month from 01 to 12"))
 }

@@ -42,8 +42,14 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if let Some(r) = cause.downcast_ref::<crate::preflight::Refused>() {
             return r.status();
         }
-        if cause.is::<crate::engine::UsageError>() {
+        if cause.is::<crate::engine::UsageError>() || cause.is::<crate::periods::Refusal>() {
             return Status::Usage;
+        }
+        if cause.is::<crate::periods::Blocked>() {
+            return Status::DataErr;
+        }
+        if cause.is::<crate::periods::PeriodsChanged>() {
+            return Status::TempFail;
         }
         if cause.is::<LeaseHeld>()
             || cause.is::<HorizonNotSafe>()
@@ -248,6 +254,6 @@ mod tests {
         }
         let hint = hint(&status(404, "PGRST202"), None).unwrap();
         assert!(hint.contains("usage_agg_preflight is missing"), "{hint}");
-        assert!(hint.contains(crate::state::LATEST_MIGRATION), "{hint}");
+        assert!(hint.contains(crate::state::MIGRATIONS[1].0), "{hint}");
     }
 }

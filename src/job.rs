@@ -11,6 +11,7 @@ use crate::cli::Engine;
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::engine::{incremental, rpc, Mode, Options, Outcome, Refusals, UsageError};
 use crate::exit::{self, Status};
+use crate::periods::Periods;
 use crate::preflight;
 use crate::state::{self, LeaseHeld, MIGRATION_FILE};
 use crate::store::Store;
@@ -57,7 +58,8 @@ impl Job {
                 "the usage-agg migration is not applied, so every key is recomputed from all rows (slow on big \
                  tables, and overlapping runs are not guarded); apply {MIGRATION_FILE} (`usage-agg sql | psql`)"
             ));
-            return rebuild::run(store, self.scope, None, false, &self.opts).await;
+            return rebuild::run(store, self.scope, None, &Periods::none(), false, &self.opts)
+                .await;
         }
 
         // Before anything is counted: the assumptions the counts rest on.
@@ -124,6 +126,9 @@ impl Job {
     ) -> anyhow::Result<Outcome> {
         let opts = &self.opts;
         let horizon = store.safe_horizon(opts.horizon_wait).await?;
+        // Read once: a close or a reopening during the run makes the
+        // database refuse what no longer fits, and the run stop (exit 75).
+        let periods = store.periods().await?;
         if self.rebase {
             let lowered = store.rebase(&self.owner).await?;
             tracing::info!(keys = lowered, "watermarks reset for the rebase");
@@ -131,7 +136,7 @@ impl Job {
                 cursor: None,
                 horizon,
             };
-            return rebuild::run(store, Scope::All, Some(marks), true, opts).await;
+            return rebuild::run(store, Scope::All, Some(marks), &periods, true, opts).await;
         }
         let restored = if facts.deleted_keys > 0 && !opts.dry_run {
             store.restore_deleted_keys().await?
@@ -158,8 +163,10 @@ impl Job {
             Some(c) if incremental && self.engine == Engine::Rpc => {
                 rpc::run(store, c, owner, self.batch_ids, opts).await?
             }
-            Some(c) if incremental => incremental::run(store, c, horizon, owner, opts).await?,
-            _ => rebuild::run(store, self.scope, Some(marks), false, opts).await?,
+            Some(c) if incremental => {
+                incremental::run(store, c, horizon, owner, &periods, opts).await?
+            }
+            _ => rebuild::run(store, self.scope, Some(marks), &periods, false, opts).await?,
         };
         if matches!(outcome.mode, Mode::Incremental | Mode::Rpc { .. }) || opts.dry_run {
             outcome.refusals_standing = Refusals {

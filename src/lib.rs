@@ -11,6 +11,7 @@
 //!
 //! The contract every engine keeps is docs/semantics.md.
 
+pub mod adjustments;
 pub mod aggregation;
 pub mod cli;
 pub mod commands;
@@ -21,6 +22,7 @@ pub mod failpoint;
 pub mod job;
 pub mod metrics;
 pub mod output;
+pub mod periods;
 pub mod ping;
 pub mod postgrest;
 pub mod preflight;

@@ -159,6 +159,9 @@ pub fn nothing_to_report(o: &Outcome) -> bool {
         && o.drift.is_empty()
         && o.restored_keys.is_empty()
         && o.write.superseded.is_empty()
+        && o.late.rows == 0
+        && o.late.keys == 0
+        && o.closed_left_alone.is_empty()
 }
 
 /// That one line.
@@ -193,6 +196,7 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             "portal-month combinations"
         )
     );
+    s.push_str(&periods_lines(style, o));
     if o.bad.count > 0 {
         let ids: Vec<String> = o
             .bad
@@ -428,6 +432,46 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             s,
             "{} Usage aggregation completed successfully",
             style.mark(Mark::Ok)
+        );
+    }
+    s
+}
+
+/// Rows booked as late adjustments, and closed months a rebuild left alone
+/// (docs/semantics.md, "Closed months").
+fn periods_lines(style: Style, o: &Outcome) -> String {
+    let mut s = String::new();
+    if o.late.rows > 0 || o.late.keys > 0 {
+        let _ = writeln!(
+            s,
+            "{} {} rows of closed months {} as late adjustments ({} adjustment rows), booked in the open month; \
+             the closed months' totals are unchanged",
+            style.mark(Mark::Info),
+            o.late.rows,
+            if o.dry_run { "would be booked" } else { "booked" },
+            o.late.keys
+        );
+        if o.dry_run {
+            for c in o.late.changes.iter().take(TABLE_CAP) {
+                let _ = writeln!(
+                    s,
+                    "  late {} booked in {}: {} requests{}",
+                    c.key,
+                    c.booked,
+                    c.after.requests,
+                    c.before
+                        .map_or(String::new(), |b| format!(" (was {})", b.requests))
+                );
+            }
+        }
+    }
+    if !o.closed_left_alone.is_empty() {
+        let months: Vec<String> = o.closed_left_alone.iter().map(|m| m.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "{} Closed months left as they are: {} (their totals never change; `usage-agg reopen` one to rebuild it)",
+            style.mark(Mark::Info),
+            months.join(", ")
         );
     }
     s
@@ -669,6 +713,14 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                 "cursor_before": o.cursor.and_then(|c| c.0),
                 "cursor_after": o.cursor.map(|c| c.1),
                 "upsert_fallback": o.write.fallback_reason,
+                "late_rows": o.late.rows,
+                "late_adjustments_written": if o.dry_run { 0 } else { o.late.keys },
+                "late_changes": o.late.changes.iter().map(|c| json!({
+                    "portal_id": c.key.portal_id, "month": c.key.month.to_string(),
+                    "booked_month": c.booked.to_string(),
+                    "stored": c.before.map(|b| b.requests), "new": c.after.requests,
+                })).collect::<Vec<_>>(),
+                "closed_months_left_alone": o.closed_left_alone.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
                 "error": null,
             });
             merge(&mut v, extra);

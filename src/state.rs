@@ -12,7 +12,7 @@ use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 2] = [
+pub const MIGRATIONS: [(&str, &str); 3] = [
     (
         "supabase/migrations/20261127120000_usage_agg_incremental.sql",
         include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
@@ -20,6 +20,10 @@ pub const MIGRATIONS: [(&str, &str); 2] = [
     (
         "supabase/migrations/20261130120000_usage_agg_trust.sql",
         include_str!("../supabase/migrations/20261130120000_usage_agg_trust.sql"),
+    ),
+    (
+        "supabase/migrations/20261201090000_usage_agg_periods.sql",
+        include_str!("../supabase/migrations/20261201090000_usage_agg_periods.sql"),
     ),
 ];
 /// The first migration: its state table says whether usage-agg is installed.
@@ -360,6 +364,12 @@ mod tests {
             MIGRATIONS[0].0
         );
         assert_eq!(migration_defining("usage_agg_preflight"), MIGRATIONS[1].0);
+        assert_eq!(migration_defining("usage_agg_close_month"), MIGRATIONS[2].0);
+        assert_eq!(
+            crate::periods::PERIODS_MIGRATION,
+            MIGRATIONS[2].0,
+            "the periods module names its migration"
+        );
         assert_eq!(migration_defining("no_such_function"), LATEST_MIGRATION);
     }
 

@@ -361,11 +361,22 @@ pub async fn read_stored_for(
 /// Cuts ids into comma lists whose URLs stay under [`MAX_URL_LEN`]
 /// (measured on the encoded URL, with room for the other parameters).
 fn chunk_in_list(client: &Client, ids: &[i64]) -> Vec<String> {
+    chunk_in_list_for(client, MONTHLY_TABLE, &stored_columns(true), ids)
+}
+
+/// [`chunk_in_list`] for reads of `table` selecting `select`.
+pub(crate) fn chunk_in_list_for(
+    client: &Client,
+    table: &str,
+    select: &str,
+    ids: &[i64],
+) -> Vec<String> {
     let base_len = client.url_len(
-        MONTHLY_TABLE,
+        table,
         &vec![
             ("month_year".into(), "eq.2025-01".into()),
-            ("select".into(), stored_columns(true)),
+            ("source".into(), "eq.manual".into()),
+            ("select".into(), select.into()),
             ("id".into(), format!("gt.{}", i64::MAX)),
             ("order".into(), "id.asc".into()),
             ("limit".into(), "1000000".into()),

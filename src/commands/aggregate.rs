@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::{connect, report_error};
 use crate::cli::{AggregateArgs, Engine};
 use crate::engine::rebuild::Scope;
-use crate::engine::{Options, Outcome};
+use crate::engine::{Options, Outcome, Verdict};
 use crate::exit::Status;
 use crate::job::Job;
 use crate::metrics::{self, RunMetrics};
@@ -69,6 +69,28 @@ pub async fn run(args: AggregateArgs) -> Status {
             status
         }
     };
+    // --auto-close: after a run whose totals are right, close the months
+    // past their grace (docs/semantics.md, "Closed months").
+    let auto = match (&connected, &result, args.auto_close) {
+        (Ok((_, client)), Ok(o), Some(grace))
+            if matches!(o.verdict(), Verdict::Ok | Verdict::BadRows) =>
+        {
+            Some(super::close::auto_close(&RestStore::new(client.clone()), grace).await)
+        }
+        _ => None,
+    };
+    let status = match (&auto, &connected) {
+        (Some(Err(e)), Ok((config, _))) => {
+            let s = report_error(e, Some(config));
+            if status == Status::Ok {
+                s
+            } else {
+                status
+            }
+        }
+        (Some(Ok(a)), _) if !a.refused.is_empty() && status == Status::Ok => Status::DataErr,
+        _ => status,
+    };
     if human {
         if let (Ok(outcome), Some(env)) = (&result, env) {
             if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
@@ -82,6 +104,9 @@ pub async fn run(args: AggregateArgs) -> Status {
                     crate::out!("{}", output::warning(style, w));
                 }
                 crate::out!("{}", output::summary(style, outcome, env, clock.elapsed()));
+            }
+            if let Some(Ok(a)) = &auto {
+                crate::out!("{}", a.render());
             }
         }
     } else {
@@ -104,7 +129,12 @@ pub async fn run(args: AggregateArgs) -> Status {
         },
         warnings: &warnings,
     };
-    let json = output::run_json(&record);
+    let mut json = output::run_json(&record);
+    if let (Some(Ok(a)), Some(o)) = (&auto, json.as_object_mut()) {
+        if let serde_json::Value::Object(extra) = a.json() {
+            o.extend(extra);
+        }
+    }
     if args.output.json {
         crate::outln!("{json}");
     }

@@ -1,8 +1,12 @@
 //! One module per subcommand, and what they share: connecting, and reporting
 //! an error the same way.
 
+pub mod adjust;
 pub mod aggregate;
+pub mod close;
 pub mod doctor;
+pub mod prune;
+pub mod reopen;
 pub mod report;
 pub mod sql;
 pub mod status;
@@ -26,6 +30,10 @@ pub async fn run(cli: Cli) -> Status {
         Command::Report(args) => report::run(args).await,
         Command::Sql => sql::run(),
         Command::Doctor(args) => doctor::run(args).await,
+        Command::Close(args) => close::run(args).await,
+        Command::Reopen(args) => reopen::run(args).await,
+        Command::Adjust(args) => adjust::run(args).await,
+        Command::Prune(args) => prune::run(args).await,
     }
 }
 

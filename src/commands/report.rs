@@ -1,5 +1,7 @@
 //! `usage-agg report`: the dashboard's view from a terminal, read from
-//! portal_usage_monthly (what billing reads), not recomputed.
+//! portal_usage_monthly (what billing reads), not recomputed, with the
+//! adjustments booked in each month and the billed total (the monthly row
+//! plus those adjustments: docs/semantics.md, "Closed months").
 
 use std::fmt::Write as _;
 
@@ -21,6 +23,10 @@ struct Line {
     request_count: Option<i64>,
     success_count: Option<i64>,
     error_count: Option<i64>,
+    /// Requests booked in this month as adjustments: late rows of closed
+    /// months, and manual corrections.
+    late: i64,
+    manual: i64,
 }
 
 impl From<&(Key, Totals)> for Line {
@@ -31,11 +37,19 @@ impl From<&(Key, Totals)> for Line {
             request_count: Some(t.requests),
             success_count: Some(t.successes),
             error_count: Some(t.errors),
+            late: 0,
+            manual: 0,
         }
     }
 }
 
 impl Line {
+    /// What the month's invoice counts: its monthly row plus what is
+    /// booked in it.
+    fn billed(&self) -> i64 {
+        self.request_count.unwrap_or(0) + self.late + self.manual
+    }
+
     fn rate(&self) -> Option<f64> {
         let r = self.request_count.unwrap_or(0);
         (r > 0).then(|| self.success_count.unwrap_or(0) as f64 * 100.0 / r as f64)
@@ -51,7 +65,20 @@ pub async fn run(args: ReportArgs) -> Status {
         Ok(c) => c,
         Err(e) => return report_error(&e, None),
     };
-    let (title, label, lines) = match fetch(&RestStore::new(client), &args).await {
+    let fetched = if args.live {
+        live(&RestStore::new(client.clone()), &args).await
+    } else {
+        fetch(&RestStore::new(client.clone()), &args).await
+    };
+    let fetched = match fetched {
+        Ok((title, label, lines)) if !args.live => {
+            with_adjustments(&RestStore::new(client.clone()), &args, lines)
+                .await
+                .map(|lines| (title, label, lines))
+        }
+        other => other,
+    };
+    let (title, label, lines) = match fetched {
         Ok(x) => x,
         Err(e) => return report_error(&e, Some(&config)),
     };
@@ -70,6 +97,77 @@ pub async fn run(args: ReportArgs) -> Status {
         render(format, Style::detect(), env, &title, label, &lines)
     );
     Status::Ok
+}
+
+/// `--live`: one row, the portal's current month right now
+/// (`usage_current`).
+async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+    let portal = args.portal.unwrap_or_default();
+    let month = crate::periods::current_month(store.client()).await?;
+    let c = crate::periods::usage_current(store.client(), portal, month).await?;
+    Ok((
+        format!(
+            "Portal {portal}, {month} right now (stored totals, late adjustments, rows not yet counted)"
+        ),
+        Label::Month,
+        vec![Line {
+            portal_id: portal,
+            month_year: month.to_string(),
+            request_count: Some(c.request_count),
+            success_count: Some(c.success_count),
+            error_count: Some(c.error_count),
+            late: 0,
+            manual: 0,
+        }],
+    ))
+}
+
+/// Adds to each line the adjustments booked in its month (a portal's
+/// months; or, for the top list, each portal's in that month). A portal's
+/// month with adjustments but no monthly row gets a line of its own.
+async fn with_adjustments(
+    store: &RestStore,
+    args: &ReportArgs,
+    mut lines: Vec<Line>,
+) -> anyhow::Result<Vec<Line>> {
+    let filters: crate::postgrest::Query = match (args.portal, lines.first()) {
+        (Some(p), _) => vec![("portal_id".into(), format!("eq.{p}"))],
+        (None, Some(l)) => vec![("booked_month".into(), format!("eq.{}", l.month_year))],
+        (None, None) => return Ok(lines),
+    };
+    let booked = crate::adjustments::read_booked_where(store.client(), &filters, PAGE).await?;
+    for b in booked {
+        let at = lines.iter().position(|l| match args.portal {
+            Some(_) => l.month_year == b.booked_month,
+            None => l.portal_id == b.portal_id,
+        });
+        let line = match at {
+            Some(i) => &mut lines[i],
+            None if args.portal.is_some() => {
+                lines.push(Line {
+                    portal_id: b.portal_id,
+                    month_year: b.booked_month.clone(),
+                    request_count: Some(0),
+                    success_count: Some(0),
+                    error_count: Some(0),
+                    late: 0,
+                    manual: 0,
+                });
+                lines.last_mut().expect("just pushed")
+            }
+            None => continue,
+        };
+        if b.source == "manual" {
+            line.manual += b.request_count;
+        } else {
+            line.late += b.request_count;
+        }
+    }
+    if args.portal.is_some() {
+        lines.sort_by(|a, b| b.month_year.cmp(&a.month_year));
+        lines.truncate(usize::from(args.months));
+    }
+    Ok(lines)
 }
 
 /// The title, which column labels rows (month or portal), and the rows.
@@ -131,6 +229,8 @@ fn render(
                         "requests": l.request_count.unwrap_or(0), "successes": l.success_count.unwrap_or(0),
                         "errors": l.error_count.unwrap_or(0),
                         "success_rate": l.rate().map(|r| (r * 10.0).round() / 10.0),
+                        "adjustments": {"late": l.late, "manual": l.manual},
+                        "billed": l.billed(),
                     })
                 })
                 .collect();
@@ -144,17 +244,23 @@ fn render(
             );
         }
         ReportFormat::Csv => {
-            let _ = writeln!(s, "portal_id,month,requests,successes,errors,success_rate");
+            let _ = writeln!(
+                s,
+                "portal_id,month,requests,successes,errors,success_rate,late_adjustments,manual_adjustments,billed"
+            );
             for l in lines {
                 let _ = writeln!(
                     s,
-                    "{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{}",
                     l.portal_id,
                     l.month_year,
                     l.request_count.unwrap_or(0),
                     l.success_count.unwrap_or(0),
                     l.error_count.unwrap_or(0),
-                    l.rate().map_or(String::new(), |r| format!("{r:.1}"))
+                    l.rate().map_or(String::new(), |r| format!("{r:.1}")),
+                    l.late,
+                    l.manual,
+                    l.billed()
                 );
             }
         }
@@ -176,9 +282,17 @@ fn render(
             } else {
                 "portal"
             };
+            // The adjustment columns only where something is adjusted; CSV
+            // and JSON always carry them.
+            let adjusted = lines.iter().any(|l| l.late != 0 || l.manual != 0);
+            let extra_head = if adjusted {
+                format!("  {:>8}  {:>8}  {:>10}", "late", "manual", "billed")
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "  {head:>10}  {:>10}  {:>10}  {:>8}  {:>7}",
+                "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}",
                 "requests", "successes", "errors", "success"
             );
             for l in lines {
@@ -189,13 +303,30 @@ fn render(
                 };
                 let req = l.request_count.unwrap_or(0);
                 let width = ((req as f64 / max as f64) * BAR_WIDTH as f64).round() as usize;
+                let extra = if adjusted {
+                    format!(
+                        "  {:>8}  {:>8}  {:>10}",
+                        format!("{:+}", l.late),
+                        format!("{:+}", l.manual),
+                        l.billed()
+                    )
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     s,
-                    "  {key:>10}  {req:>10}  {:>10}  {:>8}  {:>7}  {}",
+                    "  {key:>10}  {req:>10}  {:>10}  {:>8}{extra}  {:>7}  {}",
                     l.success_count.unwrap_or(0),
                     l.error_count.unwrap_or(0),
                     l.rate().map_or("-".into(), |r| format!("{r:.1}%")),
                     block.repeat(width.max(usize::from(req > 0)))
+                );
+            }
+            if adjusted {
+                let _ = writeln!(
+                    s,
+                    "  billed = requests + adjustments booked in that month (late: rows of closed months counted \
+                     after their close; manual: corrections)"
                 );
             }
         }
@@ -214,6 +345,8 @@ mod tests {
             request_count: Some(r),
             success_count: Some(ok),
             error_count: Some(r - ok),
+            late: 0,
+            manual: 0,
         }
     }
 
@@ -255,7 +388,10 @@ mod tests {
             Label::Month,
             &lines,
         );
-        assert_eq!(csv.lines().nth(1), Some("42,2025-07,200,190,10,95.0"));
+        assert_eq!(
+            csv.lines().nth(1),
+            Some("42,2025-07,200,190,10,95.0,0,0,200")
+        );
         let json: serde_json::Value = serde_json::from_str(&render(
             ReportFormat::Json,
             Style { emoji: false },

@@ -68,13 +68,30 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         }
     };
     let env = config.environment.upper();
-    let gathered = gather(&RestStore::new(client)).await;
+    let gathered = gather(&RestStore::new(client.clone())).await;
     let (installed, state, newest, facts) = match gathered {
         Ok(g) => g,
         Err(e) => {
             let status = report_error(&e, Some(&config));
             return (status, failure_json("status", Some(env), status, &e));
         }
+    };
+    // The closed months (periods migration); its absence is a problem of
+    // the schema, as the runs say (78).
+    let periods = if installed {
+        match crate::periods::status(&client, crate::periods::DEFAULT_GRACE.as_secs()).await {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if crate::exit::classify(&e) == Status::Config => Err(format!(
+                "the periods migration is not applied, so runs stop (78): apply {} (`usage-agg sql`)",
+                crate::periods::PERIODS_MIGRATION
+            )),
+            Err(e) => {
+                let status = report_error(&e, Some(&config));
+                return (status, failure_json("status", Some(env), status, &e));
+            }
+        }
+    } else {
+        Ok(None)
     };
     let now = Utc::now();
     let last_success = state.last_success_at.as_deref().and_then(parse_time);
@@ -89,7 +106,9 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     let problems = facts.as_ref().map(preflight::problems).unwrap_or_default();
     let refused = facts.as_ref().map_or(0, |f| f.refused_keys);
     // Known-wrong totals outrank an old success: they need a person.
-    let (status, outcome) = if !problems.is_empty() {
+    let (status, outcome) = if periods.is_err() {
+        (Status::Config, "problems")
+    } else if !problems.is_empty() {
         (preflight::Refused(problems.clone()).status(), "problems")
     } else if refused > 0 {
         (Status::DataErr, "decreases_refused")
@@ -125,6 +144,21 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
         "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
     });
+    let mut summary = summary;
+    if let (Some(o), Ok(Some(p))) = (summary.as_object_mut(), &periods) {
+        o.extend([
+            ("closed_months".to_string(), json!(p.closed)),
+            ("newest_closed".to_string(), json!(p.newest_closed)),
+            ("prunable_rows".to_string(), json!(p.prunable_rows)),
+            ("closable_months".to_string(), json!(p.closable)),
+            ("reopened_months".to_string(), json!(p.reopened)),
+        ]);
+    }
+    if let (Some(o), Err(problem)) = (summary.as_object_mut(), &periods) {
+        if let Some(list) = o.get_mut("problems").and_then(|v| v.as_array_mut()) {
+            list.push(json!({"code": "periods_migration_missing", "message": problem}));
+        }
+    }
     if args.output.json {
         crate::outln!("{summary}");
     } else if !args.output.quiet {
@@ -141,6 +175,11 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
                 f.refused_since.as_deref().unwrap_or("?"),
                 f.refused_examples.join(", ")
             );
+        }
+        match &periods {
+            Ok(Some(p)) => crate::out!("{}", render_periods(p)),
+            Ok(None) => {}
+            Err(problem) => crate::outln!("  PROBLEM:       {problem}"),
         }
         if stale {
             crate::outln!(
@@ -173,6 +212,70 @@ async fn gather(store: &impl Store) -> anyhow::Result<Gathered> {
     // rolled-back inserts make it an overestimate, never an under-).
     let newest = store.newest_id().await?;
     Ok((installed, row, (newest > 0).then_some(newest), facts))
+}
+
+/// Closed months, the newest, what prune could delete, what could close,
+/// what was reopened.
+fn render_periods(p: &crate::periods::PeriodsStatus) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+    match (p.closed.first(), p.newest_closed.as_deref()) {
+        (Some(first), Some(newest)) => line(
+            "Closed months",
+            format!(
+                "{} ({} to {newest}); newest closed {newest} (closed {} by {}); adjustments are booked in the \
+                 month after it",
+                p.closed.len(),
+                first.month,
+                p.closed.last().and_then(|c| c.closed_at.as_deref()).unwrap_or("?"),
+                p.closed.last().and_then(|c| c.closed_by.as_deref()).unwrap_or("?")
+            ),
+        ),
+        _ => line("Closed months", "none".into()),
+    }
+    if !p.closed.is_empty() {
+        line(
+            "Prunable",
+            format!(
+                "{} raw rows of closed months are still there{}",
+                p.prunable_rows,
+                match (
+                    p.prunable_rows,
+                    p.newest_closed
+                        .as_deref()
+                        .and_then(crate::aggregation::Month::parse)
+                ) {
+                    (n, Some(m)) if n > 0 => format!(
+                        " (`usage-agg prune --before {}`)",
+                        crate::periods::next_month(m)
+                    ),
+                    _ => String::new(),
+                }
+            ),
+        );
+    }
+    if !p.closable.is_empty() {
+        line(
+            "Closable",
+            format!(
+                "{} (past a 72h grace; `usage-agg close --month ...`, or `aggregate --auto-close 72h`)",
+                p.closable.join(", ")
+            ),
+        );
+    }
+    for r in &p.reopened {
+        line(
+            "Reopened",
+            format!(
+                "{} by {} at {}: {}",
+                r.month,
+                r.reopened_by.as_deref().unwrap_or("?"),
+                r.reopened_at.as_deref().unwrap_or("?"),
+                r.reason.as_deref().unwrap_or("")
+            ),
+        );
+    }
+    out
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {

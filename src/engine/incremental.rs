@@ -11,11 +11,13 @@
 //! and the cursor moves only after every key below it is written, and only
 //! to the safe horizon, below which no row can still appear.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use super::{Change, Mode, Options, Outcome};
+use super::{Change, LateChange, Mode, Options, Outcome};
+use crate::adjustments::LateKey;
 use crate::aggregation::{Fold, Key, Totals};
 use crate::failpoint;
+use crate::periods::{Periods, PeriodsChanged};
 use crate::store::{RawFilter, Store, StoredFilter};
 
 /// The lease was lost mid-run (it expired and another run took it): stop at
@@ -26,20 +28,46 @@ pub struct LeaseLost {
     pub cursor: i64,
 }
 
+/// Each key's highest watermark, over its monthly row and its late
+/// adjustments: its rows up to there are counted somewhere, so new rows are
+/// counted from there (docs/semantics.md, "Closed months").
+fn watermarks(
+    monthly: &HashMap<Key, Totals>,
+    late: &HashMap<LateKey, Totals>,
+) -> HashMap<Key, i64> {
+    let mut out: HashMap<Key, i64> = monthly
+        .iter()
+        .map(|(k, t)| (*k, t.last_request_id))
+        .collect();
+    for ((k, _), t) in late {
+        let w = out.entry(*k).or_default();
+        *w = (*w).max(t.last_request_id);
+    }
+    out
+}
+
 /// Counts rows in (cursor, horizon], in batches of about `opts.batch_rows`.
 /// `owner` is the lease holder to renew after each batch (None when dry).
+/// Rows of a month `periods` says is closed go to its late adjustment
+/// booked in the open month, never to its monthly row.
 pub async fn run<S: Store>(
     store: &S,
     cursor: i64,
     horizon: i64,
     owner: Option<&str>,
+    periods: &Periods,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
     // Keys a run that died (or one running now) wrote past the cursor: for
     // them, rows up to their watermark are counted already.
-    let dirty = store
-        .stored(StoredFilter::WatermarkAbove(cursor), true, opts.page_size)
-        .await?;
+    let dirty = watermarks(
+        &store
+            .stored(StoredFilter::WatermarkAbove(cursor), true, opts.page_size)
+            .await?,
+        &store
+            .late(StoredFilter::WatermarkAbove(cursor), opts.page_size)
+            .await?,
+    );
     if !dirty.is_empty() {
         tracing::info!(
             keys = dirty.len(),
@@ -52,8 +80,9 @@ pub async fn run<S: Store>(
         dry_run: opts.dry_run,
         ..Outcome::default()
     };
-    let mut touched = std::collections::BTreeSet::new();
-    let mut changed = std::collections::BTreeSet::new();
+    let mut touched = BTreeSet::new();
+    let mut changed = BTreeSet::new();
+    let mut late_changed = BTreeSet::new();
     // Batches by id range (ids and rows are nearly one to one). A dry run
     // cannot see its own unwritten batches: one batch, then.
     let batch_ids = if opts.dry_run {
@@ -67,11 +96,7 @@ pub async fn run<S: Store>(
     while start < horizon {
         let end = start.saturating_add(batch_ids).min(horizon);
         let mut fold = Fold::default();
-        let floor = |k: &Key| {
-            dirty
-                .get(k)
-                .map_or(start, |t: &Totals| t.last_request_id.max(start))
-        };
+        let floor = |k: &Key| dirty.get(k).map_or(start, |w| (*w).max(start));
         let mut scan = store.scan(RawFilter::All, start, end, opts.page_size, opts.concurrency);
         while let Some(page) = scan.next_page().await? {
             for row in &page {
@@ -88,12 +113,21 @@ pub async fn run<S: Store>(
         }
         outcome.rows_counted += fold.good_rows();
         touched.extend(fold.groups.keys().copied());
-        let changes = settle(store, &fold, start, end, &dirty, opts).await?;
+        let (changes, late) = settle(store, &fold, start, end, &dirty, periods, opts).await?;
         if !opts.dry_run {
             if !changes.is_empty() {
                 let states: Vec<_> = changes.iter().map(|c| (c.key, c.after)).collect();
-                let w = store.write(&states, true).await?;
-                outcome.write.absorb(w);
+                let w = store.write(&states, true).await;
+                outcome
+                    .write
+                    .absorb(refused_if_periods_changed(store, periods, w).await?);
+            }
+            if !late.is_empty() {
+                let states: Vec<_> = late.iter().map(|c| ((c.key, c.booked), c.after)).collect();
+                let w = store.write_late(&states).await;
+                outcome
+                    .write
+                    .absorb(refused_if_periods_changed(store, periods, w).await?);
             }
             if !outcome.write.lost.is_empty() {
                 // The cursor must not pass rows whose counts did not land:
@@ -112,56 +146,105 @@ pub async fn run<S: Store>(
         }
         outcome.bad.merge(fold.bad);
         changed.extend(changes.iter().map(|c| c.key));
+        outcome.late.rows += late
+            .iter()
+            .map(|c| c.after.requests - c.before.map_or(0, |b| b.requests))
+            .sum::<i64>() as u64;
+        late_changed.extend(late.iter().map(|c| (c.key, c.booked)));
         if opts.dry_run {
             outcome.changes.extend(changes);
+            outcome.late.changes.extend(late);
         }
         start = end;
     }
     opts.progress.finish();
     outcome.keys_touched = touched.len();
     outcome.keys_changed = changed.len();
+    outcome.late.keys = late_changed.len();
     Ok(outcome)
 }
 
-/// Each touched key's new state: what is stored now plus its rows above the
-/// stored watermark, up to `end`. The rows folded assumed the watermark read
-/// before the scan; when another run has written the key since, its rows
-/// are read again from the new watermark (rare: only under overlap).
+/// A write the database refused because a month was closed or reopened
+/// since the run read them is [`PeriodsChanged`] (exit 75): nothing wrong
+/// was written, and the next run routes the rows by the new months.
+pub(crate) async fn refused_if_periods_changed<S: Store, T>(
+    store: &S,
+    periods: &Periods,
+    result: anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let err = match result {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    match store.periods().await {
+        Ok(now) if now != *periods => Err(PeriodsChanged {
+            now: now
+                .closed()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            detail: format!("{err:#}"),
+        }
+        .into()),
+        _ => Err(err),
+    }
+}
+
+/// Each touched key's new state: what is stored now plus its rows above its
+/// highest stored watermark, up to `end`, for its monthly row, or, when its
+/// month is closed, for its late adjustment booked in the open month. The
+/// rows folded assumed the watermarks read before the scan; when another
+/// run has written the key since, its rows are read again from the new
+/// watermark (rare: only under overlap).
 async fn settle<S: Store>(
     store: &S,
     fold: &Fold,
     start: i64,
     end: i64,
-    dirty: &HashMap<Key, Totals>,
+    dirty: &HashMap<Key, i64>,
+    periods: &Periods,
     opts: &Options,
-) -> anyhow::Result<Vec<Change>> {
+) -> anyhow::Result<(Vec<Change>, Vec<LateChange>)> {
     let keys: Vec<Key> = fold.groups.keys().copied().collect();
     let stored = store.stored_for(&keys, opts.page_size).await?;
+    let late = store.late_for(&keys, opts.page_size).await?;
+    let marks = watermarks(&stored, &late);
     let mut changes = Vec::new();
+    let mut late_changes = Vec::new();
     for (key, delta) in &fold.groups {
-        let before = stored.get(key).copied();
-        let now = before.unwrap_or_default();
-        let assumed = dirty
-            .get(key)
-            .map_or(start, |t| t.last_request_id.max(start));
-        let from = now.last_request_id.max(start);
+        let now = marks.get(key).copied().unwrap_or(0);
+        let assumed = dirty.get(key).map_or(start, |w| (*w).max(start));
+        let from = now.max(start);
         let delta = if from == assumed {
             *delta
-        } else if now.last_request_id >= end {
+        } else if now >= end {
             continue; // another run counted this key further than we read
         } else {
             tracing::info!(%key, from, "key written by another run meanwhile; recounting its rows");
             recount_key(store, *key, from, end, opts.page_size).await?
         };
-        if delta.requests > 0 {
+        if delta.requests == 0 {
+            continue;
+        }
+        if periods.is_closed(key.month) {
+            let booked = periods.booking_month(key.month);
+            let before = late.get(&(*key, booked)).copied();
+            late_changes.push(LateChange {
+                key: *key,
+                booked,
+                before,
+                after: before.unwrap_or_default().plus(delta),
+            });
+        } else {
+            let before = stored.get(key).copied();
             changes.push(Change {
                 key: *key,
                 before,
-                after: now.plus(delta),
+                after: before.unwrap_or_default().plus(delta),
             });
         }
     }
-    Ok(changes)
+    Ok((changes, late_changes))
 }
 
 /// One key's rows in (after, upto].

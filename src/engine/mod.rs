@@ -11,6 +11,9 @@ pub mod incremental;
 pub mod rebuild;
 pub mod rpc;
 
+#[cfg(test)]
+mod periods_tests;
+
 use std::time::Duration;
 
 use crate::aggregation::{BadRows, Key, Month, Totals};
@@ -43,6 +46,29 @@ impl Change {
                 || self.after.errors < b.errors
         })
     }
+}
+
+/// A late adjustment whose state changes: rows of a closed month counted
+/// after its close, booked in `booked` (docs/semantics.md, "Closed months").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateChange {
+    pub key: Key,
+    pub booked: Month,
+    pub before: Option<Totals>,
+    pub after: Totals,
+}
+
+/// What a run booked as late adjustments.
+#[derive(Debug, Default, Clone)]
+pub struct Late {
+    /// Rows of closed months counted (into adjustments, never into their
+    /// frozen monthly rows).
+    pub rows: u64,
+    /// Late adjustments written (or, dry, to write): distinct ones for
+    /// the REST engine, summed over batches for the server-side one.
+    pub keys: usize,
+    /// The changes, kept where they are shown (a dry run).
+    pub changes: Vec<LateChange>,
 }
 
 /// How a run went about it, for the operator.
@@ -134,6 +160,10 @@ pub struct Outcome {
     pub refusals_standing: Refusals,
     /// Keys whose monthly row had been deleted, rebuilt from all their rows.
     pub restored_keys: Vec<String>,
+    /// Rows of closed months booked as late adjustments.
+    pub late: Late,
+    /// Closed months in a rebuild's scope, left as they are.
+    pub closed_left_alone: Vec<Month>,
 }
 
 /// Keys left above their raw rows, as recorded in the database.

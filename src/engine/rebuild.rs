@@ -12,6 +12,7 @@ use super::incremental::LeaseLost;
 use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Month, Totals};
 use crate::failpoint;
+use crate::periods::{minus, Periods};
 use crate::progress::Progress;
 use crate::store::{RawFilter, Store, StoredFilter};
 
@@ -41,7 +42,14 @@ pub struct Recount {
     /// refused is still brought forward by these, so its new rows are
     /// counted while its excess stands (docs/semantics.md, "Rebuilds").
     pub above: Fold,
+    /// The monthly rows in scope.
     pub stored: HashMap<Key, Totals>,
+    /// Each key's late adjustments, summed (the watermark: their highest).
+    pub late: HashMap<Key, Totals>,
+    /// Each key's good raw rows that prune deleted.
+    pub pruned: HashMap<Key, Totals>,
+    /// The closed months when the scan started.
+    pub periods: Periods,
     marks: Option<Marks>,
 }
 
@@ -55,10 +63,16 @@ pub struct Renewal<'a> {
 /// Counts `scope`'s rows against what is stored. With `renewal`, the lease
 /// is renewed every third of its life, so a rebuild longer than the lease
 /// keeps it (and stops, exit 75, if another run took it).
+///
+/// What is stored for a key is its monthly row plus its late adjustments
+/// (docs/semantics.md, "Closed months"), and its rows are the raw rows
+/// there now plus those prune deleted.
+#[allow(clippy::too_many_arguments)]
 pub async fn recount<S: Store>(
     store: &S,
     scope: Scope,
     marks: Option<Marks>,
+    periods: &Periods,
     page_size: usize,
     concurrency: usize,
     progress: &Progress,
@@ -75,12 +89,27 @@ pub async fn recount<S: Store>(
     let stored = store
         .stored(stored_filter, with_watermark, page_size)
         .await?;
+    let (late, pruned) = if with_watermark {
+        let mut late: HashMap<Key, Totals> = HashMap::new();
+        for ((k, _), t) in store.late(stored_filter, page_size).await? {
+            let e = late.entry(k).or_default();
+            *e = e.plus(t);
+        }
+        let month = match scope {
+            Scope::All => None,
+            Scope::Month(m) => Some(m),
+        };
+        (late, store.pruned(month, page_size).await?)
+    } else {
+        (HashMap::new(), HashMap::new())
+    };
+    let counted = counted(&stored, &late);
 
     let cursor = marks.and_then(|m| m.cursor).unwrap_or(0);
-    // A stored row with a watermark covers its rows up to it (and, once the
+    // A stored key with a watermark covers its rows up to it (and, once the
     // cursor passed, up to the cursor: no row of the key lies between). One
     // without (before the migration, or never written by it) claims all rows.
-    let covers = |key: &Key, id: i64| match stored.get(key) {
+    let covers = |key: &Key, id: i64| match counted.get(key) {
         Some(s) if with_watermark && s.last_request_id > 0 => id <= s.last_request_id.max(cursor),
         Some(_) => marks.is_none_or(|m| id <= m.horizon),
         None => !with_watermark || id <= cursor,
@@ -88,7 +117,7 @@ pub async fn recount<S: Store>(
     // Keys another run counted past the horizon are checked up to their own
     // watermark: those ids were below a horizon then, so they are complete.
     let scan_end = marks.map(|m| {
-        stored
+        counted
             .values()
             .map(|s| s.last_request_id)
             .fold(m.horizon, i64::max)
@@ -97,7 +126,7 @@ pub async fn recount<S: Store>(
 
     let above_floor = |key: &Key, id: i64| {
         horizon.is_some_and(|h| id <= h)
-            && stored
+            && counted
                 .get(key)
                 .is_some_and(|s| id > s.last_request_id.max(cursor))
     };
@@ -139,23 +168,70 @@ pub async fn recount<S: Store>(
         reference,
         above,
         stored,
+        late,
+        pruned,
+        periods: periods.clone(),
         marks,
     })
 }
 
+/// Each key's monthly row plus its late adjustments.
+fn counted(stored: &HashMap<Key, Totals>, late: &HashMap<Key, Totals>) -> HashMap<Key, Totals> {
+    let mut out = stored.clone();
+    for (k, t) in late {
+        let e = out.entry(*k).or_default();
+        *e = e.plus(*t);
+    }
+    out
+}
+
 impl Recount {
-    /// Stored keys whose values disagree with their own rows; with
-    /// `missing`, also keys whose rows should be counted but have no row.
+    /// What is stored for a key: its monthly row plus its late adjustments.
+    pub fn counted(&self, key: &Key) -> Option<Totals> {
+        match (self.stored.get(key), self.late.get(key)) {
+            (None, None) => None,
+            (m, l) => Some(
+                m.copied()
+                    .unwrap_or_default()
+                    .plus(l.copied().unwrap_or_default()),
+            ),
+        }
+    }
+
+    /// What a key's monthly row should hold, given what its rows hold:
+    /// those rows, plus the ones prune deleted, minus its late adjustments.
+    fn monthly_of(&self, key: &Key, rows: Totals) -> Totals {
+        let pruned = self.pruned.get(key).copied().unwrap_or_default();
+        let late = self.late.get(key).copied().unwrap_or_default();
+        minus(
+            rows.plus(Totals {
+                last_request_id: 0,
+                ..pruned
+            }),
+            late,
+        )
+    }
+
+    /// Stored keys (monthly row and late adjustments together) whose values
+    /// disagree with their own rows (those there, and those prune deleted);
+    /// with `missing`, also keys whose rows should be counted but have no
+    /// row.
     pub fn drift(&self, missing: bool) -> Vec<Change> {
         let keys: BTreeSet<&Key> = self
             .stored
             .keys()
+            .chain(self.late.keys())
+            .chain(self.pruned.keys())
             .chain(self.reference.groups.keys())
             .collect();
         keys.into_iter()
             .filter_map(|key| {
-                let before = self.stored.get(key).copied();
-                let truth = self.reference.groups.get(key).copied().unwrap_or_default();
+                let before = self.counted(key);
+                let rows = self.reference.groups.get(key).copied().unwrap_or_default();
+                let truth = match self.pruned.get(key) {
+                    Some(p) => rows.plus(*p),
+                    None => rows,
+                };
                 let differs = match before {
                     Some(b) => !b.same_values(&truth),
                     None => missing && truth.requests > 0,
@@ -176,15 +252,28 @@ impl Recount {
     /// guard would keep its state anyway). A write that would lower a
     /// stored count is refused unless `allow_decrease`; the key is then
     /// brought forward by its new rows only, as an incremental run would.
+    ///
+    /// A closed month's keys are left alone: their monthly rows never
+    /// change (docs/semantics.md, "Closed months"). A key with late
+    /// adjustments (its month was closed, then reopened) is brought to its
+    /// rows minus those adjustments.
     pub fn plan(&self, allow_decrease: bool) -> Plan {
         let horizon = self.marks.map(|m| m.horizon);
-        let keys: BTreeSet<&Key> = self.fresh.groups.keys().chain(self.stored.keys()).collect();
+        let keys: BTreeSet<&Key> = self
+            .fresh
+            .groups
+            .keys()
+            .chain(self.stored.keys())
+            .chain(self.late.keys())
+            .filter(|k| !self.periods.is_closed(k.month))
+            .collect();
         let mut plan = Plan::default();
         for key in keys {
             let before = self.stored.get(key).copied();
-            let truth = self.fresh.groups.get(key).copied().unwrap_or_default();
-            if let (Some(h), Some(b)) = (horizon, before) {
-                if b.last_request_id > h {
+            let newest = self.fresh.groups.get(key).copied().unwrap_or_default();
+            let truth = self.monthly_of(key, newest);
+            if let (Some(h), Some(c)) = (horizon, self.counted(key)) {
+                if c.last_request_id > h {
                     continue;
                 }
             }
@@ -215,7 +304,10 @@ impl Recount {
             };
             // Counted rows gone (deleted, or moved to another key) lower
             // what billing has read, even when new rows hide it in the total.
-            let reference = self.reference.groups.get(key).copied().unwrap_or_default();
+            let reference = self.monthly_of(
+                key,
+                self.reference.groups.get(key).copied().unwrap_or_default(),
+            );
             let counted_gone = Change {
                 key: *key,
                 before,
@@ -261,6 +353,7 @@ pub async fn run<S: Store>(
     store: &S,
     scope: Scope,
     marks: Option<Marks>,
+    periods: &Periods,
     rebase: bool,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
@@ -268,10 +361,22 @@ pub async fn run<S: Store>(
         owner,
         ttl: opts.lease_ttl,
     });
+    if let Scope::Month(m) = scope {
+        if periods.is_closed(m) {
+            // Nothing to rebuild: its rows never change while it is closed.
+            return Ok(Outcome {
+                mode: Mode::Month(m),
+                dry_run: opts.dry_run,
+                closed_left_alone: vec![m],
+                ..Outcome::default()
+            });
+        }
+    }
     let rc = recount(
         store,
         scope,
         marks,
+        periods,
         opts.page_size,
         opts.concurrency,
         &opts.progress,
@@ -294,8 +399,15 @@ pub async fn run<S: Store>(
         keys_touched: rc.fresh.groups.len(),
         drift: if marks.is_some() || scope != Scope::All {
             rc.drift(false)
+                .into_iter()
+                .filter(|c| !periods.is_closed(c.key.month))
+                .collect()
         } else {
             Vec::new()
+        },
+        closed_left_alone: match scope {
+            Scope::All => periods.closed().collect(),
+            Scope::Month(_) => Vec::new(),
         },
         refused_decreases: plan.refused,
         dry_run: opts.dry_run,
@@ -305,7 +417,9 @@ pub async fn run<S: Store>(
     if !opts.dry_run {
         if !plan.writes.is_empty() {
             let states: Vec<_> = plan.writes.iter().map(|c| (c.key, c.after)).collect();
-            outcome.write = store.write(&states, marks.is_some()).await?;
+            let w = store.write(&states, marks.is_some()).await;
+            outcome.write =
+                super::incremental::refused_if_periods_changed(store, periods, w).await?;
             outcome.keys_changed = outcome.write.written;
         }
         if let Some(m) = marks {
@@ -405,6 +519,9 @@ mod tests {
             reference,
             above,
             stored,
+            late: HashMap::new(),
+            pruned: HashMap::new(),
+            periods: Periods::none(),
             marks: Some(Marks {
                 cursor: Some(cursor),
                 horizon,

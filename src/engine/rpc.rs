@@ -72,6 +72,8 @@ pub async fn run<S: Store>(
         outcome.keys_touched += b.keys;
         outcome.keys_changed += b.keys;
         outcome.write.written += if opts.dry_run { 0 } else { b.keys };
+        outcome.late.rows += b.late_rows;
+        outcome.late.keys += b.late_keys;
         outcome.bad.count += b.bad;
         for id in b.bad_ids {
             if outcome.bad.examples.len() < crate::aggregation::BAD_EXAMPLES {

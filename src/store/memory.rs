@@ -6,13 +6,15 @@
 //! it back for the next run.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_json::json;
 
 use super::{Batch, RawFilter, Store, StoredFilter};
+use crate::adjustments::LateKey;
 use crate::aggregation::{validate, Fold, Key, Month, RawRow, Totals};
+use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
 use crate::state::{Lease, StateRow};
 use crate::tables::{judge, ParallelScan, WriteStats};
@@ -22,7 +24,8 @@ use crate::tables::{judge, ParallelScan, WriteStats};
 pub enum Kill {
     /// A page of a scan.
     Page(usize),
-    /// A write of totals (the write is lost with the process).
+    /// A write of totals, monthly or late (the write is lost with the
+    /// process).
     Write(usize),
     /// A cursor move (it does not happen).
     Advance(usize),
@@ -33,6 +36,11 @@ struct Inner {
     raw: BTreeMap<i64, RawRow>,
     seq: i64,
     monthly: BTreeMap<Key, Totals>,
+    late: BTreeMap<LateKey, Totals>,
+    closed: BTreeSet<Month>,
+    /// Closed (or, false, reopened) just before the next write arrives:
+    /// a close racing a run that read the months before it.
+    flip_before_write: Option<(Month, bool)>,
     cursor: Option<i64>,
     lease: Option<String>,
     lease_expired: bool,
@@ -121,7 +129,37 @@ impl MemoryStore {
         self.inner.borrow().monthly.clone()
     }
 
-    /// What the table must hold: every good row, per key (watermarks aside).
+    pub fn late_adjustments(&self) -> BTreeMap<LateKey, Totals> {
+        self.inner.borrow().late.clone()
+    }
+
+    /// Closes a month as `usage-agg close` would once caught up.
+    pub fn close(&self, m: Month) {
+        self.inner.borrow_mut().closed.insert(m);
+    }
+
+    pub fn reopen(&self, m: Month) {
+        self.inner.borrow_mut().closed.remove(&m);
+    }
+
+    /// Closes (`true`) or reopens `m` just before the next write of totals
+    /// arrives, as a close from another process would land mid-run.
+    pub fn flip_before_next_write(&self, m: Month, closed: bool) {
+        self.inner.borrow_mut().flip_before_write = Some((m, closed));
+    }
+
+    fn flip_now(s: &mut Inner) {
+        if let Some((m, closed)) = s.flip_before_write.take() {
+            if closed {
+                s.closed.insert(m);
+            } else {
+                s.closed.remove(&m);
+            }
+        }
+    }
+
+    /// What the tables must hold together: every good row, per key
+    /// (watermarks aside).
     pub fn truth(&self) -> BTreeMap<Key, (i64, i64, i64)> {
         let s = self.inner.borrow();
         let mut fold = Fold::default();
@@ -134,20 +172,32 @@ impl MemoryStore {
             .collect()
     }
 
-    /// The stored counts, keys with none left out.
+    /// Each key's monthly row plus its late adjustments.
+    fn counted(s: &Inner) -> BTreeMap<Key, Totals> {
+        let mut out = s.monthly.clone();
+        for ((k, _), t) in &s.late {
+            let e = out.entry(*k).or_default();
+            *e = e.plus(*t);
+        }
+        out
+    }
+
+    /// The stored counts (monthly plus late adjustments), keys with none
+    /// left out.
     pub fn counts(&self) -> BTreeMap<Key, (i64, i64, i64)> {
-        self.monthly()
+        Self::counted(&self.inner.borrow())
             .into_iter()
             .filter(|(_, t)| t.requests != 0)
             .map(|(k, t)| (k, (t.requests, t.successes, t.errors)))
             .collect()
     }
 
-    /// The invariant of docs/semantics.md: each stored key holds exactly
-    /// its good rows up to its own watermark.
+    /// The invariant of docs/semantics.md: each stored key's monthly row
+    /// and late adjustments hold exactly its good rows up to its highest
+    /// watermark.
     pub fn consistent(&self) -> bool {
         let s = self.inner.borrow();
-        s.monthly.iter().all(|(key, t)| {
+        Self::counted(&s).iter().all(|(key, t)| {
             let mut fold = Fold::default();
             for row in s.raw.values().filter(|r| r.id <= t.last_request_id) {
                 fold.add(row, |k, _| k == key);
@@ -155,6 +205,10 @@ impl MemoryStore {
             let truth = fold.groups.get(key).copied().unwrap_or_default();
             (truth.requests, truth.successes, truth.errors) == (t.requests, t.successes, t.errors)
         })
+    }
+
+    fn periods_now(s: &Inner) -> Periods {
+        Periods::new(s.closed.iter().copied())
     }
 
     fn alive(&self) -> anyhow::Result<()> {
@@ -283,7 +337,8 @@ impl Store for MemoryStore {
     }
 
     /// Writes as the database does, the guard included: a write that would
-    /// lower a watermark keeps the row as it is.
+    /// lower a watermark keeps the row as it is; a closed month's row
+    /// refuses the whole request.
     async fn write(
         &self,
         states: &[(Key, Totals)],
@@ -294,6 +349,10 @@ impl Store for MemoryStore {
             return Err(killed());
         }
         let mut s = self.inner.borrow_mut();
+        Self::flip_now(&mut s);
+        if let Some((k, _)) = states.iter().find(|(k, _)| s.closed.contains(&k.month)) {
+            anyhow::bail!("usage_agg: {} is closed (memory store; key {k})", k.month);
+        }
         let mut answered = HashMap::new();
         for (key, t) in states {
             let kept = s
@@ -400,7 +459,12 @@ impl Store for MemoryStore {
             id_from_sequence: Some(true),
             newest_id: s.raw.keys().next_back().copied(),
             cursor: s.cursor,
-            highest_watermark: s.monthly.values().map(|t| t.last_request_id).max(),
+            highest_watermark: s
+                .monthly
+                .values()
+                .chain(s.late.values())
+                .map(|t| t.last_request_id)
+                .max(),
             refused_keys: s.refused.len() as u64,
             refused_examples: refused,
             ..Facts::default()
@@ -410,7 +474,8 @@ impl Store for MemoryStore {
     async fn rebase(&self, _owner: &str) -> anyhow::Result<i64> {
         self.alive()?;
         let mut s = self.inner.borrow_mut();
-        for t in s.monthly.values_mut() {
+        let inner = &mut *s;
+        for t in inner.monthly.values_mut().chain(inner.late.values_mut()) {
             t.last_request_id = 0;
         }
         s.cursor = None;
@@ -440,6 +505,135 @@ impl Store for MemoryStore {
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
         self.alive()?;
         Ok(Vec::new())
+    }
+
+    async fn periods(&self) -> anyhow::Result<Periods> {
+        self.alive()?;
+        Ok(Self::periods_now(&self.inner.borrow()))
+    }
+
+    async fn late(
+        &self,
+        filter: StoredFilter,
+        _page_size: usize,
+    ) -> anyhow::Result<HashMap<LateKey, Totals>> {
+        self.alive()?;
+        Ok(self
+            .inner
+            .borrow()
+            .late
+            .iter()
+            .filter(|((k, _), t)| match filter {
+                StoredFilter::All => true,
+                StoredFilter::Month(m) => k.month == m,
+                StoredFilter::WatermarkAbove(id) => t.last_request_id > id,
+                StoredFilter::Portal(p) => k.portal_id == p,
+            })
+            .map(|(lk, t)| (*lk, *t))
+            .collect())
+    }
+
+    async fn late_for(
+        &self,
+        keys: &[Key],
+        _page_size: usize,
+    ) -> anyhow::Result<HashMap<LateKey, Totals>> {
+        self.alive()?;
+        let keys: BTreeSet<&Key> = keys.iter().collect();
+        Ok(self
+            .inner
+            .borrow()
+            .late
+            .iter()
+            .filter(|((k, _), _)| keys.contains(k))
+            .map(|(lk, t)| (*lk, *t))
+            .collect())
+    }
+
+    /// As the database's trigger: a late adjustment only for a closed
+    /// month, booked in the booking month; the watermark guard.
+    async fn write_late(&self, states: &[(LateKey, Totals)]) -> anyhow::Result<WriteStats> {
+        self.alive()?;
+        if self.dies(Kill::Write, |s| &mut s.writes) {
+            return Err(killed());
+        }
+        let mut s = self.inner.borrow_mut();
+        Self::flip_now(&mut s);
+        let periods = Self::periods_now(&s);
+        for ((k, booked), _) in states {
+            anyhow::ensure!(
+                periods.is_closed(k.month) && periods.booking_month(k.month) == *booked,
+                "usage_agg: a late adjustment for {k} cannot be booked in {booked} (memory store)"
+            );
+        }
+        let mut answered = HashMap::new();
+        for (lk, t) in states {
+            let kept = s
+                .late
+                .get(lk)
+                .filter(|old| t.last_request_id < old.last_request_id)
+                .copied();
+            let now = kept.unwrap_or(*t);
+            s.late.insert(*lk, now);
+            answered.insert(*lk, now);
+        }
+        let mut stats = WriteStats {
+            bulk_requests: 1,
+            ..WriteStats::default()
+        };
+        crate::adjustments::judge_late(states, &answered, &mut stats);
+        Ok(stats)
+    }
+
+    async fn pruned(
+        &self,
+        _month: Option<Month>,
+        _page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>> {
+        self.alive()?;
+        Ok(HashMap::new())
+    }
+
+    async fn period_info(&self, month: Month, _grace_secs: u64) -> anyhow::Result<PeriodInfo> {
+        self.alive()?;
+        Ok(PeriodInfo {
+            valid: true,
+            closed: self.inner.borrow().closed.contains(&month),
+            can_close: true,
+            ..PeriodInfo::default()
+        })
+    }
+
+    async fn close_month(
+        &self,
+        month: Month,
+        _grace_secs: u64,
+        _by: &str,
+    ) -> anyhow::Result<CloseAnswer> {
+        self.alive()?;
+        let mut s = self.inner.borrow_mut();
+        let already = !s.closed.insert(month);
+        Ok(CloseAnswer {
+            closed: !already,
+            already_closed: already,
+            up_to_id: s.cursor,
+            ..CloseAnswer::default()
+        })
+    }
+
+    async fn reopen_month(
+        &self,
+        month: Month,
+        _reason: &str,
+        _by: &str,
+    ) -> anyhow::Result<ReopenAnswer> {
+        self.alive()?;
+        let was = self.inner.borrow_mut().closed.remove(&month);
+        Ok(ReopenAnswer {
+            reopened: was,
+            not_closed: !was,
+            ..ReopenAnswer::default()
+        })
     }
 
     async fn rpc_batch(

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::adjustments::LateKey;
 use crate::aggregation::{Key, Month, Totals};
+use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
 use crate::state::{Lease, StateRow};
 use crate::tables::{ParallelScan, WriteStats};
@@ -56,6 +58,10 @@ pub struct Batch {
     pub bad: u64,
     pub bad_ids: Vec<i64>,
     pub raced_keys: u64,
+    /// Rows of closed months counted into late adjustments, and how many
+    /// of them.
+    pub late_rows: u64,
+    pub late_keys: usize,
     pub done: bool,
 }
 
@@ -128,6 +134,49 @@ pub trait Store {
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;
     /// Adds a run's rejected rows to the job's tally (status, verify).
     async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()>;
+    /// The closed months (docs/semantics.md, "Closed months").
+    async fn periods(&self) -> anyhow::Result<Periods>;
+    /// Late adjustments (rows of closed months counted after the close)
+    /// whose key matches `filter` (`WatermarkAbove`: their own watermark),
+    /// by key and booked month, with their watermarks.
+    async fn late(
+        &self,
+        filter: StoredFilter,
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<LateKey, Totals>>;
+    /// The late adjustments of these keys, every booked month.
+    async fn late_for(
+        &self,
+        keys: &[Key],
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<LateKey, Totals>>;
+    /// Writes each late adjustment's full state; says per key whether it
+    /// took effect. Refused (an error) when the closed months changed since
+    /// they were read.
+    async fn write_late(&self, states: &[(LateKey, Totals)]) -> anyhow::Result<WriteStats>;
+    /// The good raw rows prune deleted, per key: every key's, or one
+    /// month's.
+    async fn pruned(
+        &self,
+        month: Option<Month>,
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>>;
+    /// One month's place in its life, on the database's clock.
+    async fn period_info(&self, month: Month, grace_secs: u64) -> anyhow::Result<PeriodInfo>;
+    /// Records the month closed, with its snapshot, in one transaction.
+    async fn close_month(
+        &self,
+        month: Month,
+        grace_secs: u64,
+        by: &str,
+    ) -> anyhow::Result<CloseAnswer>;
+    /// Marks a closed month open again, recording who and why.
+    async fn reopen_month(
+        &self,
+        month: Month,
+        reason: &str,
+        by: &str,
+    ) -> anyhow::Result<ReopenAnswer>;
     /// One server-side batch (`--engine rpc`).
     async fn rpc_batch(
         &self,

@@ -11,7 +11,9 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::{Batch, RawFilter, Store, StoredFilter};
+use crate::adjustments::{self, LateKey};
 use crate::aggregation::{Key, Month, Totals};
+use crate::periods::{self, CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::postgrest::{Client, Idempotent, Query};
 use crate::preflight::Facts;
 use crate::state::{JobState, Lease, StateRow, JOB};
@@ -26,6 +28,12 @@ pub struct RestStore {
 impl RestStore {
     pub fn new(client: Client) -> RestStore {
         RestStore { client }
+    }
+
+    /// The client, for the commands' calls that are not the engines'
+    /// (adjust, prune, usage right now: [`crate::periods`]).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     fn state_fns(&self) -> JobState<'_> {
@@ -177,6 +185,64 @@ impl Store for RestStore {
 
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>> {
         self.state_fns().restore_deleted_keys().await
+    }
+
+    async fn periods(&self) -> anyhow::Result<Periods> {
+        periods::read(&self.client).await
+    }
+
+    async fn late(
+        &self,
+        filter: StoredFilter,
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<LateKey, Totals>> {
+        let mut out = HashMap::new();
+        adjustments::read_late_where(&self.client, &stored_query(filter), &mut out, page_size)
+            .await?;
+        Ok(out)
+    }
+
+    async fn late_for(
+        &self,
+        keys: &[Key],
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<LateKey, Totals>> {
+        adjustments::read_late_for(&self.client, keys.iter().copied(), page_size).await
+    }
+
+    async fn write_late(&self, states: &[(LateKey, Totals)]) -> anyhow::Result<WriteStats> {
+        adjustments::write_late(&self.client, states).await
+    }
+
+    async fn pruned(
+        &self,
+        month: Option<Month>,
+        page_size: usize,
+    ) -> anyhow::Result<HashMap<Key, Totals>> {
+        let filter = month.map_or(StoredFilter::All, StoredFilter::Month);
+        adjustments::read_pruned_where(&self.client, &stored_query(filter), page_size).await
+    }
+
+    async fn period_info(&self, month: Month, grace_secs: u64) -> anyhow::Result<PeriodInfo> {
+        periods::info(&self.client, month, grace_secs).await
+    }
+
+    async fn close_month(
+        &self,
+        month: Month,
+        grace_secs: u64,
+        by: &str,
+    ) -> anyhow::Result<CloseAnswer> {
+        periods::close(&self.client, month, grace_secs, by).await
+    }
+
+    async fn reopen_month(
+        &self,
+        month: Month,
+        reason: &str,
+        by: &str,
+    ) -> anyhow::Result<ReopenAnswer> {
+        periods::reopen(&self.client, month, reason, by).await
     }
 
     async fn rpc_batch(

@@ -6,6 +6,7 @@
 mod common;
 
 mod aggregate;
+mod billing;
 mod config;
 mod doctor;
 mod examples;

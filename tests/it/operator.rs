@@ -226,7 +226,8 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
     let csv = report(&["--month", "2025-06", "--format", "csv"]);
     assert_eq!(
         csv.stdout,
-        "portal_id,month,requests,successes,errors,success_rate\n42,2025-06,100,90,10,90.0\n"
+        "portal_id,month,requests,successes,errors,success_rate,late_adjustments,manual_adjustments,billed\n\
+         42,2025-06,100,90,10,90.0,0,0,100\n"
     );
     let json: serde_json::Value =
         serde_json::from_str(report(&["--portal", "7", "--json"]).stdout.trim()).unwrap();

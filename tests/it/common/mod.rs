@@ -163,9 +163,10 @@ pub fn count(stack: &Stack, sql: &str) -> i64 {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: [&str; 2] = [
+pub const MIGRATIONS: [&str; 3] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
+    "supabase/migrations/20261201090000_usage_agg_periods.sql",
 ];
 pub const MIGRATION: &str = MIGRATIONS[0];
 pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1];

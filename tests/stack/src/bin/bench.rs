@@ -17,9 +17,10 @@ use stack::{Cluster, Stack};
 /// Rows per page for every HTTP scan: the server's cap is raised to match
 /// (Supabase allows it), so the engine and the baseline page alike.
 const PAGE: u32 = 10_000;
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
+    "supabase/migrations/20261201090000_usage_agg_periods.sql",
 ];
 
 struct Args {
@@ -203,6 +204,47 @@ fn dataset(cluster: &Cluster, rows: i64) -> Stack {
     s
 }
 
+/// usage_current's cost for one portal's month, with `tail` good rows above
+/// the cursor (no run has counted them), on top of all the history: the
+/// function reads the primary key's range above the cursor, so its time
+/// should follow the tail, not the history. Baseline: the same portal's
+/// rows counted from the whole table (what a quota check without it does).
+fn usage_current_cost(stack: &Stack, runs: usize) -> Vec<(i64, Duration, Duration)> {
+    let mut db = stack.sql();
+    let newest: i64 = db
+        .query_one(
+            "SELECT coalesce(max(id), 0)::bigint FROM usage_requests",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    reset(stack, Some(newest));
+    let mut out = Vec::new();
+    let mut inserted = 0;
+    for tail in [0i64, 1_000, 100_000] {
+        stack::insert_sample_rows(&mut db, tail - inserted, 10_000, &["2025-07"]);
+        inserted = tail;
+        let time = |db: &mut postgres::Client, sql: &str| {
+            let mut v: Vec<Duration> = (0..runs.max(5))
+                .map(|_| {
+                    let started = Instant::now();
+                    db.query_one(sql, &[]).unwrap();
+                    started.elapsed()
+                })
+                .collect();
+            v.sort();
+            v[v.len() / 2]
+        };
+        let current = time(&mut db, "SELECT * FROM usage_current(42, '2025-07')");
+        let scan = time(
+            &mut db,
+            "SELECT count(*) FROM usage_requests WHERE portal_id = 42 AND month_year = '2025-07'",
+        );
+        out.push((tail, current, scan));
+    }
+    out
+}
+
 fn main() {
     let a = args();
     let page = PAGE.to_string();
@@ -313,6 +355,9 @@ fn main() {
         );
         rss_small = rss_small.max(rss);
     }
+    // usage_current, last: it leaves rows above the cursor.
+    let current = usage_current_cost(&big, a.runs);
+
     let keys: i64 = big
         .sql()
         .query_one(
@@ -364,6 +409,13 @@ fn main() {
         "| peak RSS, REST full run, {small_rows} rows | {} KiB |",
         rss_small
     );
+    for (tail, t, scan) in &current {
+        println!(
+            "| usage_current, one portal-month, {tail} rows above the cursor (whole-table count of it: {:.1} ms) | {:.2} ms |",
+            scan.as_secs_f64() * 1000.0,
+            t.as_secs_f64() * 1000.0
+        );
+    }
     println!();
     println!("| ratio | value | target |");
     println!("|---|---|---|");

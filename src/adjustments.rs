@@ -1,0 +1,350 @@
+//! The periods migration's tables over PostgREST: `portal_usage_adjustments`
+//! (late rows of closed months, and manual corrections) and
+//! `usage_agg_pruned` (the good raw rows prune deleted, per key). Like
+//! [`crate::tables`], it knows the schema and nothing of runs.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregation::{format_timestamp, parse_timestamp, Key, Month, Totals};
+use crate::postgrest::{Client, Query};
+use crate::tables::{chunk_in_list_for, landed, Landed, WriteStats, UPSERT_CHUNK};
+
+pub const ADJUSTMENTS_TABLE: &str = "portal_usage_adjustments";
+pub const PRUNED_TABLE: &str = "usage_agg_pruned";
+
+/// A late adjustment's key: the usage's key, and the month it is booked in.
+pub type LateKey = (Key, Month);
+
+const LATE_COLUMNS: &str =
+    "id,portal_id,month_year,booked_month,request_count,success_count,error_count,\
+                            last_request_at,last_request_id";
+const MANUAL_COLUMNS: &str =
+    "id,portal_id,month_year,booked_month,request_count,success_count,error_count,\
+                              reason,idempotency_key,created_at,created_by";
+const PRUNED_COLUMNS: &str =
+    "id,portal_id,month_year,request_count,success_count,error_count,last_request_at";
+
+/// The idempotency key of a late adjustment: one row per key and booked
+/// month, so the one unique key of the table serves both sources.
+pub fn late_key(key: &Key, booked: Month) -> String {
+    format!("late:{}:{}:{booked}", key.portal_id, key.month)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct LateIn {
+    id: i64,
+    portal_id: i64,
+    month_year: String,
+    booked_month: String,
+    request_count: i64,
+    success_count: i64,
+    error_count: i64,
+    last_request_at: Option<String>,
+    #[serde(default)]
+    last_request_id: i64,
+}
+
+impl LateIn {
+    fn late_key(&self) -> Option<LateKey> {
+        Some((
+            Key {
+                portal_id: self.portal_id,
+                month: Month::parse(&self.month_year)?,
+            },
+            Month::parse(&self.booked_month)?,
+        ))
+    }
+
+    fn totals(&self) -> Totals {
+        Totals {
+            requests: self.request_count,
+            successes: self.success_count,
+            errors: self.error_count,
+            last_request_at: self.last_request_at.as_deref().and_then(parse_timestamp),
+            last_request_id: self.last_request_id,
+        }
+    }
+}
+
+/// Pages through a table by its own `id`, every page.
+async fn read_all<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    table: &str,
+    select: &str,
+    filters: &Query,
+    page_size: usize,
+    id: impl Fn(&T) -> i64,
+) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::new();
+    let mut after = 0i64;
+    loop {
+        let mut q = filters.clone();
+        q.push(("select".into(), select.into()));
+        q.push(("id".into(), format!("gt.{after}")));
+        q.push(("order".into(), "id.asc".into()));
+        q.push(("limit".into(), page_size.to_string()));
+        let rows: Vec<T> = client
+            .select(table, &q)
+            .await
+            .with_context(|| format!("reading {table}"))?;
+        let Some(last) = rows.last() else {
+            return Ok(out);
+        };
+        after = id(last);
+        out.extend(rows);
+    }
+}
+
+/// Late adjustments matching `filters`, by key and booked month.
+pub async fn read_late_where(
+    client: &Client,
+    filters: &Query,
+    into: &mut HashMap<LateKey, Totals>,
+    page_size: usize,
+) -> anyhow::Result<()> {
+    let mut q = filters.clone();
+    q.push(("source".into(), "eq.late".into()));
+    let rows: Vec<LateIn> = read_all(
+        client,
+        ADJUSTMENTS_TABLE,
+        LATE_COLUMNS,
+        &q,
+        page_size,
+        |r: &LateIn| r.id,
+    )
+    .await?;
+    for r in rows {
+        if let Some(k) = r.late_key() {
+            into.insert(k, r.totals());
+        }
+    }
+    Ok(())
+}
+
+/// The late adjustments of these keys (every booked month), read month by
+/// month with `portal_id=in.(...)` lists cut to fit the URL budget.
+pub async fn read_late_for(
+    client: &Client,
+    keys: impl IntoIterator<Item = Key>,
+    page_size: usize,
+) -> anyhow::Result<HashMap<LateKey, Totals>> {
+    let mut by_month: HashMap<Month, Vec<i64>> = HashMap::new();
+    for k in keys {
+        by_month.entry(k.month).or_default().push(k.portal_id);
+    }
+    let mut out = HashMap::new();
+    for (month, portals) in by_month {
+        for chunk in chunk_in_list_for(client, ADJUSTMENTS_TABLE, LATE_COLUMNS, &portals) {
+            let filters = vec![
+                ("month_year".into(), format!("eq.{month}")),
+                ("portal_id".into(), format!("in.({chunk})")),
+            ];
+            read_late_where(client, &filters, &mut out, page_size).await?;
+        }
+    }
+    Ok(out)
+}
+
+/// A late adjustment as written: a full state with its watermark.
+#[derive(Debug, Serialize)]
+struct LateOut {
+    portal_id: i64,
+    month_year: String,
+    booked_month: String,
+    source: &'static str,
+    request_count: i64,
+    success_count: i64,
+    error_count: i64,
+    last_request_at: Option<String>,
+    last_request_id: i64,
+    idempotency_key: String,
+}
+
+/// Writes each late adjustment's full state (absolute values, as
+/// `portal_usage_monthly` is written: docs/semantics.md, "Idempotent
+/// writes"), by bulk upsert on the idempotency key, and judges every key's
+/// answer as [`crate::tables::write_states`] does. The database refuses the
+/// whole request when a month was closed or reopened since the run read
+/// them (an error, not a lost write).
+pub async fn write_late(
+    client: &Client,
+    states: &[(LateKey, Totals)],
+) -> anyhow::Result<WriteStats> {
+    let rows: Vec<LateOut> = states
+        .iter()
+        .map(|((k, booked), t)| LateOut {
+            portal_id: k.portal_id,
+            month_year: k.month.to_string(),
+            booked_month: booked.to_string(),
+            source: "late",
+            request_count: t.requests,
+            success_count: t.successes,
+            error_count: t.errors,
+            last_request_at: t.last_request_at.map(format_timestamp),
+            last_request_id: t.last_request_id,
+            idempotency_key: late_key(k, *booked),
+        })
+        .collect();
+    let mut stats = WriteStats::default();
+    for (chunk, sent) in rows.chunks(UPSERT_CHUNK).zip(states.chunks(UPSERT_CHUNK)) {
+        let back: Vec<LateIn> = client
+            .upsert(ADJUSTMENTS_TABLE, "idempotency_key", LATE_COLUMNS, chunk)
+            .await
+            .with_context(|| {
+                format!(
+                    "writing {} late adjustments to {ADJUSTMENTS_TABLE}",
+                    chunk.len()
+                )
+            })?;
+        stats.bulk_requests += 1;
+        let answered: HashMap<LateKey, Totals> = back
+            .iter()
+            .filter_map(|r| Some((r.late_key()?, r.totals())))
+            .collect();
+        judge_late(sent, &answered, &mut stats);
+        crate::failpoint::hit("chunk");
+    }
+    Ok(stats)
+}
+
+/// Whether each late write took effect, from the rows answered.
+pub fn judge_late(
+    sent: &[(LateKey, Totals)],
+    answered: &HashMap<LateKey, Totals>,
+    stats: &mut WriteStats,
+) {
+    for (lk, t) in sent {
+        match landed(t, answered.get(lk), true) {
+            Landed::Written => stats.written += 1,
+            Landed::Superseded => stats.superseded.push(lk.0),
+            Landed::Lost => stats.lost.push(lk.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PrunedIn {
+    id: i64,
+    portal_id: i64,
+    month_year: String,
+    request_count: i64,
+    success_count: i64,
+    error_count: i64,
+    last_request_at: Option<String>,
+}
+
+/// What prune deleted, per key, matching `filters`.
+pub async fn read_pruned_where(
+    client: &Client,
+    filters: &Query,
+    page_size: usize,
+) -> anyhow::Result<HashMap<Key, Totals>> {
+    let rows: Vec<PrunedIn> = read_all(
+        client,
+        PRUNED_TABLE,
+        PRUNED_COLUMNS,
+        filters,
+        page_size,
+        |r: &PrunedIn| r.id,
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let key = Key {
+                portal_id: r.portal_id,
+                month: Month::parse(&r.month_year)?,
+            };
+            Some((
+                key,
+                Totals {
+                    requests: r.request_count,
+                    successes: r.success_count,
+                    errors: r.error_count,
+                    last_request_at: r.last_request_at.as_deref().and_then(parse_timestamp),
+                    last_request_id: 0,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// A manual adjustment, as booked.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Manual {
+    pub id: i64,
+    pub portal_id: i64,
+    pub month_year: String,
+    pub booked_month: String,
+    pub request_count: i64,
+    pub success_count: i64,
+    pub error_count: i64,
+    pub reason: Option<String>,
+    pub idempotency_key: String,
+    pub created_at: Option<String>,
+    pub created_by: Option<String>,
+}
+
+/// Manual adjustments matching `filters`.
+pub async fn read_manual_where(
+    client: &Client,
+    filters: &Query,
+    page_size: usize,
+) -> anyhow::Result<Vec<Manual>> {
+    let mut q = filters.clone();
+    q.push(("source".into(), "eq.manual".into()));
+    read_all(
+        client,
+        ADJUSTMENTS_TABLE,
+        MANUAL_COLUMNS,
+        &q,
+        page_size,
+        |r: &Manual| r.id,
+    )
+    .await
+}
+
+/// An adjustment of either source, as billing reads it: booked in
+/// `booked_month`'s invoice.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Booked {
+    pub id: i64,
+    pub portal_id: i64,
+    pub month_year: String,
+    pub booked_month: String,
+    pub source: String,
+    pub request_count: i64,
+}
+
+/// Adjustments (both sources) matching `filters`; none when the periods
+/// migration is not applied (the table is missing): nothing was ever
+/// adjusted.
+pub async fn read_booked_where(
+    client: &Client,
+    filters: &Query,
+    page_size: usize,
+) -> anyhow::Result<Vec<Booked>> {
+    let read = read_all(
+        client,
+        ADJUSTMENTS_TABLE,
+        "id,portal_id,month_year,booked_month,source,request_count",
+        filters,
+        page_size,
+        |r: &Booked| r.id,
+    )
+    .await;
+    match read {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<crate::postgrest::Failure>()
+                    .is_some_and(|f| f.kind() == crate::postgrest::Kind::MissingTable)
+            }) =>
+        {
+            Ok(Vec::new())
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,195 @@
+//! `usage-agg adjust`: a signed manual correction, booked in the open month
+//! with its reason, the database's time and an idempotency key: the same
+//! `--id` twice books once. Nothing is ever edited: a correction of a
+//! correction is another adjustment (docs/semantics.md, "Closed months").
+
+use clap::Args;
+use serde_json::json;
+
+use super::reopen::reason;
+use super::{connect, failure_json, report_error};
+use crate::aggregation::Month;
+use crate::cli::{Connection, Output};
+use crate::exit::Status;
+use crate::periods::{self, AdjustRequest, Refusal};
+use crate::store::rest::RestStore;
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct AdjustArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// The portal whose usage is corrected
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub portal: i64,
+
+    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month
+    #[arg(long, value_parser = crate::cli::month)]
+    pub month: Month,
+
+    /// Requests to add (negative to take away)
+    #[arg(long, allow_hyphen_values = true)]
+    pub requests: i64,
+
+    /// Of which successes [default: requests minus errors]
+    #[arg(long, allow_hyphen_values = true)]
+    pub successes: Option<i64>,
+
+    /// Of which errors [default: 0, or requests minus successes]
+    #[arg(long, allow_hyphen_values = true)]
+    pub errors: Option<i64>,
+
+    /// Why, for the record (billing reads it)
+    #[arg(long, value_parser = reason)]
+    pub reason: String,
+
+    /// Idempotency key: the same key again books nothing (and a different adjustment under it is refused)
+    #[arg(long = "id", value_name = "KEY", value_parser = idempotency_key)]
+    pub id: String,
+}
+
+fn idempotency_key(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("an idempotency key cannot be empty".into());
+    }
+    if t.starts_with("late:") {
+        return Err("keys starting with late: are the counted rows' own".into());
+    }
+    Ok(t.to_string())
+}
+
+/// Successes and errors from what was given: they add up to the requests.
+fn split(requests: i64, successes: Option<i64>, errors: Option<i64>) -> Result<(i64, i64), String> {
+    let (s, e) = match (successes, errors) {
+        (Some(s), Some(e)) => (s, e),
+        (Some(s), None) => (s, requests - s),
+        (None, Some(e)) => (requests - e, e),
+        (None, None) => (requests, 0),
+    };
+    if s + e != requests {
+        return Err(format!(
+            "--successes {s} and --errors {e} add up to {}, not --requests {requests}",
+            s + e
+        ));
+    }
+    Ok((s, e))
+}
+
+pub async fn run(args: AdjustArgs) -> Status {
+    let (successes, errors) = match split(args.requests, args.successes, args.errors) {
+        Ok(x) => x,
+        Err(e) => return report_error(&Refusal(e).into(), None),
+    };
+    if args.requests == 0 && successes == 0 {
+        return report_error(
+            &Refusal("an adjustment of 0 requests adjusts nothing".into()).into(),
+            None,
+        );
+    }
+    let (config, client) = match connect(&args.connection) {
+        Ok(c) => c,
+        Err(e) => return report_error(&e, None),
+    };
+    let env = config.environment.upper();
+    let store = RestStore::new(client);
+    let request = AdjustRequest {
+        portal_id: args.portal,
+        month: args.month,
+        requests: args.requests,
+        successes,
+        errors,
+        reason: &args.reason,
+        key: &args.id,
+    };
+    let result = async {
+        anyhow::ensure!(
+            store.installed().await?,
+            "the usage-agg migrations are not applied: apply them first (`usage-agg sql`)"
+        );
+        let a = periods::adjust(store.client(), &request).await?;
+        let why = match a.refused.as_deref() {
+            None => return Ok(a),
+            Some("future") => format!(
+                "{} is in the future (the database's month is {}): usage not yet recorded cannot be corrected",
+                args.month,
+                a.current_month.as_deref().unwrap_or("?")
+            ),
+            Some("unknown_portal") => format!(
+                "portal {} has no usage recorded (no row in portal_usage_monthly or adjustments): check the id",
+                args.portal
+            ),
+            Some("key_reused") => format!(
+                "the id {} was already used for a different adjustment ({}); history is never edited: use a new \
+                 id for a new adjustment",
+                args.id,
+                a.adjustment
+                    .as_ref()
+                    .map(|m| format!("portal {}, {}, {} requests", m.portal_id, m.month_year, m.request_count))
+                    .unwrap_or_default()
+            ),
+            Some(other) => format!("the adjustment was refused ({other})"),
+        };
+        Err(Refusal(why).into())
+    }
+    .await;
+    match result {
+        Ok(a) => {
+            let m = a.adjustment.clone();
+            if args.output.json {
+                crate::outln!(
+                    "{}",
+                    json!({
+                        "version": 1, "command": "adjust", "environment": env, "exit_status": 0,
+                        "outcome": if a.booked { "booked" } else { "already_booked" },
+                        "adjustment": m, "error": null,
+                    })
+                );
+            } else if !args.output.quiet {
+                let booked_in = m.as_ref().map_or("?".into(), |m| m.booked_month.clone());
+                let at = m
+                    .as_ref()
+                    .and_then(|m| m.created_at.clone())
+                    .unwrap_or_default();
+                if a.booked {
+                    crate::outln!(
+                        "Booked manual adjustment {}: portal {}, usage of {}, {:+} requests ({:+} successes, {:+} \
+                         errors), in {booked_in}'s invoice, at {at}; reason: {}",
+                        args.id, args.portal, args.month, args.requests, successes, errors, args.reason
+                    );
+                } else {
+                    crate::outln!(
+                        "Manual adjustment {} was already booked (in {booked_in}, at {at}); nothing was booked again",
+                        args.id
+                    );
+                }
+            }
+            Status::Ok
+        }
+        Err(e) => {
+            let status = report_error(&e, Some(&config));
+            if args.output.json {
+                crate::outln!("{}", failure_json("adjust", Some(env), status, &e));
+            }
+            status
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn successes_and_errors_add_up_to_the_requests() {
+        assert_eq!(split(-3, None, None), Ok((-3, 0)));
+        assert_eq!(split(10, None, Some(2)), Ok((8, 2)));
+        assert_eq!(split(10, Some(7), None), Ok((7, 3)));
+        assert!(split(10, Some(7), Some(2)).is_err());
+        assert!(idempotency_key(" ").is_err() && idempotency_key("late:1").is_err());
+    }
+}

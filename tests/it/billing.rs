@@ -1,0 +1,1037 @@
+//! Billing-grade months (issue 11; docs/semantics.md, "Closed months"):
+//! closing, the closed month's rows that never change, late rows booked as
+//! adjustments exactly once by both engines, manual adjustments, usage right
+//! now, retention. Ground truth is SQL on a direct connection.
+
+use crate::common::*;
+
+const ENGINES: [&str; 2] = ["rest", "rpc"];
+
+/// Closes `month` in the database as `usage-agg close` finally does (the
+/// command's own checks are tested below), grace 0.
+fn close_sql(stack: &Stack, month: &str) {
+    let text: String = stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_close_month('default', $1, 0, 'test')::text",
+            &[&month],
+        )
+        .unwrap()
+        .get(0);
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        answer["closed"] == true || answer["already_closed"] == true,
+        "{answer}"
+    );
+}
+
+/// The invariant `verify` checks, by SQL: for every key, its monthly row
+/// plus its late adjustments equals its good raw rows plus those prune
+/// deleted. Returns the keys that differ.
+fn invariant_breaks(stack: &Stack) -> Vec<String> {
+    stack
+        .sql()
+        .query(
+            "WITH raw AS (
+               SELECT portal_id, month_year, count(*) AS n, count(*) FILTER (WHERE success) AS s
+                 FROM usage_requests
+                WHERE month_year ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' AND portal_id > 0
+                GROUP BY 1, 2
+               UNION ALL
+               SELECT portal_id, month_year, request_count, success_count FROM usage_agg_pruned
+             ), truth AS (
+               SELECT portal_id, month_year, sum(n) AS n, sum(s) AS s FROM raw GROUP BY 1, 2
+             ), stored AS (
+               SELECT portal_id, month_year, sum(n) AS n, sum(s) AS s FROM (
+                 SELECT portal_id, month_year::text, request_count::bigint AS n, success_count::bigint AS s
+                   FROM portal_usage_monthly
+                 UNION ALL
+                 SELECT portal_id, month_year, request_count, success_count
+                   FROM portal_usage_adjustments WHERE source = 'late') x
+                GROUP BY 1, 2
+             )
+             SELECT portal_id || ':' || month_year || ' rows ' || coalesce(t.n, 0) || ' stored ' || coalesce(s.n, 0)
+               FROM truth t FULL JOIN stored s USING (portal_id, month_year)
+              WHERE coalesce(t.n, 0) <> coalesce(s.n, 0) OR coalesce(t.s, 0) <> coalesce(s.s, 0)
+              ORDER BY 1 LIMIT 10",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[track_caller]
+fn assert_invariant(stack: &Stack) {
+    let breaks = invariant_breaks(stack);
+    assert!(
+        breaks.is_empty(),
+        "monthly + late adjustments differ from the raw rows: {breaks:?}"
+    );
+}
+
+/// Every monthly row of the closed months, as a text per row.
+fn closed_rows(stack: &Stack) -> Vec<String> {
+    stack
+        .sql()
+        .query(
+            "SELECT m::text FROM portal_usage_monthly m
+              WHERE month_year IN (SELECT month_year FROM usage_agg_closed_months WHERE closed)
+              ORDER BY portal_id, month_year",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The closed months' rows are still `frozen`.
+#[track_caller]
+fn assert_unchanged(stack: &Stack, frozen: &[String], what: &str) {
+    let now = closed_rows(stack);
+    if now != frozen {
+        let gone: Vec<_> = frozen.iter().filter(|r| !now.contains(r)).take(3).collect();
+        let new: Vec<_> = now.iter().filter(|r| !frozen.contains(r)).take(3).collect();
+        panic!("{what}: closed months' rows changed: were {gone:?}, now {new:?}");
+    }
+}
+
+fn late_rows(stack: &Stack) -> i64 {
+    count(
+        stack,
+        "SELECT coalesce(sum(request_count), 0)::bigint FROM portal_usage_adjustments WHERE source = 'late'",
+    )
+}
+
+/// The months `insert_random` draws from, in order.
+fn months_2024() -> Vec<String> {
+    (1..=12).map(|m| format!("2024-{m:02}")).collect()
+}
+
+#[test]
+fn late_rows_of_closed_months_land_in_adjustments_exactly_once_in_both_engines() {
+    for (i, engine) in ENGINES.into_iter().enumerate() {
+        let stack = migrated_stack();
+        let mut rng = Rng(300 + i as u64);
+        insert_random(&stack, &mut rng, 3_000, 60);
+        aggregate(&stack, &["--engine", engine]).assert_status(0);
+        for m in &months_2024()[..6] {
+            close_sql(&stack, m);
+        }
+        let mut frozen = closed_rows(&stack);
+        for round in 0..8 {
+            // Random months across 2024-2025: about a quarter of the rows are
+            // late rows of a closed month.
+            let n = 200 + rng.below(1_500) as usize;
+            insert_random(&stack, &mut rng, n, 60);
+            // Both engines, alternating, on top of each other's adjustments.
+            let e = if round % 2 == 0 {
+                engine
+            } else {
+                ENGINES[1 - i]
+            };
+            aggregate(&stack, &["--engine", e, "--batch-size", "500"])
+                .assert_status(0)
+                .assert_stdout_has("rows of closed months booked as late adjustments");
+            assert_invariant(&stack);
+            assert_unchanged(&stack, &frozen, &format!("{engine} round {round}"));
+            if round == 3 {
+                // Closing later months moves the booking month forward.
+                for m in &months_2024()[6..] {
+                    close_sql(&stack, m);
+                }
+                frozen = closed_rows(&stack);
+            }
+        }
+        let booked: Vec<String> = stack
+            .sql()
+            .query(
+                "SELECT DISTINCT booked_month FROM portal_usage_adjustments ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(booked, ["2024-07", "2025-01"], "{engine}");
+        assert!(
+            late_rows(&stack) > 500,
+            "{engine}: late rows were exercised"
+        );
+        usage_agg(&workdir(), &stack.env(), &["verify", "--env", "dev"]).assert_status(0);
+    }
+}
+
+#[test]
+fn a_run_killed_anywhere_on_the_adjustment_path_leaves_every_row_counted_once_in_both_engines() {
+    let stack = migrated_stack();
+    let mut rng = Rng(77);
+    insert_random(&stack, &mut rng, 1_500, 300);
+    aggregate(&stack, &[]).assert_status(0);
+    for m in &months_2024() {
+        close_sql(&stack, m);
+    }
+    let frozen = closed_rows(&stack);
+    let rest_points = ["page", "chunk", "before-cursor", "after-cursor"];
+    let mut kills = [0; 2];
+    for iteration in 0..64 {
+        let engine = ENGINES[iteration % 2];
+        let n = 300 + rng.below(1_200) as usize;
+        insert_random(&stack, &mut rng, n, 300);
+        let (point, at) = if engine == "rest" {
+            (rest_points[rng.below(4) as usize], 1 + rng.below(3))
+        } else {
+            // The server-side engine: killed between its batches.
+            ("page", 1 + rng.below(3))
+        };
+        let mut env = stack.env();
+        env.push(("USAGE_AGG_FAILPOINTS".into(), format!("{point}=abort@{at}")));
+        let killed = usage_agg(
+            &workdir(),
+            &env,
+            &[
+                "aggregate",
+                "--env",
+                "dev",
+                "--engine",
+                engine,
+                "--page-size",
+                "200",
+                "--batch-size",
+                "300",
+            ],
+        );
+        assert!(
+            killed.status == -1 || killed.status == 0,
+            "iteration {iteration} ({engine} {point}@{at}): {}\n{}",
+            killed.status,
+            killed.stderr
+        );
+        kills[iteration % 2] += usize::from(killed.status == -1);
+        if iteration % 4 == 0 {
+            insert_random(&stack, &mut rng, 50, 300);
+        }
+        // Finished by the other engine every other time.
+        let next = ENGINES[(iteration / 2) % 2];
+        aggregate(&stack, &["--engine", next]).assert_status(0);
+        assert_invariant(&stack);
+        assert_unchanged(&stack, &frozen, &format!("iteration {iteration}"));
+    }
+    assert!(
+        kills[0] >= 20 && kills[1] >= 20,
+        "only {kills:?} of 32 runs per engine were killed: the failpoints are not being reached"
+    );
+    assert!(late_rows(&stack) > 5_000);
+    usage_agg(&workdir(), &stack.env(), &["verify", "--env", "dev"]).assert_status(0);
+}
+
+#[test]
+fn a_project_without_the_periods_migration_is_told_to_apply_it() {
+    let mut stack = Stack::new();
+    migrate_file(&mut stack, MIGRATIONS[0]);
+    migrate_file(&mut stack, MIGRATIONS[1]);
+    insert_rows(&stack, 50, 2);
+    for args in [&[][..], &["--engine", "rpc"][..]] {
+        aggregate(&stack, args)
+            .assert_status(78)
+            .assert_stderr_has("usage_agg_periods is missing")
+            .assert_stderr_has(MIGRATIONS[2]);
+    }
+}
+
+fn usage(stack: &Stack, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--env", "dev"]);
+    usage_agg(&workdir(), &stack.env(), &all)
+}
+
+/// The database's current month (UTC), and the one before it.
+fn this_and_last_month(stack: &Stack) -> (String, String) {
+    let r = stack
+        .sql()
+        .query_one(
+            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'),
+                    to_char((now() AT TIME ZONE 'UTC') - interval '1 month', 'YYYY-MM')",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn insert_month(stack: &Stack, portal: i64, month: &str, n: usize) {
+    let values = vec![format!("({portal}, '{month}-03 10:00:00', true, '{month}')"); n];
+    stack
+        .sql()
+        .batch_execute(&format!(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
+            values.join(",")
+        ))
+        .unwrap();
+}
+
+#[test]
+fn closing_is_refused_inside_the_grace_window_and_with_drift_twice_is_a_no_op_and_reopen_is_recorded(
+) {
+    let stack = migrated_stack();
+    let (now_month, last_month) = this_and_last_month(&stack);
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-05", 3);
+    insert_month(&stack, 1, &now_month, 4);
+    aggregate(&stack, &[]).assert_status(0);
+
+    // Inside the grace window: the current month has not even ended; the
+    // last month is still within a 300-day grace. Exit 64, naming when.
+    usage(&stack, &["close", "--month", &now_month])
+        .assert_status(64)
+        .assert_stderr_has("cannot close yet")
+        .assert_stderr_has("the earliest it can close is");
+    usage(
+        &stack,
+        &["close", "--month", &last_month, "--grace", "300d"],
+    )
+    .assert_status(64)
+    .assert_stderr_has("still inside its grace period");
+    usage(&stack, &["close", "--month", "2099-01"])
+        .assert_status(64)
+        .assert_stderr_has("has not even begun");
+
+    // Drift: a counted row deleted behind the job's back. Exit 65, the key
+    // named, the month left open.
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests WHERE id = (SELECT min(id) FROM usage_requests WHERE portal_id = 2)")
+        .unwrap();
+    usage(&stack, &["close", "--month", "2025-05"])
+        .assert_status(65)
+        .assert_stderr_has("2:2025-05");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM usage_agg_closed_months"),
+        0
+    );
+    aggregate(&stack, &["--month", "2025-05", "--allow-decrease"]).assert_status(0);
+
+    // A dry run checks and writes nothing; then it closes, catching up first.
+    usage(&stack, &["close", "--month", "2025-05", "--dry-run"])
+        .assert_status(0)
+        .assert_stdout_has("Dry run: 2025-05 can close");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM usage_agg_closed_months"),
+        0
+    );
+    insert_month(&stack, 3, "2025-05", 2);
+    let run = usage(&stack, &["close", "--month", "2025-05", "--json"]);
+    run.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["outcome"], "closed");
+    assert_eq!(
+        (v["keys"].as_i64(), v["requests"].as_i64()),
+        (Some(3), Some(9))
+    );
+    assert_eq!(v["caught_up_rows"], 2);
+    let by = v["closed_by"].as_str().unwrap().to_string();
+    assert!(by.contains('@'), "{by}");
+
+    // Twice: a no-op that says so.
+    usage(&stack, &["close", "--month", "2025-05"])
+        .assert_status(0)
+        .assert_stdout_has("2025-05 is already closed");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM usage_agg_period_events WHERE event = 'close'"
+        ),
+        1
+    );
+
+    // Closed: no hand edit either.
+    let edit = stack.sql().batch_execute(
+        "UPDATE portal_usage_monthly SET request_count = 0 WHERE month_year = '2025-05'",
+    );
+    assert!(format!("{:?}", edit.unwrap_err()).contains("2025-05 is closed"));
+
+    // Reopen: refused without a reason; recorded with one.
+    usage(&stack, &["reopen", "--month", "2025-05"]).assert_status(64);
+    usage(&stack, &["reopen", "--month", "2025-05", "--reason", "  "])
+        .assert_status(64)
+        .assert_stderr_has("a reason cannot be empty");
+    usage(
+        &stack,
+        &[
+            "reopen",
+            "--month",
+            "2025-05",
+            "--reason",
+            "invoice disputed by portal 2",
+        ],
+    )
+    .assert_status(0)
+    .assert_stdout_has("Reopened 2025-05");
+    let r = stack
+        .sql()
+        .query_one(
+            "SELECT e.by, e.reason, c.closed, c.reopen_reason, e.at IS NOT NULL
+               FROM usage_agg_period_events e JOIN usage_agg_closed_months c USING (month_year)
+              WHERE e.event = 'reopen'",
+            &[],
+        )
+        .unwrap();
+    let (who, why, closed, reason, when): (String, String, bool, String, bool) =
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    assert!(who.contains('@') && when);
+    assert_eq!(
+        (why.as_str(), closed, reason.as_str()),
+        (
+            "invoice disputed by portal 2",
+            false,
+            "invoice disputed by portal 2"
+        )
+    );
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "again"],
+    )
+    .assert_status(0)
+    .assert_stdout_has("2025-05 is not closed; nothing to do");
+
+    // Open again: its new rows go to its monthly rows.
+    insert_month(&stack, 1, "2025-05", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 0);
+}
+
+#[test]
+fn bad_input_gets_a_clear_message_and_exit_64() {
+    for (args, needle) in [
+        (
+            &["close", "--month", "2025-05", "--grace", "-1h"][..],
+            "cannot be negative",
+        ),
+        (&["close", "--month", "2025-13"][..], "is not a month"),
+        (&["close"][..], "--month"),
+        (&["reopen", "--month", "2025-05"][..], "--reason"),
+    ] {
+        usage_agg(&workdir(), &[], args)
+            .assert_status(64)
+            .assert_stderr_has(needle);
+    }
+}
+
+#[test]
+fn adjust_books_once_per_id_signed_and_verify_shows_it_apart() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 6);
+    insert_month(&stack, 2, "2025-06", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+
+    let adjust = |extra: &[&str]| {
+        let mut args = vec!["adjust", "--portal", "1", "--month", "2025-05"];
+        args.extend_from_slice(extra);
+        usage(&stack, &args)
+    };
+    let refund = [
+        "--requests",
+        "-2",
+        "--reason",
+        "refund: duplicate webhook deliveries",
+        "--id",
+        "r-1",
+    ];
+    adjust(&refund)
+        .assert_status(0)
+        .assert_stdout_has("Booked manual adjustment r-1")
+        .assert_stdout_has("-2 requests")
+        .assert_stdout_has("in 2025-06's invoice");
+    adjust(&refund)
+        .assert_status(0)
+        .assert_stdout_has("was already booked");
+    adjust(&["--requests", "-3", "--reason", "x", "--id", "r-1"])
+        .assert_status(64)
+        .assert_stderr_has("already used for a different adjustment");
+    let booked = stack
+        .sql()
+        .query_one(
+            "SELECT count(*), sum(request_count)::bigint, min(booked_month), min(reason), bool_and(created_at <= now())
+               FROM portal_usage_adjustments WHERE source = 'manual'",
+            &[],
+        )
+        .unwrap();
+    let (n, total, month, reason, timed): (i64, i64, String, String, bool) = (
+        booked.get(0),
+        booked.get(1),
+        booked.get(2),
+        booked.get(3),
+        booked.get(4),
+    );
+    assert_eq!((n, total, month.as_str(), timed), (1, -2, "2025-06", true));
+    assert!(reason.starts_with("refund"));
+
+    // Bad input: a portal with no usage, a month in the future, no reason.
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "99999",
+            "--month",
+            "2025-05",
+            "--requests",
+            "1",
+            "--reason",
+            "r",
+            "--id",
+            "x-1",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("portal 99999 has no usage recorded");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2099-01",
+            "--requests",
+            "1",
+            "--reason",
+            "r",
+            "--id",
+            "x-2",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("2099-01 is in the future");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2025-05",
+            "--requests",
+            "1",
+            "--id",
+            "x-3",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("--reason");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2025-05",
+            "--requests",
+            "5",
+            "--successes",
+            "1",
+            "--errors",
+            "1",
+            "--reason",
+            "r",
+            "--id",
+            "x-4",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("add up to 2, not --requests 5");
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM portal_usage_adjustments"),
+        1
+    );
+
+    // History is never edited.
+    let edit = stack.sql().batch_execute(
+        "UPDATE portal_usage_adjustments SET request_count = -1, success_count = -1",
+    );
+    assert!(format!("{:?}", edit.unwrap_err()).contains("never edited"));
+
+    // verify: the manual adjustment apart, the closed month against its snapshot.
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months: 1 checked")
+        .assert_stdout_has("Manual adjustments: 1 entries, -2 requests");
+    // Closing 2025-06 freezes what is booked in it too: an edit past the
+    // trigger shows.
+    usage(&stack, &["close", "--month", "2025-06"]).assert_status(0);
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT booked_request_count FROM usage_agg_closed_months WHERE month_year = '2025-06'"
+        ),
+        -2
+    );
+    let tamper = |n: i64| {
+        stack
+            .sql()
+            .batch_execute(&format!(
+                "ALTER TABLE portal_usage_adjustments DISABLE TRIGGER usage_agg_guard_adjustment;
+                 UPDATE portal_usage_adjustments SET request_count = {n}, success_count = {n} WHERE idempotency_key = 'r-1';
+                 ALTER TABLE portal_usage_adjustments ENABLE TRIGGER usage_agg_guard_adjustment;"
+            ))
+            .unwrap()
+    };
+    tamper(-5);
+    usage(&stack, &["verify"])
+        .assert_status(65)
+        .assert_stdout_has("2025-06: closed with -2 requests of adjustments booked in it; now -5");
+    tamper(-2);
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months: 2 checked");
+    stack
+        .sql()
+        .batch_execute(
+            "ALTER TABLE portal_usage_monthly DISABLE TRIGGER usage_agg_closed_month;
+             UPDATE portal_usage_monthly SET request_count = 60, success_count = 60 WHERE month_year = '2025-05';
+             ALTER TABLE portal_usage_monthly ENABLE TRIGGER usage_agg_closed_month;",
+        )
+        .unwrap();
+    let run = usage(&stack, &["verify", "--json"]);
+    run.assert_status(65);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["snapshot_mismatches"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["manual_adjustments"]["requests"], -2);
+}
+
+#[test]
+fn usage_current_equals_the_truth_while_inserts_and_runs_go_on() {
+    let stack = migrated_stack();
+    let (now_month, _) = this_and_last_month(&stack);
+    insert_month(&stack, 7, "2025-05", 20);
+    insert_month(&stack, 8, &now_month, 30);
+    insert_month(&stack, 7, &now_month, 10);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 7, "2025-05", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_eq!(late_rows(&stack), 3);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inserter = std::thread::spawn({
+        let db = stack.database_url.clone();
+        let now_month = now_month.clone();
+        let stop = stop.clone();
+        move || {
+            let mut c = postgres::Client::connect(&db, postgres::NoTls).unwrap();
+            let mut rng = Rng(5);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let month = if rng.below(3) == 0 {
+                    "2025-05"
+                } else {
+                    now_month.as_str()
+                };
+                let n = 1 + rng.below(20);
+                c.batch_execute(&format!(
+                    "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+                     SELECT 7, now(), g % 5 <> 0, '{month}' FROM generate_series(1, {n}) g"
+                ))
+                .unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+        }
+    });
+    let runner = std::thread::spawn({
+        let env = stack.env();
+        let stop = stop.clone();
+        move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let engine = ENGINES[i % 2];
+                let run = usage_agg(
+                    &workdir(),
+                    &env,
+                    &[
+                        "aggregate",
+                        "--env",
+                        "dev",
+                        "--engine",
+                        engine,
+                        "--batch-size",
+                        "40",
+                    ],
+                );
+                assert!(
+                    matches!(run.status, 0 | 75),
+                    "{}\n{}",
+                    run.stdout,
+                    run.stderr
+                );
+                i += 1;
+            }
+            i
+        }
+    });
+    // Each check is one statement, so one snapshot: usage_current and the
+    // raw rows, whatever the runs and inserts are doing.
+    let mut db = stack.sql();
+    for i in 0..150 {
+        for month in [now_month.as_str(), "2025-05"] {
+            let r = db
+                .query_one(
+                    "SELECT (SELECT row(request_count, success_count, error_count)::text FROM usage_current(7, $1)),
+                            (SELECT row(count(*), count(*) FILTER (WHERE success), count(*) FILTER (WHERE NOT success))::text
+                               FROM usage_requests WHERE portal_id = 7 AND month_year = $1)",
+                    &[&month],
+                )
+                .unwrap();
+            let (current, truth): (String, String) = (r.get(0), r.get(1));
+            assert_eq!(current, truth, "check {i}, {month}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    inserter.join().unwrap();
+    assert!(
+        runner.join().unwrap() >= 2,
+        "runs went on during the checks"
+    );
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+
+    // Over REST, as `report --live` and an app's quota check call it.
+    let truth = count(
+        &stack,
+        &format!("SELECT count(*) FROM usage_requests WHERE portal_id = 7 AND month_year = '{now_month}'"),
+    );
+    insert_month(&stack, 7, &now_month, 4);
+    let run = usage(&stack, &["report", "--portal", "7", "--live", "--json"]);
+    run.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(v["rows"][0]["requests"].as_i64(), Some(truth + 4), "{v}");
+    assert_eq!(v["rows"][0]["month"], now_month.as_str());
+
+    // service_role and authenticated may call it; anon may not.
+    let mut db = stack.sql();
+    db.batch_execute("SET ROLE authenticated; SELECT * FROM usage_current(7); RESET ROLE")
+        .unwrap();
+    let anon = db.batch_execute("SET ROLE anon; SELECT * FROM usage_current(7)");
+    assert!(format!("{:?}", anon.unwrap_err()).contains("permission denied"));
+}
+
+fn billed_total(stack: &Stack) -> i64 {
+    count(
+        stack,
+        "SELECT (SELECT coalesce(sum(request_count), 0) FROM portal_usage_monthly)::bigint
+              + (SELECT coalesce(sum(request_count), 0) FROM portal_usage_adjustments)::bigint",
+    )
+}
+
+#[test]
+fn prune_keeps_closed_months_checkable_resumes_after_a_kill_and_full_leaves_them_alone() {
+    let stack = migrated_stack();
+    let mut rng = Rng(909);
+    insert_random(&stack, &mut rng, 4_000, 50);
+    aggregate(&stack, &[]).assert_status(0);
+    for m in months_2024() {
+        close_sql(&stack, &m);
+    }
+    insert_random(&stack, &mut rng, 600, 50);
+    aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+    assert!(late_rows(&stack) > 0);
+    let frozen = closed_rows(&stack);
+    let total = billed_total(&stack);
+    let raw_2024 = "SELECT count(*) FROM usage_requests WHERE month_year < '2025-01'";
+    let before = count(&stack, raw_2024);
+
+    // Open months before the limit are named and refused.
+    usage(&stack, &["prune", "--before", "2025-03"])
+        .assert_status(64)
+        .assert_stderr_has("months before 2025-03 are open: 2025-01, 2025-02");
+    let dry = usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--dry-run", "--json"],
+    );
+    dry.assert_status(0);
+    let v: serde_json::Value = serde_json::from_str(dry.stdout.trim()).unwrap();
+    assert_eq!(v["rows_left"].as_i64(), Some(before), "{v}");
+    assert_eq!(count(&stack, raw_2024), before);
+
+    // Killed after its second batch: what it deleted is booked, verify
+    // agrees, and the next prune resumes where it stopped.
+    let mut env = stack.env();
+    env.push(("USAGE_AGG_FAILPOINTS".into(), "page=abort@2".into()));
+    let killed = usage_agg(
+        &workdir(),
+        &env,
+        &[
+            "prune",
+            "--env",
+            "dev",
+            "--before",
+            "2025-01",
+            "--batch-size",
+            "500",
+        ],
+    );
+    assert_eq!(killed.status, -1, "{}", killed.stderr);
+    let left = count(&stack, raw_2024);
+    assert!(left < before && left > 0, "{left} of {before}");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT min(pruned_through) FROM usage_agg_closed_months"
+        ),
+        1_000
+    );
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+    usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--batch-size", "500"],
+    )
+    .assert_status(0)
+    .assert_stdout_has("Pruned");
+    assert_eq!(count(&stack, raw_2024), 0);
+    assert_invariant(&stack);
+    assert_eq!(billed_total(&stack), total, "the totals never drop");
+    assert_unchanged(&stack, &frozen, "after the prune");
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Pruned rows: ");
+
+    // A rebuild leaves the pruned months as they were.
+    aggregate(&stack, &["--full"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months left as they are: 2024-01");
+    assert_unchanged(&stack, &frozen, "after --full");
+    aggregate(&stack, &["--month", "2024-03"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months left as they are: 2024-03");
+
+    // Late rows after the prune are booked, checked, and pruned in turn.
+    insert_random(&stack, &mut rng, 300, 50);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+    usage(&stack, &["prune", "--before", "2025-01"]).assert_status(0);
+    assert_eq!(count(&stack, raw_2024), 0);
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+    assert_unchanged(&stack, &frozen, "at the end");
+}
+
+#[test]
+fn aggregate_auto_close_closes_every_month_past_its_grace_unless_it_drifts() {
+    let stack = migrated_stack();
+    let (now_month, _) = this_and_last_month(&stack);
+    for (p, m) in [
+        (1, "2025-04"),
+        (1, "2025-05"),
+        (2, "2025-06"),
+        (1, now_month.as_str()),
+    ] {
+        insert_month(&stack, p, m, 3);
+    }
+    aggregate(&stack, &[]).assert_status(0);
+    // 2025-06 drifts: a counted row deleted behind the job's back.
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests WHERE id = (SELECT min(id) FROM usage_requests WHERE month_year = '2025-06')")
+        .unwrap();
+    insert_month(&stack, 3, "2025-05", 2);
+    let run = aggregate(&stack, &["--auto-close", "72h", "--json"]);
+    run.assert_status(65);
+    let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        v["auto_closed"],
+        serde_json::json!(["2025-04", "2025-05"]),
+        "{v}"
+    );
+    assert_eq!(v["auto_close_refused"][0]["month"], "2025-06", "{v}");
+    assert!(v["auto_close_refused"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("2:2025-06"));
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT keys FROM usage_agg_closed_months WHERE month_year = '2025-05'"
+        ),
+        2,
+        "caught up before closing"
+    );
+
+    aggregate(&stack, &["--month", "2025-06", "--allow-decrease"]).assert_status(0);
+    aggregate(&stack, &["--auto-close", "72h"])
+        .assert_status(0)
+        .assert_stdout_has("Closed 2025-06");
+    aggregate(&stack, &["--auto-close", "72h"]).assert_status(0);
+    let closed: Vec<String> = stack
+        .sql()
+        .query(
+            "SELECT month_year FROM usage_agg_closed_months WHERE closed ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        closed,
+        ["2025-04", "2025-05", "2025-06"],
+        "the current month stays open"
+    );
+    usage_agg(&workdir(), &[], &["aggregate", "--auto-close", "-1h"])
+        .assert_status(64)
+        .assert_stderr_has("cannot be negative");
+    usage_agg(
+        &workdir(),
+        &[],
+        &["aggregate", "--auto-close", "72h", "--dry-run"],
+    )
+    .assert_status(64);
+}
+
+#[test]
+fn status_and_report_show_closed_months_adjustments_and_the_billed_total() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-04", 5);
+    insert_month(&stack, 1, "2025-05", 4);
+    insert_month(&stack, 2, "2025-05", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-04"]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-04", 3);
+    aggregate(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has("3 rows of closed months booked as late adjustments");
+    usage(
+        &stack,
+        &[
+            "adjust",
+            "--portal",
+            "1",
+            "--month",
+            "2025-05",
+            "--requests",
+            "-1",
+            "--reason",
+            "goodwill",
+            "--id",
+            "g-1",
+        ],
+    )
+    .assert_status(0);
+
+    // Booked in 2025-06, the month after the newest closed one.
+    let csv = usage(&stack, &["report", "--portal", "1", "--format", "csv"]);
+    csv.assert_status(0);
+    let lines: Vec<&str> = csv.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "portal_id,month,requests,successes,errors,success_rate,late_adjustments,manual_adjustments,billed",
+            "1,2025-06,0,0,0,,3,-1,2",
+            "1,2025-05,4,4,0,100.0,0,0,4",
+            "1,2025-04,5,5,0,100.0,0,0,5",
+        ]
+    );
+    usage(&stack, &["report", "--portal", "1"])
+        .assert_status(0)
+        .assert_stdout_has("billed = requests + adjustments booked in that month");
+    let top: serde_json::Value = serde_json::from_str(
+        usage(&stack, &["report", "--month", "2025-05", "--json"])
+            .stdout
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(top["rows"][0]["billed"], 4, "{top}");
+
+    let run = usage(&stack, &["status"]);
+    run.assert_status(0)
+        .assert_stdout_has("Closed months: 2 (2025-04 to 2025-05); newest closed 2025-05")
+        .assert_stdout_has("Prunable:      14 raw rows of closed months are still there (`usage-agg prune --before 2025-06`)");
+    let v: serde_json::Value =
+        serde_json::from_str(usage(&stack, &["status", "--json"]).stdout.trim()).unwrap();
+    assert_eq!(
+        (v["newest_closed"].as_str(), v["prunable_rows"].as_i64()),
+        (Some("2025-05"), Some(14))
+    );
+    assert_eq!(v["closed_months"].as_array().unwrap().len(), 2);
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "audit"],
+    )
+    .assert_status(0);
+    usage(&stack, &["status"])
+        .assert_status(0)
+        .assert_stdout_has("Reopened:      2025-05 by ")
+        .assert_stdout_has("Closable:      2025-05");
+
+    // Without the periods migration, status says so, as the runs would (78).
+    let mut old = Stack::new();
+    migrate_file(&mut old, MIGRATIONS[0]);
+    migrate_file(&mut old, MIGRATIONS[1]);
+    usage_agg(&workdir(), &old.env(), &["status", "--env", "dev"])
+        .assert_status(78)
+        .assert_stdout_has("the periods migration is not applied");
+}
+
+#[test]
+fn a_rebase_keeps_closed_months_totals_and_books_their_later_rows_late() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-04", 5);
+    insert_month(&stack, 1, "2025-05", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    close_sql(&stack, "2025-04");
+    insert_month(&stack, 1, "2025-04", 2);
+    aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+    assert_eq!(late_rows(&stack), 2);
+
+    // A dev reset that keeps the totals: raw rows gone, ids from 1 again.
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests; ALTER SEQUENCE usage_requests_id_seq RESTART")
+        .unwrap();
+    insert_month(&stack, 1, "2025-05", 2);
+    aggregate(&stack, &[])
+        .assert_status(65)
+        .assert_stderr_has("--rebase");
+    aggregate(&stack, &["--rebase"])
+        .assert_status(0)
+        .assert_stdout_has("Closed months left as they are: 2025-04");
+    let closed = stack
+        .sql()
+        .query_one(
+            "SELECT request_count::bigint, last_request_id FROM portal_usage_monthly WHERE month_year = '2025-04'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (closed.get::<_, i64>(0), closed.get::<_, i64>(1)),
+        (5, 0),
+        "counts kept, watermark reset"
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT max(last_request_id) FROM portal_usage_adjustments"
+        ),
+        0
+    );
+    assert_eq!(late_rows(&stack), 2, "booked adjustments stay");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT request_count::bigint FROM portal_usage_monthly WHERE month_year = '2025-05'"
+        ),
+        2,
+        "an open month is rebuilt from its rows"
+    );
+    // Rows of the closed month that come now are booked late, once.
+    insert_month(&stack, 1, "2025-04", 4);
+    aggregate(&stack, &[]).assert_status(0);
+    aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+    assert_eq!(late_rows(&stack), 6);
+    usage(&stack, &["status"]).assert_status(0);
+}
