@@ -161,6 +161,9 @@ struct LateOut {
     last_request_at: Option<String>,
     last_request_id: i64,
     idempotency_key: String,
+    /// The watermark the new rows start above; the guard refuses the write
+    /// when the key's monthly row already counts past it.
+    counted_from_id: i64,
 }
 
 /// Writes each late adjustment's full state (absolute values, as
@@ -171,11 +174,11 @@ struct LateOut {
 /// them (an error, not a lost write).
 pub async fn write_late(
     client: &Client,
-    states: &[(LateKey, Totals)],
+    states: &[(LateKey, Totals, i64)],
 ) -> anyhow::Result<WriteStats> {
     let rows: Vec<LateOut> = states
         .iter()
-        .map(|((k, booked), t)| LateOut {
+        .map(|((k, booked), t, from)| LateOut {
             portal_id: k.portal_id,
             month_year: k.month.to_string(),
             booked_month: booked.to_string(),
@@ -186,8 +189,10 @@ pub async fn write_late(
             last_request_at: t.last_request_at.map(format_timestamp),
             last_request_id: t.last_request_id,
             idempotency_key: late_key(k, *booked),
+            counted_from_id: *from,
         })
         .collect();
+    let states: Vec<(LateKey, Totals)> = states.iter().map(|(k, t, _)| (*k, *t)).collect();
     let mut stats = WriteStats::default();
     for (chunk, sent) in rows.chunks(UPSERT_CHUNK).zip(states.chunks(UPSERT_CHUNK)) {
         let back: Vec<LateIn> = client

@@ -27,6 +27,9 @@ pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(72
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Periods {
     closed: BTreeSet<Month>,
+    /// Closes and reopenings so far: a reopen-then-close between a run's
+    /// read and its writes leaves `closed` as it was, not this.
+    generation: i64,
 }
 
 impl Periods {
@@ -38,7 +41,14 @@ impl Periods {
     pub fn new(closed: impl IntoIterator<Item = Month>) -> Periods {
         Periods {
             closed: closed.into_iter().collect(),
+            generation: 0,
         }
+    }
+
+    /// The same months, at this generation (closes and reopenings so far).
+    pub fn at_generation(mut self, generation: i64) -> Periods {
+        self.generation = generation;
+        self
     }
 
     pub fn is_closed(&self, m: Month) -> bool {
@@ -122,6 +132,8 @@ pub struct Blocked(pub String);
 #[derive(Debug, Deserialize)]
 struct PeriodsAnswer {
     closed: Vec<String>,
+    #[serde(default)]
+    generation: i64,
 }
 
 /// The closed months (`usage_agg_periods`).
@@ -131,9 +143,10 @@ pub async fn read(client: &Client) -> anyhow::Result<Periods> {
         .rpc("usage_agg_periods", &json!({}), Idempotent::Yes)
         .await
         .context("reading the closed months (usage_agg_periods)")?;
-    Ok(Periods::new(
-        answer.closed.iter().filter_map(|m| Month::parse(m)),
-    ))
+    Ok(
+        Periods::new(answer.closed.iter().filter_map(|m| Month::parse(m)))
+            .at_generation(answer.generation),
+    )
 }
 
 /// One month's place in its life (`usage_agg_period_info`).

@@ -123,7 +123,10 @@ pub async fn run<S: Store>(
                     .absorb(refused_if_periods_changed(store, periods, w).await?);
             }
             if !late.is_empty() {
-                let states: Vec<_> = late.iter().map(|c| ((c.key, c.booked), c.after)).collect();
+                let states: Vec<_> = late
+                    .iter()
+                    .map(|c| ((c.key, c.booked), c.after, c.counted_from))
+                    .collect();
                 let w = store.write_late(&states).await;
                 outcome
                     .write
@@ -234,6 +237,7 @@ async fn settle<S: Store>(
                 booked,
                 before,
                 after: before.unwrap_or_default().plus(delta),
+                counted_from: from,
             });
         } else {
             let before = stored.get(key).copied();

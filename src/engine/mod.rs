@@ -56,6 +56,9 @@ pub struct LateChange {
     pub booked: Month,
     pub before: Option<Totals>,
     pub after: Totals,
+    /// The key's highest watermark when the run read it: the new rows are
+    /// above it (the database checks it, docs/semantics.md, "Closed months").
+    pub counted_from: i64,
 }
 
 /// What a run booked as late adjustments.

@@ -552,7 +552,7 @@ impl Store for MemoryStore {
 
     /// As the database's trigger: a late adjustment only for a closed
     /// month, booked in the booking month; the watermark guard.
-    async fn write_late(&self, states: &[(LateKey, Totals)]) -> anyhow::Result<WriteStats> {
+    async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats> {
         self.alive()?;
         if self.dies(Kill::Write, |s| &mut s.writes) {
             return Err(killed());
@@ -560,14 +560,22 @@ impl Store for MemoryStore {
         let mut s = self.inner.borrow_mut();
         Self::flip_now(&mut s);
         let periods = Self::periods_now(&s);
-        for ((k, booked), _) in states {
+        for ((k, booked), _, from) in states {
             anyhow::ensure!(
                 periods.is_closed(k.month) && periods.booking_month(k.month) == *booked,
                 "usage_agg: a late adjustment for {k} cannot be booked in {booked} (memory store)"
             );
+            // As the database's guard: rows the monthly row already counts.
+            let monthly = s.monthly.get(k).map_or(0, |t| t.last_request_id);
+            anyhow::ensure!(
+                *from >= monthly,
+                "usage_agg: rows of {k} above id {from} are already counted in its monthly row (memory store)"
+            );
         }
+        let states: Vec<(LateKey, Totals)> = states.iter().map(|(k, t, _)| (*k, *t)).collect();
+        let states = &states[..];
         let mut answered = HashMap::new();
-        for (lk, t) in states {
+        for (lk, t) in states.iter() {
             let kept = s
                 .late
                 .get(lk)

@@ -153,7 +153,8 @@ pub trait Store {
     /// Writes each late adjustment's full state; says per key whether it
     /// took effect. Refused (an error) when the closed months changed since
     /// they were read.
-    async fn write_late(&self, states: &[(LateKey, Totals)]) -> anyhow::Result<WriteStats>;
+    /// Each with the watermark its new rows are counted above.
+    async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats>;
     /// The good raw rows prune deleted, per key: every key's, or one
     /// month's.
     async fn pruned(

@@ -210,7 +210,7 @@ impl Store for RestStore {
         adjustments::read_late_for(&self.client, keys.iter().copied(), page_size).await
     }
 
-    async fn write_late(&self, states: &[(LateKey, Totals)]) -> anyhow::Result<WriteStats> {
+    async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats> {
         adjustments::write_late(&self.client, states).await
     }
 

@@ -120,6 +120,13 @@ CREATE TABLE IF NOT EXISTS public.portal_usage_adjustments (
   last_request_id bigint NOT NULL DEFAULT 0,
   reason          text,
   idempotency_key text NOT NULL UNIQUE,
+  -- 'late', written over REST: the watermark the write's new rows start
+  -- above (the key's highest when the run read it). The guard refuses it
+  -- when the key's monthly row already counts past it: the month was
+  -- reopened and closed again meanwhile, and those rows are in the monthly
+  -- row now. NULL: not checked (the server-side engine locks the closed
+  -- months for its whole transaction instead).
+  counted_from_id bigint,
   created_by      text,
   created_at      timestamptz NOT NULL DEFAULT now(),
   updated_at      timestamptz NOT NULL DEFAULT now(),
@@ -132,6 +139,7 @@ CREATE TABLE IF NOT EXISTS public.portal_usage_adjustments (
              AND last_request_id = 0))
 );
 ALTER TABLE public.portal_usage_adjustments ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.portal_usage_adjustments ADD COLUMN IF NOT EXISTS counted_from_id bigint;
 CREATE INDEX IF NOT EXISTS portal_usage_adjustments_key_idx
   ON public.portal_usage_adjustments (portal_id, month_year);
 CREATE INDEX IF NOT EXISTS portal_usage_adjustments_last_request_id_idx
@@ -272,6 +280,12 @@ BEGIN
     RAISE EXCEPTION 'usage_agg: an adjustment for % is booked in %, the open month after the newest closed one, not in % (a month was closed or reopened meanwhile: the next run books it)',
       NEW.month_year, booking, NEW.booked_month;
   END IF;
+  IF NEW.source = 'late' AND NEW.counted_from_id IS NOT NULL
+     AND NEW.counted_from_id < coalesce((SELECT m.last_request_id FROM public.portal_usage_monthly m
+                                          WHERE m.portal_id = NEW.portal_id AND m.month_year = NEW.month_year), 0) THEN
+    RAISE EXCEPTION 'usage_agg: rows of %:% above id % are already counted in its monthly row (the month was reopened and closed again meanwhile: the next run counts from there)',
+      NEW.portal_id, NEW.month_year, NEW.counted_from_id;
+  END IF;
   IF TG_OP = 'UPDATE' THEN
     IF NEW.last_request_id < OLD.last_request_id THEN
       RETURN OLD;
@@ -338,6 +352,10 @@ AS $$
   SELECT jsonb_build_object(
     'closed', (SELECT coalesce(jsonb_agg(month_year ORDER BY month_year), '[]')
                  FROM public.usage_agg_closed_months WHERE closed),
+    -- Every close and reopening adds an event: a run that compares this
+    -- with what it read sees a reopen-then-close, which leaves the list of
+    -- closed months as it was.
+    'generation', (SELECT coalesce(max(id), 0) FROM public.usage_agg_period_events),
     'now', now(),
     'current_month', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'))
 $$;

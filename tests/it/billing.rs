@@ -1035,3 +1035,40 @@ fn a_rebase_keeps_closed_months_totals_and_books_their_later_rows_late() {
     assert_eq!(late_rows(&stack), 6);
     usage(&stack, &["status"]).assert_status(0);
 }
+
+/// Found by an adversarial pass: a REST run that read "2025-05 closed",
+/// then stalled past its lease while the month was reopened and closed
+/// again (the close's catch-up counting the late rows into the monthly
+/// row), wrote its late adjustment with the same rows: billed twice, exit 0.
+#[test]
+fn a_stale_run_cannot_book_late_rows_a_reopen_and_second_close_already_counted() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-05", 3); // late rows of the closed month
+    insert_month(&stack, 2, "2025-06", 1); // an open key: the monthly chunk comes first
+    let stale = paused_run_with(&stack, "chunk", &["--engine", "rest"]);
+    expire_lease(&stack);
+    usage(
+        &stack,
+        &[
+            "reopen",
+            "--month",
+            "2025-05",
+            "--reason",
+            "customer dispute",
+        ],
+    )
+    .assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    let (status, out) = stale.finish();
+    assert_eq!(status, 75, "the stale run stops: try later\n{out}");
+    assert_invariant(&stack);
+    let billed = billed_total(&stack);
+    let truth = count(&stack, "SELECT count(*) FROM usage_requests");
+    assert_eq!(billed, truth, "billed once");
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+}

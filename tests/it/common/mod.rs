@@ -364,3 +364,18 @@ pub fn expire_lease(stack: &Stack) {
         )
         .unwrap();
 }
+
+impl Paused {
+    /// Lets a paused run go on to its end; its exit status and output.
+    pub fn finish(mut self) -> (i32, String) {
+        use std::io::{Read, Write};
+        self.child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        let mut rest = String::new();
+        self.stderr.read_to_string(&mut rest).unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!("{}{rest}", String::from_utf8_lossy(&out.stdout)),
+        )
+    }
+}
