@@ -12,7 +12,7 @@ use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 3] = [
+pub const MIGRATIONS: [(&str, &str); 4] = [
     (
         "supabase/migrations/20261127120000_usage_agg_incremental.sql",
         include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
@@ -24,6 +24,10 @@ pub const MIGRATIONS: [(&str, &str); 3] = [
     (
         "supabase/migrations/20261201090000_usage_agg_periods.sql",
         include_str!("../supabase/migrations/20261201090000_usage_agg_periods.sql"),
+    ),
+    (
+        "supabase/migrations/20261201100000_usage_agg_schedule.sql",
+        include_str!("../supabase/migrations/20261201100000_usage_agg_schedule.sql"),
     ),
 ];
 /// The first migration: its state table says whether usage-agg is installed.
@@ -113,6 +117,11 @@ pub struct StateRow {
     pub rejected_rows: Option<i64>,
     #[serde(default)]
     pub rejected_ids: Option<Vec<i64>>,
+    /// Who ran the last run: a lease owner (`usage-agg@<host>:<pid>`, or
+    /// `pg_cron@<database>:<pid>` for a scheduled run). With the schedule
+    /// migration.
+    #[serde(default)]
+    pub last_run_by: Option<String>,
 }
 
 /// The job's state over a client.
@@ -369,6 +378,10 @@ mod tests {
             crate::periods::PERIODS_MIGRATION,
             MIGRATIONS[2].0,
             "the periods module names its migration"
+        );
+        assert_eq!(
+            migration_defining("usage_agg_schedule_show"),
+            MIGRATIONS[3].0
         );
         assert_eq!(migration_defining("no_such_function"), LATEST_MIGRATION);
     }

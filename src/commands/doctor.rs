@@ -287,10 +287,21 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                 Some(o) => Check::fail(
                     "last run",
                     format!(
-                        "{o}, ended {}",
-                        s.last_run_finished_at.as_deref().unwrap_or("?")
+                        "{o}, ended {}{}",
+                        s.last_run_finished_at.as_deref().unwrap_or("?"),
+                        s.last_run_by
+                            .as_deref()
+                            .map_or(String::new(), |by| format!(", by {by}"))
                     ),
-                    "run `usage-agg status` and `usage-agg verify` for the keys involved",
+                    match o {
+                        // Recorded by scheduled runs (README, "Run it without a cron host").
+                        "needs_rebuild" => "run `usage-agg aggregate` once: the first run rebuilds every key and \
+                                            reports drift, which only the CLI does; the scheduled runs go on \
+                                            from there"
+                            .to_string(),
+                        "refused" => "the assumptions check above names what is broken and its repair".into(),
+                        _ => "run `usage-agg status` and `usage-agg verify` for the keys involved".into(),
+                    },
                     Status::DataErr,
                 ),
             });

@@ -143,6 +143,7 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         "rejected_ids": state.rejected_ids.clone().unwrap_or_default(),
         "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
         "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
+        "last_run_by": state.last_run_by,
     });
     let mut summary = summary;
     if let (Some(o), Ok(Some(p))) = (summary.as_object_mut(), &periods) {
@@ -416,7 +417,10 @@ fn render(
                     String::new()
                 } else {
                     run_seconds(s).map_or(String::new(), |t| format!(", took {t:.1} s"))
-                }
+                } + &s
+                    .last_run_by
+                    .as_deref()
+                    .map_or(String::new(), |by| format!(", by {by}"))
             }
         },
     );
@@ -454,6 +458,7 @@ mod tests {
             last_success_at: Some("2026-11-27T11:00:03.5+00:00".into()),
             rejected_rows: Some(3),
             rejected_ids: Some(vec![7, 9, 12]),
+            last_run_by: Some("usage-agg@cron:41".into()),
         };
         let text = render("PROD", true, &s, Some(150), Some(50), now);
         assert!(
@@ -474,6 +479,9 @@ mod tests {
             text.contains("expires 2026-11-27 12:08:00 UTC (in 8 minutes)"),
             "{text}"
         );
-        assert!(text.contains("ok, 1234 rows, took 3.5 s"), "{text}");
+        assert!(
+            text.contains("ok, 1234 rows, took 3.5 s, by usage-agg@cron:41"),
+            "{text}"
+        );
     }
 }

@@ -16,5 +16,6 @@ mod incremental;
 mod metrics;
 mod operator;
 mod rpc;
+mod schedule;
 mod supabase;
 mod trust;

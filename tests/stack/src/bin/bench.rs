@@ -17,10 +17,11 @@ use stack::{Cluster, Stack};
 /// Rows per page for every HTTP scan: the server's cap is raised to match
 /// (Supabase allows it), so the engine and the baseline page alike.
 const PAGE: u32 = 10_000;
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
     "supabase/migrations/20261201090000_usage_agg_periods.sql",
+    "supabase/migrations/20261201100000_usage_agg_schedule.sql",
 ];
 
 struct Args {

@@ -1,0 +1,399 @@
+//! The job scheduled in the database (README, "Run it without a cron
+//! host"): `usage_agg_run_scheduled`, the procedure pg_cron calls, keeps the
+//! CLI's contract (the run-time checks, the lease, one transaction per
+//! batch, the run record).
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// `CALL`s the procedure on a direct connection: its summary, or the
+/// error's message (and detail).
+fn call(stack: &Stack, args: &str) -> Result<serde_json::Value, String> {
+    call_on(&mut stack.sql(), args)
+}
+
+fn call_on(db: &mut postgres::Client, args: &str) -> Result<serde_json::Value, String> {
+    match db.simple_query(&format!("CALL public.usage_agg_run_scheduled({args})")) {
+        Ok(messages) => {
+            let row = messages
+                .iter()
+                .find_map(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+                    _ => None,
+                })
+                .expect("CALL returns its summary");
+            Ok(serde_json::from_str(&row).unwrap())
+        }
+        Err(e) => Err(e.as_db_error().map_or_else(
+            || e.to_string(),
+            |d| format!("{} DETAIL {}", d.message(), d.detail().unwrap_or_default()),
+        )),
+    }
+}
+
+fn state_text(stack: &Stack, column: &str) -> Option<String> {
+    stack
+        .sql()
+        .query_one(
+            &format!("SELECT {column}::text FROM usage_aggregation_state WHERE job = 'default'"),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+fn status(stack: &Stack) -> Run {
+    usage_agg(&workdir(), &stack.env(), &["status", "--env", "dev"])
+}
+
+fn doctor(stack: &Stack) -> Run {
+    usage_agg(&workdir(), &stack.env(), &["doctor", "--env", "dev"])
+}
+
+#[track_caller]
+fn doctor_line<'a>(run: &'a Run, check: &str) -> &'a str {
+    run.stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(check))
+        .unwrap_or_else(|| panic!("no {check} check:\n{}", run.stdout))
+}
+
+#[test]
+fn each_batch_commits_so_a_run_killed_midway_loses_at_most_one_and_the_next_takes_over() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 300, 5);
+    aggregate(&stack, &[]).assert_status(0);
+    let before = cursor(&stack).unwrap();
+    insert_rows(&stack, 40_000, 60);
+    let newest = count(&stack, "SELECT max(id)::bigint FROM usage_requests");
+
+    // 400 batches of 100 ids, each its own transaction.
+    let mut runner = stack.sql();
+    let pid: i32 = runner
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let run = std::thread::spawn(move || call_on(&mut runner, "600, 100"));
+    let mut watcher = stack.sql();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // One snapshot: the cursor as committed, and whether the CALL runs.
+        let row = watcher
+            .query_one(
+                "SELECT (SELECT cursor_id FROM usage_aggregation_state WHERE job = 'default'),
+                        EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active')",
+                &[&pid],
+            )
+            .unwrap();
+        let (seen, running): (Option<i64>, bool) = (row.get(0), row.get(1));
+        if seen.unwrap() > before && running {
+            break; // committed batches are visible while the run goes on
+        }
+        assert!(
+            !run.is_finished() && Instant::now() < deadline,
+            "no batch was seen committed while the run went on"
+        );
+        std::thread::sleep(Duration::from_millis(5)); // polling the cursor
+    }
+    // A crash: the backend is gone mid-run.
+    watcher
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    assert!(run.join().unwrap().is_err(), "the run was killed");
+    let mid = cursor(&stack).unwrap();
+    assert!(before < mid && mid < newest, "{before} < {mid} < {newest}");
+    assert_consistent(&stack);
+    let owner = format!(
+        "sql@{}:{pid}",
+        stack
+            .sql()
+            .query_one("SELECT current_database()", &[])
+            .unwrap()
+            .get::<_, String>(0)
+    );
+    assert_eq!(state_text(&stack, "lease_owner"), Some(owner.clone()));
+
+    // The CLI sees the same lease, and steps aside until it ends.
+    aggregate(&stack, &[])
+        .assert_status(75)
+        .assert_stderr_has(&owner);
+    // The next scheduled run sees its backend gone, takes the lease over
+    // and finishes the job.
+    let done = call(&stack, "").unwrap();
+    assert_eq!(done["outcome"], "ok", "{done}");
+    assert_eq!(done["cursor_before"].as_i64(), Some(mid));
+    assert_eq!(done["cursor_after"].as_i64(), Some(newest));
+    assert_no_drift(&stack);
+    assert_watermarks(&stack);
+    assert!(state_text(&stack, "last_run_by")
+        .unwrap()
+        .starts_with("sql@"));
+    assert_eq!(state_text(&stack, "lease_owner"), None);
+}
+
+#[test]
+fn a_scheduled_run_refuses_and_records_what_the_cli_would_refuse() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 200, 4);
+
+    // Before the first CLI run there is no cursor: the first run's rebuild
+    // is the CLI's. Recorded, and the lease let go.
+    let e = call(&stack, "").unwrap_err();
+    assert!(
+        e.contains("usage_agg_run_scheduled (needs_rebuild)")
+            && e.contains("run `usage-agg aggregate` once"),
+        "{e}"
+    );
+    assert_eq!(
+        state_text(&stack, "last_run_outcome").as_deref(),
+        Some("needs_rebuild")
+    );
+    assert_eq!(state_text(&stack, "lease_owner"), None);
+    assert!(table(&stack).is_empty());
+    status(&stack)
+        .assert_status(0)
+        .assert_stdout_has("needs_rebuild, 0 rows")
+        .assert_stdout_has(", by sql@");
+    let run = doctor(&stack);
+    run.assert_status(65);
+    assert!(
+        doctor_line(&run, "last").starts_with("FAIL"),
+        "{}",
+        run.stdout
+    );
+    run.assert_stdout_has("run `usage-agg aggregate` once");
+    aggregate(&stack, &[]).assert_status(0);
+
+    // A run like the CLI's.
+    insert_rows(&stack, 100, 4);
+    let ok = call(&stack, "").unwrap();
+    assert_eq!(
+        (ok["outcome"].as_str(), ok["rows"].as_i64()),
+        (Some("ok"), Some(100)),
+        "{ok}"
+    );
+    assert_no_drift(&stack);
+
+    // Another run holds the lease: nothing done, nothing recorded.
+    stack
+        .sql()
+        .batch_execute("SELECT usage_agg_acquire_lease('default', 'usage-agg@elsewhere:1', 600)")
+        .unwrap();
+    insert_rows(&stack, 10, 4);
+    let finished = state_text(&stack, "last_run_finished_at");
+    let skipped = call(&stack, "").unwrap();
+    assert_eq!(
+        skipped["skipped"], "another run holds the lease",
+        "{skipped}"
+    );
+    assert_eq!(skipped["owner"], "usage-agg@elsewhere:1");
+    assert_eq!(state_text(&stack, "last_run_finished_at"), finished);
+    expire_lease(&stack);
+
+    // Bad rows: named, the rest counted, a success that says so.
+    let bad: i32 = stack
+        .sql()
+        .query_one(
+            "INSERT INTO usage_requests (portal_id, success, month_year) VALUES (7, true, '2025-13') RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let e = call(&stack, "").unwrap_err();
+    assert!(
+        e.contains("(bad_rows)") && e.contains(&format!("ids {bad}")),
+        "{e}"
+    );
+    assert_eq!(
+        state_text(&stack, "last_run_outcome").as_deref(),
+        Some("bad_rows")
+    );
+    assert_eq!(
+        (
+            state_text(&stack, "rejected_rows"),
+            state_text(&stack, "rejected_ids")
+        ),
+        (Some("1".into()), Some(format!("{{{bad}}}")))
+    );
+    assert_no_drift(&stack);
+
+    // The time bound, checked between batches: at least one batch, then
+    // the next run goes on.
+    insert_rows(&stack, 500, 4);
+    let stopped = call(&stack, "0, 100").unwrap();
+    assert_eq!(
+        (
+            stopped["outcome"].as_str(),
+            stopped["batches"].as_i64(),
+            stopped["rows"].as_i64()
+        ),
+        (Some("stopped"), Some(1), Some(100)),
+        "{stopped}"
+    );
+    assert_eq!(
+        state_text(&stack, "last_run_outcome").as_deref(),
+        Some("stopped")
+    );
+    assert_eq!(call(&stack, "").unwrap()["outcome"], "ok");
+    assert_no_drift(&stack);
+
+    // A broken assumption: refused, recorded, nothing counted; the CLI
+    // refuses the same.
+    for (breaking, needle, repair, mending) in [
+        (
+            "ALTER SEQUENCE usage_requests_id_seq CACHE 20",
+            "hands out 20 ids at a time",
+            "ALTER SEQUENCE public.usage_requests_id_seq CACHE 1",
+            "ALTER SEQUENCE usage_requests_id_seq CACHE 1",
+        ),
+        // A dev reset that keeps the totals: rows gone, ids from 1 again.
+        (
+            "DELETE FROM usage_requests; ALTER SEQUENCE usage_requests_id_seq RESTART",
+            "below id",
+            "`usage-agg aggregate --rebase`",
+            "",
+        ),
+    ] {
+        stack.sql().batch_execute(breaking).unwrap();
+        insert_rows(&stack, 20, 4);
+        let before = (cursor(&stack), table(&stack));
+        let e = call(&stack, "").unwrap_err();
+        assert!(
+            e.contains("usage_agg_run_scheduled (refused): refused to count:")
+                && e.contains(needle)
+                && e.contains(repair),
+            "{e}"
+        );
+        assert_eq!(
+            state_text(&stack, "last_run_outcome").as_deref(),
+            Some("refused")
+        );
+        assert_eq!(
+            (cursor(&stack), table(&stack)),
+            before,
+            "a refused run counts nothing"
+        );
+        aggregate(&stack, &[]).assert_stderr_has(needle);
+        if mending.is_empty() {
+            aggregate(&stack, &["--rebase"]).assert_status(0);
+        } else {
+            stack.sql().batch_execute(mending).unwrap();
+        }
+        assert_eq!(call(&stack, "").unwrap()["outcome"], "ok");
+        // Keys whose rows are all gone stay, emptied, after the rebase.
+        let stored: Vec<Row> = table(&stack).into_iter().filter(|r| r.2 != 0).collect();
+        assert_eq!(stored, ground_truth(&stack));
+    }
+}
+
+/// With closed months (the periods migration), the batches book a closed
+/// month's late rows as adjustments, exactly once, as the CLI's do; the
+/// closed months' rows never change, and `verify` agrees.
+#[test]
+fn a_scheduled_run_books_the_late_rows_of_closed_months_as_the_cli_does() {
+    let stack = migrated_stack();
+    let mut rng = Rng(1201);
+    insert_random(&stack, &mut rng, 2_000, 40);
+    aggregate(&stack, &[]).assert_status(0);
+    for m in 1..=6 {
+        stack
+            .sql()
+            .query_one(
+                "SELECT usage_agg_close_month('default', $1, 0, 'test')::text",
+                &[&format!("2024-{m:02}")],
+            )
+            .unwrap();
+    }
+    let closed = "SELECT coalesce(string_agg(m::text, ';' ORDER BY portal_id, month_year), '')
+                    FROM portal_usage_monthly m WHERE month_year <= '2024-06'";
+    let frozen: String = stack.sql().query_one(closed, &[]).unwrap().get(0);
+    for round in 0..3 {
+        insert_random(&stack, &mut rng, 800, 40);
+        let done = call(&stack, "50, 300").unwrap();
+        assert_eq!(done["outcome"], "ok", "{done}");
+        assert!(
+            done["late_rows"].as_i64().unwrap() > 0,
+            "round {round}: {done}"
+        );
+        if round == 1 {
+            // The CLI, on top of the scheduled run's adjustments.
+            insert_random(&stack, &mut rng, 300, 40);
+            aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+            aggregate(&stack, &[]).assert_status(0);
+        }
+    }
+    let now: String = stack.sql().query_one(closed, &[]).unwrap().get(0);
+    assert_eq!(now, frozen, "the closed months' rows never change");
+    usage_agg(&workdir(), &stack.env(), &["verify", "--env", "dev"]).assert_status(0);
+}
+
+/// The SQL decision the procedure uses and src/preflight.rs, fed the same
+/// facts, find the same problems with the same exit statuses.
+#[test]
+fn the_sql_decision_agrees_with_the_clis_on_every_kind_of_fact() {
+    use serde_json::json;
+    let stack = migrated_stack();
+    let healthy = json!({
+        "sequence": "public.usage_requests_id_seq", "sequence_last_value": 2000, "sequence_cache": 1,
+        "id_default": "nextval('usage_requests_id_seq'::regclass)", "id_from_sequence": true,
+        "newest_id": 2000, "cursor": 1990, "highest_watermark": 1995, "reset_reason": null,
+        "refused_keys": 0, "deleted_keys": 0
+    });
+    let with = |changes: serde_json::Value| {
+        let mut f = healthy.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            f[k] = v.clone();
+        }
+        f
+    };
+    let cases = [
+        healthy.clone(),
+        with(
+            json!({"sequence_last_value": null, "newest_id": null, "cursor": null, "highest_watermark": null}),
+        ),
+        with(json!({"sequence": null})),
+        with(json!({"id_from_sequence": false, "id_default": null})),
+        with(json!({"sequence_cache": 20})),
+        with(json!({"sequence_last_value": null, "newest_id": null})),
+        with(
+            json!({"cursor": 5, "sequence_last_value": 10, "newest_id": 10, "highest_watermark": 11}),
+        ),
+        with(json!({"newest_id": 5000})),
+        with(
+            json!({"reset_reason": "usage_requests was truncated", "reset_at": "2026-11-30 10:00:00+00"}),
+        ),
+        with(
+            json!({"sequence_cache": 20, "id_from_sequence": false, "newest_id": 9000,
+                    "reset_reason": "x", "reset_at": "t"}),
+        ),
+    ];
+    let mut db = stack.sql();
+    for facts in cases {
+        let cli: Vec<(String, i64)> =
+            usage_agg::preflight::problems(&serde_json::from_value(facts.clone()).unwrap())
+                .iter()
+                .map(|p| (p.code().to_string(), i64::from(p.status().code())))
+                .collect();
+        let sql: String = db
+            .query_one(
+                "SELECT usage_agg_problems($1::text::jsonb)::text",
+                &[&facts.to_string()],
+            )
+            .unwrap()
+            .get(0);
+        let sql: Vec<(String, i64)> = serde_json::from_str::<serde_json::Value>(&sql)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["code"].as_str().unwrap().to_string(),
+                    p["exit"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(sql, cli, "{facts}");
+    }
+}
