@@ -117,7 +117,7 @@ pub enum Command {
     /// Delete the raw rows of closed months (their totals stay checkable), in resumable batches
     Prune(crate::commands::prune::PruneArgs),
     /// Check everything a run needs, one line each, with the fix: configuration, reachability, the key,
-    /// the tables, the migrations, the unique key, the assumptions, the lease, the last run
+    /// the tables, the migrations, the unique key, the assumptions, the lease, the last run, the schedule
     #[command(after_long_help = concat!(
         "Examples:
   usage-agg doctor --env prod
@@ -125,6 +125,80 @@ pub enum Command {
         environment_help!()
     ))]
     Doctor(DoctorArgs),
+    /// Run the job in the database with pg_cron (Supabase Cron), with no cron host: install or update the
+    /// schedule (--every), remove it (--remove), or show it with its last runs (--show)
+    #[command(after_long_help = concat!(
+        "Examples:
+  usage-agg schedule --env prod --every 5m       run it in the database every 5 minutes (pg_cron)
+  usage-agg schedule --env prod --every 1h --time-limit 5m
+  usage-agg schedule --env prod --show           the job and its last runs
+  usage-agg schedule --env prod --remove
+
+README.md: \"Run it without a cron host\".\n\n",
+        environment_help!()
+    ))]
+    Schedule(ScheduleArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["every", "remove", "show"])))]
+pub struct ScheduleArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// Install or update the pg_cron job `usage-agg-default` to run the job in the database this often:
+    /// 1m, 5m, 15m, 1h, 1d, ... (an interval cron keeps evenly: minutes dividing the hour, hours dividing
+    /// the day)
+    #[arg(long, value_parser = every, value_name = "INTERVAL", help_heading = "Schedule")]
+    pub every: Option<crate::schedule::Every>,
+
+    /// With --every: how long each scheduled run may count before it leaves the rest to the next run
+    /// (checked between batches); shorter than the interval [default: 50s]
+    #[arg(long, conflicts_with_all = ["remove", "show"], value_parser = time_limit, value_name = "DURATION", help_heading = "Schedule")]
+    pub time_limit: Option<std::time::Duration>,
+
+    /// Remove the pg_cron job (nothing to do when there is none)
+    #[arg(long, help_heading = "Schedule")]
+    pub remove: bool,
+
+    /// Show the pg_cron job and its last runs (from cron.job_run_details)
+    #[arg(long, help_heading = "Schedule")]
+    pub show: bool,
+}
+
+impl ScheduleArgs {
+    /// Each scheduled run's time bound: `--time-limit`, else 50 s.
+    pub fn time_limit(&self) -> std::time::Duration {
+        self.time_limit
+            .unwrap_or(crate::schedule::DEFAULT_TIME_LIMIT)
+    }
+
+    /// A run that may last longer than the interval would still be running
+    /// when the next is due (pg_cron then holds that one back).
+    fn check(&self) -> Result<(), clap::Error> {
+        let Some(every) = &self.every else {
+            return Ok(());
+        };
+        if self.time_limit() < every.interval {
+            return Ok(());
+        }
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let sub = cmd
+            .find_subcommand_mut("schedule")
+            .expect("schedule is a subcommand");
+        Err(sub.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "--time-limit {} is not shorter than --every {}: each run must end before the next is due",
+                humantime::format_duration(self.time_limit()),
+                humantime::format_duration(every.interval)
+            ),
+        ))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -152,8 +226,10 @@ impl Cli {
         T: Into<std::ffi::OsString> + Clone,
     {
         let cli = Cli::try_parse_from(args)?;
-        if let Command::Aggregate(a) = &cli.command {
-            a.check()?;
+        match &cli.command {
+            Command::Aggregate(a) => a.check()?,
+            Command::Schedule(a) => a.check()?,
+            _ => {}
         }
         Ok(cli)
     }
@@ -478,6 +554,14 @@ fn run_deadline(s: &str) -> Result<std::time::Duration, String> {
     bounded(s, std::time::Duration::from_secs(7 * 86_400))
 }
 
+fn every(s: &str) -> Result<crate::schedule::Every, String> {
+    crate::schedule::cron_expression(duration(s)?)
+}
+
+fn time_limit(s: &str) -> Result<std::time::Duration, String> {
+    bounded(s, std::time::Duration::from_secs(86_400))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,6 +613,15 @@ mod tests {
             "aggregate --batch-rows 10 --month 2025-01",
             "aggregate --batch-ids 10 --rebase",
             "aggregate --batch-rows 10 --batch-ids 10",
+            "schedule",
+            "schedule --every 7m",
+            "schedule --every 90s",
+            "schedule --every 5m --remove",
+            "schedule --show --remove",
+            "schedule --show --time-limit 30s",
+            "schedule --every 1m --time-limit 60s",
+            "schedule --every 5m --page-size 10",
+            "schedule --every 5m --ping-url http://x",
         ] {
             let e = parse(args).expect_err(args);
             assert!(e.use_stderr(), "{args}: an error, exit 64");
@@ -553,6 +646,10 @@ mod tests {
             "aggregate --rebase --ping-url http://x --json",
             "aggregate --metrics-file /var/lib/node_exporter/usage_agg.prom --dry-run",
             "status --metrics-file usage_agg_status.prom --max-age 2h",
+            "schedule --every 5m",
+            "schedule --every 1h --time-limit 10m --json",
+            "schedule --remove --quiet",
+            "schedule --show --json",
         ] {
             parse(args).unwrap_or_else(|e| panic!("{args}: {e}"));
         }

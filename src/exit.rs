@@ -42,6 +42,9 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if let Some(r) = cause.downcast_ref::<crate::preflight::Refused>() {
             return r.status();
         }
+        if cause.is::<crate::schedule::CronMissing>() {
+            return Status::Config;
+        }
         if cause.is::<crate::engine::UsageError>() || cause.is::<crate::periods::Refusal>() {
             return Status::Usage;
         }
@@ -73,6 +76,15 @@ pub fn classify(err: &anyhow::Error) -> Status {
         }
     }
     Status::Software
+}
+
+/// The kind of the first API error in the chain, if any.
+pub fn api_kind(err: &anyhow::Error) -> Option<Kind> {
+    err.chain().find_map(|c| {
+        c.downcast_ref::<Failure>()
+            .map(|f| f.api().kind())
+            .or_else(|| c.downcast_ref::<ApiError>().map(ApiError::kind))
+    })
 }
 
 fn classify_api(e: &ApiError) -> Status {

@@ -5,7 +5,7 @@
 //! The layers, each depending only on those above it:
 //! - [`aggregation`]: the pure core (rows in, per-key totals out; no I/O);
 //! - [`config`], [`postgrest`]: where to connect, and the protocol;
-//! - [`tables`], [`state`], [`preflight`]: this schema over the protocol;
+//! - [`tables`], [`state`], [`preflight`], [`schedule`]: this schema over the protocol;
 //! - [`engine`]: the engines and the outcome they report;
 //! - [`commands`], [`output`], [`exit`], [`metrics`]: what a user runs, reads and gets back.
 //!
@@ -27,6 +27,7 @@ pub mod ping;
 pub mod postgrest;
 pub mod preflight;
 pub mod progress;
+pub mod schedule;
 pub mod state;
 pub mod store;
 pub mod tables;

@@ -328,6 +328,52 @@ impl JobState<'_> {
     }
 }
 
+impl JobState<'_> {
+    /// pg_cron: installs or updates the job `usage-agg-<job>` running
+    /// `usage_agg_run_scheduled(max_seconds)` on the `cron` expression.
+    pub async fn schedule(
+        &self,
+        cron: &str,
+        max_seconds: u64,
+    ) -> anyhow::Result<crate::schedule::CronAnswer> {
+        self.client
+            // Idempotent: cron.schedule updates the job of the same name.
+            .rpc(
+                "usage_agg_schedule",
+                &json!({"p_job": JOB, "p_schedule": cron, "p_max_seconds": max_seconds}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("scheduling the job with pg_cron (usage_agg_schedule)")
+    }
+
+    /// pg_cron: removes the job, if there is one.
+    pub async fn unschedule(&self) -> anyhow::Result<crate::schedule::CronAnswer> {
+        self.client
+            // Idempotent: a second call finds no job and says so.
+            .rpc(
+                "usage_agg_unschedule",
+                &json!({"p_job": JOB}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("removing the pg_cron job (usage_agg_unschedule)")
+    }
+
+    /// pg_cron: the job and its last `runs` runs, newest first.
+    pub async fn schedule_show(&self, runs: usize) -> anyhow::Result<crate::schedule::CronAnswer> {
+        self.client
+            // Idempotent: it only reads.
+            .rpc(
+                "usage_agg_schedule_show",
+                &json!({"p_job": JOB, "p_runs": runs}),
+                Idempotent::Yes,
+            )
+            .await
+            .context("reading the pg_cron job (usage_agg_schedule_show)")
+    }
+}
+
 /// Who a run is, in the lease: `usage-agg@<host>:<pid>`, enough for an
 /// operator to find it, and for a later run on the same host to see that
 /// the process is gone.

@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod prune;
 pub mod reopen;
 pub mod report;
+pub mod schedule;
 pub mod sql;
 pub mod status;
 pub mod verify;
@@ -34,6 +35,7 @@ pub async fn run(cli: Cli) -> Status {
         Command::Reopen(args) => reopen::run(args).await,
         Command::Adjust(args) => adjust::run(args).await,
         Command::Prune(args) => prune::run(args).await,
+        Command::Schedule(args) => schedule::run(args).await,
     }
 }
 

@@ -279,7 +279,7 @@ fn render_periods(p: &crate::periods::PeriodsStatus) -> String {
     out
 }
 
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .ok()
         .map(|d| d.with_timezone(&Utc))
@@ -293,7 +293,7 @@ fn run_seconds(s: &StateRow) -> Option<f64> {
     (end >= start).then(|| (end - start).num_milliseconds() as f64 / 1000.0)
 }
 
-fn humanize(secs: i64) -> String {
+pub(crate) fn humanize(secs: i64) -> String {
     match secs.abs() {
         s if s < 120 => format!("{s} seconds"),
         s if s < 7200 => format!("{} minutes", s / 60),
@@ -302,7 +302,7 @@ fn humanize(secs: i64) -> String {
     }
 }
 
-fn when(s: Option<&str>, now: DateTime<Utc>) -> String {
+pub(crate) fn when(s: Option<&str>, now: DateTime<Utc>) -> String {
     match s.and_then(parse_time) {
         Some(t) if t <= now => format!(
             "{} ({} ago)",

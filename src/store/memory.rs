@@ -16,6 +16,7 @@ use crate::adjustments::LateKey;
 use crate::aggregation::{validate, Fold, Key, Month, RawRow, Totals};
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
+use crate::schedule::CronAnswer;
 use crate::state::{Lease, StateRow};
 use crate::tables::{judge, ParallelScan, WriteStats};
 
@@ -651,5 +652,17 @@ impl Store for MemoryStore {
         _dry_run: bool,
     ) -> anyhow::Result<Batch> {
         anyhow::bail!("the server-side engine runs SQL: it is tested against the real stack")
+    }
+
+    async fn schedule(&self, _cron: &str, _max_seconds: u64) -> anyhow::Result<CronAnswer> {
+        anyhow::bail!("pg_cron runs in the database: scheduling is tested against the real stack")
+    }
+
+    async fn unschedule(&self) -> anyhow::Result<CronAnswer> {
+        anyhow::bail!("pg_cron runs in the database: scheduling is tested against the real stack")
+    }
+
+    async fn schedule_show(&self, _runs: usize) -> anyhow::Result<CronAnswer> {
+        anyhow::bail!("pg_cron runs in the database: scheduling is tested against the real stack")
     }
 }

@@ -20,6 +20,7 @@ use crate::adjustments::LateKey;
 use crate::aggregation::{Key, Month, Totals};
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
+use crate::schedule::CronAnswer;
 use crate::state::{Lease, StateRow};
 use crate::tables::{ParallelScan, WriteStats};
 
@@ -185,4 +186,13 @@ pub trait Store {
         wait: Duration,
         dry_run: bool,
     ) -> anyhow::Result<Batch>;
+
+    /// The job scheduled in the database (pg_cron): installs or updates it
+    /// to run on the `cron` expression, each run bounded to `max_seconds`.
+    /// Answers `pg_cron: false` when the database has no pg_cron.
+    async fn schedule(&self, cron: &str, max_seconds: u64) -> anyhow::Result<CronAnswer>;
+    /// Removes the scheduled job, if there is one.
+    async fn unschedule(&self) -> anyhow::Result<CronAnswer>;
+    /// The scheduled job, if any, and its last `runs` runs.
+    async fn schedule_show(&self, runs: usize) -> anyhow::Result<CronAnswer>;
 }

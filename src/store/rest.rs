@@ -16,6 +16,7 @@ use crate::aggregation::{Key, Month, Totals};
 use crate::periods::{self, CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::postgrest::{Client, Idempotent, Query};
 use crate::preflight::Facts;
+use crate::schedule::CronAnswer;
 use crate::state::{JobState, Lease, StateRow, JOB};
 use crate::tables::{self, ParallelScan, WriteStats};
 
@@ -264,5 +265,17 @@ impl Store for RestStore {
             .rpc("usage_agg_rpc_batch", &args, Idempotent::Yes)
             .await
             .context("running a server-side batch (usage_agg_rpc_batch)")
+    }
+
+    async fn schedule(&self, cron: &str, max_seconds: u64) -> anyhow::Result<CronAnswer> {
+        self.state_fns().schedule(cron, max_seconds).await
+    }
+
+    async fn unschedule(&self) -> anyhow::Result<CronAnswer> {
+        self.state_fns().unschedule().await
+    }
+
+    async fn schedule_show(&self, runs: usize) -> anyhow::Result<CronAnswer> {
+        self.state_fns().schedule_show(runs).await
     }
 }

@@ -447,7 +447,14 @@ fn the_final_error_is_printed_once_as_a_json_line_with_json_logs() {
 
 #[test]
 fn every_subcommands_help_names_its_environment_variables_and_gives_examples() {
-    for sub in ["aggregate", "verify", "status", "report", "doctor"] {
+    for sub in [
+        "aggregate",
+        "verify",
+        "status",
+        "report",
+        "doctor",
+        "schedule",
+    ] {
         let run = usage_agg(&workdir(), &[], &[sub, "--help"]);
         run.assert_status(0);
         for needle in [

@@ -1,11 +1,15 @@
 //! The job scheduled in the database (README, "Run it without a cron
 //! host"): `usage_agg_run_scheduled`, the procedure pg_cron calls, keeps the
 //! CLI's contract (the run-time checks, the lease, one transaction per
-//! batch, the run record).
+//! batch, the run record); `usage-agg schedule` installs, shows and removes
+//! the pg_cron job over the REST API.
 
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+
+/// The migration that defines the scheduled job and the schedule functions.
+const SCHEDULE_MIGRATION: &str = "supabase/migrations/20261201100000_usage_agg_schedule.sql";
 
 /// `CALL`s the procedure on a direct connection: its summary, or the
 /// error's message (and detail).
@@ -41,6 +45,12 @@ fn state_text(stack: &Stack, column: &str) -> Option<String> {
         )
         .unwrap()
         .get(0)
+}
+
+fn schedule(stack: &Stack, args: &[&str]) -> Run {
+    let mut all = vec!["schedule", "--env", "dev"];
+    all.extend_from_slice(args);
+    usage_agg(&workdir(), &stack.env(), &all)
 }
 
 fn status(stack: &Stack) -> Run {
@@ -396,4 +406,31 @@ fn the_sql_decision_agrees_with_the_clis_on_every_kind_of_fact() {
             .collect();
         assert_eq!(sql, cli, "{facts}");
     }
+}
+
+#[test]
+fn without_pg_cron_schedule_says_how_to_enable_it() {
+    // Refused before any request: cron cannot keep this interval.
+    usage_agg(&workdir(), &[], &["schedule", "--every", "7m"])
+        .assert_status(64)
+        .assert_stderr_has("pick one of 1m");
+
+    let stack = migrated_stack();
+    for args in [&["--every", "5m"][..], &["--show"][..], &["--remove"][..]] {
+        schedule(&stack, args)
+            .assert_status(78)
+            .assert_stderr_has("the pg_cron extension is not enabled in this database")
+            .assert_stderr_has("Dashboard > Database > Extensions > pg_cron")
+            .assert_stderr_has("create extension pg_cron with schema extensions");
+    }
+
+    // The migration that schedules is not applied: named.
+    let mut stack = Stack::new();
+    for m in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+        migrate_file(&mut stack, m);
+    }
+    schedule(&stack, &["--show"])
+        .assert_status(78)
+        .assert_stderr_has("usage_agg_schedule_show is missing")
+        .assert_stderr_has(SCHEDULE_MIGRATION);
 }

@@ -1,0 +1,283 @@
+//! `usage-agg schedule`: the job run in the database by pg_cron (Supabase
+//! Cron), for a project with no cron host. `--every` installs or updates the
+//! pg_cron job `usage-agg-default` (by name: running it again changes the
+//! interval, never adds a second job), `--remove` removes it, `--show` lists
+//! it with its last runs. All of it over the REST API, through the schedule
+//! migration's functions; the job itself is `usage_agg_run_scheduled`
+//! (README, "Run it without a cron host").
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::status::{parse_time, when};
+use super::{connect, report_error};
+use crate::cli::ScheduleArgs;
+use crate::exit::Status;
+use crate::schedule::{describe, job_name, CronAnswer, CronJob, CronRun};
+use crate::store::rest::RestStore;
+use crate::store::Store;
+
+/// Runs shown by `--show` (and `status` shows fewer).
+const RUNS_SHOWN: usize = 5;
+
+pub async fn run(args: ScheduleArgs) -> Status {
+    let (config, client) = match connect(&args.connection) {
+        Ok(c) => c,
+        Err(e) => return report_error(&e, None),
+    };
+    let store = RestStore::new(client);
+    let env = config.environment.upper();
+    match act(&args, &store, env).await {
+        Ok(()) => Status::Ok,
+        Err(e) => report_error(&e, Some(&config)),
+    }
+}
+
+async fn act(args: &ScheduleArgs, store: &impl Store, env: &str) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let mut warnings = Vec::new();
+    let (action, answer) = if let Some(every) = &args.every {
+        let answer = store
+            .schedule(&every.cron, args.time_limit().as_secs())
+            .await?
+            .require_pg_cron()?;
+        // Before the first run the cursor is not set, and a scheduled run
+        // cannot do the first run's rebuild: say so now, not at 3 am.
+        if store.installed().await? && store.state().await?.and_then(|s| s.cursor_id).is_none() {
+            warnings.push(format!(
+                "no run has counted anything yet: run `usage-agg aggregate --env {}` once (the first run \
+                 rebuilds every key and reports drift, which only the CLI does); until then each scheduled run \
+                 records needs_rebuild",
+                env.to_lowercase()
+            ));
+        }
+        let action = if answer.created == Some(false) {
+            "updated"
+        } else {
+            "installed"
+        };
+        (action, answer)
+    } else if args.remove {
+        let answer = store.unschedule().await?.require_pg_cron()?;
+        let action = if answer.removed == Some(true) {
+            "removed"
+        } else {
+            "none"
+        };
+        (action, answer)
+    } else {
+        (
+            "show",
+            store.schedule_show(RUNS_SHOWN).await?.require_pg_cron()?,
+        )
+    };
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    if args.output.json {
+        crate::outln!(
+            "{}",
+            json!({
+                "version": 1,
+                "command": "schedule",
+                "environment": env,
+                "exit_status": 0,
+                "outcome": "ok",
+                "action": action,
+                "job_name": job_name(),
+                "pg_cron_version": answer.version,
+                "job": answer.job,
+                "runs": answer.runs,
+                "warnings": warnings,
+            })
+        );
+        return Ok(());
+    }
+    if args.output.quiet {
+        return Ok(());
+    }
+    let name = job_name();
+    match (action, &answer.job) {
+        ("installed" | "updated", Some(job)) => {
+            crate::outln!(
+                "{} {name} in the {env} database (pg_cron job {}): {}, each run at most {}",
+                if action == "installed" {
+                    "Scheduled"
+                } else {
+                    "Updated the schedule of"
+                },
+                job.jobid,
+                every_text(&job.schedule),
+                humantime::format_duration(args.time_limit())
+            );
+            crate::outln!("  runs: {}", job.command);
+            crate::outln!(
+                "Each run counts the new rows in the database (the server-side engine); the first run, and \
+                 rebuilds, stay with the CLI. Watch it with `usage-agg status --env {}` or `usage-agg schedule \
+                 --show`.",
+                env.to_lowercase()
+            );
+        }
+        ("removed", Some(job)) => crate::outln!(
+            "Removed the schedule {name} from the {env} database (pg_cron job {}, {})",
+            job.jobid,
+            every_text(&job.schedule)
+        ),
+        ("none", _) => {
+            crate::outln!("No schedule to remove: the {env} database has no pg_cron job {name}")
+        }
+        _ => crate::out!("{}", render(env, &answer, now)),
+    }
+    for w in &warnings {
+        crate::outln!("Note: {w}");
+    }
+    Ok(())
+}
+
+/// "every 5 minutes (*/5 * * * *)", or the expression alone.
+fn every_text(cron: &str) -> String {
+    describe(cron).map_or_else(|| format!("on {cron}"), |d| format!("{d} ({cron})"))
+}
+
+/// `--show`: the job and its last runs.
+fn render(env: &str, a: &CronAnswer, now: DateTime<Utc>) -> String {
+    let mut out = format!("usage-agg schedule ({env})\n");
+    for (k, v) in job_lines(a.job.as_ref(), &a.runs, now, true) {
+        out.push_str(&format!("  {k:<14} {v}\n"));
+    }
+    out
+}
+
+/// The lines `--show` and `status` print about the job: (label with its
+/// colon, or empty for a continuation, value).
+pub(crate) fn job_lines(
+    job: Option<&CronJob>,
+    runs: &[CronRun],
+    now: DateTime<Utc>,
+    with_command: bool,
+) -> Vec<(String, String)> {
+    let Some(job) = job else {
+        return vec![(
+            "Schedule:".into(),
+            "none in the database (pg_cron is enabled; `usage-agg schedule --every 5m` runs the job there)"
+                .into(),
+        )];
+    };
+    let mut lines = vec![(
+        "Schedule:".to_string(),
+        format!(
+            "{}, pg_cron job {} {}{}",
+            every_text(&job.schedule),
+            job.jobid,
+            job.jobname.as_deref().unwrap_or("(no name)"),
+            if job.active {
+                ""
+            } else {
+                ", INACTIVE (it does not run)"
+            }
+        ),
+    )];
+    if with_command {
+        lines.push(("Command:".into(), job.command.clone()));
+    }
+    if runs.is_empty() {
+        lines.push(("Cron runs:".into(), "none yet".into()));
+    }
+    for (i, r) in runs.iter().enumerate() {
+        let label = if i == 0 { "Cron runs:" } else { "" };
+        lines.push((label.into(), run_text(r, now)));
+    }
+    lines
+}
+
+/// One run: when, how it ended, how long, and why when it failed.
+pub(crate) fn run_text(r: &CronRun, now: DateTime<Utc>) -> String {
+    let took = match (
+        r.start_time.as_deref().and_then(parse_time),
+        r.end_time.as_deref().and_then(parse_time),
+    ) {
+        (Some(s), Some(e)) if e >= s => {
+            format!(" in {:.1} s", (e - s).num_milliseconds() as f64 / 1000.0)
+        }
+        _ => String::new(),
+    };
+    let status = r.status.as_deref().unwrap_or("?");
+    let why = match status {
+        "failed" => r
+            .return_message
+            .as_deref()
+            .map(first_line)
+            .map_or(String::new(), |m| format!(": {m}")),
+        _ => String::new(),
+    };
+    format!("{} {status}{took}{why}", when(r.start_time.as_deref(), now))
+}
+
+/// A failed run's message on one line, without PostgreSQL's "ERROR:  ".
+fn first_line(m: &str) -> String {
+    let line = m.lines().next().unwrap_or_default();
+    let line = line.trim_start_matches("ERROR:").trim();
+    if line.chars().count() > 300 {
+        format!("{}...", line.chars().take(300).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shows_the_job_and_why_a_run_failed() {
+        let now = parse_time("2026-12-01T10:05:01+00:00").unwrap();
+        let job = CronJob {
+            jobid: 3,
+            jobname: Some("usage-agg-default".into()),
+            schedule: "*/5 * * * *".into(),
+            command: "CALL public.usage_agg_run_scheduled(50)".into(),
+            active: true,
+            username: Some("postgres".into()),
+            database: Some("postgres".into()),
+        };
+        let runs = [
+            CronRun {
+                runid: 9,
+                status: Some("failed".into()),
+                return_message: Some(
+                    "ERROR:  usage_agg_run_scheduled (refused): refused to count: the sequence ...\nDETAIL: {}"
+                        .into(),
+                ),
+                start_time: Some("2026-12-01T10:05:00.01+00:00".into()),
+                end_time: Some("2026-12-01T10:05:00.03+00:00".into()),
+            },
+            CronRun {
+                runid: 8,
+                status: Some("succeeded".into()),
+                return_message: Some("1 row".into()),
+                start_time: Some("2026-12-01T10:00:00+00:00".into()),
+                end_time: Some("2026-12-01T10:00:00.4+00:00".into()),
+            },
+        ];
+        let text = render(
+            "PROD",
+            &CronAnswer {
+                pg_cron: true,
+                job: Some(job),
+                runs: runs.to_vec(),
+                ..CronAnswer::default()
+            },
+            now,
+        );
+        for needle in [
+            "Schedule:      every 5 minutes (*/5 * * * *), pg_cron job 3 usage-agg-default\n",
+            "Command:       CALL public.usage_agg_run_scheduled(50)\n",
+            "Cron runs:     2026-12-01 10:05:00 UTC (0 seconds ago) failed in 0.0 s: \
+             usage_agg_run_scheduled (refused): refused to count: the sequence ...\n",
+            "                 2026-12-01 10:00:00 UTC (5 minutes ago) succeeded in 0.4 s\n",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in\n{text}");
+        }
+        assert!(!text.contains("DETAIL"), "{text}");
+    }
+}
