@@ -11,7 +11,9 @@ use crate::cli::DoctorArgs;
 use crate::config::KeyKind;
 use crate::exit::{self, Status};
 use crate::output::Style;
+use crate::postgrest::Kind;
 use crate::preflight;
+use crate::schedule::CronAnswer;
 use crate::state::{owner_is_dead_here, LATEST_MIGRATION, MIGRATIONS};
 use crate::store::rest::RestStore;
 use crate::store::Store;
@@ -148,7 +150,9 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                 "unique key",
                 "assumptions",
                 "lease",
+                "rejected rows",
                 "last run",
+                "schedule",
             ] {
                 out.push(Check::skipped(name, "the server answered nothing usable"));
             }
@@ -187,14 +191,22 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
     } else {
         match store.preflight().await {
             Ok(f) => {
-                out.push(Check::pass(
-                    "migrations",
-                    format!(
-                        "all {} applied (up to {LATEST_MIGRATION})",
-                        MIGRATIONS.len()
+                // The newest migration's functions answer too (its schedule
+                // functions read the pg_cron job, which the last check shows).
+                let schedule = store.schedule_show(1).await;
+                out.push(match &schedule {
+                    Err(e) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
+                        Check::from_error("migrations", e, config)
+                    }
+                    _ => Check::pass(
+                        "migrations",
+                        format!(
+                            "all {} applied (up to {LATEST_MIGRATION})",
+                            MIGRATIONS.len()
+                        ),
                     ),
-                ));
-                Some(f)
+                });
+                Some((f, schedule))
             }
             Err(e) => {
                 out.push(Check::from_error("migrations", &e, config));
@@ -202,13 +214,14 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
             }
         }
     };
-    let Some(facts) = facts else {
+    let Some((facts, schedule)) = facts else {
         for name in [
             "unique key",
             "assumptions",
             "lease",
             "rejected rows",
             "last run",
+            "schedule",
         ] {
             out.push(Check::skipped(name, "the migrations are not all applied"));
         }
@@ -313,6 +326,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         }
         Err(e) => out.push(Check::from_error("lease", &e, config)),
     }
+    out.push(schedule_check(schedule, config));
     if facts.refused_keys > 0 {
         out.push(Check::fail(
             "refused keys",
@@ -326,6 +340,81 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         ));
     }
     out
+}
+
+/// The job scheduled in the database: optional, so none (or no pg_cron)
+/// passes; a job that does not run, or whose last run failed, does not.
+fn schedule_check(schedule: anyhow::Result<CronAnswer>, config: &crate::config::Config) -> Check {
+    const NAME: &str = "schedule";
+    let answer = match schedule {
+        Ok(a) => a,
+        Err(e) if exit::api_kind(&e) == Some(Kind::MissingFunction) => {
+            return Check::skipped(NAME, "the migration that reads it is not applied");
+        }
+        Err(e) => return Check::from_error(NAME, &e, config),
+    };
+    if !answer.pg_cron {
+        return Check::pass(
+            NAME,
+            "none in the database: pg_cron is not enabled there (optional: runs come from a cron host; \
+             `usage-agg schedule` needs pg_cron)",
+        );
+    }
+    let Some(job) = answer.job else {
+        return Check::pass(
+            NAME,
+            format!(
+                "none in the database (pg_cron {} is enabled: runs come from elsewhere, or `usage-agg schedule \
+                 --every 5m`)",
+                answer.version.as_deref().unwrap_or("?")
+            ),
+        );
+    };
+    let every =
+        crate::schedule::describe(&job.schedule).unwrap_or_else(|| format!("on {}", job.schedule));
+    let what = format!(
+        "{} {every} ({}), pg_cron job {}",
+        job.jobname.as_deref().unwrap_or("?"),
+        job.schedule,
+        job.jobid
+    );
+    if !job.active {
+        return Check::fail(
+            NAME,
+            format!("{what} is inactive: it does not run"),
+            format!(
+                "SELECT cron.alter_job({}, active := true); or `usage-agg schedule --remove` if it should not run",
+                job.jobid
+            ),
+            Status::Config,
+        );
+    }
+    match answer.runs.first() {
+        Some(r) if r.status.as_deref() == Some("failed") => Check::fail(
+            NAME,
+            format!(
+                "{what}; its last run, {}, failed: {}",
+                r.start_time.as_deref().unwrap_or("?"),
+                r.return_message
+                    .as_deref()
+                    .and_then(|m| m.lines().next())
+                    .unwrap_or("?")
+                    .trim_start_matches("ERROR:")
+                    .trim()
+            ),
+            "the message names the repair; `usage-agg schedule --show` lists the last runs",
+            Status::DataErr,
+        ),
+        Some(r) => Check::pass(
+            NAME,
+            format!(
+                "{what}; last run {} {}",
+                r.start_time.as_deref().unwrap_or("?"),
+                r.status.as_deref().unwrap_or("?")
+            ),
+        ),
+        None => Check::pass(NAME, format!("{what}; no run yet")),
+    }
 }
 
 /// Prints the checks (or the JSON) and returns the gravest status.

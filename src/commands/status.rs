@@ -12,6 +12,7 @@ use crate::exit::Status;
 use crate::metrics::{self, StatusMetrics};
 use crate::ping::Ping;
 use crate::preflight;
+use crate::schedule::CronAnswer;
 use crate::state::{StateRow, MIGRATION_FILE};
 use crate::store::rest::RestStore;
 use crate::store::Store;
@@ -69,7 +70,7 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     };
     let env = config.environment.upper();
     let gathered = gather(&RestStore::new(client.clone())).await;
-    let (installed, state, newest, facts) = match gathered {
+    let (installed, state, newest, facts, schedule) = match gathered {
         Ok(g) => g,
         Err(e) => {
             let status = report_error(&e, Some(&config));
@@ -144,6 +145,7 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
         "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
         "last_run_by": state.last_run_by,
+        "schedule": schedule.as_ref().map(|s| json!({"job": s.job, "runs": s.runs})),
     });
     let mut summary = summary;
     if let (Some(o), Ok(Some(p))) = (summary.as_object_mut(), &periods) {
@@ -164,6 +166,12 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         crate::outln!("{summary}");
     } else if !args.output.quiet {
         crate::out!("{}", render(env, installed, &state, newest, backlog, now));
+        if let Some(s) = &schedule {
+            for (k, v) in crate::commands::schedule::job_lines(s.job.as_ref(), &s.runs, now, false)
+            {
+                crate::outln!("  {k:<14} {v}");
+            }
+        }
         for p in &problems {
             crate::outln!("  PROBLEM:       {p}");
         }
@@ -197,22 +205,55 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     (status, summary)
 }
 
-type Gathered = (bool, StateRow, Option<i64>, Option<preflight::Facts>);
+type Gathered = (
+    bool,
+    StateRow,
+    Option<i64>,
+    Option<preflight::Facts>,
+    Option<CronAnswer>,
+);
 
 async fn gather(store: &impl Store) -> anyhow::Result<Gathered> {
     let installed = store.installed().await?;
-    let (row, facts) = if installed {
+    let (row, facts, schedule) = if installed {
         (
             store.state().await?.unwrap_or_default(),
             Some(store.preflight().await?),
+            schedule(store).await,
         )
     } else {
-        (StateRow::default(), None)
+        (StateRow::default(), None, None)
     };
     // Minus the cursor, the newest id bounds the backlog (ids skipped by
     // rolled-back inserts make it an overestimate, never an under-).
     let newest = store.newest_id().await?;
-    Ok((installed, row, (newest > 0).then_some(newest), facts))
+    Ok((
+        installed,
+        row,
+        (newest > 0).then_some(newest),
+        facts,
+        schedule,
+    ))
+}
+
+/// Runs of the scheduled job shown by `status`.
+const CRON_RUNS_SHOWN: usize = 3;
+
+/// The job scheduled in the database and its last runs, when pg_cron is
+/// there. None without pg_cron, and without the migration that reads it
+/// (the schedule is optional); any other error is a warning, not a failed
+/// health check.
+async fn schedule(store: &impl Store) -> Option<CronAnswer> {
+    match store.schedule_show(CRON_RUNS_SHOWN).await {
+        Ok(a) => a.pg_cron.then_some(a),
+        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingFunction) => {
+            None
+        }
+        Err(e) => {
+            tracing::warn!("could not read the schedule: {e:#}");
+            None
+        }
+    }
 }
 
 /// Closed months, the newest, what prune could delete, what could close,

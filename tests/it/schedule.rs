@@ -434,3 +434,45 @@ fn without_pg_cron_schedule_says_how_to_enable_it() {
         .assert_stderr_has("usage_agg_schedule_show is missing")
         .assert_stderr_has(SCHEDULE_MIGRATION);
 }
+
+#[test]
+fn without_pg_cron_or_its_migration_status_shows_no_schedule_and_doctor_says_what_is_missing() {
+    let stack = migrated_stack();
+    let run = status(&stack);
+    run.assert_status(0);
+    assert!(!run.stdout.contains("Schedule"), "{}", run.stdout);
+    let json: serde_json::Value = serde_json::from_str(
+        &usage_agg(
+            &workdir(),
+            &stack.env(),
+            &["status", "--env", "dev", "--json"],
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(json["schedule"].is_null(), "{json}");
+    let run = doctor(&stack);
+    run.assert_status(0);
+    assert!(
+        doctor_line(&run, "schedule").starts_with("ok")
+            && run.stdout.contains("pg_cron is not enabled there"),
+        "{}",
+        run.stdout
+    );
+
+    // The migration that schedules is not applied: status does not mind,
+    // doctor names it.
+    let mut stack = Stack::new();
+    for m in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+        migrate_file(&mut stack, m);
+    }
+    status(&stack).assert_status(0);
+    let run = doctor(&stack);
+    run.assert_status(78);
+    assert!(
+        doctor_line(&run, "migrations").starts_with("FAIL"),
+        "{}",
+        run.stdout
+    );
+    run.assert_stdout_has(SCHEDULE_MIGRATION);
+}
