@@ -2,7 +2,8 @@
 //! host"): `usage_agg_run_scheduled`, the procedure pg_cron calls, keeps the
 //! CLI's contract (the run-time checks, the lease, one transaction per
 //! batch, the run record); `usage-agg schedule` installs, shows and removes
-//! the pg_cron job over the REST API.
+//! the pg_cron job over the REST API; and one test lets pg_cron run it for
+//! real, every minute, beside CLI runs of both engines.
 
 use std::time::{Duration, Instant};
 
@@ -475,4 +476,173 @@ fn without_pg_cron_or_its_migration_status_shows_no_schedule_and_doctor_says_wha
         run.stdout
     );
     run.assert_stdout_has(SCHEDULE_MIGRATION);
+}
+
+/// pg_cron for real: scheduled every minute, the job runs in the database
+/// while CLI runs of both engines come and go, and every row is counted
+/// once. Up to about a minute of waiting for pg_cron's turn of the minute.
+#[test]
+fn a_job_scheduled_with_pg_cron_runs_beside_cli_runs_of_both_engines_with_no_drift() {
+    let mut stack = Stack::with_cron();
+    let has_cron = count(
+        &stack,
+        "SELECT count(*) FROM pg_extension WHERE extname = 'pg_cron'",
+    ) == 1;
+    if !has_cron && stack.is_external() {
+        eprintln!("skipped: the external test database has no pg_cron");
+        return;
+    }
+    assert!(has_cron, "the harness's pg_cron database has no pg_cron");
+    migrate(&mut stack);
+    let mut rng = Rng(0xC0FFEE);
+    insert_random(&stack, &mut rng, 1_500, 40);
+    aggregate(&stack, &[]).assert_status(0);
+
+    schedule(&stack, &["--every", "1m"])
+        .assert_status(0)
+        .assert_stdout_has("Scheduled usage-agg-default in the DEV database")
+        .assert_stdout_has("every minute (* * * * *), each run at most 50s");
+    // Again: the same job, by name, updated; never a second one.
+    schedule(&stack, &["--every", "1m", "--time-limit", "40s"])
+        .assert_status(0)
+        .assert_stdout_has("Updated the schedule of usage-agg-default");
+    assert_eq!(
+        stack
+            .sql()
+            .query_one("SELECT count(*), min(command) FROM cron.job", &[])
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+            .unwrap(),
+        (1, "CALL public.usage_agg_run_scheduled(40)".to_string())
+    );
+    schedule(&stack, &["--show"])
+        .assert_status(0)
+        .assert_stdout_has("Schedule:      every minute (* * * * *)")
+        .assert_stdout_has("Command:       CALL public.usage_agg_run_scheduled(40)")
+        .assert_stdout_has("Cron runs:     none yet");
+
+    // CLI runs, alternating engines, with rows inserted after each, until a
+    // scheduled run has counted some. They keep off the turn of the minute,
+    // when pg_cron starts the job, so that the job finds the lease free (one
+    // that finds it held records nothing and waits a minute more).
+    insert_random(&stack, &mut rng, 300, 40);
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut cli_runs = 0;
+    loop {
+        if state_text(&stack, "last_run_by").is_some_and(|by| by.starts_with("pg_cron@")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled run within 150 s; pg_cron says: {:?}",
+            stack
+                .sql()
+                .query("SELECT status || ': ' || coalesce(return_message, '') FROM cron.job_run_details", &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        );
+        let second = count(&stack, "SELECT extract(second FROM now())::bigint");
+        if (3..=55).contains(&second) {
+            let engine = ["rest", "rpc"][cli_runs % 2];
+            let run = aggregate(&stack, &["--engine", engine]);
+            assert!(
+                matches!(run.status, 0 | 75),
+                "{engine}: {}{}",
+                run.stdout,
+                run.stderr
+            );
+            cli_runs += 1;
+            let n = 1 + rng.below(200) as usize;
+            insert_random(&stack, &mut rng, n, 40);
+        }
+        std::thread::sleep(Duration::from_secs(1)); // polling for the scheduled run
+    }
+    assert_eq!(
+        state_text(&stack, "last_run_outcome").as_deref(),
+        Some("ok")
+    );
+    let counted: i64 = state_text(&stack, "last_run_rows")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        counted > 0,
+        "the scheduled run counted the rows inserted after the last CLI run"
+    );
+    // And CLI runs after it, of both engines.
+    for engine in ["rest", "rpc"] {
+        insert_random(&stack, &mut rng, 150, 40);
+        let run = aggregate(&stack, &["--engine", engine]);
+        assert!(
+            matches!(run.status, 0 | 75),
+            "{engine}: {}{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    aggregate(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
+    assert_watermarks(&stack);
+    eprintln!("{cli_runs} CLI runs before the scheduled one");
+
+    // Where an operator watches it.
+    schedule(&stack, &["--show"])
+        .assert_status(0)
+        .assert_stdout_has("Cron runs:")
+        .assert_stdout_has("succeeded in");
+    let json: serde_json::Value =
+        serde_json::from_str(&schedule(&stack, &["--show", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (
+            json["command"].as_str(),
+            json["environment"].as_str(),
+            json["exit_status"].as_i64(),
+            json["outcome"].as_str(),
+            json["job"]["jobname"].as_str(),
+        ),
+        (
+            Some("schedule"),
+            Some("DEV"),
+            Some(0),
+            Some("ok"),
+            Some("usage-agg-default")
+        ),
+        "{json}"
+    );
+    assert!(
+        json["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == "succeeded"),
+        "{json}"
+    );
+    status(&stack)
+        .assert_status(0)
+        .assert_stdout_has("Schedule:      every minute (* * * * *), pg_cron job")
+        .assert_stdout_has("Cron runs:")
+        .assert_stdout_has("succeeded");
+    let run = doctor(&stack);
+    run.assert_status(0);
+    assert!(
+        doctor_line(&run, "schedule").starts_with("ok")
+            && doctor_line(&run, "schedule").contains("usage-agg-default every minute (* * * * *)"),
+        "{}",
+        run.stdout
+    );
+
+    schedule(&stack, &["--remove"])
+        .assert_status(0)
+        .assert_stdout_has("Removed the schedule usage-agg-default from the DEV database");
+    assert_eq!(count(&stack, "SELECT count(*) FROM cron.job"), 0);
+    schedule(&stack, &["--remove"])
+        .assert_status(0)
+        .assert_stdout_has("No schedule to remove");
+    schedule(&stack, &["--show"])
+        .assert_status(0)
+        .assert_stdout_has("Schedule:      none in the database");
+    status(&stack)
+        .assert_status(0)
+        .assert_stdout_has("Schedule:      none in the database");
 }

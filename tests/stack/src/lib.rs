@@ -35,6 +35,8 @@ const GRANTS: &str = include_str!("../sql/supabase-grants.sql");
 /// Supabase's default `max_rows`: every test runs with the silent cap on.
 pub const MAX_ROWS: u32 = 1000;
 const TEMPLATE_DB: &str = "usage_agg_template";
+/// The one database of the cluster that holds pg_cron (`cron.database_name`).
+pub const CRON_DB: &str = "usage_agg_cron";
 const JWT_SECRET: &str = "usage-agg-test-secret-at-least-32-characters-long";
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -67,6 +69,12 @@ pub fn postrust_bin() -> PathBuf {
     bin
 }
 
+/// Whether Debian's postgresql-15-cron is installed (`scripts/setup`
+/// installs it): then every cluster preloads pg_cron.
+pub fn pg_cron_installed() -> bool {
+    Path::new(PG_BIN).join("../lib/pg_cron.so").exists()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
@@ -82,10 +90,24 @@ fn is_root() -> bool {
 
 /// A PostgreSQL cluster in a private directory. PostgreSQL refuses to run as
 /// root, so as root every server command runs as the `postgres` user.
+///
+/// With pg_cron installed, the cluster preloads it (Supabase Cron), and
+/// `cron.database_name` names [`CRON_DB`]: pg_cron keeps its job table in
+/// one database per cluster and both settings take effect only at start.
+/// That database is created at start from the template, with the extension,
+/// so it is a test database like the others, holding pg_cron as a Supabase
+/// project's own database does; [`Stack::with_cron`] hands it to the one
+/// test that schedules. Jobs could also run in other databases
+/// (`cron.schedule_in_database`), but the job table would not be there:
+/// usage-agg's schedule functions read and write `cron.job` in the
+/// project's database, as on Supabase. Every other test database has no
+/// pg_cron, which is the "not enabled" case.
 pub struct Cluster {
     dir: PathBuf,
     pub port: u16,
     next_db: AtomicUsize,
+    /// Whether pg_cron is preloaded, and [`CRON_DB`] holds it.
+    pub cron: bool,
 }
 
 impl Cluster {
@@ -117,13 +139,21 @@ impl Cluster {
             ])
             .arg(&data));
         let mut last_err = String::new();
+        let cron = pg_cron_installed();
         for _ in 0..5 {
             let port = free_port();
-            let opts = format!(
+            let mut opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
                  -c full_page_writes=off -c max_prepared_transactions=20 -c max_connections=400 -c shared_buffers=256MB",
                 dir.display()
             );
+            if cron {
+                // Jobs connect over TCP like any client (cron.host), as the
+                // role that scheduled them, on this port.
+                opts.push_str(&format!(
+                    " -c shared_preload_libraries=pg_cron -c cron.database_name={CRON_DB} -c cron.host=127.0.0.1"
+                ));
+            }
             let out = pg_cmd("pg_ctl")
                 .arg("-D")
                 .arg(&data)
@@ -137,6 +167,7 @@ impl Cluster {
                     dir,
                     port,
                     next_db: AtomicUsize::new(0),
+                    cron,
                 };
                 cluster.prepare_template();
                 return cluster;
@@ -181,6 +212,16 @@ impl Cluster {
         let mut t = postgres::Client::connect(&self.url(TEMPLATE_DB), postgres::NoTls).unwrap();
         t.batch_execute(SEED_SCHEMA).unwrap();
         t.batch_execute(GRANTS).unwrap();
+        drop(t); // a template cannot be copied while connected to
+        if self.cron {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {CRON_DB} TEMPLATE {TEMPLATE_DB}"))
+                .unwrap();
+            postgres::Client::connect(&self.url(CRON_DB), postgres::NoTls)
+                .unwrap()
+                .batch_execute("CREATE EXTENSION pg_cron")
+                .unwrap();
+        }
     }
 
     /// A fresh database holding the seed's schema and Supabase's grants.
@@ -289,7 +330,31 @@ impl Stack {
     /// A stack whose server caps responses at `max_rows` (the benchmark
     /// pages 10,000 rows at a time; Supabase allows raising the cap).
     pub fn with_max_rows(cluster: &Cluster, max_rows: u32) -> Stack {
-        let db = cluster.create_database();
+        Stack::serving(cluster, cluster.create_database(), max_rows)
+    }
+
+    /// The stack on the cluster's database that holds pg_cron ([`CRON_DB`]),
+    /// or the external PostgREST named by `USAGE_AGG_TEST_*` (which may or
+    /// may not have pg_cron). One test per process may take it: jobs
+    /// scheduled there run for as long as the cluster does.
+    pub fn with_cron() -> Stack {
+        if let Ok(rest_url) = std::env::var("USAGE_AGG_TEST_REST_URL") {
+            return Stack::external(rest_url);
+        }
+        static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let cluster = Cluster::shared();
+        assert!(
+            cluster.cron,
+            "pg_cron is not installed (Debian's postgresql-15-cron): run scripts/setup, which installs it"
+        );
+        assert!(
+            !TAKEN.swap(true, Ordering::SeqCst),
+            "only one test may take the pg_cron database"
+        );
+        Stack::serving(cluster, CRON_DB.to_string(), MAX_ROWS)
+    }
+
+    fn serving(cluster: &Cluster, db: String, max_rows: u32) -> Stack {
         let database_url = cluster.url(&db);
         let server_env = vec![
             (
