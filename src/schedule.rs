@@ -34,10 +34,15 @@ pub fn cron_expression(d: Duration) -> Result<Every, String> {
     const MINUTES: [u64; 11] = [1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30];
     const HOURS: [u64; 8] = [1, 2, 3, 4, 6, 8, 12, 24];
     let secs = d.as_secs();
-    if d.subsec_nanos() != 0 || secs == 0 || secs % 60 != 0 {
+    const PICK: &str =
+        "pick one of 1m, 2m, 3m, 4m, 5m, 6m, 10m, 12m, 15m, 20m, 30m, 1h, 2h, 3h, 4h, 6h, \
+                        8h, 12h, 1d";
+    if secs == 0 && d.subsec_nanos() == 0 {
+        return Err(format!("an interval of zero runs nothing; {PICK}"));
+    }
+    if d.subsec_nanos() != 0 || secs % 60 != 0 {
         return Err(format!(
-            "pg_cron schedules by the minute (cron syntax): {} is not a whole number of minutes; pick one of \
-             1m, 2m, 3m, 4m, 5m, 6m, 10m, 12m, 15m, 20m, 30m, 1h, 2h, 3h, 4h, 6h, 8h, 12h, 1d",
+            "pg_cron schedules by the minute (cron syntax): {} is not a whole number of minutes; {PICK}",
             humantime::format_duration(d)
         ));
     }

@@ -227,8 +227,20 @@ BEGIN
     'sequence_last_value', seq_last,
     'sequence_cache', seq_cache,
     'id_default', id_default,
+    -- From the watched sequence itself: an identity column, or a default
+    -- that depends on that sequence (a nextval() of another sequence would
+    -- leave the watched one still while ids move on).
     'id_from_sequence', coalesce(identity IN ('a', 'd')
-                                 OR (seq IS NOT NULL AND id_default LIKE 'nextval(%'), false),
+                                 OR (seq IS NOT NULL AND id_default LIKE 'nextval(%' AND EXISTS (
+                                       SELECT 1 FROM pg_attrdef d
+                                         JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass
+                                                           AND dep.objid = d.oid
+                                        WHERE d.adrelid = 'public.usage_requests'::regclass
+                                          AND d.adnum = (SELECT attnum FROM pg_attribute
+                                                          WHERE attrelid = 'public.usage_requests'::regclass
+                                                            AND attname = 'id')
+                                          AND dep.refclassid = 'pg_class'::regclass
+                                          AND dep.refobjid = seq::regclass)), false),
     'newest_id', newest,
     'cursor', st.cursor_id,
     'highest_watermark', (SELECT max(last_request_id) FROM public.portal_usage_monthly),

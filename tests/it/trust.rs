@@ -502,3 +502,24 @@ fn a_write_a_trigger_undid_is_reported_lost() {
         Some("writes_lost")
     );
 }
+
+/// Found by an adversarial pass: a default from another sequence left the
+/// watched one still, so the horizon stopped while ids moved on; a writer in
+/// a REPEATABLE READ snapshot then committed rows below the cursor unseen.
+#[test]
+fn a_default_from_another_sequence_is_refused() {
+    let mut stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    stack.ddl(
+        "CREATE SEQUENCE public.usage_requests_id_seq2 START 1001;
+         ALTER TABLE public.usage_requests ALTER COLUMN id SET DEFAULT nextval('public.usage_requests_id_seq2')",
+    );
+    for engine in ENGINES {
+        aggregate(&stack, &["--engine", engine])
+            .assert_status(78)
+            .assert_stderr_has("not from public.usage_requests_id_seq");
+    }
+    usage_agg(&workdir(), &stack.env(), &["doctor", "--env", "dev"]).assert_status(78);
+    status(&stack).assert_status(78);
+}
