@@ -90,9 +90,11 @@ pub fn api_kind(err: &anyhow::Error) -> Option<Kind> {
 fn classify_api(e: &ApiError) -> Status {
     match e.kind() {
         // After the retries: the server could not be reached, or did not serve.
-        Kind::Transient | Kind::Unavailable | Kind::UrlTooLong | Kind::Unresolvable => {
-            Status::Unavailable
-        }
+        Kind::Transient
+        | Kind::Unavailable
+        | Kind::UrlTooLong
+        | Kind::Unresolvable
+        | Kind::StatementTimeout => Status::Unavailable,
         Kind::KeyRefused | Kind::NotGranted => Status::NoPerm,
         // The URL configured is not where the API is, or the schema or the
         // migrations are not what usage-agg needs.

@@ -342,6 +342,19 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
             count((o.write.superseded.len()) as u64, "key was", "keys were")
         );
     }
+    if o.batches_halved > 0 {
+        let _ = writeln!(
+            s,
+            "{} {} the statement timeout and halved, then went through; if this repeats, \
+             a smaller --batch-size saves the wasted work",
+            style.mark(Mark::Info),
+            count(
+                u64::from(o.batches_halved),
+                "batch ran past",
+                "batches ran past"
+            )
+        );
+    }
     if let Some(reason) = &o.write.fallback_reason {
         let _ = writeln!(
             s,
@@ -710,6 +723,7 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                 "refusals_standing": o.refusals_standing.count,
                 "refusals_since": o.refusals_standing.since,
                 "restored_keys": o.restored_keys,
+                "batches_halved": o.batches_halved,
                 "cursor_before": o.cursor.and_then(|c| c.0),
                 "cursor_after": o.cursor.map(|c| c.1),
                 "upsert_fallback": o.write.fallback_reason,

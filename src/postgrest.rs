@@ -136,6 +136,10 @@ pub enum Kind {
     Unavailable,
     /// A gateway refused a URL this long (414).
     UrlTooLong,
+    /// The statement ran past the role's statement_timeout (57014; about
+    /// 8 s for Supabase's API roles): the same request would time out
+    /// again, so it is not retried as is; a caller may ask for less work.
+    StatementTimeout,
     /// 401 or 403: the key is not one this server takes.
     KeyRefused,
     /// 403 42501 with a key the server took: its role lacks a GRANT.
@@ -174,6 +178,7 @@ impl ApiError {
             ApiError::Status { status, .. } => match (status.as_u16(), self.code()) {
                 (502 | 503 | 504 | 520 | 522 | 524, _) => Kind::Transient,
                 (500, Some("40001" | "40P01" | "55P03")) => Kind::Transient,
+                (500, Some("57014")) => Kind::StatementTimeout,
                 (403, Some("42501")) => Kind::NotGranted,
                 (401 | 403, _) => Kind::KeyRefused,
                 (404, Some("PGRST205" | "42P01")) => Kind::MissingTable,
@@ -840,6 +845,7 @@ mod tests {
             (400, Some("42P10"), Kind::UpsertRefused),
             (409, Some("23505"), Kind::Conflict),
             (400, Some("22P02"), Kind::Unexpected),
+            (500, Some("57014"), Kind::StatementTimeout),
         ] {
             let e = status(code, pg);
             assert_eq!(e.kind(), kind, "{code} {pg:?}");

@@ -163,6 +163,8 @@ pub struct Outcome {
     pub refusals_standing: Refusals,
     /// Keys whose monthly row had been deleted, rebuilt from all their rows.
     pub restored_keys: Vec<String>,
+    /// Server-side batches halved after running past the statement timeout.
+    pub batches_halved: u32,
     /// Rows of closed months booked as late adjustments.
     pub late: Late,
     /// Closed months in a rebuild's scope, left as they are.

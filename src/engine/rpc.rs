@@ -15,6 +15,17 @@ use crate::store::{Store, StoredFilter};
 /// under Supabase's 8 s statement timeout on a slower or busier database.
 pub const DEFAULT_BATCH_IDS: u64 = 1_000_000;
 
+/// The smallest batch the engine halves down to after statement timeouts.
+pub const MIN_BATCH_IDS: u64 = 1_000;
+
+/// Whether a batch failed on the statement timeout (and so may shrink).
+fn timed_out(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::postgrest::Failure>()
+            .is_some_and(|f| f.kind() == crate::postgrest::Kind::StatementTimeout)
+    })
+}
+
 /// Another call is running a batch for this job: exit 75, try later.
 #[derive(Debug, thiserror::Error)]
 #[error("another usage_agg_rpc_batch call is running for this job; it is doing this work")]
@@ -26,7 +37,7 @@ pub async fn run<S: Store>(
     store: &S,
     cursor: i64,
     owner: Option<&str>,
-    batch_ids: u64,
+    mut batch_ids: u64,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome {
@@ -37,9 +48,27 @@ pub async fn run<S: Store>(
     let mut batches = 0;
     let mut last;
     loop {
-        let b = store
+        let b = match store
             .rpc_batch(batch_ids, opts.horizon_wait, opts.dry_run)
-            .await?;
+            .await
+        {
+            Ok(b) => b,
+            // A batch is one transaction: one that ran past the statement
+            // timeout was rolled back whole. Half the ids, and again, until
+            // it fits (a small instance, a busy hour) or cannot shrink.
+            Err(e) if timed_out(&e) && batch_ids > MIN_BATCH_IDS => {
+                let smaller = (batch_ids / 2).max(MIN_BATCH_IDS);
+                tracing::warn!(
+                    from = batch_ids,
+                    to = smaller,
+                    "a batch ran past the statement timeout; halving it"
+                );
+                outcome.batches_halved += 1;
+                batch_ids = smaller;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if b.busy {
             return Err(BatchBusy.into());
         }

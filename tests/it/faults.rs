@@ -254,3 +254,41 @@ fn a_redirect_to_another_origin_is_not_followed_and_the_key_never_reaches_it() {
         0
     );
 }
+
+#[test]
+fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 600, 5);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 3000, 5);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    // As PostgREST answers a statement that ran past statement_timeout:
+    // the batch's transaction was rolled back whole.
+    let timeout = Fault::Respond {
+        status: 500,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
+    };
+    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", timeout, 2);
+    let run = run_via(&stack, &proxy, &["--engine", "rpc", "--verbose"]);
+    run.assert_status(0)
+        .assert_stdout_has("2 batches ran past the statement timeout and halved");
+    assert_eq!(
+        proxy.count("POST", "/rpc/usage_agg_rpc_batch"),
+        3,
+        "two halvings, then one batch"
+    );
+    assert_no_drift(&stack);
+    // A timeout at the smallest batch is the server's answer: 69, not a loop.
+    insert_rows(&stack, 100, 5);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    let timeout = Fault::Respond {
+        status: 500,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
+    };
+    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", timeout, 100);
+    run_via(&stack, &proxy, &["--engine", "rpc", "--batch-size", "1000"]).assert_status(69);
+    assert_eq!(proxy.count("POST", "/rpc/usage_agg_rpc_batch"), 1);
+    assert_recovers(&stack);
+}
