@@ -212,20 +212,36 @@ async fn settle<S: Store>(
     let stored = store.stored_for(&keys, opts.page_size).await?;
     let late = store.late_for(&keys, opts.page_size).await?;
     let marks = watermarks(&stored, &late);
-    let mut changes = Vec::new();
-    let mut late_changes = Vec::new();
+    // Keys another run wrote meanwhile are counted again from their new
+    // watermark, all of them in one scan of the batch's range (one scan
+    // per key made a run beside another hundreds of times slower).
+    let mut settled: Vec<(Key, i64, Option<Totals>)> = Vec::new();
+    let mut recount: HashMap<Key, i64> = HashMap::new();
     for (key, delta) in &fold.groups {
         let now = marks.get(key).copied().unwrap_or(0);
         let assumed = dirty.get(key).map_or(start, |w| (*w).max(start));
         let from = now.max(start);
-        let delta = if from == assumed {
-            *delta
-        } else if now >= end {
-            continue; // another run counted this key further than we read
-        } else {
-            tracing::info!(%key, from, "key written by another run meanwhile; recounting its rows");
-            recount_key(store, *key, from, end, opts.page_size).await?
-        };
+        if from == assumed {
+            settled.push((*key, from, Some(*delta)));
+        } else if now < end {
+            recount.insert(*key, from);
+            settled.push((*key, from, None));
+        } // else: another run counted this key further than we read
+    }
+    let recounted = if recount.is_empty() {
+        HashMap::new()
+    } else {
+        tracing::info!(
+            keys = recount.len(),
+            "keys written by another run meanwhile; recounting their rows in one scan"
+        );
+        recount_keys(store, &recount, end, opts).await?
+    };
+    let mut changes = Vec::new();
+    let mut late_changes = Vec::new();
+    for (key, from, delta) in settled {
+        let delta = delta.unwrap_or_else(|| recounted.get(&key).copied().unwrap_or_default());
+        let key = &key;
         if delta.requests == 0 {
             continue;
         }
@@ -251,20 +267,28 @@ async fn settle<S: Store>(
     Ok((changes, late_changes))
 }
 
-/// One key's rows in (after, upto].
-async fn recount_key<S: Store>(
+/// Each key's rows above its own watermark (`from`), up to `upto`: one
+/// scan of the range above the lowest of them, every row folded only into
+/// a key it is above the watermark of.
+async fn recount_keys<S: Store>(
     store: &S,
-    key: Key,
-    after: i64,
+    from: &HashMap<Key, i64>,
     upto: i64,
-    page_size: usize,
-) -> anyhow::Result<Totals> {
-    let mut scan = store.scan(RawFilter::Key(key), after, upto, page_size, 1);
+    opts: &Options,
+) -> anyhow::Result<HashMap<Key, Totals>> {
+    let lowest = from.values().copied().min().unwrap_or(upto);
+    let mut scan = store.scan(
+        RawFilter::All,
+        lowest,
+        upto,
+        opts.page_size,
+        opts.concurrency,
+    );
     let mut fold = Fold::default();
     while let Some(page) = scan.next_page().await? {
         for row in &page {
-            fold.add(row, |_, _| true);
+            fold.add(row, |k, id| from.get(k).is_some_and(|f| id > *f));
         }
     }
-    Ok(fold.groups.get(&key).copied().unwrap_or_default())
+    Ok(fold.groups.into_iter().collect())
 }
