@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{Batch, RawFilter, Store, StoredFilter};
 use crate::adjustments::LateKey;
-use crate::aggregation::{validate, Fold, Key, Month, RawRow, Totals};
+use crate::aggregation::{Fold, Key, Month, RawRow, Totals};
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
 use crate::schedule::CronAnswer;
@@ -238,7 +238,6 @@ fn matches(filter: RawFilter, row: &RawRow) -> bool {
     match filter {
         RawFilter::All => true,
         RawFilter::Month(m) => row.month_year.as_str() == Some(&m.to_string()),
-        RawFilter::Key(k) => validate(row).is_ok_and(|g| g.key == k),
     }
 }
 

@@ -29,7 +29,6 @@ use crate::tables::{ParallelScan, WriteStats};
 pub enum RawFilter {
     All,
     Month(Month),
-    Key(Key),
 }
 
 /// Which stored rows to read.

@@ -46,10 +46,6 @@ fn raw_query(filter: RawFilter) -> Query {
     match filter {
         RawFilter::All => Query::new(),
         RawFilter::Month(m) => vec![("month_year".into(), format!("eq.{m}"))],
-        RawFilter::Key(k) => vec![
-            ("portal_id".into(), format!("eq.{}", k.portal_id)),
-            ("month_year".into(), format!("eq.{}", k.month)),
-        ],
     }
 }
 
