@@ -412,6 +412,11 @@ pub struct AggregateArgs {
     )]
     pub batch_size: Option<u64>,
 
+    /// With --engine rpc and no --batch-size: size each server-side batch to take about this long (100ms to
+    /// 60s), from how long the last one took, so a small or busy instance stays far from its statement timeout
+    #[arg(long, value_parser = batch_seconds, value_name = "DURATION", conflicts_with = "batch_size")]
+    pub batch_seconds: Option<std::time::Duration>,
+
     /// Recompute every key from all its rows instead of only new rows
     #[arg(long, conflicts_with = "month")]
     pub full: bool,
@@ -457,6 +462,18 @@ impl AggregateArgs {
     /// new rows, so a rebuild asked of it would silently run the REST one.
     fn check(&self) -> Result<(), clap::Error> {
         if self.engine != Engine::Rpc {
+            if self.batch_seconds.is_some() {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                cmd.build();
+                let sub = cmd
+                    .find_subcommand_mut("aggregate")
+                    .expect("aggregate is a subcommand");
+                return Err(sub.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--batch-seconds sizes the server-side engine's batches: add --engine rpc, or use \
+                     --batch-size for the REST engine",
+                ));
+            }
             return Ok(());
         }
         let rebuild = if self.full {
@@ -538,6 +555,15 @@ fn bounded(s: &str, max: std::time::Duration) -> Result<std::time::Duration, Str
             "{s:?} is out of range: from 1s to {}",
             humantime::format_duration(max)
         ));
+    }
+    Ok(d)
+}
+
+/// A batch duration target: 100ms to 60s.
+fn batch_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let d = duration(s)?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
+        return Err(format!("{s:?} is out of range: from 100ms to 60s"));
     }
     Ok(d)
 }

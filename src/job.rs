@@ -261,6 +261,7 @@ mod tests {
                 horizon_wait: Duration::from_millis(10),
                 progress: Progress::for_terminal(true),
                 concurrency: 2,
+                batch_target: None,
             },
             owner: "test@memory:1".into(),
             force: false,

@@ -19,6 +19,10 @@ use crate::state;
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
+/// What a server-side batch aims to take when sized by time: far under
+/// Supabase's 8 s statement timeout, long enough to amortise the call.
+const DEFAULT_BATCH_SECONDS: Duration = Duration::from_secs(1);
+
 pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
     let human = !args.output.json && !args.output.quiet;
@@ -224,6 +228,12 @@ async fn aggregate(
             horizon_wait: Duration::from_millis(args.horizon_wait_ms),
             progress,
             concurrency: usize::from(args.scan.concurrency),
+            // Server-side batches: a fixed --batch-size, or sized by time
+            // (--batch-seconds, about 1 s by default).
+            batch_target: match args.batch_size {
+                Some(_) => None,
+                None => Some(args.batch_seconds.unwrap_or(DEFAULT_BATCH_SECONDS)),
+            },
         },
         owner: state::owner_id(),
         force: args.force,

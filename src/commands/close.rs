@@ -110,6 +110,7 @@ pub fn catch_up_job(quiet: bool) -> Job {
             horizon_wait: Duration::from_millis(2000),
             progress: Progress::for_terminal(quiet),
             concurrency: usize::from(crate::engine::DEFAULT_CONCURRENCY),
+            batch_target: None,
         },
         owner: state::owner_id(),
         force: false,

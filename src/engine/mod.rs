@@ -211,6 +211,9 @@ pub struct Options {
     pub progress: crate::progress::Progress,
     /// Id ranges scanned at once.
     pub concurrency: usize,
+    /// Server-side batches sized to take about this long, from the last
+    /// one's duration (None: the fixed size asked for).
+    pub batch_target: Option<Duration>,
 }
 
 #[cfg(test)]

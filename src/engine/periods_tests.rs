@@ -38,6 +38,7 @@ fn job(scope: Scope, full: bool, batch_rows: u64) -> Job {
             horizon_wait: Duration::from_millis(10),
             progress: Progress::for_terminal(true),
             concurrency: 2,
+            batch_target: None,
         },
         owner: "test@memory:2".into(),
         force: false,

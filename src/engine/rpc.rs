@@ -18,6 +18,20 @@ pub const DEFAULT_BATCH_IDS: u64 = 1_000_000;
 /// The smallest batch the engine halves down to after statement timeouts.
 pub const MIN_BATCH_IDS: u64 = 1_000;
 
+/// The largest batch sizing by time grows to.
+pub const MAX_BATCH_IDS: u64 = 50_000_000;
+
+/// The next batch's ids, so that it takes about `target` at the pace the
+/// last one went: at most 4x more or fewer at a time (one odd batch must
+/// not swing it), within [`MIN_BATCH_IDS`] and [`MAX_BATCH_IDS`].
+pub fn next_batch_ids(ids: u64, took: std::time::Duration, target: std::time::Duration) -> u64 {
+    let took = took.as_secs_f64().max(0.001);
+    let wanted = (ids as f64 * target.as_secs_f64() / took) as u64;
+    wanted
+        .clamp(ids / 4, ids.saturating_mul(4))
+        .clamp(MIN_BATCH_IDS, MAX_BATCH_IDS)
+}
+
 /// Whether a batch failed on the statement timeout (and so may shrink).
 fn timed_out(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -48,6 +62,7 @@ pub async fn run<S: Store>(
     let mut batches = 0;
     let mut last;
     loop {
+        let started = std::time::Instant::now();
         let b = match store
             .rpc_batch(batch_ids, opts.horizon_wait, opts.dry_run)
             .await
@@ -85,6 +100,13 @@ pub async fn run<S: Store>(
             .into());
         };
         batches += 1;
+        if let Some(target) = opts.batch_target {
+            let next = next_batch_ids(batch_ids, started.elapsed(), target);
+            if next != batch_ids {
+                tracing::info!(from = batch_ids, to = next, took = ?started.elapsed(), "batch size");
+            }
+            batch_ids = next;
+        }
         tracing::info!(
             from = b.from,
             to,
@@ -146,4 +168,31 @@ pub async fn run<S: Store>(
         }
     }
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn batches_are_sized_to_the_target_duration_by_steps_of_at_most_four() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(next_batch_ids(1_000_000, ms(500), s(1)), 2_000_000);
+        assert_eq!(next_batch_ids(1_000_000, s(4), s(1)), 250_000);
+        assert_eq!(
+            next_batch_ids(1_000_000, s(30), s(1)),
+            250_000,
+            "a quarter at most"
+        );
+        assert_eq!(
+            next_batch_ids(1_000_000, ms(1), s(1)),
+            4_000_000,
+            "four times at most"
+        );
+        assert_eq!(next_batch_ids(2_000, s(10), s(1)), MIN_BATCH_IDS);
+        assert_eq!(next_batch_ids(40_000_000, ms(100), s(1)), MAX_BATCH_IDS);
+        assert_eq!(next_batch_ids(1_000_000, s(1), s(1)), 1_000_000);
+    }
 }

@@ -130,3 +130,44 @@ fn the_server_side_engines_figures_are_distinct_keys_and_rows_read_in_the_databa
     );
     assert_no_drift(&stack);
 }
+
+#[test]
+fn server_side_batches_are_sized_by_time_unless_a_size_is_given() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 600, 30);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 5000, 30);
+    // Sized by time (the sizing itself is a unit test of next_batch_ids):
+    // the totals are the same whatever the sizes.
+    let run = aggregate(
+        &stack,
+        &["--engine", "rpc", "--batch-seconds", "100ms", "--verbose"],
+    );
+    run.assert_status(0);
+    let batches: u64 = run
+        .stdout
+        .lines()
+        .find_map(|l| l.split("server-side (--engine rpc), ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a batch count");
+    assert!(batches >= 1, "{}", run.stdout);
+    assert_no_drift(&stack);
+    // Refused where it means nothing.
+    aggregate(&stack, &["--batch-seconds", "1s"])
+        .assert_status(64)
+        .assert_stderr_has("--engine rpc");
+    aggregate(
+        &stack,
+        &[
+            "--engine",
+            "rpc",
+            "--batch-seconds",
+            "1s",
+            "--batch-size",
+            "100",
+        ],
+    )
+    .assert_status(64);
+    aggregate(&stack, &["--engine", "rpc", "--batch-seconds", "10ms"]).assert_status(64);
+}
