@@ -365,12 +365,7 @@ fn urls_that_cannot_work_are_not_retried_and_the_hint_names_the_url() {
         run.stderr
     );
     // https:// to a plain-HTTP server: exit 78, told to write http://.
-    let plain = stack
-        .env()
-        .into_iter()
-        .find(|(k, _)| k == "SUPABASE_DEV_REST_URL")
-        .map(|(_, v)| v)
-        .expect("the stack's REST URL");
+    let plain = stack.rest_url.clone();
     let env = env_with(
         &stack,
         "SUPABASE_DEV_REST_URL",
@@ -493,12 +488,7 @@ fn an_http_error_names_the_rest_url_it_was_asked_at_and_never_the_key() {
     let mut stack = Stack::new();
     stack.ddl("DROP TABLE portal_usage_monthly");
     let run = aggregate(&stack, &[]);
-    let url = stack
-        .env()
-        .into_iter()
-        .find(|(k, _)| k == "SUPABASE_DEV_REST_URL")
-        .unwrap()
-        .1;
+    let url = stack.rest_url.clone();
     run.assert_status(78).assert_stderr_has("[REST URL http://");
     assert!(
         run.stderr.contains(url.trim_end_matches('/')),
@@ -518,11 +508,7 @@ fn an_http_error_names_the_rest_url_it_was_asked_at_and_never_the_key() {
 fn a_url_with_a_password_is_refused_without_showing_it() {
     let stack = Stack::new();
     let url = stack
-        .env()
-        .into_iter()
-        .find(|(k, _)| k == "SUPABASE_DEV_REST_URL")
-        .unwrap()
-        .1
+        .rest_url
         .replacen("http://", "http://svc:hunter2pw@", 1);
     let mut env = env_with(&stack, "SUPABASE_DEV_REST_URL", &url);
     env.push(("RUST_LOG".into(), "trace".into()));

@@ -342,18 +342,9 @@ pub fn paused_run_with(stack: &Stack, failpoint: &str, args: &[&str]) -> Paused 
 /// Lets a paused run go on to its end; asserts it ended as a run may when
 /// another took over: done (0) or lease lost (75).
 #[track_caller]
-pub fn resume(mut p: Paused) {
-    use std::io::{Read, Write};
-    p.child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let mut rest = String::new();
-    p.stderr.read_to_string(&mut rest).unwrap();
-    let out = p.child.wait_with_output().unwrap();
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(75)),
-        "{:?}\n{}{rest}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout)
-    );
+pub fn resume(p: Paused) {
+    let (status, out) = p.finish();
+    assert!(matches!(status, 0 | 75), "exit {status}\n{out}");
 }
 
 /// Makes the lease run out now, as it does under a stalled run.
