@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregation::{format_timestamp, parse_timestamp, Key, Month, Totals};
 use crate::postgrest::{Client, Query};
-use crate::tables::{chunk_in_list_for, landed, Landed, WriteStats, UPSERT_CHUNK};
+use crate::tables::{landed, read_keys_in_lists, Landed, WriteStats, UPSERT_CHUNK};
 
 pub const ADJUSTMENTS_TABLE: &str = "portal_usage_adjustments";
 pub const PRUNED_TABLE: &str = "usage_agg_pruned";
@@ -124,28 +124,24 @@ pub async fn read_late_where(
     Ok(())
 }
 
-/// The late adjustments of these keys (every booked month), read month by
-/// month with `portal_id=in.(...)` lists cut to fit the URL budget.
+/// The late adjustments of these keys (every booked month).
 pub async fn read_late_for(
     client: &Client,
     keys: impl IntoIterator<Item = Key>,
     page_size: usize,
 ) -> anyhow::Result<HashMap<LateKey, Totals>> {
-    let mut by_month: HashMap<Month, Vec<i64>> = HashMap::new();
-    for k in keys {
-        by_month.entry(k.month).or_default().push(k.portal_id);
-    }
-    let mut out = HashMap::new();
-    for (month, portals) in by_month {
-        for chunk in chunk_in_list_for(client, ADJUSTMENTS_TABLE, LATE_COLUMNS, &portals) {
-            let filters = vec![
-                ("month_year".into(), format!("eq.{month}")),
-                ("portal_id".into(), format!("in.({chunk})")),
-            ];
-            read_late_where(client, &filters, &mut out, page_size).await?;
-        }
-    }
-    Ok(out)
+    read_keys_in_lists(
+        client,
+        ADJUSTMENTS_TABLE,
+        LATE_COLUMNS,
+        keys,
+        move |client, filters| async move {
+            let mut out = HashMap::new();
+            read_late_where(&client, &filters, &mut out, page_size).await?;
+            Ok(out)
+        },
+    )
+    .await
 }
 
 /// A late adjustment as written: a full state with its watermark.

@@ -10,20 +10,115 @@ use std::fmt;
 
 use chrono::{Datelike, NaiveDateTime};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
-/// One `usage_requests` row as the server sent it. Fields other than `id` are
-/// loose on purpose: a wrong type must become a bad row, not a failed page.
-#[derive(Debug, Clone, Deserialize)]
+/// One `usage_requests` row as the server sent it, already judged by the
+/// rules of docs/semantics.md ("Bad rows"). Each field is parsed into its
+/// type straight from the page's bytes (no `serde_json::Value` per field:
+/// that, and chrono's general parser, were most of the client's CPU per
+/// row). A field of the wrong type makes a bad row, never a failed page:
+/// only `id` must be an integer, since paging depends on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRow {
     pub id: i64,
-    #[serde(default)]
-    pub portal_id: serde_json::Value,
-    #[serde(default)]
-    pub month_year: serde_json::Value,
-    #[serde(default)]
-    pub success: serde_json::Value,
-    #[serde(default)]
-    pub request_timestamp: serde_json::Value,
+    pub judged: Result<GoodRow, BadReason>,
+}
+
+impl RawRow {
+    /// A row from a JSON object, as a page would carry it (tests and the
+    /// in-memory store).
+    pub fn from_json(row: &serde_json::Value) -> Result<RawRow, serde_json::Error> {
+        serde_json::from_str(&row.to_string())
+    }
+
+    pub fn good(&self) -> Option<&GoodRow> {
+        self.judged.as_ref().ok()
+    }
+}
+
+/// The row as it is on the wire: each field's JSON text, borrowed from the
+/// page. `null` and a missing field both come as `None`.
+#[derive(Deserialize)]
+struct WireRow<'a> {
+    id: i64,
+    #[serde(borrow, default)]
+    portal_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    month_year: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    success: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    request_timestamp: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for RawRow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawRow, D::Error> {
+        let w = WireRow::deserialize(d)?;
+        Ok(RawRow {
+            id: w.id,
+            judged: judge(&w),
+        })
+    }
+}
+
+/// A field's JSON text for a message: `null` when absent.
+fn shown(v: Option<&RawValue>) -> String {
+    v.map_or_else(|| "null".to_string(), |v| v.get().to_string())
+}
+
+/// A JSON string's contents, when the text is a string: borrowed when it
+/// has no escapes (always, for what PostgREST sends for these columns).
+fn json_str(v: Option<&RawValue>) -> Option<std::borrow::Cow<'_, str>> {
+    let text = v?.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(text).ok().map(Into::into)
+    } else {
+        Some(inner.into())
+    }
+}
+
+/// Applies the rules of docs/semantics.md, "Bad rows". `request_timestamp`
+/// may be null (the seed's schema allows it); the other fields may not.
+fn judge(w: &WireRow<'_>) -> Result<GoodRow, BadReason> {
+    let month = json_str(w.month_year)
+        .and_then(|s| Month::parse(&s))
+        .ok_or_else(|| BadReason::MonthYear(shown(w.month_year)))?;
+    let portal_id = w
+        .portal_id
+        .and_then(|v| json_integer(v.get()))
+        .filter(|p| *p > 0)
+        .ok_or_else(|| BadReason::PortalId(shown(w.portal_id)))?;
+    let success = match w.success.map(RawValue::get) {
+        Some("true") => true,
+        Some("false") => false,
+        _ => return Err(BadReason::Success(shown(w.success))),
+    };
+    let at = match w.request_timestamp {
+        None => None,
+        Some(v) => Some(
+            json_str(Some(v))
+                .and_then(|s| parse_timestamp(&s))
+                .filter(writable)
+                .ok_or_else(|| BadReason::RequestTimestamp(shown(Some(v))))?,
+        ),
+    };
+    Ok(GoodRow {
+        id: w.id,
+        key: Key { portal_id, month },
+        success,
+        at,
+    })
+}
+
+/// A JSON integer that fits an i64, as `serde_json::Value::as_i64` reads
+/// one: `12`, `-3`; not `12.0`, `1e3` or `"12"`.
+fn json_integer(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// The columns a scan asks for, matching [`RawRow`].
@@ -148,10 +243,10 @@ pub struct BadRows {
 }
 
 impl BadRows {
-    fn note(&mut self, id: i64, reason: BadReason) {
+    fn note(&mut self, id: i64, reason: &BadReason) {
         self.count += 1;
         if self.examples.len() < BAD_EXAMPLES {
-            self.examples.push((id, reason));
+            self.examples.push((id, reason.clone()));
         }
     }
 
@@ -174,40 +269,6 @@ pub struct GoodRow {
     pub at: Option<NaiveDateTime>,
 }
 
-/// Applies the rules of docs/semantics.md, "Bad rows". `request_timestamp` may be
-/// null (the seed's schema allows it); the other fields may not.
-pub fn validate(row: &RawRow) -> Result<GoodRow, BadReason> {
-    let month = row
-        .month_year
-        .as_str()
-        .and_then(Month::parse)
-        .ok_or_else(|| BadReason::MonthYear(row.month_year.to_string()))?;
-    let portal_id = row
-        .portal_id
-        .as_i64()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| BadReason::PortalId(row.portal_id.to_string()))?;
-    let success = row
-        .success
-        .as_bool()
-        .ok_or_else(|| BadReason::Success(row.success.to_string()))?;
-    let at = match &row.request_timestamp {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(
-            parse_timestamp(s)
-                .filter(writable)
-                .ok_or_else(|| BadReason::RequestTimestamp(row.request_timestamp.to_string()))?,
-        ),
-        other => return Err(BadReason::RequestTimestamp(other.to_string())),
-    };
-    Ok(GoodRow {
-        id: row.id,
-        key: Key { portal_id, month },
-        success,
-        at,
-    })
-}
-
 /// Whether a time can go back to PostgreSQL as it came: years 1 to 9999.
 /// PostgreSQL holds more (4713 BC to 294276 AD, and infinity), but those
 /// come as `12025-...`, `... BC` or `infinity`, which no client writes back
@@ -221,14 +282,49 @@ fn writable(t: &NaiveDateTime) -> bool {
 /// PostgREST sends `timestamp` as `2025-07-26T14:28:18.46` and `timestamptz`
 /// with an offset; both become a UTC-less time as the seed's column holds.
 pub fn parse_timestamp(s: &str) -> Option<NaiveDateTime> {
-    s.parse::<NaiveDateTime>()
-        .ok()
+    parse_plain_timestamp(s)
+        .or_else(|| s.parse::<NaiveDateTime>().ok())
         .or_else(|| {
             chrono::DateTime::parse_from_rfc3339(s)
                 .ok()
                 .map(|d| d.naive_utc())
         })
         .or_else(|| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok())
+}
+
+/// The form PostgREST sends for `timestamp`, `YYYY-MM-DDTHH:MM:SS` with 0 to
+/// 9 fraction digits, read by hand: chrono's general parser cost more than
+/// everything else a row needs. Anything else (an offset, a leap second, a
+/// space) is left to chrono, which reads these the same way (a unit test
+/// compares them).
+fn parse_plain_timestamp(s: &str) -> Option<NaiveDateTime> {
+    let b = s.as_bytes();
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let nanos = match &b[19..] {
+        [] => 0,
+        [b'.', frac @ ..] if (1..=9).contains(&frac.len()) => {
+            let n = num(20..b.len())?;
+            n * 10u32.pow(9 - frac.len() as u32)
+        }
+        _ => return None,
+    };
+    let date = chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    let sec = num(17..19).filter(|s| *s < 60)?; // a leap second: chrono's way
+    let time = chrono::NaiveTime::from_hms_nano_opt(num(11..13)?, num(14..16)?, sec, nanos)?;
+    Some(date.and_time(time))
 }
 
 /// The format written back: what PostgREST itself sends for `timestamp`.
@@ -255,7 +351,7 @@ impl Fold {
     /// count each key up to its watermark.
     pub fn add(&mut self, row: &RawRow, include: impl Fn(&Key, i64) -> bool) {
         self.rows += 1;
-        match validate(row) {
+        match &row.judged {
             Ok(good) if include(&good.key, good.id) => self
                 .groups
                 .entry(good.key)
@@ -276,14 +372,34 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn row_json(
+        id: i64,
+        portal: serde_json::Value,
+        month: &str,
+        success: bool,
+    ) -> serde_json::Value {
+        json!({
+            "id": id,
+            "portal_id": portal,
+            "month_year": month,
+            "success": success,
+            "request_timestamp": format!("2025-01-0{}T10:00:00", 1 + id % 9),
+        })
+    }
+
     fn row(id: i64, portal: serde_json::Value, month: &str, success: bool) -> RawRow {
-        RawRow {
-            id,
-            portal_id: portal,
-            month_year: json!(month),
-            success: json!(success),
-            request_timestamp: json!(format!("2025-01-0{}T10:00:00", 1 + id % 9)),
-        }
+        RawRow::from_json(&row_json(id, portal, month, success)).unwrap()
+    }
+
+    /// A good row with one field replaced.
+    fn with(id: i64, field: &str, value: serde_json::Value) -> RawRow {
+        let mut r = row_json(id, json!(9), "2025-01", true);
+        r[field] = value;
+        RawRow::from_json(&r).unwrap()
+    }
+
+    fn validate(r: &RawRow) -> Result<GoodRow, BadReason> {
+        r.judged.clone()
     }
 
     #[test]
@@ -350,27 +466,11 @@ mod tests {
         f.add(&row(4, json!(9), "2025-13", true), |_, _| true);
         f.add(&row(5, json!(null), "2025-01", true), |_, _| true);
         f.add(&row(6, json!(9), "January", true), |_, _| true);
-        f.add(
-            &RawRow {
-                success: json!(null),
-                ..row(7, json!(9), "2025-01", true)
-            },
-            |_, _| true,
-        );
-        f.add(
-            &RawRow {
-                request_timestamp: json!("yesterday"),
-                ..row(8, json!(9), "2025-01", true)
-            },
-            |_, _| true,
-        );
-        f.add(
-            &RawRow {
-                request_timestamp: json!(null),
-                ..row(9, json!(9), "2025-01", true)
-            },
-            |_, _| true,
-        );
+        f.add(&with(7, "success", json!(null)), |_, _| true);
+        f.add(&with(8, "request_timestamp", json!("yesterday")), |_, _| {
+            true
+        });
+        f.add(&with(9, "request_timestamp", json!(null)), |_, _| true);
         assert!(
             f.groups.len() == 1
                 && f.groups
@@ -431,10 +531,7 @@ mod tests {
             ("infinity", false),
             ("-infinity", false),
         ] {
-            let r = RawRow {
-                request_timestamp: json!(at),
-                ..row(1, json!(9), "2025-01", true)
-            };
+            let r = with(1, "request_timestamp", json!(at));
             assert_eq!(validate(&r).is_ok(), ok, "{at}");
         }
         let extreme = row(2, json!(i64::MAX), "2025-01", true);
@@ -457,5 +554,85 @@ mod tests {
             parse_timestamp("2025-07-26T14:28:18+02:00"),
             parse_timestamp("2025-07-26T12:28:18")
         );
+    }
+
+    #[test]
+    fn the_hand_parser_reads_timestamps_as_chrono_does() {
+        for s in [
+            "2025-07-26T14:28:18",
+            "2025-07-26T14:28:18.4",
+            "2025-07-26T14:28:18.46",
+            "2025-07-26T14:28:18.123456",
+            "2025-07-26T14:28:18.123456789",
+            "2024-02-29T00:00:00",
+            "0001-01-01T00:00:00",
+            "9999-12-31T23:59:59.999999",
+        ] {
+            assert_eq!(
+                parse_plain_timestamp(s),
+                s.parse::<NaiveDateTime>().ok(),
+                "{s}"
+            );
+            assert!(parse_plain_timestamp(s).is_some(), "{s}");
+        }
+        // Not its form, or not a time: left to chrono, which refuses them.
+        for s in [
+            "2025-02-29T00:00:00",
+            "2025-13-01T00:00:00",
+            "2025-07-26T24:00:00",
+            "2025-07-26T14:60:00",
+            "2025-07-26T14:28:18.",
+            "2025-07-26T14:28:18.1234567890",
+            "2025-07-26T14:28:18Z",
+            "2025-07-26 14:28:18",
+            "2025-07-26T14:28:60",
+            "+2025-07-26T14:28:18",
+            "2025-07-2６T14:28:18",
+        ] {
+            assert_eq!(parse_plain_timestamp(s), None, "{s}");
+        }
+        // The general path still reads what PostgREST sends for timestamptz.
+        assert!(parse_timestamp("2025-07-26T14:28:18.5+00:00").is_some());
+        assert!(parse_timestamp("2025-07-26 14:28:18").is_some());
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields_are_bad_rows_not_failed_pages() {
+        let page = r#"[
+            {"id":1,"portal_id":7,"month_year":"2025-01","success":true,"request_timestamp":"2025-01-02T00:00:00"},
+            {"id":2,"portal_id":7.0,"month_year":"2025-01","success":true,"request_timestamp":null},
+            {"id":3,"portal_id":7,"month_year":{"y":2025},"success":true,"request_timestamp":null},
+            {"id":4,"portal_id":7,"month_year":"2025-01","success":"true","request_timestamp":null},
+            {"id":5,"portal_id":7,"month_year":"2025-01","success":true,"request_timestamp":12},
+            {"id":6,"portal_id":1e3,"month_year":"2025-01","success":true},
+            {"id":7,"month_year":"2025-01","success":true},
+            {"id":8,"portal_id":7,"month_year":"\u0032025-01","success":false,"request_timestamp":"2025-01-02T00:00:00"},
+            {"id":9,"portal_id":[7],"month_year":"2025-01","success":null},
+            {"id":10,"portal_id":-0,"month_year":"2025-01","success":true},
+            {"id":11,"portal_id":7,"month_year":"2025-01\n","success":true}
+        ]"#;
+        let rows: Vec<RawRow> = serde_json::from_str(page).unwrap();
+        let good: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.good().is_some())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(good, vec![1, 8], "an escaped but valid month is a good row");
+        let reason = |id: i64| {
+            rows[id as usize - 1]
+                .judged
+                .clone()
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(reason(2), "portal_id 7.0 is not a positive integer");
+        assert_eq!(reason(3), r#"month_year {"y":2025} is not YYYY-MM"#);
+        assert_eq!(reason(4), r#"success "true" is not true or false"#);
+        assert_eq!(reason(5), "request_timestamp 12 is not a timestamp");
+        assert_eq!(reason(7), "portal_id null is not a positive integer");
+        assert_eq!(reason(9), "portal_id [7] is not a positive integer");
+        assert_eq!(reason(11), r#"month_year "2025-01\n" is not YYYY-MM"#);
+        // Only a bad id fails the page: paging depends on it.
+        assert!(serde_json::from_str::<Vec<RawRow>>(r#"[{"id":"1"}]"#).is_err());
     }
 }

@@ -353,13 +353,42 @@ pub struct Scan {
     #[arg(long, default_value_t = crate::engine::DEFAULT_PAGE_SIZE, value_parser = page_size)]
     pub page_size: usize,
 
-    /// Id ranges scanned at once (the server answers requests in parallel)
+    /// Id ranges scanned at once, at most (the server answers requests in parallel). Unless --aggressive,
+    /// a scan starts with one request in flight and adds more only while the server's latency stays low
     #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub concurrency: u16,
+
+    /// Read at most this many rows a second, over the whole run (a ceiling on the load, for busy hours)
+    #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_rows_per_second: Option<u64>,
+
+    /// Lift the good-neighbour limits, for a catch-up at night: all --concurrency requests in flight from
+    /// the start, whatever the latency, and no rest between server-side batches
+    #[arg(long, conflicts_with = "max_rows_per_second")]
+    pub aggressive: bool,
 }
 
-/// The REST engine's ids per batch when `--batch-size` is not given.
-pub const DEFAULT_REST_BATCH_IDS: u64 = 100_000;
+impl Scan {
+    /// The pace these flags ask for; `batch_pause` as `--batch-pause` gave it.
+    pub fn pace(&self, batch_pause: Option<std::time::Duration>) -> crate::pace::PaceSettings {
+        let concurrency = usize::from(self.concurrency);
+        if self.aggressive {
+            return crate::pace::PaceSettings::flat_out(concurrency);
+        }
+        crate::pace::PaceSettings {
+            max_rows_per_second: self.max_rows_per_second,
+            batch_pause,
+            ..crate::pace::PaceSettings::neighbourly(concurrency)
+        }
+    }
+}
+
+/// The REST engine's ids per batch when `--batch-size` is not given. Each
+/// batch reads and writes every key it touched, so small batches made
+/// catching up a backlog several times slower per row than a rebuild
+/// (docs/benchmarks.md); memory follows keys, not rows, and a crash redoes
+/// at most one batch, a few seconds of reading.
+pub const DEFAULT_REST_BATCH_IDS: u64 = 1_000_000;
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("rebuild").args(["full", "month"])))]
@@ -400,7 +429,7 @@ pub struct AggregateArgs {
     pub engine: Engine,
 
     /// Ids per batch of new rows, both engines: the counts are written and the cursor moved after each
-    /// (one transaction each with --engine rpc) [default: 100000 (rest), 1000000 (rpc)]. The old names
+    /// (one transaction each with --engine rpc) [default: 1000000; with --engine rpc, sized by --batch-seconds]. The old names
     /// --batch-rows and --batch-ids still work, for this release only
     #[arg(
         long,
@@ -416,6 +445,11 @@ pub struct AggregateArgs {
     /// 60s), from how long the last one took, so a small or busy instance stays far from its statement timeout
     #[arg(long, value_parser = batch_seconds, value_name = "DURATION", conflicts_with = "batch_size")]
     pub batch_seconds: Option<std::time::Duration>,
+
+    /// With --engine rpc: rest this long after each server-side batch [default: as long as the batch took,
+    /// so the database is busy with this run at most half the time; 0s with --aggressive]
+    #[arg(long, value_parser = batch_pause, value_name = "DURATION", conflicts_with = "aggressive")]
+    pub batch_pause: Option<std::time::Duration>,
 
     /// Recompute every key from all its rows instead of only new rows
     #[arg(long, conflicts_with = "month")]
@@ -462,19 +496,21 @@ impl AggregateArgs {
     /// new rows, so a rebuild asked of it would silently run the REST one.
     fn check(&self) -> Result<(), clap::Error> {
         if self.engine != Engine::Rpc {
-            if self.batch_seconds.is_some() {
-                let mut cmd = <Cli as clap::CommandFactory>::command();
-                cmd.build();
-                let sub = cmd
-                    .find_subcommand_mut("aggregate")
-                    .expect("aggregate is a subcommand");
-                return Err(sub.error(
-                    clap::error::ErrorKind::ArgumentConflict,
-                    "--batch-seconds sizes the server-side engine's batches: add --engine rpc, or use \
-                     --batch-size for the REST engine",
-                ));
-            }
-            return Ok(());
+            let rpc_only = if self.batch_seconds.is_some() {
+                "--batch-seconds sizes the server-side engine's batches: add --engine rpc, or use \
+                 --batch-size for the REST engine"
+            } else if self.batch_pause.is_some() {
+                "--batch-pause rests between the server-side engine's batches: add --engine rpc, or use \
+                 --max-rows-per-second to slow the REST engine"
+            } else {
+                return Ok(());
+            };
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            cmd.build();
+            let sub = cmd
+                .find_subcommand_mut("aggregate")
+                .expect("aggregate is a subcommand");
+            return Err(sub.error(clap::error::ErrorKind::ArgumentConflict, rpc_only));
         }
         let rebuild = if self.full {
             "--full"
@@ -564,6 +600,15 @@ fn batch_seconds(s: &str) -> Result<std::time::Duration, String> {
     let d = duration(s)?;
     if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
         return Err(format!("{s:?} is out of range: from 100ms to 60s"));
+    }
+    Ok(d)
+}
+
+/// A rest between server-side batches: 0s (none) to 10m.
+fn batch_pause(s: &str) -> Result<std::time::Duration, String> {
+    let d = duration(s)?;
+    if d > std::time::Duration::from_secs(600) {
+        return Err(format!("{s:?} is out of range: from 0s to 10m"));
     }
     Ok(d)
 }

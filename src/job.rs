@@ -176,6 +176,7 @@ impl Job {
             };
         }
         outcome.restored_keys = restored;
+        outcome.pace = opts.pace.report();
         Ok(outcome)
     }
 }
@@ -260,7 +261,7 @@ mod tests {
                 lease_ttl: Duration::from_secs(600),
                 horizon_wait: Duration::from_millis(10),
                 progress: Progress::for_terminal(true),
-                concurrency: 2,
+                pace: crate::pace::Pace::new(crate::pace::PaceSettings::flat_out(2)),
                 batch_target: None,
             },
             owner: "test@memory:1".into(),

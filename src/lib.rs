@@ -6,6 +6,7 @@
 //! - [`aggregation`]: the pure core (rows in, per-key totals out; no I/O);
 //! - [`config`], [`postgrest`]: where to connect, and the protocol;
 //! - [`tables`], [`state`], [`preflight`], [`schedule`]: this schema over the protocol;
+//! - [`pace`]: how hard a scan leans on the shared database (speed only, never totals);
 //! - [`engine`]: the engines and the outcome they report;
 //! - [`commands`], [`output`], [`exit`], [`metrics`]: what a user runs, reads and gets back.
 //!
@@ -22,6 +23,7 @@ pub mod failpoint;
 pub mod job;
 pub mod metrics;
 pub mod output;
+pub mod pace;
 pub mod periods;
 pub mod ping;
 pub mod postgrest;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregation::{
     format_timestamp, parse_timestamp, Key, Month, RawRow, Totals, RAW_COLUMNS,
 };
+use crate::pace::Pace;
 use crate::postgrest::{Client, Kind, Query};
 
 pub const RAW_TABLE: &str = "usage_requests";
@@ -98,10 +99,11 @@ impl RawScan {
     }
 }
 
-/// Scans ids in (after, upto] as `n` keyset scans over equal sub-ranges at
-/// once, handing pages over as they arrive, in no particular order (folding
-/// does not care). The server answers several requests in parallel, and
-/// parsing one page overlaps fetching the others.
+/// Scans ids in (after, upto] as keyset scans over `--concurrency` equal
+/// sub-ranges, handing pages over as they arrive, in no particular order
+/// (folding does not care). The server answers several requests in
+/// parallel, and parsing one page overlaps fetching the others. How many
+/// are in flight at a time is the [`Pace`]'s to say.
 pub struct ParallelScan {
     pages: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<RawRow>>>,
     _tasks: tokio::task::JoinSet<()>,
@@ -116,9 +118,9 @@ impl ParallelScan {
         after: i64,
         upto: i64,
         page_size: usize,
-        n: usize,
+        pace: &Pace,
     ) -> ParallelScan {
-        let n = n.max(1) as i64;
+        let n = pace.settings().max_concurrency.max(1) as i64;
         let span = (upto - after).max(0);
         let (tx, rx) = tokio::sync::mpsc::channel(2 * n as usize);
         let mut tasks = tokio::task::JoinSet::new();
@@ -130,9 +132,16 @@ impl ParallelScan {
             }
             let mut scan = RawScan::new(client, lo, Some(hi), page_size).filtered(filters.clone());
             let tx = tx.clone();
+            let pace = pace.clone();
             tasks.spawn(async move {
                 loop {
+                    let permit = pace.acquire().await;
                     let page = scan.next_page().await;
+                    let rows = match &page {
+                        Ok(rows) => rows.as_ref().map(|r| r.len() as u64),
+                        Err(_) => None,
+                    };
+                    pace.done(permit, rows.unwrap_or(0), page.is_ok()).await;
                     let stop = !matches!(page, Ok(Some(_)));
                     let item = match page {
                         Ok(Some(rows)) => Ok(rows),
@@ -333,38 +342,80 @@ pub async fn top_of_month(
         .collect())
 }
 
-/// The stored state of the given keys (those that exist), read month by
-/// month with `portal_id=in.(...)` lists cut to fit the URL budget.
+/// The stored state of the given keys (those that exist).
 pub async fn read_stored_for(
     client: &Client,
     keys: impl IntoIterator<Item = Key>,
     with_watermark: bool,
     page_size: usize,
 ) -> anyhow::Result<HashMap<Key, Totals>> {
+    let select = stored_columns(true);
+    read_keys_in_lists(
+        client,
+        MONTHLY_TABLE,
+        &select,
+        keys,
+        move |client, filters| async move {
+            let mut out = HashMap::new();
+            read_stored_where(&client, &filters, with_watermark, &mut out, page_size).await?;
+            Ok(out)
+        },
+    )
+    .await
+}
+
+/// `in.()` lists read at once by [`read_keys_in_lists`]: a batch that
+/// touched 30,000 keys reads them in about 45 lists, which one at a time
+/// cost an incremental run more than its scan did.
+const LISTS_AT_ONCE: usize = 4;
+
+/// Reads rows of `table` for these keys, month by month, with
+/// `portal_id=in.(...)` lists cut to fit the URL budget, a few lists at
+/// once; `read` reads one list's filters.
+pub(crate) async fn read_keys_in_lists<K, V, F, Fut>(
+    client: &Client,
+    table: &str,
+    select: &str,
+    keys: impl IntoIterator<Item = Key>,
+    read: F,
+) -> anyhow::Result<HashMap<K, V>>
+where
+    K: Eq + std::hash::Hash + Send + 'static,
+    V: Send + 'static,
+    F: Fn(Client, Query) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<HashMap<K, V>>> + Send + 'static,
+{
     let mut by_month: HashMap<Month, Vec<i64>> = HashMap::new();
     for k in keys {
         by_month.entry(k.month).or_default().push(k.portal_id);
     }
-    let mut out = HashMap::new();
+    let mut lists = Vec::new();
     for (month, portals) in by_month {
-        for chunk in chunk_in_list(client, &portals) {
-            let filters = vec![
+        for chunk in chunk_in_list_for(client, table, select, &portals) {
+            lists.push(vec![
                 ("month_year".into(), format!("eq.{month}")),
                 ("portal_id".into(), format!("in.({chunk})")),
-            ];
-            read_stored_where(client, &filters, with_watermark, &mut out, page_size).await?;
+            ]);
         }
     }
-    Ok(out)
+    let mut out = HashMap::new();
+    let mut running = tokio::task::JoinSet::new();
+    let mut lists = lists.into_iter();
+    loop {
+        while running.len() < LISTS_AT_ONCE {
+            let Some(filters) = lists.next() else { break };
+            running.spawn(read(client.clone(), filters));
+        }
+        let Some(done) = running.join_next().await else {
+            return Ok(out);
+        };
+        out.extend(done.context("a read of stored rows panicked")??);
+    }
 }
 
 /// Cuts ids into comma lists whose URLs stay under [`MAX_URL_LEN`]
-/// (measured on the encoded URL, with room for the other parameters).
-fn chunk_in_list(client: &Client, ids: &[i64]) -> Vec<String> {
-    chunk_in_list_for(client, MONTHLY_TABLE, &stored_columns(true), ids)
-}
-
-/// [`chunk_in_list`] for reads of `table` selecting `select`.
+/// (measured on the encoded URL of a read of `table` selecting `select`,
+/// with room for the other parameters).
 pub(crate) fn chunk_in_list_for(
     client: &Client,
     table: &str,
@@ -654,7 +705,7 @@ mod tests {
         )
         .unwrap();
         let ids: Vec<i64> = (0..3000).map(|i| i64::MAX - i).collect();
-        let chunks = chunk_in_list(&client, &ids);
+        let chunks = chunk_in_list_for(&client, MONTHLY_TABLE, &stored_columns(true), &ids);
         assert!(chunks.len() > 1);
         let back: Vec<i64> = chunks
             .iter()
@@ -672,6 +723,6 @@ mod tests {
             ];
             assert!(client.url_len(MONTHLY_TABLE, &q) <= MAX_URL_LEN);
         }
-        assert!(chunk_in_list(&client, &[]).is_empty());
+        assert!(chunk_in_list_for(&client, MONTHLY_TABLE, &stored_columns(true), &[]).is_empty());
     }
 }

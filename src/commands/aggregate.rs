@@ -227,7 +227,7 @@ async fn aggregate(
             lease_ttl: args.lease_ttl,
             horizon_wait: Duration::from_millis(args.horizon_wait_ms),
             progress,
-            concurrency: usize::from(args.scan.concurrency),
+            pace: crate::pace::Pace::new(args.scan.pace(args.batch_pause)),
             // Server-side batches: a fixed --batch-size, or sized by time
             // (--batch-seconds, about 1 s by default).
             batch_target: match args.batch_size {

@@ -109,7 +109,7 @@ pub fn catch_up_job(quiet: bool) -> Job {
             lease_ttl: Duration::from_secs(600),
             horizon_wait: Duration::from_millis(2000),
             progress: Progress::for_terminal(quiet),
-            concurrency: usize::from(crate::engine::DEFAULT_CONCURRENCY),
+            pace: neighbourly(),
             batch_target: None,
         },
         owner: state::owner_id(),
@@ -294,7 +294,7 @@ pub async fn month_drift<S: Store>(store: &S, month: Month) -> anyhow::Result<Ve
         Some(marks),
         &periods,
         crate::engine::DEFAULT_PAGE_SIZE,
-        usize::from(crate::engine::DEFAULT_CONCURRENCY),
+        &neighbourly(),
         &Progress::for_terminal(true),
         None,
     )
@@ -470,7 +470,7 @@ pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<Au
             Some(marks),
             &periods,
             crate::engine::DEFAULT_PAGE_SIZE,
-            usize::from(crate::engine::DEFAULT_CONCURRENCY),
+            &neighbourly(),
             &Progress::for_terminal(true),
             None,
         )
@@ -505,4 +505,11 @@ pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<Au
         }
     }
     Ok(out)
+}
+
+/// Closing a month scans it while the product runs: at the default pace.
+fn neighbourly() -> crate::pace::Pace {
+    crate::pace::Pace::new(crate::pace::PaceSettings::neighbourly(usize::from(
+        crate::engine::DEFAULT_CONCURRENCY,
+    )))
 }

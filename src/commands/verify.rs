@@ -64,7 +64,7 @@ async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
             marks,
             &periods,
             args.scan.page_size,
-            usize::from(args.scan.concurrency),
+            &crate::pace::Pace::new(args.scan.pace(None)),
             &progress,
             None,
         )

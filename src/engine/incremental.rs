@@ -93,11 +93,12 @@ pub async fn run<S: Store>(
     opts.progress.scan(cursor, Some(horizon));
     outcome.cursor = (!opts.dry_run).then_some((Some(cursor), cursor));
     let mut start = cursor;
+    let mut renewed = std::time::Instant::now();
     while start < horizon {
         let end = start.saturating_add(batch_ids).min(horizon);
         let mut fold = Fold::default();
         let floor = |k: &Key| dirty.get(k).map_or(start, |w| (*w).max(start));
-        let mut scan = store.scan(RawFilter::All, start, end, opts.page_size, opts.concurrency);
+        let mut scan = store.scan(RawFilter::All, start, end, opts.page_size, &opts.pace);
         while let Some(page) = scan.next_page().await? {
             for row in &page {
                 fold.add(row, |k, id| id > floor(k));
@@ -110,6 +111,14 @@ pub async fn run<S: Store>(
                 outcome.rows_read,
             );
             failpoint::hit("page");
+            // A paced batch can outlast the lease: renew it every third of
+            // its life, as rebuilds do, not only between batches.
+            if let Some(owner) = owner.filter(|_| renewed.elapsed() >= opts.lease_ttl / 3) {
+                if !store.renew(owner, opts.lease_ttl).await? {
+                    return Err(LeaseLost { cursor: start }.into());
+                }
+                renewed = std::time::Instant::now();
+            }
         }
         outcome.rows_counted += fold.good_rows();
         touched.extend(fold.groups.keys().copied());
@@ -145,6 +154,7 @@ pub async fn run<S: Store>(
                 if end < horizon && !store.renew(owner, opts.lease_ttl).await? {
                     return Err(LeaseLost { cursor: now }.into());
                 }
+                renewed = std::time::Instant::now();
             }
         }
         outcome.bad.merge(fold.bad);
@@ -209,8 +219,10 @@ async fn settle<S: Store>(
     opts: &Options,
 ) -> anyhow::Result<(Vec<Change>, Vec<LateChange>)> {
     let keys: Vec<Key> = fold.groups.keys().copied().collect();
-    let stored = store.stored_for(&keys, opts.page_size).await?;
-    let late = store.late_for(&keys, opts.page_size).await?;
+    let (stored, late) = tokio::try_join!(
+        store.stored_for(&keys, opts.page_size),
+        store.late_for(&keys, opts.page_size)
+    )?;
     let marks = watermarks(&stored, &late);
     // Keys another run wrote meanwhile are counted again from their new
     // watermark, all of them in one scan of the batch's range (one scan
@@ -277,13 +289,7 @@ async fn recount_keys<S: Store>(
     opts: &Options,
 ) -> anyhow::Result<HashMap<Key, Totals>> {
     let lowest = from.values().copied().min().unwrap_or(upto);
-    let mut scan = store.scan(
-        RawFilter::All,
-        lowest,
-        upto,
-        opts.page_size,
-        opts.concurrency,
-    );
+    let mut scan = store.scan(RawFilter::All, lowest, upto, opts.page_size, &opts.pace);
     let mut fold = Fold::default();
     while let Some(page) = scan.next_page().await? {
         for row in &page {

@@ -165,6 +165,11 @@ pub struct Outcome {
     pub restored_keys: Vec<String>,
     /// Server-side batches halved after running past the statement timeout.
     pub batches_halved: u32,
+    /// The longest server-side batch, and the rest taken between batches.
+    pub batch_longest: std::time::Duration,
+    pub batch_rest: std::time::Duration,
+    /// What the scans' pace did (REST engine).
+    pub pace: crate::pace::PaceReport,
     /// Rows of closed months booked as late adjustments.
     pub late: Late,
     /// Closed months in a rebuild's scope, left as they are.
@@ -209,8 +214,8 @@ pub struct Options {
     pub lease_ttl: Duration,
     pub horizon_wait: Duration,
     pub progress: crate::progress::Progress,
-    /// Id ranges scanned at once.
-    pub concurrency: usize,
+    /// How hard scans lean on the database (speed only, never totals).
+    pub pace: crate::pace::Pace,
     /// Server-side batches sized to take about this long, from the last
     /// one's duration (None: the fixed size asked for).
     pub batch_target: Option<Duration>,

@@ -37,7 +37,7 @@ fn job(scope: Scope, full: bool, batch_rows: u64) -> Job {
             lease_ttl: Duration::from_secs(600),
             horizon_wait: Duration::from_millis(10),
             progress: Progress::for_terminal(true),
-            concurrency: 2,
+            pace: crate::pace::Pace::new(crate::pace::PaceSettings::flat_out(2)),
             batch_target: None,
         },
         owner: "test@memory:2".into(),
@@ -84,7 +84,7 @@ async fn verified(store: &MemoryStore) -> bool {
         }),
         &periods,
         5,
-        1,
+        &crate::pace::Pace::new(crate::pace::PaceSettings::flat_out(1)),
         &Progress::for_terminal(true),
         None,
     )

@@ -74,7 +74,7 @@ pub async fn recount<S: Store>(
     marks: Option<Marks>,
     periods: &Periods,
     page_size: usize,
-    concurrency: usize,
+    pace: &crate::pace::Pace,
     progress: &Progress,
     renewal: Option<Renewal<'_>>,
 ) -> anyhow::Result<Recount> {
@@ -139,7 +139,7 @@ pub async fn recount<S: Store>(
         Some(e) => e,
         None => store.newest_id().await?,
     };
-    let mut scan = store.scan(raw_filter, 0, end, page_size, concurrency);
+    let mut scan = store.scan(raw_filter, 0, end, page_size, pace);
     progress.scan(0, Some(end));
     while let Some(page) = scan.next_page().await? {
         for row in &page {
@@ -378,7 +378,7 @@ pub async fn run<S: Store>(
         marks,
         periods,
         opts.page_size,
-        opts.concurrency,
+        &opts.pace,
         &opts.progress,
         renewal,
     )
@@ -474,13 +474,14 @@ mod tests {
     }
 
     fn row(id: i64, portal: i64) -> RawRow {
-        RawRow {
-            id,
-            portal_id: json!(portal),
-            month_year: json!("2025-01"),
-            success: json!(true),
-            request_timestamp: json!("2025-01-02T00:00:00"),
-        }
+        RawRow::from_json(&json!({
+            "id": id,
+            "portal_id": portal,
+            "month_year": "2025-01",
+            "success": true,
+            "request_timestamp": "2025-01-02T00:00:00",
+        }))
+        .unwrap()
     }
 
     fn stored(requests: i64, watermark: i64) -> Totals {

@@ -18,6 +18,11 @@ pub const DEFAULT_BATCH_IDS: u64 = 1_000_000;
 /// The smallest batch the engine halves down to after statement timeouts.
 pub const MIN_BATCH_IDS: u64 = 1_000;
 
+/// The first batch when sizing by time: small, so that a slow instance's
+/// first batch is far from its statement timeout; four times more a batch
+/// reaches a million ids by the third.
+pub const FIRST_TIMED_BATCH_IDS: u64 = 100_000;
+
 /// The largest batch sizing by time grows to.
 pub const MAX_BATCH_IDS: u64 = 50_000_000;
 
@@ -61,6 +66,9 @@ pub async fn run<S: Store>(
     };
     let mut batches = 0;
     let mut last;
+    if opts.batch_target.is_some() {
+        batch_ids = batch_ids.min(FIRST_TIMED_BATCH_IDS);
+    }
     loop {
         let started = std::time::Instant::now();
         let b = match store
@@ -100,8 +108,10 @@ pub async fn run<S: Store>(
             .into());
         };
         batches += 1;
+        let took = started.elapsed();
+        outcome.batch_longest = outcome.batch_longest.max(took);
         if let Some(target) = opts.batch_target {
-            let next = next_batch_ids(batch_ids, started.elapsed(), target);
+            let next = next_batch_ids(batch_ids, took, target);
             if next != batch_ids {
                 tracing::info!(from = batch_ids, to = next, took = ?started.elapsed(), "batch size");
             }
@@ -146,6 +156,14 @@ pub async fn run<S: Store>(
             if !store.renew(owner, opts.lease_ttl).await? {
                 return Err(super::incremental::LeaseLost { cursor: to }.into());
             }
+        }
+        // A good neighbour: the webhook's inserts get the database to
+        // themselves between batches (none with --aggressive).
+        let rest = opts.pace.settings().pause_after_batch(took);
+        if !rest.is_zero() {
+            tracing::debug!(?rest, "resting between batches");
+            tokio::time::sleep(rest).await;
+            outcome.batch_rest += rest;
         }
     }
     opts.progress.finish();

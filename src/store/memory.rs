@@ -14,6 +14,7 @@ use serde_json::json;
 use super::{Batch, RawFilter, Store, StoredFilter};
 use crate::adjustments::LateKey;
 use crate::aggregation::{Fold, Key, Month, RawRow, Totals};
+use crate::pace::Pace;
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
 use crate::schedule::CronAnswer;
@@ -72,13 +73,14 @@ impl MemoryStore {
             let id = s.seq;
             s.raw.insert(
                 id,
-                RawRow {
-                    id,
-                    portal_id: json!(portal),
-                    month_year: json!(month),
-                    success: json!(ok),
-                    request_timestamp: json!(format!("{month}-02T10:00:{:02}", id % 60)),
-                },
+                RawRow::from_json(&json!({
+                    "id": id,
+                    "portal_id": portal,
+                    "month_year": month,
+                    "success": ok,
+                    "request_timestamp": format!("{month}-02T10:00:{:02}", id % 60),
+                }))
+                .expect("a row the test wrote"),
             );
         }
     }
@@ -237,7 +239,8 @@ impl MemoryStore {
 fn matches(filter: RawFilter, row: &RawRow) -> bool {
     match filter {
         RawFilter::All => true,
-        RawFilter::Month(m) => row.month_year.as_str() == Some(&m.to_string()),
+        // Rows of a month the server would match: ours are all good rows.
+        RawFilter::Month(m) => row.good().is_some_and(|g| g.key.month == m),
     }
 }
 
@@ -248,7 +251,7 @@ impl Store for MemoryStore {
         after: i64,
         upto: i64,
         page_size: usize,
-        _concurrency: usize,
+        _pace: &Pace,
     ) -> ParallelScan {
         let rows: Vec<RawRow> = self
             .inner

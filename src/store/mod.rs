@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::adjustments::LateKey;
 use crate::aggregation::{Key, Month, Totals};
+use crate::pace::Pace;
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
 use crate::schedule::CronAnswer;
@@ -73,14 +74,14 @@ pub struct Batch {
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// Raw rows with `after < id <= upto` matching `filter`, as pages in no
-    /// particular order, `concurrency` id ranges at once.
+    /// particular order, as fast as `pace` allows.
     fn scan(
         &self,
         filter: RawFilter,
         after: i64,
         upto: i64,
         page_size: usize,
-        concurrency: usize,
+        pace: &Pace,
     ) -> ParallelScan;
     /// The newest raw id, 0 when there is none.
     async fn newest_id(&self) -> anyhow::Result<i64>;

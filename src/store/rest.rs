@@ -13,6 +13,7 @@ use serde_json::json;
 use super::{Batch, RawFilter, Store, StoredFilter};
 use crate::adjustments::{self, LateKey};
 use crate::aggregation::{Key, Month, Totals};
+use crate::pace::Pace;
 use crate::periods::{self, CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::postgrest::{Client, Idempotent, Query};
 use crate::preflight::Facts;
@@ -65,7 +66,7 @@ impl Store for RestStore {
         after: i64,
         upto: i64,
         page_size: usize,
-        concurrency: usize,
+        pace: &Pace,
     ) -> ParallelScan {
         ParallelScan::start(
             &self.client,
@@ -73,7 +74,7 @@ impl Store for RestStore {
             after,
             upto,
             page_size,
-            concurrency,
+            pace,
         )
     }
 

@@ -15,6 +15,7 @@ mod flags;
 mod incremental;
 mod metrics;
 mod operator;
+mod pace;
 mod rpc;
 mod schedule;
 mod supabase;

@@ -1,0 +1,357 @@
+//! How hard a run leans on the database it shares with the webhook it
+//! counts (docs/benchmarks.md, "A good neighbour").
+//!
+//! By default a scan behaves as TCP does on a shared link: it starts with
+//! one request in flight and adds one more per window of pages while page
+//! latency stays within a quarter of the fastest seen (additive increase),
+//! and halves the requests in flight when latency passes one and a half
+//! times the fastest or a request fails (multiplicative decrease). Each
+//! stream also rests as long as its page took before asking for the next. Latency rising is the server queueing: our
+//! own requests, or the product's, waiting for the same cores. Between
+//! server-side batches the engine rests as long as the batch took, so the
+//! database is never busy with us more than about half the time.
+//! `--max-rows-per-second` caps the pace outright; `--aggressive` lifts
+//! all of it, for a catch-up at night.
+//!
+//! None of this changes what is counted: it only decides when the next
+//! page is asked for.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Latency at or under this multiple of the fastest page seen lets the
+/// window grow.
+const GROW_BELOW: f64 = 1.25;
+/// Latency past this multiple (or a failed request) halves the window:
+/// tight, so a server shared with the product stays near its idle latency.
+const CUT_ABOVE: f64 = 1.5;
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PaceSettings {
+    /// Requests in flight at most (`--concurrency`).
+    pub max_concurrency: usize,
+    /// Adapt the requests in flight to page latency (off with `--aggressive`).
+    pub adaptive: bool,
+    /// A ceiling on rows read per second, over the whole run.
+    pub max_rows_per_second: Option<u64>,
+    /// Each stream rests as long as its last page took before asking for
+    /// the next: the server spends at most half its time on any stream.
+    pub rest_between_pages: bool,
+    /// Rest after each server-side batch: `None` for as long as the batch
+    /// took, `Some(ZERO)` for none.
+    pub batch_pause: Option<Duration>,
+}
+
+impl PaceSettings {
+    /// Every request at once, no pauses: `--aggressive`, and the
+    /// operator commands' own short scans.
+    pub fn flat_out(concurrency: usize) -> PaceSettings {
+        PaceSettings {
+            max_concurrency: concurrency.max(1),
+            adaptive: false,
+            max_rows_per_second: None,
+            rest_between_pages: false,
+            batch_pause: Some(Duration::ZERO),
+        }
+    }
+
+    /// The default: adaptive, up to `concurrency` in flight, resting
+    /// after each server-side batch as long as it took.
+    pub fn neighbourly(concurrency: usize) -> PaceSettings {
+        PaceSettings {
+            max_concurrency: concurrency.max(1),
+            adaptive: true,
+            max_rows_per_second: None,
+            rest_between_pages: true,
+            batch_pause: None,
+        }
+    }
+
+    /// How long to rest after a server-side batch that took `took`.
+    pub fn pause_after_batch(&self, took: Duration) -> Duration {
+        self.batch_pause.unwrap_or(took)
+    }
+}
+
+/// A scan's pace, shared by its range readers.
+#[derive(Clone)]
+pub struct Pace {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: PaceSettings,
+    started: Instant,
+    state: Mutex<Window>,
+    freed: Notify,
+}
+
+/// The adaptive window and what it is judged by.
+#[derive(Debug)]
+struct Window {
+    /// Requests allowed in flight (fractional: it grows by 1/size a page).
+    size: f64,
+    in_flight: usize,
+    /// The fastest full page seen: the server's latency unloaded.
+    fastest: Option<Duration>,
+    /// The most rows a page has brought (short pages say little of load).
+    fullest: u64,
+    rows: u64,
+    /// Pages finished since the window was last cut, and how many were in
+    /// flight then: those were sent before the cut and say nothing of it,
+    /// so one cut per window of pages (as TCP cuts once per round trip).
+    since_cut: usize,
+    in_flight_at_cut: usize,
+    largest: f64,
+    cuts: u32,
+}
+
+/// What the pace did over a run, for the summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PaceReport {
+    /// The most requests in flight the window allowed.
+    pub peak_concurrency: usize,
+    /// Times the window was halved.
+    pub cuts: u32,
+}
+
+/// One request in flight; hand it back to [`Pace::done`].
+pub struct Permit {
+    started: Instant,
+}
+
+impl Pace {
+    pub fn new(settings: PaceSettings) -> Pace {
+        let start = if settings.adaptive {
+            1.0
+        } else {
+            settings.max_concurrency.max(1) as f64
+        };
+        Pace {
+            inner: Arc::new(Inner {
+                settings,
+                started: Instant::now(),
+                state: Mutex::new(Window {
+                    size: start,
+                    in_flight: 0,
+                    fastest: None,
+                    fullest: 0,
+                    rows: 0,
+                    since_cut: 0,
+                    in_flight_at_cut: 0,
+                    largest: start,
+                    cuts: 0,
+                }),
+                freed: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &PaceSettings {
+        &self.inner.settings
+    }
+
+    /// Waits for room in the window, then for the rows-per-second ceiling.
+    pub async fn acquire(&self) -> Permit {
+        loop {
+            let freed = self.inner.freed.notified();
+            {
+                let mut w = self.inner.state.lock().expect("pace lock");
+                if w.in_flight < w.size.floor().max(1.0) as usize {
+                    w.in_flight += 1;
+                    break;
+                }
+            }
+            freed.await;
+        }
+        if let Some(rate) = self.inner.settings.max_rows_per_second {
+            let rows = self.inner.state.lock().expect("pace lock").rows;
+            let due =
+                self.inner.started + Duration::from_secs_f64(rows as f64 / rate.max(1) as f64);
+            tokio::time::sleep_until(due).await;
+        }
+        Permit {
+            started: Instant::now(),
+        }
+    }
+
+    /// A request finished: `rows` read, `ok` unless it failed. Frees its
+    /// place in the window, then rests the stream, if resting is on.
+    pub async fn done(&self, permit: Permit, rows: u64, ok: bool) {
+        let took = permit.started.elapsed();
+        {
+            let mut w = self.inner.state.lock().expect("pace lock");
+            w.in_flight -= 1;
+            w.rows += rows;
+            if self.inner.settings.adaptive {
+                w.judge(took, rows, ok, self.inner.settings.max_concurrency);
+            }
+        }
+        self.inner.freed.notify_waiters();
+        if self.inner.settings.rest_between_pages {
+            tokio::time::sleep(took).await;
+        }
+    }
+
+    pub fn report(&self) -> PaceReport {
+        let w = self.inner.state.lock().expect("pace lock");
+        PaceReport {
+            peak_concurrency: w.largest.floor().max(1.0) as usize,
+            cuts: w.cuts,
+        }
+    }
+}
+
+impl Window {
+    /// Additive increase, multiplicative decrease, judged on latency.
+    fn judge(&mut self, took: Duration, rows: u64, ok: bool, max: usize) {
+        self.since_cut += 1;
+        if ok && rows >= self.fullest {
+            self.fullest = rows;
+            self.fastest = Some(self.fastest.map_or(took, |f| f.min(took)));
+        }
+        let fastest = self.fastest.unwrap_or(took).as_secs_f64().max(1e-6);
+        let ratio = took.as_secs_f64() / fastest;
+        if !ok || ratio > CUT_ABOVE {
+            if self.since_cut >= self.in_flight_at_cut {
+                self.in_flight_at_cut = self.size.ceil() as usize;
+                self.size = (self.size / 2.0).max(1.0);
+                self.since_cut = 0;
+                self.cuts += 1;
+                tracing::debug!(
+                    window = self.size,
+                    ratio,
+                    "pace: latency up, fewer requests in flight"
+                );
+            }
+        } else if ratio <= GROW_BELOW {
+            self.size = (self.size + 1.0 / self.size).min(max.max(1) as f64);
+            self.largest = self.largest.max(self.size);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window() -> Window {
+        Window {
+            size: 1.0,
+            in_flight: 0,
+            fastest: None,
+            fullest: 0,
+            rows: 0,
+            since_cut: 0,
+            in_flight_at_cut: 0,
+            largest: 1.0,
+            cuts: 0,
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_window_grows_while_latency_stays_near_the_fastest() {
+        let mut w = window();
+        for _ in 0..100 {
+            w.judge(10 * MS, 1000, true, 8);
+        }
+        assert_eq!(w.size, 8.0, "capped at --concurrency");
+        assert_eq!(w.cuts, 0);
+    }
+
+    #[test]
+    fn latency_doubling_halves_the_window_once_per_window() {
+        let mut w = window();
+        for _ in 0..100 {
+            w.judge(10 * MS, 1000, true, 8);
+        }
+        for _ in 0..8 {
+            w.judge(25 * MS, 1000, true, 8);
+        }
+        assert_eq!(
+            (w.size, w.cuts),
+            (4.0, 1),
+            "one cut for a window's worth of slow pages"
+        );
+        w.judge(25 * MS, 1000, true, 8);
+        assert_eq!(
+            (w.size, w.cuts),
+            (2.0, 2),
+            "still slow a window later: cut again"
+        );
+        for _ in 0..100 {
+            w.judge(25 * MS, 1000, true, 8);
+        }
+        assert_eq!(w.size, 1.0, "never below one request");
+    }
+
+    #[test]
+    fn a_failed_request_cuts_and_short_pages_do_not_set_the_floor() {
+        let mut w = window();
+        for _ in 0..20 {
+            w.judge(10 * MS, 1000, true, 4);
+        }
+        // A short last page is fast because it is short, not because the
+        // server is idle: it must not make every full page look slow.
+        w.judge(MS, 10, true, 4);
+        w.judge(10 * MS, 1000, true, 4);
+        assert_eq!(w.size, 4.0);
+        w.judge(10 * MS, 0, false, 4);
+        assert_eq!(w.size, 2.0);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_window_bounds_requests_in_flight() {
+        let pace = Pace::new(PaceSettings::neighbourly(4));
+        let first = pace.acquire().await;
+        let second = tokio::time::timeout(Duration::from_secs(5), pace.acquire()).await;
+        assert!(second.is_err(), "one request in flight to start with");
+        pace.done(first, 1000, true).await;
+        let _again = pace.acquire().await;
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_rows_per_second_ceiling_spaces_requests() {
+        let pace = Pace::new(PaceSettings {
+            max_rows_per_second: Some(1000),
+            ..PaceSettings::flat_out(4)
+        });
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            let p = pace.acquire().await;
+            pace.done(p, 1000, true).await;
+        }
+        // 2,000 rows read before the third request: not before 2 s.
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_neighbourly_stream_rests_as_long_as_its_page_took() {
+        let pace = Pace::new(PaceSettings::neighbourly(1));
+        let start = tokio::time::Instant::now();
+        let p = pace.acquire().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        pace.done(p, 1000, true).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(60));
+        let flat = Pace::new(PaceSettings::flat_out(1));
+        let start = tokio::time::Instant::now();
+        let p = flat.acquire().await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        flat.done(p, 1000, true).await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(30),
+            "--aggressive: no rest"
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! The pace (adaptive concurrency, the rows-per-second ceiling, rests
+//! between pages and between server-side batches, server-side batches
+//! sized by time) decides only when the next request goes: whatever it is
+//! set to, the totals are the same to the last row, under inserts during
+//! the run and kills anywhere.
+
+use crate::common::*;
+
+/// Runs `args` while another connection inserts rows, until the run ends.
+fn run_while_inserting(
+    stack: &Stack,
+    rng: &mut Rng,
+    env: &[(String, String)],
+    args: &[&str],
+) -> Run {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    let mut inserter = Rng(rng.next());
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut batches = 0;
+            while !done.load(Ordering::SeqCst) || batches == 0 {
+                insert_random(stack, &mut inserter, 40, 200);
+                batches += 1;
+            }
+            batches
+        });
+        let run = usage_agg(&workdir(), env, args);
+        done.store(true, Ordering::SeqCst);
+        assert!(writer.join().unwrap() > 0);
+        run
+    })
+}
+
+/// Each pace, killed at random points with rows arriving meanwhile, then
+/// finished: no drift, and every watermark where it belongs.
+fn survives_kills_and_inserts(pace: &[&str], seed: u64) {
+    let stack = migrated_stack();
+    let mut rng = Rng(seed);
+    insert_random(&stack, &mut rng, 2_000, 200);
+    let base = ["aggregate", "--env", "dev", "--page-size", "150"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter()
+            .chain(pace)
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let first: Vec<String> = with(&[]);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    usage_agg(&workdir(), &stack.env(), &first).assert_status(0);
+    let points = ["page", "chunk", "before-cursor", "after-cursor"];
+    let mut kills = 0;
+    for _ in 0..6 {
+        let n = 500 + rng.below(1_000) as usize;
+        insert_random(&stack, &mut rng, n, 200);
+        let point = points[rng.below(points.len() as u64) as usize];
+        let mut env = stack.env();
+        env.push((
+            "USAGE_AGG_FAILPOINTS".into(),
+            format!("{point}=abort@{}", 1 + rng.below(3)),
+        ));
+        let args = with(&["--batch-size", "700"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let killed = run_while_inserting(&stack, &mut rng, &env, &args);
+        assert!(
+            killed.status == -1 || killed.status == 0,
+            "{pace:?} at {point}: {}\n{}",
+            killed.status,
+            killed.stderr
+        );
+        kills += usize::from(killed.status == -1);
+        let finish = run_while_inserting(&stack, &mut rng, &stack.env(), &first);
+        finish.assert_status(0);
+        // Rows inserted during the finishing run may be above its horizon:
+        // one more run, alone, and the table must match the rows exactly.
+        usage_agg(&workdir(), &stack.env(), &first).assert_status(0);
+        assert_no_drift(&stack);
+    }
+    assert!(kills >= 3, "{pace:?}: only {kills} of 6 runs were killed");
+    assert_watermarks(&stack);
+}
+
+#[test]
+fn the_default_pace_changes_no_total() {
+    survives_kills_and_inserts(&[], 11);
+}
+
+#[test]
+fn aggressive_at_high_concurrency_changes_no_total() {
+    survives_kills_and_inserts(&["--aggressive", "--concurrency", "8"], 12);
+}
+
+#[test]
+fn a_rows_per_second_ceiling_changes_no_total() {
+    survives_kills_and_inserts(
+        &["--max-rows-per-second", "40000", "--concurrency", "3"],
+        13,
+    );
+}
+
+#[test]
+fn server_side_batches_sized_by_time_and_rested_between_change_no_total() {
+    let stack = migrated_stack();
+    let mut rng = Rng(14);
+    insert_random(&stack, &mut rng, 2_000, 200);
+    aggregate(&stack, &[]).assert_status(0);
+    let mut kills = 0;
+    for round in 0..6 {
+        let n = 3_000 + rng.below(3_000) as usize;
+        insert_random(&stack, &mut rng, n, 200);
+        let mut env = stack.env();
+        env.push((
+            "USAGE_AGG_FAILPOINTS".into(),
+            format!("page=abort@{}", 1 + rng.below(2)),
+        ));
+        // Alternately a fixed small batch with a fixed rest, and batches
+        // sized by time with the default rest (as long as each batch took).
+        let args: &[&str] = if round % 2 == 0 {
+            &[
+                "aggregate",
+                "--env",
+                "dev",
+                "--engine",
+                "rpc",
+                "--batch-size",
+                "1000",
+                "--batch-pause",
+                "5ms",
+            ]
+        } else {
+            &[
+                "aggregate",
+                "--env",
+                "dev",
+                "--engine",
+                "rpc",
+                "--batch-seconds",
+                "100ms",
+            ]
+        };
+        let killed = run_while_inserting(&stack, &mut rng, &env, args);
+        assert!(
+            killed.status == -1 || killed.status == 0,
+            "{}",
+            killed.stderr
+        );
+        kills += usize::from(killed.status == -1);
+        run_while_inserting(&stack, &mut rng, &stack.env(), args).assert_status(0);
+        aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
+        assert_no_drift(&stack);
+    }
+    assert!(kills >= 3, "only {kills} of 6 runs were killed");
+    assert_watermarks(&stack);
+}
+
+fn summary(run: &Run) -> serde_json::Value {
+    run.assert_status(0);
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
+}
+
+#[test]
+fn the_summary_says_how_the_pace_went() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 6_000, 50);
+    let flat = summary(&aggregate(
+        &stack,
+        &[
+            "--json",
+            "--page-size",
+            "100",
+            "--aggressive",
+            "--concurrency",
+            "3",
+        ],
+    ));
+    assert_eq!(
+        flat["peak_concurrency"], 3,
+        "--aggressive: all of --concurrency from the start"
+    );
+    assert_eq!(flat["concurrency_cuts"], 0);
+    insert_rows(&stack, 6_000, 50);
+    let paced = summary(&aggregate(
+        &stack,
+        &["--json", "--page-size", "100", "--concurrency", "3"],
+    ));
+    let peak = paced["peak_concurrency"].as_u64().unwrap();
+    assert!((1..=3).contains(&peak), "{paced}");
+    assert_no_drift(&stack);
+
+    // Server-side: rests between batches by default, none when aggressive.
+    insert_rows(&stack, 5_000, 50);
+    let rested = summary(&aggregate(
+        &stack,
+        &[
+            "--json",
+            "--engine",
+            "rpc",
+            "--batch-size",
+            "1000",
+            "--batch-pause",
+            "20ms",
+        ],
+    ));
+    assert_eq!(rested["batches"], 5, "{rested}");
+    assert_eq!(
+        rested["batch_rest_seconds"], 0.08,
+        "a rest between batches, none after the last"
+    );
+    insert_rows(&stack, 5_000, 50);
+    let eager = summary(&aggregate(
+        &stack,
+        &[
+            "--json",
+            "--engine",
+            "rpc",
+            "--batch-size",
+            "1000",
+            "--aggressive",
+        ],
+    ));
+    assert_eq!(
+        (
+            eager["batches"].as_u64(),
+            eager["batch_rest_seconds"].as_f64()
+        ),
+        (Some(5), Some(0.0))
+    );
+    assert!(eager["batch_seconds_max"].as_f64().unwrap() > 0.0);
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn a_rows_per_second_ceiling_holds() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 3_000, 20);
+    let started = std::time::Instant::now();
+    aggregate(
+        &stack,
+        &["--page-size", "500", "--max-rows-per-second", "1000"],
+    )
+    .assert_status(0);
+    // 2,500 rows are read before the last page is asked for: at 1,000 a
+    // second, not before 2.5 s. (A lower bound only: it cannot be faster.)
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(2_500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn pace_flags_that_contradict_each_other_or_the_engine_are_refused() {
+    let stack = migrated_stack();
+    for (args, says) in [
+        (
+            &["--aggressive", "--max-rows-per-second", "10"][..],
+            "--max-rows-per-second",
+        ),
+        (
+            &["--engine", "rpc", "--aggressive", "--batch-pause", "1s"][..],
+            "--batch-pause",
+        ),
+        (&["--batch-pause", "1s"][..], "add --engine rpc"),
+        (&["--max-rows-per-second", "0"][..], "--max-rows-per-second"),
+        (
+            &["--engine", "rpc", "--batch-pause", "soon"][..],
+            "--batch-pause",
+        ),
+    ] {
+        aggregate(&stack, args)
+            .assert_status(64)
+            .assert_stderr_has(says);
+    }
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM portal_usage_monthly"),
+        0,
+        "nothing written"
+    );
+}
