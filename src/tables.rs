@@ -21,6 +21,9 @@ pub const CONFLICT_TARGET: &str = "portal_id,month_year";
 /// Rows per bulk upsert: about 200 bytes each, so a request stays near
 /// 100 KB, far under any gateway's body limit.
 pub const UPSERT_CHUNK: usize = 500;
+/// Bulk upserts in flight at once: 60 chunks (30,000 keys) one after
+/// another were half of a catch-up's time.
+const WRITES_AT_ONCE: usize = 4;
 /// URL budget for `in.()` filters: the gateway answers 414 past about 8 KB.
 pub const MAX_URL_LEN: usize = 6000;
 
@@ -569,31 +572,63 @@ pub async fn write_states(
     );
     let select = stored_columns(with_watermark);
     let mut stats = WriteStats::default();
-    for (chunk, sent) in rows.chunks(UPSERT_CHUNK).zip(states.chunks(UPSERT_CHUNK)) {
-        let mut answered: HashMap<Key, Totals> = HashMap::new();
-        if stats.fallback_reason.is_none() {
-            match client
-                .upsert::<_, StoredRow>(MONTHLY_TABLE, CONFLICT_TARGET, &select, chunk)
-                .await
-            {
-                Ok(back) => {
-                    stats.bulk_requests += 1;
-                    answered.extend(back.iter().filter_map(|r| Some((r.key()?, r.totals()))));
-                    judge(sent, &answered, with_watermark, &mut stats);
-                    crate::failpoint::hit("chunk");
-                    continue;
-                }
-                Err(e) if e.kind() == Kind::UpsertRefused => {
+    let chunks: Vec<_> = rows
+        .chunks(UPSERT_CHUNK)
+        .zip(states.chunks(UPSERT_CHUNK))
+        .collect();
+    // Bulk upserts, a few at once: each carries whole keys' states, so
+    // they may land in any order (and a crash may leave any of them).
+    let mut key_by_key: Vec<usize> = Vec::new();
+    let mut running = tokio::task::JoinSet::new();
+    let mut next = 0;
+    loop {
+        while stats.fallback_reason.is_none()
+            && running.len() < WRITES_AT_ONCE
+            && next < chunks.len()
+        {
+            let (client, select, rows) = (client.clone(), select.clone(), chunks[next].0.to_vec());
+            let i = next;
+            running.spawn(async move {
+                let back = client
+                    .upsert::<_, StoredRow>(MONTHLY_TABLE, CONFLICT_TARGET, &select, &rows)
+                    .await;
+                (i, back)
+            });
+            next += 1;
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (i, back) = done.context("a write to portal_usage_monthly panicked")?;
+        let sent = chunks[i].1;
+        match back {
+            Ok(back) => {
+                stats.bulk_requests += 1;
+                let answered: HashMap<Key, Totals> = back
+                    .iter()
+                    .filter_map(|r| Some((r.key()?, r.totals())))
+                    .collect();
+                judge(sent, &answered, with_watermark, &mut stats);
+                crate::failpoint::hit("chunk");
+            }
+            Err(e) if e.kind() == Kind::UpsertRefused => {
+                if stats.fallback_reason.is_none() {
                     tracing::warn!("bulk upsert refused, writing key by key: {e}");
                     stats.fallback_reason = Some(e.to_string());
                 }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("writing {} keys to {MONTHLY_TABLE}", chunk.len())
-                    })
-                }
+                key_by_key.push(i);
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("writing {} keys to {MONTHLY_TABLE}", sent.len()))
             }
         }
+    }
+    key_by_key.extend(next..chunks.len());
+    key_by_key.sort_unstable();
+    for i in key_by_key {
+        let (chunk, sent) = chunks[i];
+        let mut answered: HashMap<Key, Totals> = HashMap::new();
         for (row, (key, _)) in chunk.iter().zip(sent) {
             if let Some(t) = write_one(client, row, &select).await? {
                 answered.insert(*key, t);

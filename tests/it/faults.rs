@@ -75,11 +75,11 @@ fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_fini
             error[0]
         );
     }
-    assert_eq!(
-        proxy.count("POST", "/portal_usage_monthly?on_conflict"),
-        4,
-        "one good chunk, then three tries"
-    );
+    // One good chunk, then three tries of the chunk that gives up; up to
+    // three more chunks are in flight beside it (four writes at once), each
+    // with at most three tries before the run stops them.
+    let posts = proxy.count("POST", "/portal_usage_monthly?on_conflict");
+    assert!((4..=13).contains(&posts), "{posts} upserts");
     assert_recovers(&stack);
 }
 
