@@ -12,10 +12,11 @@
 //! delay per request, whatever its size), TCP's slow start and a new
 //! connection's handshake (connecting costs no round trip), jitter and loss.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::proxy::{read_message, Message};
@@ -30,8 +31,11 @@ pub struct LatencyProxy {
     stop: Arc<AtomicBool>,
     port: u16,
     connections: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
+    requests: Arc<Routes>,
 }
+
+/// Requests forwarded, by method and path (the query left out).
+type Routes = Mutex<BTreeMap<String, usize>>;
 
 impl LatencyProxy {
     /// Proxies to `upstream` (`http://127.0.0.1:PORT`), adding `each_way`
@@ -46,7 +50,7 @@ impl LatencyProxy {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
-        let requests = Arc::new(AtomicUsize::new(0));
+        let requests: Arc<Routes> = Arc::default();
         {
             let (stop, connections, requests) =
                 (stop.clone(), connections.clone(), requests.clone());
@@ -81,7 +85,13 @@ impl LatencyProxy {
 
     /// Requests forwarded so far.
     pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
+        self.requests.lock().unwrap().values().sum()
+    }
+
+    /// Requests forwarded so far by method and path (`GET /usage_requests`,
+    /// `POST /rpc/usage_agg_lease`, ...), in that order.
+    pub fn requests_by_route(&self) -> BTreeMap<String, usize> {
+        self.requests.lock().unwrap().clone()
     }
 }
 
@@ -189,7 +199,7 @@ fn serve(
     client: TcpStream,
     upstream: &str,
     each_way: Duration,
-    requests: &AtomicUsize,
+    requests: &Routes,
 ) -> std::io::Result<()> {
     client.set_nodelay(true)?;
     let mut reader = BufReader::new(client.try_clone()?);
@@ -205,13 +215,14 @@ fn serve(
         if request.start.is_empty() {
             return Ok(());
         }
-        requests.fetch_add(1, Ordering::SeqCst);
-        let method = request
-            .start
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_string();
+        let mut parts = request.start.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
+        *requests
+            .lock()
+            .unwrap()
+            .entry(format!("{method} {path}"))
+            .or_default() += 1;
         let sends_body = !request.body.is_empty() || request.header("content-length").is_some();
         let request_head = head(&request, sends_body, false);
         std::thread::sleep(each_way); // the request's way out: the latency injected
@@ -328,6 +339,7 @@ mod tests {
         // Serialised, 64 requests would take 6.4 s; side by side, 4 round trips.
         assert!(took < Duration::from_millis(2000), "took {took:?}");
         assert_eq!(proxy.requests(), 64);
+        assert_eq!(proxy.requests_by_route()["GET /t3/r2"], 1);
         assert!(
             proxy.connections() <= 16,
             "{} connections: not kept alive",
