@@ -888,9 +888,9 @@ fn machine(bin: &Path, cluster: &Cluster) -> Vec<String> {
         format!("- {pg}; a private cluster on this machine, fsync off"),
         format!("- {postrust_version} as the REST server, max_rows {PAGE} (Supabase's default)"),
         format!(
-            "- {cli_version}, release build of commit {commit}{} ({})",
+            "- {cli_version} ({}); the benchmark ran from a checkout at commit {commit}{}",
+            bin.display(),
             if dirty { " with uncommitted changes" } else { "" },
-            bin.display()
         ),
         "- the server, the database, the CLI and the webhook probe share these CPUs: HTTP figures measure the whole stack".into(),
     ]
@@ -1074,6 +1074,13 @@ fn main() {
         .iter()
         .map(|s| s.to_string())
         .collect();
+    // The RPC engine as fast as it goes (no pause between batches), for
+    // the comparison with bare SQL.
+    let rpc_fast: Vec<String> = rpc_default
+        .iter()
+        .cloned()
+        .chain(speed.iter().map(|f| f.to_string()))
+        .collect();
     let (_, during_rpc) = probe_during(
         &bin,
         &main_ds,
@@ -1082,12 +1089,15 @@ fn main() {
     );
 
     // 9. The RPC engine over every row against bare SQL, alternated.
+    let rpc_label = format!("--engine rpc {}", speed.join(" "))
+        .trim()
+        .to_string();
     let (mut rpc, mut sql) = (Timing::default(), Timing::default());
     let mut rpc_batches = None;
     for i in 0..a.runs {
         eprintln!("bench: RPC engine and bare SQL ({}/{})", i + 1, a.runs);
         reset(&main_ds, Some(0));
-        let r = run_cli(&bin, &main_ds.env(), &rpc_default).ok();
+        let r = run_cli(&bin, &main_ds.env(), &rpc_fast).ok();
         assert_eq!(r.rows_read() as i64, rows, "the RPC run counts every row");
         check_totals(&main_ds, upto, "RPC catch-up");
         rpc_batches = r.json()["batches"].as_u64().or(rpc_batches);
@@ -1313,7 +1323,7 @@ fn main() {
                 a.runs
             );
             reset(&big_ds, Some(0));
-            let rr = run_cli(&bin, &big_ds.env(), &rpc_default).ok();
+            let rr = run_cli(&bin, &big_ds.env(), &rpc_fast).ok();
             check_totals(&big_ds, big_upto, "RPC catch-up, big");
             rpc.push(rr.wall);
             sql.push(bare_sql(&big_ds));
@@ -1383,7 +1393,8 @@ fn main() {
         beside.show()
     );
     println!(
-        "| RPC engine, catch-up of every row, default flags (batches: {}) | {} |",
+        "| RPC engine, catch-up of every row, `{}` (batches: {}) | {} |",
+        rpc_label,
         rpc_batches.map_or("n/a".into(), |b| b.to_string()),
         rpc.show()
     );
@@ -1404,7 +1415,10 @@ fn main() {
             t.as_secs_f64()
         );
         println!("| peak RSS, REST full run, {n} rows | {rss} KiB |");
-        println!("| RPC engine, catch-up of {n} rows | {} |", rpc.show());
+        println!(
+            "| RPC engine, catch-up of {n} rows, `{rpc_label}` | {} |",
+            rpc.show()
+        );
         println!("| bare SQL, {n} rows | {} |", sql.show());
     }
     for (tail, t, scan) in &current {
@@ -1594,7 +1608,7 @@ fn main() {
     println!(
         "statement_timeout = '{SLOW_TIMEOUT}' on the roles the REST server logs in and runs as (authenticator, \
          service_role; new connections), {} rows that are {} keys (one per row: a batch of ids writes as many \
-         keys), `aggregate --engine rpc --json` with default flags, from the default batch of 1,000,000 ids; one \
+         keys), `aggregate --engine rpc --json` with default flags (the batch size its own); one \
          batch of {SLOW_PROBE_BATCH} ids takes {:.3} s there in SQL without the timeout. {} runs; \"n/a\": the \
          summary has no such field.\n",
         slowed.rows,
