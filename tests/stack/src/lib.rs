@@ -13,11 +13,13 @@
 //! share it, run one at a time, and each starts by recreating the seed's
 //! schema there.
 //!
-//! Between usage-agg and the server, two optional pieces: [`gateway`], a
+//! Between usage-agg and the server, three optional pieces: [`gateway`], a
 //! stand-in for Supabase's API gateway (`/rest/v1/`, the `apikey` header,
-//! `sb_secret_` keys), and [`proxy`], which injects faults.
+//! `sb_secret_` keys), [`proxy`], which injects faults, and [`latency`],
+//! which adds a round trip to every request (the benchmark's WAN).
 
 pub mod gateway;
+pub mod latency;
 pub mod proxy;
 
 use std::io::{Read, Write};
@@ -327,8 +329,8 @@ impl Stack {
         Stack::with_max_rows(cluster, MAX_ROWS)
     }
 
-    /// A stack whose server caps responses at `max_rows` (the benchmark
-    /// pages 10,000 rows at a time; Supabase allows raising the cap).
+    /// A stack whose server caps responses at `max_rows` (Supabase allows
+    /// raising the cap; `local-stack --max-rows` does).
     pub fn with_max_rows(cluster: &Cluster, max_rows: u32) -> Stack {
         Stack::serving(cluster, cluster.create_database(), max_rows)
     }
