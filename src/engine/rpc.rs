@@ -37,6 +37,10 @@ pub fn next_batch_ids(ids: u64, took: std::time::Duration, target: std::time::Du
         .clamp(MIN_BATCH_IDS, MAX_BATCH_IDS)
 }
 
+/// How many times the batch lock is asked for again (100 ms apart) right
+/// after our own batch timed out: two seconds for its rollback to finish.
+const BUSY_RETRIES_AFTER_TIMEOUT: u32 = 20;
+
 /// Whether a batch failed on the statement timeout (and so may shrink).
 fn timed_out(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -69,6 +73,11 @@ pub async fn run<S: Store>(
     if opts.batch_target.is_some() {
         batch_ids = batch_ids.min(FIRST_TIMED_BATCH_IDS);
     }
+    // Busy answers right after one of our own batches timed out: that
+    // batch's backend may still be rolling back and holding the batch lock
+    // (the error reaches us before the lock is released), so the lock is
+    // asked for again, a little later, a few times.
+    let mut busy_after_timeout = 0;
     loop {
         let started = std::time::Instant::now();
         let b = match store
@@ -88,10 +97,18 @@ pub async fn run<S: Store>(
                 );
                 outcome.batches_halved += 1;
                 batch_ids = smaller;
+                busy_after_timeout = BUSY_RETRIES_AFTER_TIMEOUT;
                 continue;
             }
             Err(e) => return Err(e),
         };
+        if b.busy && busy_after_timeout > 0 {
+            busy_after_timeout -= 1;
+            tracing::debug!("the batch lock is still held after our timed-out batch; asking again");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
+        busy_after_timeout = 0;
         if b.busy {
             return Err(BatchBusy.into());
         }

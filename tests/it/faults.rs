@@ -256,6 +256,54 @@ fn a_redirect_to_another_origin_is_not_followed_and_the_key_never_reaches_it() {
 }
 
 #[test]
+fn the_batch_lock_still_held_by_our_own_timed_out_batch_is_waited_for() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 600, 5);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 3000, 5);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "POST",
+        "/rpc/usage_agg_rpc_batch",
+        Fault::Respond {
+            status: 500,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
+        },
+        1,
+    );
+    // The timed-out backend answers before it has rolled back and let go
+    // of the batch lock: the halved batch finds it busy, twice.
+    proxy.inject(
+        "POST",
+        "/rpc/usage_agg_rpc_batch",
+        Fault::Respond {
+            status: 200,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: r#"{"busy":true}"#.into(),
+        },
+        2,
+    );
+    run_via(&stack, &proxy, &["--engine", "rpc"]).assert_status(0);
+    assert_no_drift(&stack);
+    // Busy without a timeout of ours first is another run: exit 75 at once.
+    insert_rows(&stack, 100, 5);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "POST",
+        "/rpc/usage_agg_rpc_batch",
+        Fault::Respond {
+            status: 200,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: r#"{"busy":true}"#.into(),
+        },
+        1,
+    );
+    run_via(&stack, &proxy, &["--engine", "rpc"]).assert_status(75);
+    assert_eq!(proxy.count("POST", "/rpc/usage_agg_rpc_batch"), 1);
+}
+
+#[test]
 fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
     let stack = migrated_stack();
     insert_rows(&stack, 600, 5);
