@@ -130,6 +130,10 @@ fn args() -> Args {
         (1..=32).contains(&a.concurrency),
         "--concurrency is 1 to 32, as usage-agg's"
     );
+    // The CLI runs in a temporary directory (no .env.local of the
+    // checkout's may leak in): its path must not be relative.
+    a.bin = std::fs::canonicalize(&a.bin)
+        .unwrap_or_else(|e| panic!("--bin {}: {e}", a.bin.display()));
     a
 }
 
