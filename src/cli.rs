@@ -358,7 +358,8 @@ pub struct Scan {
     #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub concurrency: u16,
 
-    /// Read at most this many rows a second, over the whole run (a ceiling on the load, for busy hours)
+    /// Read at most this many rows a second, over the whole run (a ceiling on the load, for busy hours;
+    /// with --engine rpc, by resting between batches)
     #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_rows_per_second: Option<u64>,
 
@@ -448,7 +449,7 @@ pub struct AggregateArgs {
 
     /// With --engine rpc: rest this long after each server-side batch [default: as long as the batch took,
     /// so the database is busy with this run at most half the time; 0s with --aggressive]
-    #[arg(long, value_parser = batch_pause, value_name = "DURATION", conflicts_with = "aggressive")]
+    #[arg(long, value_parser = batch_pause, value_name = "DURATION", conflicts_with = "aggressive", allow_hyphen_values = true)]
     pub batch_pause: Option<std::time::Duration>,
 
     /// Recompute every key from all its rows instead of only new rows

@@ -197,6 +197,24 @@ impl Pace {
         }
     }
 
+    /// How long to rest after a server-side batch that took `took` and
+    /// read `rows`: the batch pause, or longer if the rows-per-second
+    /// ceiling says so.
+    pub fn rest_after_batch(&self, took: Duration, rows: u64) -> Duration {
+        let settings = &self.inner.settings;
+        let total = {
+            let mut w = self.inner.state.lock().expect("pace lock");
+            w.rows += rows;
+            w.rows
+        };
+        let ceiling = settings.max_rows_per_second.map_or(Duration::ZERO, |rate| {
+            let due =
+                self.inner.started + Duration::from_secs_f64(total as f64 / rate.max(1) as f64);
+            due.saturating_duration_since(Instant::now())
+        });
+        settings.pause_after_batch(took).max(ceiling)
+    }
+
     pub fn report(&self) -> PaceReport {
         let w = self.inner.state.lock().expect("pace lock");
         PaceReport {

@@ -123,16 +123,10 @@ impl ParallelScan {
         page_size: usize,
         pace: &Pace,
     ) -> ParallelScan {
-        let n = pace.settings().max_concurrency.max(1) as i64;
-        let span = (upto - after).max(0);
-        let (tx, rx) = tokio::sync::mpsc::channel(2 * n as usize);
+        let n = pace.settings().max_concurrency.max(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(2 * n);
         let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..n {
-            let lo = after + span * i / n;
-            let hi = after + span * (i + 1) / n;
-            if hi <= lo {
-                continue;
-            }
+        for (lo, hi) in split_ids(after, upto, n) {
             let mut scan = RawScan::new(client, lo, Some(hi), page_size).filtered(filters.clone());
             let tx = tx.clone();
             let pace = pace.clone();
@@ -190,6 +184,22 @@ impl ParallelScan {
             None => Ok(None),
         }
     }
+}
+
+/// (after, upto] cut into at most `n` equal, adjacent, non-empty ranges.
+/// In i128: `span * i` passes i64::MAX once ids reach about 2e18 / n, and
+/// a wrapped bound would silently leave a range unread.
+fn split_ids(after: i64, upto: i64, n: usize) -> Vec<(i64, i64)> {
+    let span = i128::from(upto) - i128::from(after);
+    if span <= 0 {
+        return Vec::new();
+    }
+    let n = n.max(1) as i128;
+    let bound = |i: i128| (i128::from(after) + span * i / n) as i64;
+    (0..n)
+        .map(|i| (bound(i), bound(i + 1)))
+        .filter(|(lo, hi)| hi > lo)
+        .collect()
 }
 
 /// The newest id in `usage_requests` (by the primary key, so cheap), 0 when
@@ -759,5 +769,29 @@ mod tests {
             assert!(client.url_len(MONTHLY_TABLE, &q) <= MAX_URL_LEN);
         }
         assert!(chunk_in_list_for(&client, MONTHLY_TABLE, &stored_columns(true), &[]).is_empty());
+    }
+
+    #[test]
+    fn id_ranges_cover_every_id_once_even_near_the_top_of_bigint() {
+        for (after, upto, n) in [
+            (0, 10, 4),
+            (0, 3, 8),
+            (5, 5, 4),
+            (0, i64::MAX, 32),
+            (300_000_000_000_000_000, 300_000_000_000_002_700, 32),
+            (0, 300_000_000_000_002_700, 32),
+            (i64::MAX - 100, i64::MAX, 3),
+        ] {
+            let r = split_ids(after, upto, n);
+            assert!(r.len() <= n, "{after}..{upto}/{n}");
+            if upto > after {
+                assert_eq!(r.first().unwrap().0, after, "{after}..{upto}/{n}");
+                assert_eq!(r.last().unwrap().1, upto, "{after}..{upto}/{n}");
+            } else {
+                assert!(r.is_empty());
+            }
+            assert!(r.iter().all(|(lo, hi)| lo < hi));
+            assert!(r.windows(2).all(|w| w[0].1 == w[1].0), "adjacent: {r:?}");
+        }
     }
 }

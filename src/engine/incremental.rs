@@ -93,13 +93,13 @@ pub async fn run<S: Store>(
     opts.progress.scan(cursor, Some(horizon));
     outcome.cursor = (!opts.dry_run).then_some((Some(cursor), cursor));
     let mut start = cursor;
-    let mut renewed = std::time::Instant::now();
+    let mut lease = super::lease::Keeper::new(store, owner, opts.lease_ttl);
     while start < horizon {
         let end = start.saturating_add(batch_ids).min(horizon);
         let mut fold = Fold::default();
         let floor = |k: &Key| dirty.get(k).map_or(start, |w| (*w).max(start));
         let mut scan = store.scan(RawFilter::All, start, end, opts.page_size, &opts.pace);
-        while let Some(page) = scan.next_page().await? {
+        while let Some(page) = lease.wait(start, scan.next_page()).await?? {
             for row in &page {
                 fold.add(row, |k, id| id > floor(k));
             }
@@ -111,14 +111,9 @@ pub async fn run<S: Store>(
                 outcome.rows_read,
             );
             failpoint::hit("page");
-            // A paced batch can outlast the lease: renew it every third of
+            // A paced batch can outlast the lease: renewed every third of
             // its life, as rebuilds do, not only between batches.
-            if let Some(owner) = owner.filter(|_| renewed.elapsed() >= opts.lease_ttl / 3) {
-                if !store.renew(owner, opts.lease_ttl).await? {
-                    return Err(LeaseLost { cursor: start }.into());
-                }
-                renewed = std::time::Instant::now();
-            }
+            lease.renew_if_due(start).await?;
         }
         outcome.rows_counted += fold.good_rows();
         touched.extend(fold.groups.keys().copied());
@@ -150,11 +145,8 @@ pub async fn run<S: Store>(
             let now = store.advance(end).await?;
             failpoint::hit("after-cursor");
             outcome.cursor = Some((Some(cursor), now));
-            if let Some(owner) = owner {
-                if end < horizon && !store.renew(owner, opts.lease_ttl).await? {
-                    return Err(LeaseLost { cursor: now }.into());
-                }
-                renewed = std::time::Instant::now();
+            if end < horizon {
+                lease.renew(now).await?;
             }
         }
         outcome.bad.merge(fold.bad);

@@ -8,6 +8,7 @@
 //! - `incremental`: only rows above the cursor, up to the safe horizon.
 
 pub mod incremental;
+pub mod lease;
 pub mod rebuild;
 pub mod rpc;
 

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::incremental::LeaseLost;
 use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Month, Totals};
 use crate::failpoint;
@@ -133,7 +132,12 @@ pub async fn recount<S: Store>(
     let mut fresh = Fold::default();
     let mut reference = Fold::default();
     let mut above = Fold::default();
-    let mut renewed = std::time::Instant::now();
+    let standing = marks.and_then(|m| m.cursor).unwrap_or(0);
+    let mut lease = super::lease::Keeper::new(
+        store,
+        renewal.map(|r| r.owner),
+        renewal.map_or(std::time::Duration::ZERO, |r| r.ttl),
+    );
     // Without the migration there is no horizon: count what is there now.
     let end = match scan_end {
         Some(e) => e,
@@ -141,7 +145,7 @@ pub async fn recount<S: Store>(
     };
     let mut scan = store.scan(raw_filter, 0, end, page_size, pace);
     progress.scan(0, Some(end));
-    while let Some(page) = scan.next_page().await? {
+    while let Some(page) = lease.wait(standing, scan.next_page()).await?? {
         for row in &page {
             fresh.add(row, |_, id| horizon.is_none_or(|h| id <= h));
             reference.add(row, covers);
@@ -151,15 +155,7 @@ pub async fn recount<S: Store>(
         }
         progress.advance(0, scan.rows_read as i64, Some(end), scan.rows_read);
         failpoint::hit("page");
-        if let Some(r) = renewal.filter(|r| renewed.elapsed() >= r.ttl / 3) {
-            if !store.renew(r.owner, r.ttl).await? {
-                return Err(LeaseLost {
-                    cursor: marks.and_then(|m| m.cursor).unwrap_or(0),
-                }
-                .into());
-            }
-            renewed = std::time::Instant::now();
-        }
+        lease.renew_if_due(standing).await?;
     }
     progress.finish();
     Ok(Recount {

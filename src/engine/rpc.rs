@@ -78,6 +78,7 @@ pub async fn run<S: Store>(
     // (the error reaches us before the lock is released), so the lock is
     // asked for again, a little later, a few times.
     let mut busy_after_timeout = 0;
+    let mut lease = super::lease::Keeper::new(store, owner, opts.lease_ttl);
     loop {
         let started = std::time::Instant::now();
         let b = match store
@@ -169,17 +170,14 @@ pub async fn run<S: Store>(
         if b.done {
             break;
         }
-        if let Some(owner) = owner {
-            if !store.renew(owner, opts.lease_ttl).await? {
-                return Err(super::incremental::LeaseLost { cursor: to }.into());
-            }
-        }
+        lease.renew(to).await?;
         // A good neighbour: the webhook's inserts get the database to
-        // themselves between batches (none with --aggressive).
-        let rest = opts.pace.settings().pause_after_batch(took);
+        // themselves between batches (none with --aggressive), and the
+        // rows-per-second ceiling holds over the run.
+        let rest = opts.pace.rest_after_batch(took, b.rows + b.bad);
         if !rest.is_zero() {
             tracing::debug!(?rest, "resting between batches");
-            tokio::time::sleep(rest).await;
+            lease.rest(to, rest).await?;
             outcome.batch_rest += rest;
         }
     }

@@ -279,3 +279,105 @@ fn pace_flags_that_contradict_each_other_or_the_engine_are_refused() {
         "nothing written"
     );
 }
+
+/// A slow run (a long rest, a low ceiling) keeps its lease through its
+/// waits: a run started after the lease would have lapsed unrenewed still
+/// finds it held, and steps aside (75).
+fn keeps_its_lease_while_it_waits(args: &[&str]) {
+    let stack = migrated_stack();
+    insert_rows(&stack, 500, 20);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 3_000, 20);
+    let mut all = vec!["aggregate", "--env", "dev", "--lease-ttl", "1s"];
+    all.extend_from_slice(args);
+    let slow = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
+        .args(&all)
+        .current_dir(workdir())
+        .env_clear()
+        .envs(stack.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Watch the lease: once the time the first lease seen would have run
+    // out is past (by the database's clock), a lease still held was renewed.
+    let mut db = stack.sql();
+    let first = loop {
+        let row = db
+            .query_one("SELECT lease_owner IS NOT NULL, lease_expires_at::text FROM usage_aggregation_state", &[])
+            .unwrap();
+        if row.get::<_, bool>(0) {
+            break row.get::<_, String>(1);
+        }
+    };
+    while !db
+        .query_one(
+            "SELECT now() > $1::text::timestamptz + interval '300 ms'",
+            &[&first],
+        )
+        .unwrap()
+        .get::<_, bool>(0)
+    {}
+    aggregate(&stack, &[])
+        .assert_status(75)
+        .assert_stderr_has("lease");
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    aggregate(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
+}
+
+#[test]
+fn a_run_resting_between_server_side_batches_keeps_its_lease() {
+    keeps_its_lease_while_it_waits(&[
+        "--engine",
+        "rpc",
+        "--batch-size",
+        "1000",
+        "--batch-pause",
+        "2s",
+    ]);
+}
+
+#[test]
+fn a_run_under_a_low_rows_per_second_ceiling_keeps_its_lease() {
+    keeps_its_lease_while_it_waits(&[
+        "--max-rows-per-second",
+        "1000",
+        "--page-size",
+        "1000",
+        "--concurrency",
+        "1",
+    ]);
+}
+
+#[test]
+fn a_table_with_ids_near_the_top_of_bigint_is_read_whole_at_any_concurrency() {
+    let mut stack = migrated_stack();
+    stack.ddl(
+        "ALTER TABLE usage_requests ALTER COLUMN id TYPE bigint;
+         ALTER SEQUENCE usage_requests_id_seq AS bigint;
+         SELECT setval('usage_requests_id_seq', 300000000000000000);",
+    );
+    insert_rows(&stack, 700, 30);
+    // The first run rebuilds from id 0: 32 ranges over 3e17 ids, where
+    // 64-bit arithmetic for their bounds wrapped and dropped the last.
+    let run = aggregate(&stack, &["--json", "--concurrency", "32"]);
+    assert_eq!(summary(&run)["rows_read"], 700);
+    assert_no_drift(&stack);
+    verify(&stack);
+}
+
+fn verify(stack: &Stack) {
+    usage_agg(
+        &workdir(),
+        &stack.env(),
+        &["verify", "--env", "dev", "--concurrency", "32"],
+    )
+    .assert_status(0);
+}

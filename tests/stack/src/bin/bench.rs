@@ -132,8 +132,8 @@ fn args() -> Args {
     );
     // The CLI runs in a temporary directory (no .env.local of the
     // checkout's may leak in): its path must not be relative.
-    a.bin = std::fs::canonicalize(&a.bin)
-        .unwrap_or_else(|e| panic!("--bin {}: {e}", a.bin.display()));
+    a.bin =
+        std::fs::canonicalize(&a.bin).unwrap_or_else(|e| panic!("--bin {}: {e}", a.bin.display()));
     a
 }
 
