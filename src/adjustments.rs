@@ -129,12 +129,14 @@ pub async fn read_late_for(
     client: &Client,
     keys: impl IntoIterator<Item = Key>,
     page_size: usize,
+    at_once: usize,
 ) -> anyhow::Result<HashMap<LateKey, Totals>> {
     read_keys_in_lists(
         client,
         ADJUSTMENTS_TABLE,
         LATE_COLUMNS,
         keys,
+        at_once,
         move |client, filters| async move {
             let mut out = HashMap::new();
             read_late_where(&client, &filters, &mut out, page_size).await?;

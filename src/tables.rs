@@ -21,9 +21,6 @@ pub const CONFLICT_TARGET: &str = "portal_id,month_year";
 /// Rows per bulk upsert: about 200 bytes each, so a request stays near
 /// 100 KB, far under any gateway's body limit.
 pub const UPSERT_CHUNK: usize = 500;
-/// Bulk upserts in flight at once: 60 chunks (30,000 keys) one after
-/// another were half of a catch-up's time.
-const WRITES_AT_ONCE: usize = 4;
 /// URL budget for `in.()` filters: the gateway answers 414 past about 8 KB.
 pub const MAX_URL_LEN: usize = 6000;
 
@@ -361,6 +358,7 @@ pub async fn read_stored_for(
     keys: impl IntoIterator<Item = Key>,
     with_watermark: bool,
     page_size: usize,
+    at_once: usize,
 ) -> anyhow::Result<HashMap<Key, Totals>> {
     let select = stored_columns(true);
     read_keys_in_lists(
@@ -368,6 +366,7 @@ pub async fn read_stored_for(
         MONTHLY_TABLE,
         &select,
         keys,
+        at_once,
         move |client, filters| async move {
             let mut out = HashMap::new();
             read_stored_where(&client, &filters, with_watermark, &mut out, page_size).await?;
@@ -377,19 +376,17 @@ pub async fn read_stored_for(
     .await
 }
 
-/// `in.()` lists read at once by [`read_keys_in_lists`]: a batch that
-/// touched 30,000 keys reads them in about 45 lists, which one at a time
-/// cost an incremental run more than its scan did.
-const LISTS_AT_ONCE: usize = 4;
-
 /// Reads rows of `table` for these keys, month by month, with
-/// `portal_id=in.(...)` lists cut to fit the URL budget, a few lists at
-/// once; `read` reads one list's filters.
+/// `portal_id=in.(...)` lists cut to fit the URL budget, `at_once` lists
+/// at a time (a batch that touched 30,000 keys reads them in about 45
+/// lists, which one after another cost a catch-up more than its scan did);
+/// `read` reads one list's filters.
 pub(crate) async fn read_keys_in_lists<K, V, F, Fut>(
     client: &Client,
     table: &str,
     select: &str,
     keys: impl IntoIterator<Item = Key>,
+    at_once: usize,
     read: F,
 ) -> anyhow::Result<HashMap<K, V>>
 where
@@ -415,7 +412,7 @@ where
     let mut running = tokio::task::JoinSet::new();
     let mut lists = lists.into_iter();
     loop {
-        while running.len() < LISTS_AT_ONCE {
+        while running.len() < at_once.max(1) {
             let Some(filters) = lists.next() else { break };
             running.spawn(read(client.clone(), filters));
         }
@@ -561,6 +558,7 @@ pub async fn write_states(
     states: &[(Key, Totals)],
     with_watermark: bool,
     now: NaiveDateTime,
+    at_once: usize,
 ) -> anyhow::Result<WriteStats> {
     let updated_at = format_timestamp(now);
     let rows: Vec<MonthlyRow> = states
@@ -586,14 +584,15 @@ pub async fn write_states(
         .chunks(UPSERT_CHUNK)
         .zip(states.chunks(UPSERT_CHUNK))
         .collect();
-    // Bulk upserts, a few at once: each carries whole keys' states, so
-    // they may land in any order (and a crash may leave any of them).
+    // Bulk upserts, `at_once` at a time (60 chunks, 30,000 keys, one after
+    // another were half of a catch-up's time): each carries whole keys'
+    // states, so they may land in any order, and a crash may leave any.
     let mut key_by_key: Vec<usize> = Vec::new();
     let mut running = tokio::task::JoinSet::new();
     let mut next = 0;
     loop {
         while stats.fallback_reason.is_none()
-            && running.len() < WRITES_AT_ONCE
+            && running.len() < at_once.max(1)
             && next < chunks.len()
         {
             let (client, select, rows) = (client.clone(), select.clone(), chunks[next].0.to_vec());

@@ -22,6 +22,9 @@ use crate::store::Store;
 /// What a server-side batch aims to take when sized by time: far under
 /// Supabase's 8 s statement timeout, long enough to amortise the call.
 const DEFAULT_BATCH_SECONDS: Duration = Duration::from_secs(1);
+/// With `--aggressive`: half of Supabase's 8 s statement timeout, and the
+/// first batch the fixed default (a million ids) rather than a small one.
+const AGGRESSIVE_BATCH_SECONDS: Duration = Duration::from_secs(4);
 
 pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
@@ -232,11 +235,16 @@ async fn aggregate(
             // (--batch-seconds, about 1 s by default).
             batch_target: match args.batch_size {
                 Some(_) => None,
-                None => Some(args.batch_seconds.unwrap_or(DEFAULT_BATCH_SECONDS)),
+                None => Some(args.batch_seconds.unwrap_or(if args.scan.aggressive {
+                    AGGRESSIVE_BATCH_SECONDS
+                } else {
+                    DEFAULT_BATCH_SECONDS
+                })),
             },
         },
         owner: state::owner_id(),
         force: args.force,
     };
-    job.run(&RestStore::new(client.clone()), warnings).await
+    let store = RestStore::new(client.clone()).at_once(usize::from(args.scan.concurrency));
+    job.run(&store, warnings).await
 }

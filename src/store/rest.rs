@@ -25,11 +25,24 @@ use crate::tables::{self, ParallelScan, WriteStats};
 #[derive(Clone)]
 pub struct RestStore {
     client: Client,
+    /// Bulk reads and writes of stored rows in flight at once.
+    at_once: usize,
 }
 
 impl RestStore {
     pub fn new(client: Client) -> RestStore {
-        RestStore { client }
+        RestStore {
+            client,
+            at_once: usize::from(crate::engine::DEFAULT_CONCURRENCY),
+        }
+    }
+
+    /// Reads and writes of stored rows `n` at a time (`--concurrency`):
+    /// on a distant server each is a round trip, and a catch-up makes
+    /// dozens of them.
+    pub fn at_once(mut self, n: usize) -> RestStore {
+        self.at_once = n.max(1);
+        self
     }
 
     /// The client, for the commands' calls that are not the engines'
@@ -105,7 +118,14 @@ impl Store for RestStore {
         keys: &[Key],
         page_size: usize,
     ) -> anyhow::Result<HashMap<Key, Totals>> {
-        tables::read_stored_for(&self.client, keys.iter().copied(), true, page_size).await
+        tables::read_stored_for(
+            &self.client,
+            keys.iter().copied(),
+            true,
+            page_size,
+            self.at_once,
+        )
+        .await
     }
 
     async fn newest_month(&self) -> anyhow::Result<Option<Month>> {
@@ -121,7 +141,14 @@ impl Store for RestStore {
         states: &[(Key, Totals)],
         with_watermark: bool,
     ) -> anyhow::Result<WriteStats> {
-        tables::write_states(&self.client, states, with_watermark, Utc::now().naive_utc()).await
+        tables::write_states(
+            &self.client,
+            states,
+            with_watermark,
+            Utc::now().naive_utc(),
+            self.at_once,
+        )
+        .await
     }
 
     async fn probe(&self, with_watermark: bool) -> anyhow::Result<()> {
@@ -205,7 +232,8 @@ impl Store for RestStore {
         keys: &[Key],
         page_size: usize,
     ) -> anyhow::Result<HashMap<LateKey, Totals>> {
-        adjustments::read_late_for(&self.client, keys.iter().copied(), page_size).await
+        adjustments::read_late_for(&self.client, keys.iter().copied(), page_size, self.at_once)
+            .await
     }
 
     async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats> {

@@ -756,6 +756,34 @@ fn probe_idle(stack: &Stack, n: usize) -> Vec<Duration> {
     v.into_iter().map(|(_, d)| d).collect()
 }
 
+/// `n` probe inserts while one thread of this process spins on a CPU: the
+/// control for the probes during runs. On a machine whose cores the
+/// server, the database and the probe share, it is what any job that keeps
+/// one core busy costs the webhook, whatever it does with the core.
+fn probe_beside_a_busy_core(stack: &Stack, n: usize) -> Vec<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        })
+    };
+    let v = insert_loop(
+        &stack.rest_url,
+        &stack.key,
+        &AtomicBool::new(false),
+        Some(n),
+        None,
+    );
+    stop.store(true, Ordering::SeqCst);
+    spinner.join().expect("the spinner");
+    remove_probe_rows(stack);
+    v.into_iter().map(|(_, d)| d).collect()
+}
+
 /// Runs usage-agg with the probe inserting beside it from before the run
 /// starts until it ends (the probe thread is stopped and joined when the
 /// process has been waited for). Returns the run and the latencies of the
@@ -1056,6 +1084,8 @@ fn main() {
     // 7. The webhook probe: idle, then during each engine's run.
     eprintln!("bench: webhook probe, idle ({} inserts)", a.probe_inserts);
     let idle = probe_idle(&main_ds, a.probe_inserts);
+    eprintln!("bench: webhook probe beside one busy core (the control)");
+    let busy_core = probe_beside_a_busy_core(&main_ds, a.probe_inserts);
     eprintln!("bench: webhook probe during a full REST run, default flags");
     reset(&main_ds, None);
     let (_, during_rest) = probe_during(
@@ -1121,6 +1151,11 @@ fn main() {
         .unwrap()
         .get(0);
     let backlog = rows - rows / 2;
+    // A table of `backlog` rows, for a --full over as many rows as the
+    // catch-up reads.
+    let same_n = dataset(&cluster, backlog, PORTALS, &MONTHS);
+    run_cli(&bin, &same_n.env(), &fast(&[])).ok();
+    let mut full_same_n = Timing::default();
     let (mut incr, mut full) = (Timing::default(), Timing::default());
     let (mut incr_rows, mut full_rows) = (0u64, 0u64);
     for i in 0..a.runs {
@@ -1145,7 +1180,12 @@ fn main() {
         assert_eq!(full_rows as i64, rows, "--full reads every row");
         check_totals(&main_ds, upto, "--full rebuild");
         full.push(r.wall);
+        let r = run_cli(&bin, &same_n.env(), &fast(&["--full"])).ok();
+        assert_eq!(r.rows_read() as i64, backlog, "--full reads every row");
+        check_totals(&same_n, max_id(&same_n), "--full rebuild over as many rows");
+        full_same_n.push(r.wall);
     }
+    discard(&cluster, same_n);
 
     // 5. A dry run beside a cron-like run over the same backlog, against
     // the dry run alone (default flags for both, as cron and a person run
@@ -1389,6 +1429,10 @@ fn main() {
         full.show()
     );
     println!(
+        "| REST engine, --full over a table of {backlog} rows, same flags | {} |",
+        full_same_n.show()
+    );
+    println!(
         "| dry run (--dry-run --force), default flags, alone, over the {backlog}-row backlog | {} |",
         alone.show()
     );
@@ -1456,6 +1500,11 @@ fn main() {
             met: Some(cpu_us <= 0.5),
             digits: 3,
         },
+        ratio(
+            format!("incremental catch-up of {backlog} rows / --full over a table of {backlog} rows"),
+            incr.median() / full_same_n.median(),
+            1.1,
+        ),
         ratio(
             format!("incremental catch-up per row ({backlog} rows) / --full per row ({rows} rows)"),
             (incr.median() / incr_rows as f64) / (full.median() / full_rows as f64),
@@ -1536,6 +1585,11 @@ fn main() {
         "| idle | {} | {:.2} ms | {p99_idle:.2} ms | 1 | |",
         idle.len(),
         percentile_ms(&idle, 0.5)
+    );
+    line(
+        "one CPU kept busy by a spinning thread, nothing else (the control: what keeping one core busy costs here)",
+        &busy_core,
+        None,
     );
     line("a full REST run, default flags", &during_rest, Some(2.0));
     line(
