@@ -25,10 +25,13 @@ use crate::tables::WriteStats;
 /// until an empty page whatever the page size.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
 
-/// Id ranges a scan reads at once. Measured (docs/benchmarks.md): on 2
-/// cores a full run took 4.9 s with 1, 3.8 s with 2 and 3.2 s with 4; four
-/// requests at a time is also modest for a Supabase project's pool.
-pub const DEFAULT_CONCURRENCY: u16 = 4;
+/// Requests in flight at most (id ranges a scan reads at once, bulk reads
+/// and writes of stored rows). Chosen from the WAN curve in
+/// docs/benchmarks.md: 40 ms from the server, a million rows took 46 s at
+/// 1, 12.7 s at 4 and 7.1 s at 8. Unless `--aggressive`, this is only a
+/// ceiling: the pace starts at one and grows while latency stays flat,
+/// which on a nearby, busy server keeps it at one to three.
+pub const DEFAULT_CONCURRENCY: u16 = 8;
 
 /// A key whose stored state differs from what its rows say.
 #[derive(Debug, Clone, PartialEq, Eq)]

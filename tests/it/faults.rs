@@ -55,7 +55,7 @@ fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_fini
         Fault::html(502, "502 Bad Gateway"),
         1000,
     );
-    let run = run_via(&stack, &proxy, &["--max-retries", "2"]);
+    let run = run_via(&stack, &proxy, &["--max-retries", "2", "--concurrency", "4"]);
     run.assert_status(69);
     let error: Vec<&str> = run
         .stderr
@@ -76,8 +76,8 @@ fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_fini
         );
     }
     // One good chunk, then three tries of the chunk that gives up; up to
-    // three more chunks are in flight beside it (four writes at once), each
-    // with at most three tries before the run stops them.
+    // three more chunks are in flight beside it (--concurrency 4: four
+    // writes at once), each with at most three tries before the run stops.
     let posts = proxy.count("POST", "/portal_usage_monthly?on_conflict");
     assert!((4..=13).contains(&posts), "{posts} upserts");
     assert_recovers(&stack);
