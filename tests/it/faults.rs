@@ -55,7 +55,11 @@ fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_fini
         Fault::html(502, "502 Bad Gateway"),
         1000,
     );
-    let run = run_via(&stack, &proxy, &["--max-retries", "2", "--concurrency", "4"]);
+    let run = run_via(
+        &stack,
+        &proxy,
+        &["--max-retries", "2", "--concurrency", "4"],
+    );
     run.assert_status(69);
     let error: Vec<&str> = run
         .stderr
