@@ -55,6 +55,7 @@ pub fn classify(err: &anyhow::Error) -> Status {
             return Status::TempFail;
         }
         if cause.is::<LeaseHeld>()
+            || cause.is::<crate::pace::DeadlinePassed>()
             || cause.is::<HorizonNotSafe>()
             || cause.is::<LeaseLost>()
             || cause.is::<BatchBusy>()
@@ -111,6 +112,20 @@ fn classify_api(e: &ApiError) -> Status {
 /// A sentence on what to do, for the errors an operator can fix. `config`
 /// names the variables (absent when the configuration itself failed).
 pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
+    let deadline = err.chain().any(|c| {
+        c.is::<crate::pace::DeadlinePassed>()
+            || matches!(
+                c.downcast_ref::<Failure>(),
+                Some(Failure::GaveUp(GaveUp::Deadline { .. }))
+            )
+    });
+    if deadline {
+        return Some(
+            "the run stopped at its --deadline; what it wrote is correct and the next run continues from \
+             there (a low --max-rows-per-second or long --batch-pause makes a run slow: raise the deadline or the ceiling)"
+                .into(),
+        );
+    }
     let api = err.chain().find_map(|c| {
         c.downcast_ref::<Failure>()
             .map(Failure::api)

@@ -30,6 +30,12 @@ const GROW_BELOW: f64 = 1.1;
 /// tight, so a server shared with the product stays near its idle latency.
 const CUT_ABOVE: f64 = 1.3;
 
+/// The run's `--deadline` came while it was pacing itself: it stops
+/// (exit 75) rather than sleep past it. What it wrote is correct.
+#[derive(Debug, thiserror::Error)]
+#[error("the run's deadline (--deadline) passed while it was pacing itself (a rows-per-second ceiling or a rest between batches); stopped")]
+pub struct DeadlinePassed;
+
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PaceSettings {
@@ -87,6 +93,8 @@ pub struct Pace {
 struct Inner {
     settings: PaceSettings,
     started: Instant,
+    /// The run's `--deadline`: no rest or ceiling wait goes past it.
+    deadline: Option<Instant>,
     state: Mutex<Window>,
     freed: Notify,
 }
@@ -128,6 +136,19 @@ pub struct Permit {
 }
 
 impl Pace {
+    /// A pace whose waits never outlast `deadline` (the run's `--deadline`).
+    pub fn with_deadline(settings: PaceSettings, deadline: Option<std::time::Instant>) -> Pace {
+        let mut pace = Pace::new(settings);
+        Arc::get_mut(&mut pace.inner).expect("a new pace").deadline =
+            deadline.map(Instant::from_std);
+        pace
+    }
+
+    /// Whether waiting until `until` would pass the deadline.
+    fn past_deadline(&self, until: Instant) -> bool {
+        self.inner.deadline.is_some_and(|d| until > d)
+    }
+
     pub fn new(settings: PaceSettings) -> Pace {
         let start = if settings.adaptive {
             1.0
@@ -138,6 +159,7 @@ impl Pace {
             inner: Arc::new(Inner {
                 settings,
                 started: Instant::now(),
+                deadline: None,
                 state: Mutex::new(Window {
                     size: start,
                     in_flight: 0,
@@ -159,8 +181,9 @@ impl Pace {
         &self.inner.settings
     }
 
-    /// Waits for room in the window, then for the rows-per-second ceiling.
-    pub async fn acquire(&self) -> Permit {
+    /// Waits for room in the window, then for the rows-per-second ceiling;
+    /// fails at once when that wait would pass the run's deadline.
+    pub async fn acquire(&self) -> Result<Permit, DeadlinePassed> {
         loop {
             let freed = self.inner.freed.notified();
             {
@@ -176,11 +199,16 @@ impl Pace {
             let rows = self.inner.state.lock().expect("pace lock").rows;
             let due =
                 self.inner.started + Duration::from_secs_f64(rows as f64 / rate.max(1) as f64);
+            if self.past_deadline(due) {
+                self.inner.state.lock().expect("pace lock").in_flight -= 1;
+                self.inner.freed.notify_waiters();
+                return Err(DeadlinePassed);
+            }
             tokio::time::sleep_until(due).await;
         }
-        Permit {
+        Ok(Permit {
             started: Instant::now(),
-        }
+        })
     }
 
     /// A request finished: `rows` read, `ok` unless it failed. If resting
@@ -196,7 +224,8 @@ impl Pace {
                 w.judge(took, rows, ok, self.inner.settings.max_concurrency);
             }
         }
-        if self.inner.settings.rest_between_pages {
+        // No rest past the deadline: the next request stops the run there.
+        if self.inner.settings.rest_between_pages && !self.past_deadline(Instant::now() + took) {
             tokio::time::sleep(took).await;
         }
         self.inner.state.lock().expect("pace lock").in_flight -= 1;
@@ -205,8 +234,8 @@ impl Pace {
 
     /// How long to rest after a server-side batch that took `took` and
     /// read `rows`: the batch pause, or longer if the rows-per-second
-    /// ceiling says so.
-    pub fn rest_after_batch(&self, took: Duration, rows: u64) -> Duration {
+    /// ceiling says so; an error when the rest would pass the deadline.
+    pub fn rest_after_batch(&self, took: Duration, rows: u64) -> Result<Duration, DeadlinePassed> {
         let settings = &self.inner.settings;
         let total = {
             let mut w = self.inner.state.lock().expect("pace lock");
@@ -218,7 +247,11 @@ impl Pace {
                 self.inner.started + Duration::from_secs_f64(total as f64 / rate.max(1) as f64);
             due.saturating_duration_since(Instant::now())
         });
-        settings.pause_after_batch(took).max(ceiling)
+        let rest = settings.pause_after_batch(took).max(ceiling);
+        if self.past_deadline(Instant::now() + rest) {
+            return Err(DeadlinePassed);
+        }
+        Ok(rest)
     }
 
     pub fn report(&self) -> PaceReport {
@@ -350,11 +383,11 @@ mod tests {
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn the_window_bounds_requests_in_flight() {
         let pace = Pace::new(PaceSettings::neighbourly(4));
-        let first = pace.acquire().await;
+        let first = pace.acquire().await.unwrap();
         let second = tokio::time::timeout(Duration::from_secs(5), pace.acquire()).await;
         assert!(second.is_err(), "one request in flight to start with");
         pace.done(first, 1000, true).await;
-        let _again = pace.acquire().await;
+        let _again = pace.acquire().await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -365,7 +398,7 @@ mod tests {
         });
         let start = tokio::time::Instant::now();
         for _ in 0..3 {
-            let p = pace.acquire().await;
+            let p = pace.acquire().await.unwrap();
             pace.done(p, 1000, true).await;
         }
         // 2,000 rows read before the third request: not before 2 s.
@@ -380,12 +413,12 @@ mod tests {
     async fn a_neighbourly_place_rests_as_long_as_its_page_took() {
         let pace = Pace::new(PaceSettings::neighbourly(1));
         let start = tokio::time::Instant::now();
-        let p = pace.acquire().await;
+        let p = pace.acquire().await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
         // Another stream waiting for the one place gets it only after the rest.
         let other = pace.clone();
         let waiting = tokio::spawn(async move {
-            let _p = other.acquire().await;
+            let _p = other.acquire().await.unwrap();
             tokio::time::Instant::now()
         });
         pace.done(p, 1000, true).await;
@@ -393,7 +426,7 @@ mod tests {
         assert!(waiting.await.unwrap() >= start + Duration::from_millis(60));
         let flat = Pace::new(PaceSettings::flat_out(1));
         let start = tokio::time::Instant::now();
-        let p = flat.acquire().await;
+        let p = flat.acquire().await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
         flat.done(p, 1000, true).await;
         assert_eq!(

@@ -343,6 +343,11 @@ impl Client {
         Ok(Client { http, base, retry })
     }
 
+    /// The run's deadline (`--deadline`), for waits that are not requests.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.retry.deadline
+    }
+
     fn url(&self, path: &str, query: &Query) -> Url {
         let mut url = self
             .base
@@ -420,7 +425,7 @@ impl Client {
             .await;
         result.map_err(|last| {
             let tries = tries.load(Relaxed);
-            if past_deadline.load(Relaxed) {
+            if past_deadline.load(Relaxed) || deadline.is_some_and(|dl| Instant::now() >= dl) {
                 Failure::GaveUp(GaveUp::Deadline { tries, last })
             } else if tries > 1 {
                 Failure::GaveUp(GaveUp::Retries { tries, last })

@@ -129,7 +129,13 @@ impl ParallelScan {
             let pace = pace.clone();
             tasks.spawn(async move {
                 loop {
-                    let permit = pace.acquire().await;
+                    let permit = match pace.acquire().await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            break;
+                        }
+                    };
                     let page = scan.next_page().await;
                     let rows = match &page {
                         Ok(rows) => rows.as_ref().map(|r| r.len() as u64),

@@ -230,7 +230,10 @@ async fn aggregate(
             lease_ttl: args.lease_ttl,
             horizon_wait: Duration::from_millis(args.horizon_wait_ms),
             progress,
-            pace: crate::pace::Pace::new(args.scan.pace(args.batch_pause)),
+            pace: crate::pace::Pace::with_deadline(
+                args.scan.pace(args.batch_pause),
+                client.deadline(),
+            ),
             // Server-side batches: a fixed --batch-size, or sized by time
             // (--batch-seconds, about 1 s by default).
             batch_target: match args.batch_size {

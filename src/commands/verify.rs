@@ -64,7 +64,7 @@ async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
             marks,
             &periods,
             args.scan.page_size,
-            &crate::pace::Pace::new(args.scan.pace(None)),
+            &crate::pace::Pace::with_deadline(args.scan.pace(None), client.deadline()),
             &progress,
             None,
         )

@@ -104,6 +104,9 @@ pub async fn run<S: Store>(
         batch_ids = batch_ids.min(FIRST_TIMED_BATCH_IDS);
     }
     let mut before: Option<Sample> = None;
+    // A size that ran past the statement timeout is never asked for again
+    // (an aim longer than the timeout would otherwise grow back into it).
+    let mut ceiling = MAX_BATCH_IDS;
     // Busy answers right after one of our own batches timed out: that
     // batch's backend may still be rolling back and holding the batch lock
     // (the error reaches us before the lock is released), so the lock is
@@ -128,6 +131,7 @@ pub async fn run<S: Store>(
                     "a batch ran past the statement timeout; halving it"
                 );
                 outcome.batches_halved += 1;
+                ceiling = smaller;
                 batch_ids = smaller;
                 busy_after_timeout = BUSY_RETRIES_AFTER_TIMEOUT;
                 continue;
@@ -164,7 +168,7 @@ pub async fn run<S: Store>(
                 ids: batch_ids,
                 took,
             };
-            let next = next_batch_ids(last, before, target);
+            let next = next_batch_ids(last, before, target).min(ceiling);
             before = Some(last);
             if next != batch_ids {
                 tracing::info!(from = batch_ids, to = next, took = ?started.elapsed(), "batch size");
@@ -210,7 +214,7 @@ pub async fn run<S: Store>(
         // A good neighbour: the webhook's inserts get the database to
         // themselves between batches (none with --aggressive), and the
         // rows-per-second ceiling holds over the run.
-        let rest = opts.pace.rest_after_batch(took, b.rows + b.bad);
+        let rest = opts.pace.rest_after_batch(took, b.rows + b.bad)?;
         if !rest.is_zero() {
             tracing::debug!(?rest, "resting between batches");
             lease.rest(to, rest).await?;

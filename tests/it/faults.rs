@@ -308,6 +308,44 @@ fn the_batch_lock_still_held_by_our_own_timed_out_batch_is_waited_for() {
 }
 
 #[test]
+fn a_batch_size_that_ran_past_the_statement_timeout_is_not_grown_back_into() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 600, 5);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 30_000, 5);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "POST",
+        "/rpc/usage_agg_rpc_batch",
+        Fault::Respond {
+            status: 500,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
+        },
+        1,
+    );
+    // Sized by time with a long aim, the first batch (20,000 ids) times
+    // out and is halved; the quick batches after it would grow fourfold,
+    // but not past the size that worked.
+    let run = run_via(
+        &stack,
+        &proxy,
+        &["--engine", "rpc", "--batch-seconds", "60s", "--json"],
+    );
+    run.assert_status(0);
+    let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        (
+            summary["batches_halved"].as_u64(),
+            summary["batches"].as_u64()
+        ),
+        (Some(1), Some(3)),
+        "{summary}"
+    );
+    assert_no_drift(&stack);
+}
+
+#[test]
 fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
     let stack = migrated_stack();
     insert_rows(&stack, 600, 5);

@@ -381,3 +381,87 @@ fn verify(stack: &Stack) {
     )
     .assert_status(0);
 }
+
+/// A pace slower than `--deadline` allows stops at the deadline (75),
+/// naming it, not minutes later at the next request, and not blaming the
+/// network; the next run finishes the job.
+#[test]
+fn a_slow_pace_stops_at_the_deadline_not_past_it() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 500, 20);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 5_000, 20);
+    for args in [
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--max-rows-per-second",
+            "1",
+            "--deadline",
+            "2s",
+        ][..],
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--dry-run",
+            "--max-rows-per-second",
+            "1",
+            "--deadline",
+            "2s",
+        ][..],
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--engine",
+            "rpc",
+            "--batch-size",
+            "1000",
+            "--max-rows-per-second",
+            "1",
+            "--deadline",
+            "2s",
+        ][..],
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--engine",
+            "rpc",
+            "--batch-size",
+            "1000",
+            "--batch-pause",
+            "10m",
+            "--deadline",
+            "2s",
+        ][..],
+        &[
+            "verify",
+            "--env",
+            "dev",
+            "--max-rows-per-second",
+            "1",
+            "--deadline",
+            "2s",
+        ][..],
+    ] {
+        let started = std::time::Instant::now();
+        let run = usage_agg(&workdir(), &stack.env(), args);
+        run.assert_status(75).assert_stderr_has("--deadline");
+        assert!(
+            !run.stderr.contains("could not be reached"),
+            "{args:?}: {}",
+            run.stderr
+        );
+        // Generous: it must stop near 2 s, where it once ran for minutes.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{args:?}: {:?}",
+            started.elapsed()
+        );
+    }
+    aggregate(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
+}
