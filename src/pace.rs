@@ -1,5 +1,5 @@
 //! How hard a run leans on the database it shares with the webhook it
-//! counts (docs/benchmarks.md, "A good neighbour").
+//! counts (README, "A good neighbour"; measured in docs/benchmarks.md).
 //!
 //! By default a scan behaves as TCP does on a shared link: it starts with
 //! one request in flight and adds one more per window of pages while the
@@ -45,8 +45,9 @@ pub struct PaceSettings {
     pub adaptive: bool,
     /// A ceiling on rows read per second, over the whole run.
     pub max_rows_per_second: Option<u64>,
-    /// Each stream rests as long as its last page took before asking for
-    /// the next: the server spends at most half its time on any stream.
+    /// Each place in the window rests as long as its last page took before
+    /// the next request may take it: the server spends at most half its
+    /// time on any place.
     pub rest_between_pages: bool,
     /// Rest after each server-side batch: `None` for as long as the batch
     /// took, `Some(ZERO)` for none.
