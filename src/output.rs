@@ -402,6 +402,9 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         let _ = writeln!(s, "   {b} Cursor: {before} -> {after}");
     }
     let _ = writeln!(s, "   {b} Duration: {} seconds", format_secs(took));
+    if let Some(pace) = pace_line(o) {
+        let _ = writeln!(s, "   {b} Pace: {pace}");
+    }
     let _ = writeln!(s, "   {b} Environment: {env}");
     if !o.write.lost.is_empty() {
         let _ = writeln!(
@@ -504,6 +507,33 @@ fn describe_mode(o: &Outcome) -> String {
             count(*batches, "batch", "batches")
         ),
         Mode::Rebase => "rebase: cursor and watermarks reset, every key rebuilt (--rebase)".into(),
+    }
+}
+
+/// Why a run took as long as it did, when the pace had a say: a slow
+/// run at 3 a.m. should say it was being careful, not leave one guessing.
+fn pace_line(o: &Outcome) -> Option<String> {
+    match o.mode {
+        Mode::Rpc { batches } if batches > 0 => Some(format!(
+            "{}, the longest {} s; rested {} s between them (--aggressive: no rests)",
+            count(u64::from(batches), "batch", "batches"),
+            format_secs(o.batch_longest),
+            format_secs(o.batch_rest)
+        )),
+        Mode::Rpc { .. } => None,
+        _ if o.rows_read == 0 => None,
+        _ => Some(format!(
+            "up to {} in flight{}",
+            count(o.pace.peak_concurrency as u64, "request", "requests"),
+            if o.pace.cuts > 0 {
+                format!(
+                    ", fewer {} as the server's latency rose",
+                    count(u64::from(o.pace.cuts), "time", "times")
+                )
+            } else {
+                String::new()
+            }
+        )),
     }
 }
 

@@ -179,6 +179,10 @@ fn the_summary_says_how_the_pace_went() {
         "--aggressive: all of --concurrency from the start"
     );
     assert_eq!(flat["concurrency_cuts"], 0);
+    insert_rows(&stack, 600, 50);
+    aggregate(&stack, &["--verbose", "--aggressive", "--concurrency", "2"])
+        .assert_status(0)
+        .assert_stdout_has("Pace: up to 2 requests in flight");
     insert_rows(&stack, 6_000, 50);
     let paced = summary(&aggregate(
         &stack,
@@ -227,6 +231,22 @@ fn the_summary_says_how_the_pace_went() {
         (Some(5), Some(0.0))
     );
     assert!(eager["batch_seconds_max"].as_f64().unwrap() > 0.0);
+    insert_rows(&stack, 2_000, 50);
+    aggregate(
+        &stack,
+        &[
+            "--verbose",
+            "--engine",
+            "rpc",
+            "--batch-size",
+            "1000",
+            "--batch-pause",
+            "10ms",
+        ],
+    )
+    .assert_status(0)
+    .assert_stdout_has("Pace: 2 batches, the longest")
+    .assert_stdout_has("rested 0.01 s between them");
     assert_no_drift(&stack);
 }
 
