@@ -516,7 +516,7 @@ fn pace_line(o: &Outcome) -> Option<String> {
     match o.mode {
         Mode::Rpc { batches } if batches > 0 => Some(format!(
             "{}, the longest {} s; rested {} s between them (--aggressive: no rests)",
-            count(u64::from(batches), "batch", "batches"),
+            count(batches, "batch", "batches"),
             format_secs(o.batch_longest),
             format_secs(o.batch_rest)
         )),
