@@ -259,6 +259,16 @@ fn a_redirect_to_another_origin_is_not_followed_and_the_key_never_reaches_it() {
     );
 }
 
+/// As PostgREST answers a statement that ran past statement_timeout: the
+/// batch's transaction was rolled back whole.
+fn statement_timeout() -> Fault {
+    Fault::Respond {
+        status: 500,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
+    }
+}
+
 #[test]
 fn the_batch_lock_still_held_by_our_own_timed_out_batch_is_waited_for() {
     let stack = migrated_stack();
@@ -266,16 +276,7 @@ fn the_batch_lock_still_held_by_our_own_timed_out_batch_is_waited_for() {
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 3000, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
-    proxy.inject(
-        "POST",
-        "/rpc/usage_agg_rpc_batch",
-        Fault::Respond {
-            status: 500,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
-        },
-        1,
-    );
+    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", statement_timeout(), 1);
     // The timed-out backend answers before it has rolled back and let go
     // of the batch lock: the halved batch finds it busy, twice.
     proxy.inject(
@@ -314,16 +315,7 @@ fn a_batch_size_that_ran_past_the_statement_timeout_is_not_grown_back_into() {
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 30_000, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
-    proxy.inject(
-        "POST",
-        "/rpc/usage_agg_rpc_batch",
-        Fault::Respond {
-            status: 500,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
-        },
-        1,
-    );
+    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", statement_timeout(), 1);
     // Sized by time with a long aim, the first batch (20,000 ids) times
     // out and is halved; the quick batches after it would grow fourfold,
     // but not past the size that worked.
@@ -352,13 +344,7 @@ fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 3000, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
-    // As PostgREST answers a statement that ran past statement_timeout:
-    // the batch's transaction was rolled back whole.
-    let timeout = Fault::Respond {
-        status: 500,
-        headers: vec![("Content-Type".into(), "application/json".into())],
-        body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
-    };
+    let timeout = statement_timeout();
     proxy.inject("POST", "/rpc/usage_agg_rpc_batch", timeout, 2);
     let run = run_via(&stack, &proxy, &["--engine", "rpc", "--verbose"]);
     run.assert_status(0)
@@ -372,11 +358,7 @@ fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
     // A timeout at the smallest batch is the server's answer: 69, not a loop.
     insert_rows(&stack, 100, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
-    let timeout = Fault::Respond {
-        status: 500,
-        headers: vec![("Content-Type".into(), "application/json".into())],
-        body: r#"{"code":"57014","message":"canceling statement due to statement timeout","details":null,"hint":null}"#.into(),
-    };
+    let timeout = statement_timeout();
     proxy.inject("POST", "/rpc/usage_agg_rpc_batch", timeout, 100);
     run_via(&stack, &proxy, &["--engine", "rpc", "--batch-size", "1000"]).assert_status(69);
     assert_eq!(proxy.count("POST", "/rpc/usage_agg_rpc_batch"), 1);

@@ -411,62 +411,18 @@ fn a_slow_pace_stops_at_the_deadline_not_past_it() {
     insert_rows(&stack, 500, 20);
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 5_000, 20);
-    for args in [
-        &[
-            "aggregate",
-            "--env",
-            "dev",
-            "--max-rows-per-second",
-            "1",
-            "--deadline",
-            "2s",
-        ][..],
-        &[
-            "aggregate",
-            "--env",
-            "dev",
-            "--dry-run",
-            "--max-rows-per-second",
-            "1",
-            "--deadline",
-            "2s",
-        ][..],
-        &[
-            "aggregate",
-            "--env",
-            "dev",
-            "--engine",
-            "rpc",
-            "--batch-size",
-            "1000",
-            "--max-rows-per-second",
-            "1",
-            "--deadline",
-            "2s",
-        ][..],
-        &[
-            "aggregate",
-            "--env",
-            "dev",
-            "--engine",
-            "rpc",
-            "--batch-size",
-            "1000",
-            "--batch-pause",
-            "10m",
-            "--deadline",
-            "2s",
-        ][..],
-        &[
-            "verify",
-            "--env",
-            "dev",
-            "--max-rows-per-second",
-            "1",
-            "--deadline",
-            "2s",
-        ][..],
+    // Each a pace slower than the deadline: a ceiling (REST, dry, RPC), a
+    // rest between batches, and verify.
+    for line in [
+        "aggregate --max-rows-per-second 1",
+        "aggregate --dry-run --max-rows-per-second 1",
+        "aggregate --engine rpc --batch-size 1000 --max-rows-per-second 1",
+        "aggregate --engine rpc --batch-size 1000 --batch-pause 10m",
+        "verify --max-rows-per-second 1",
     ] {
+        let mut args: Vec<&str> = line.split(' ').collect();
+        args.splice(1..1, ["--env", "dev", "--deadline", "2s"]);
+        let args = &args[..];
         let started = std::time::Instant::now();
         let run = usage_agg(&workdir(), &stack.env(), args);
         run.assert_status(75).assert_stderr_has("--deadline");
