@@ -484,6 +484,16 @@ pub struct AggregateArgs {
     pub horizon_wait_ms: u64,
 }
 
+/// A conflict between `aggregate`'s flags that clap's rules cannot say,
+/// reported as clap reports its own (usage, exit 64).
+fn aggregate_conflict(message: impl std::fmt::Display) -> clap::Error {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    cmd.find_subcommand_mut("aggregate")
+        .expect("aggregate is a subcommand")
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+}
+
 impl AggregateArgs {
     /// Ids per batch for `engine`: `--batch-size`, else that engine's default.
     pub fn batch_ids_for(&self, engine: Engine) -> u64 {
@@ -506,12 +516,7 @@ impl AggregateArgs {
             } else {
                 return Ok(());
             };
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            cmd.build();
-            let sub = cmd
-                .find_subcommand_mut("aggregate")
-                .expect("aggregate is a subcommand");
-            return Err(sub.error(clap::error::ErrorKind::ArgumentConflict, rpc_only));
+            return Err(aggregate_conflict(rpc_only));
         }
         let rebuild = if self.full {
             "--full"
@@ -522,18 +527,10 @@ impl AggregateArgs {
         } else {
             return Ok(());
         };
-        let mut cmd = <Cli as clap::CommandFactory>::command();
-        cmd.build();
-        let sub = cmd
-            .find_subcommand_mut("aggregate")
-            .expect("aggregate is a subcommand");
-        Err(sub.error(
-            clap::error::ErrorKind::ArgumentConflict,
-            format!(
-                "the argument '--engine rpc' cannot be used with '{rebuild}': the server-side engine counts \
-                 only new rows, and rebuilds run in the REST engine (drop --engine rpc)"
-            ),
-        ))
+        Err(aggregate_conflict(format!(
+            "the argument '--engine rpc' cannot be used with '{rebuild}': the server-side engine counts \
+             only new rows, and rebuilds run in the REST engine (drop --engine rpc)"
+        )))
     }
 }
 

@@ -161,18 +161,7 @@ impl Pace {
                 settings,
                 started: Instant::now(),
                 deadline: None,
-                state: Mutex::new(Window {
-                    size: start,
-                    in_flight: 0,
-                    fastest: None,
-                    fullest: 0,
-                    smoothed: None,
-                    rows: 0,
-                    since_cut: 0,
-                    in_flight_at_cut: 0,
-                    largest: start,
-                    cuts: 0,
-                }),
+                state: Mutex::new(Window::starting_at(start)),
                 freed: Notify::new(),
             }),
         }
@@ -265,6 +254,21 @@ impl Pace {
 }
 
 impl Window {
+    fn starting_at(size: f64) -> Window {
+        Window {
+            size,
+            in_flight: 0,
+            fastest: None,
+            fullest: 0,
+            smoothed: None,
+            rows: 0,
+            since_cut: 0,
+            in_flight_at_cut: 0,
+            largest: size,
+            cuts: 0,
+        }
+    }
+
     /// Additive increase, multiplicative decrease, judged on latency.
     fn judge(&mut self, took: Duration, rows: u64, ok: bool, max: usize) {
         self.since_cut += 1;
@@ -303,18 +307,7 @@ mod tests {
     use super::*;
 
     fn window() -> Window {
-        Window {
-            size: 1.0,
-            in_flight: 0,
-            fastest: None,
-            fullest: 0,
-            smoothed: None,
-            rows: 0,
-            since_cut: 0,
-            in_flight_at_cut: 0,
-            largest: 1.0,
-            cuts: 0,
-        }
+        Window::starting_at(1.0)
     }
 
     const MS: Duration = Duration::from_millis(1);

@@ -259,6 +259,15 @@ fn a_redirect_to_another_origin_is_not_followed_and_the_key_never_reaches_it() {
     );
 }
 
+/// As `usage_agg_rpc_batch` answers while another call holds the batch lock.
+fn busy() -> Fault {
+    Fault::Respond {
+        status: 200,
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: r#"{"busy":true}"#.into(),
+    }
+}
+
 /// As PostgREST answers a statement that ran past statement_timeout: the
 /// batch's transaction was rolled back whole.
 fn statement_timeout() -> Fault {
@@ -279,31 +288,13 @@ fn the_batch_lock_still_held_by_our_own_timed_out_batch_is_waited_for() {
     proxy.inject("POST", "/rpc/usage_agg_rpc_batch", statement_timeout(), 1);
     // The timed-out backend answers before it has rolled back and let go
     // of the batch lock: the halved batch finds it busy, twice.
-    proxy.inject(
-        "POST",
-        "/rpc/usage_agg_rpc_batch",
-        Fault::Respond {
-            status: 200,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: r#"{"busy":true}"#.into(),
-        },
-        2,
-    );
+    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", busy(), 2);
     run_via(&stack, &proxy, &["--engine", "rpc"]).assert_status(0);
     assert_no_drift(&stack);
     // Busy without a timeout of ours first is another run: exit 75 at once.
     insert_rows(&stack, 100, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
-    proxy.inject(
-        "POST",
-        "/rpc/usage_agg_rpc_batch",
-        Fault::Respond {
-            status: 200,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: r#"{"busy":true}"#.into(),
-        },
-        1,
-    );
+    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", busy(), 1);
     run_via(&stack, &proxy, &["--engine", "rpc"]).assert_status(75);
     assert_eq!(proxy.count("POST", "/rpc/usage_agg_rpc_batch"), 1);
 }

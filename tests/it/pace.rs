@@ -154,6 +154,11 @@ fn server_side_batches_sized_by_time_and_rested_between_change_no_total() {
     assert_watermarks(&stack);
 }
 
+/// `aggregate --env dev` with these space-separated arguments.
+fn aggregate_line(stack: &Stack, line: &str) -> Run {
+    aggregate(stack, &line.split(' ').collect::<Vec<_>>())
+}
+
 fn summary(run: &Run) -> serde_json::Value {
     run.assert_status(0);
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
@@ -163,16 +168,9 @@ fn summary(run: &Run) -> serde_json::Value {
 fn the_summary_says_how_the_pace_went() {
     let stack = migrated_stack();
     insert_rows(&stack, 6_000, 50);
-    let flat = summary(&aggregate(
+    let flat = summary(&aggregate_line(
         &stack,
-        &[
-            "--json",
-            "--page-size",
-            "100",
-            "--aggressive",
-            "--concurrency",
-            "3",
-        ],
+        "--json --page-size 100 --aggressive --concurrency 3",
     ));
     assert_eq!(
         flat["peak_concurrency"], 3,
@@ -180,13 +178,13 @@ fn the_summary_says_how_the_pace_went() {
     );
     assert_eq!(flat["concurrency_cuts"], 0);
     insert_rows(&stack, 600, 50);
-    aggregate(&stack, &["--verbose", "--aggressive", "--concurrency", "2"])
+    aggregate_line(&stack, "--verbose --aggressive --concurrency 2")
         .assert_status(0)
         .assert_stdout_has("Pace: up to 2 requests in flight");
     insert_rows(&stack, 6_000, 50);
-    let paced = summary(&aggregate(
+    let paced = summary(&aggregate_line(
         &stack,
-        &["--json", "--page-size", "100", "--concurrency", "3"],
+        "--json --page-size 100 --concurrency 3",
     ));
     let peak = paced["peak_concurrency"].as_u64().unwrap();
     assert!((1..=3).contains(&peak), "{paced}");
@@ -194,17 +192,9 @@ fn the_summary_says_how_the_pace_went() {
 
     // Server-side: rests between batches by default, none when aggressive.
     insert_rows(&stack, 5_000, 50);
-    let rested = summary(&aggregate(
+    let rested = summary(&aggregate_line(
         &stack,
-        &[
-            "--json",
-            "--engine",
-            "rpc",
-            "--batch-size",
-            "1000",
-            "--batch-pause",
-            "20ms",
-        ],
+        "--json --engine rpc --batch-size 1000 --batch-pause 20ms",
     ));
     assert_eq!(rested["batches"], 5, "{rested}");
     assert_eq!(
@@ -212,16 +202,9 @@ fn the_summary_says_how_the_pace_went() {
         "a rest between batches, none after the last"
     );
     insert_rows(&stack, 5_000, 50);
-    let eager = summary(&aggregate(
+    let eager = summary(&aggregate_line(
         &stack,
-        &[
-            "--json",
-            "--engine",
-            "rpc",
-            "--batch-size",
-            "1000",
-            "--aggressive",
-        ],
+        "--json --engine rpc --batch-size 1000 --aggressive",
     ));
     assert_eq!(
         (
@@ -232,17 +215,9 @@ fn the_summary_says_how_the_pace_went() {
     );
     assert!(eager["batch_seconds_max"].as_f64().unwrap() > 0.0);
     insert_rows(&stack, 2_000, 50);
-    aggregate(
+    aggregate_line(
         &stack,
-        &[
-            "--verbose",
-            "--engine",
-            "rpc",
-            "--batch-size",
-            "1000",
-            "--batch-pause",
-            "10ms",
-        ],
+        "--verbose --engine rpc --batch-size 1000 --batch-pause 10ms",
     )
     .assert_status(0)
     .assert_stdout_has("Pace: 2 batches, the longest")
