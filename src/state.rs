@@ -12,7 +12,7 @@ use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 4] = [
+pub const MIGRATIONS: [(&str, &str); 5] = [
     (
         "supabase/migrations/20261127120000_usage_agg_incremental.sql",
         include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
@@ -28,6 +28,10 @@ pub const MIGRATIONS: [(&str, &str); 4] = [
     (
         "supabase/migrations/20261201100000_usage_agg_schedule.sql",
         include_str!("../supabase/migrations/20261201100000_usage_agg_schedule.sql"),
+    ),
+    (
+        "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
+        include_str!("../supabase/migrations/20261202090000_usage_agg_rejected_tally.sql"),
     ),
 ];
 /// The first migration: its state table says whether usage-agg is installed.
@@ -45,6 +49,20 @@ pub fn migration_defining(name: &str) -> &'static str {
         .map_or(LATEST_MIGRATION, |(file, _)| file)
 }
 pub const STATE_TABLE: &str = "usage_aggregation_state";
+
+/// Whether the rejected-rows tally (the newest migration's columns) is
+/// there: a read of one of its columns, answered 42703 when it is not.
+pub async fn rejected_tally_installed(client: &Client) -> anyhow::Result<bool> {
+    let q: Query = vec![
+        ("select".into(), "rejected_rows".into()),
+        ("limit".into(), "1".into()),
+    ];
+    match client.select::<serde_json::Value>(STATE_TABLE, &q).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == Kind::MissingColumn => Ok(false),
+        Err(e) => Err(e).context("reading the rejected-rows tally"),
+    }
+}
 /// One job for now; the column leaves room for more (per region, say).
 pub const JOB: &str = "default";
 
@@ -428,6 +446,11 @@ mod tests {
         assert_eq!(
             migration_defining("usage_agg_schedule_show"),
             MIGRATIONS[3].0
+        );
+        assert_eq!(
+            migration_defining("usage_agg_note_rejected"),
+            MIGRATIONS[4].0,
+            "the tally has a migration of its own: the trust migration is never edited"
         );
         assert_eq!(migration_defining("no_such_function"), LATEST_MIGRATION);
     }

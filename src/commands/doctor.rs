@@ -191,13 +191,25 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
     } else {
         match store.preflight().await {
             Ok(f) => {
-                // The newest migration's functions answer too (its schedule
-                // functions read the pg_cron job, which the last check shows).
+                // The later migrations answer too: the schedule's functions
+                // (they read the pg_cron job, which the last check shows),
+                // and the rejected-rows tally's columns.
                 let schedule = store.schedule_show(1).await;
-                out.push(match &schedule {
-                    Err(e) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
+                let tally = crate::state::rejected_tally_installed(store.client()).await;
+                out.push(match (&schedule, &tally) {
+                    (Err(e), _) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
                         Check::from_error("migrations", e, config)
                     }
+                    (_, Err(e)) => Check::from_error("migrations", e, config),
+                    (_, Ok(false)) => Check::fail(
+                        "migrations",
+                        "the rejected-rows tally is missing: runs cannot add their rejected rows to it",
+                        format!(
+                            "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
+                            crate::state::migration_defining("usage_agg_note_rejected")
+                        ),
+                        Status::Config,
+                    ),
                     _ => Check::pass(
                         "migrations",
                         format!(

@@ -26,28 +26,7 @@
 
 ALTER TABLE public.usage_aggregation_state
   ADD COLUMN IF NOT EXISTS reset_reason text,
-  ADD COLUMN IF NOT EXISTS reset_at timestamptz,
-  -- Rows rejected as bad data, over all runs (each row once: rebuilds do not
-  -- add the rows they read again), and the first ids, for status and verify.
-  ADD COLUMN IF NOT EXISTS rejected_rows bigint NOT NULL DEFAULT 0,
-  ADD COLUMN IF NOT EXISTS rejected_ids bigint[] NOT NULL DEFAULT '{}';
-
--- Adds a run's rejected rows to the job's tally; keeps the first 20 ids.
-CREATE OR REPLACE FUNCTION public.usage_agg_note_rejected(p_job text, p_count bigint, p_ids bigint[])
-RETURNS bigint
-LANGUAGE sql
-VOLATILE
-SECURITY DEFINER
-SET search_path = pg_catalog, public
-AS $$
-  UPDATE public.usage_aggregation_state
-     SET rejected_rows = rejected_rows + greatest(p_count, 0),
-         rejected_ids = (SELECT coalesce(array_agg(i ORDER BY i), '{}') FROM (
-                           SELECT DISTINCT i FROM unnest(rejected_ids || p_ids) i ORDER BY i LIMIT 20) x),
-         updated_at = now()
-   WHERE job = p_job
-  RETURNING rejected_rows;
-$$;
+  ADD COLUMN IF NOT EXISTS reset_at timestamptz;
 
 -- A TRUNCATE of either table after the first run invalidates what the cursor
 -- and the watermarks claim (with RESTART IDENTITY, new ids start again below
@@ -227,20 +206,8 @@ BEGIN
     'sequence_last_value', seq_last,
     'sequence_cache', seq_cache,
     'id_default', id_default,
-    -- From the watched sequence itself: an identity column, or a default
-    -- that depends on that sequence (a nextval() of another sequence would
-    -- leave the watched one still while ids move on).
     'id_from_sequence', coalesce(identity IN ('a', 'd')
-                                 OR (seq IS NOT NULL AND id_default LIKE 'nextval(%' AND EXISTS (
-                                       SELECT 1 FROM pg_attrdef d
-                                         JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass
-                                                           AND dep.objid = d.oid
-                                        WHERE d.adrelid = 'public.usage_requests'::regclass
-                                          AND d.adnum = (SELECT attnum FROM pg_attribute
-                                                          WHERE attrelid = 'public.usage_requests'::regclass
-                                                            AND attname = 'id')
-                                          AND dep.refclassid = 'pg_class'::regclass
-                                          AND dep.refobjid = seq::regclass)), false),
+                                 OR (seq IS NOT NULL AND id_default LIKE 'nextval(%'), false),
     'newest_id', newest,
     'cursor', st.cursor_id,
     'highest_watermark', (SELECT max(last_request_id) FROM public.portal_usage_monthly),
@@ -251,17 +218,7 @@ BEGIN
     'refused_examples', (SELECT coalesce(jsonb_agg(x.k ORDER BY x.k), '[]') FROM (
         SELECT portal_id || ':' || month_year AS k FROM public.usage_agg_refused_keys
          WHERE job = p_job ORDER BY portal_id, month_year LIMIT 5) x),
-    'deleted_keys', (SELECT count(*) FROM public.usage_agg_deleted_keys),
-    -- A unique index on exactly (portal_id, month_year): what the bulk upsert's
-    -- on_conflict needs (without it every key is written one by one).
-    'unique_key', EXISTS (
-      SELECT 1 FROM pg_index i
-       WHERE i.indrelid = 'public.portal_usage_monthly'::regclass AND i.indisunique
-         AND i.indnkeyatts = 2
-         AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
-                FROM pg_attribute a
-               WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey))
-             = ARRAY['month_year', 'portal_id']));
+    'deleted_keys', (SELECT count(*) FROM public.usage_agg_deleted_keys));
 END
 $$;
 
@@ -285,9 +242,8 @@ BEGIN
    WHERE job = p_job AND lease_owner = p_owner AND lease_expires_at > now()
      FOR UPDATE;
   IF NOT FOUND THEN
-    -- P0001 (400), not a lock error: PostgREST answers those 500, which a
-    -- client retries, and this refusal will not go away by itself.
-    RAISE EXCEPTION 'usage_agg_rebase: % does not hold the lease of job %', p_owner, p_job;
+    RAISE EXCEPTION 'usage_agg_rebase: % does not hold the lease of job %', p_owner, p_job
+      USING ERRCODE = '55P03';
   END IF;
   PERFORM set_config('usage_agg.rebase', 'on', true);
   UPDATE public.portal_usage_monthly SET last_request_id = 0 WHERE last_request_id <> 0;
@@ -594,7 +550,6 @@ DECLARE
 BEGIN
   FOREACH fn IN ARRAY ARRAY[
     'public.usage_agg_preflight(text)',
-    'public.usage_agg_note_rejected(text, bigint, bigint[])',
     'public.usage_agg_rebase(text, text)',
     'public.usage_agg_finish_rebase(text, bigint)',
     'public.usage_agg_record_refusals(text, text, jsonb)',

@@ -120,3 +120,37 @@ fn each_broken_piece_fails_its_own_check_with_the_fix() {
     fails(&run, "assumptions", 78, "CACHE 1");
     run.assert_stdout_has("2 checks failed (exit status 78).");
 }
+
+#[test]
+fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
+    let mut stack = Stack::new();
+    for m in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+        migrate_file(&mut stack, m);
+    }
+    // Runs still count every good row and name the bad ones (65); only the
+    // tally is missing, and doctor names the migration that adds it.
+    insert_rows(&stack, 50, 2);
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, month_year, success) VALUES (1, 'soon', true)",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(65);
+    assert_no_drift(&stack);
+    fails(
+        &doctor(&stack.env(), &[]),
+        "migrations",
+        78,
+        "20261202090000_usage_agg_rejected_tally.sql",
+    );
+    migrate_file(&mut stack, LATEST_MIGRATION);
+    let run = doctor(&stack.env(), &[]);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("migrations")),
+        "{}",
+        run.stdout
+    );
+}
