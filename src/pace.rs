@@ -185,13 +185,10 @@ impl Pace {
             }
             freed.await;
         }
-        if let Some(rate) = self.inner.settings.max_rows_per_second {
-            let rows = self.inner.state.lock().expect("pace lock").rows;
-            let due =
-                self.inner.started + Duration::from_secs_f64(rows as f64 / rate.max(1) as f64);
+        let rows = self.inner.state.lock().expect("pace lock").rows;
+        if let Some(due) = self.ceiling_due(rows) {
             if self.past_deadline(due) {
-                self.inner.state.lock().expect("pace lock").in_flight -= 1;
-                self.inner.freed.notify_waiters();
+                self.release();
                 return Err(DeadlinePassed);
             }
             tokio::time::sleep_until(due).await;
@@ -218,8 +215,20 @@ impl Pace {
         if self.inner.settings.rest_between_pages && !self.past_deadline(Instant::now() + took) {
             tokio::time::sleep(took).await;
         }
+        self.release();
+    }
+
+    /// Frees a place in the window.
+    fn release(&self) {
         self.inner.state.lock().expect("pace lock").in_flight -= 1;
         self.inner.freed.notify_waiters();
+    }
+
+    /// When `rows` read in all may be followed by more under the
+    /// rows-per-second ceiling (None without one).
+    fn ceiling_due(&self, rows: u64) -> Option<Instant> {
+        let rate = self.inner.settings.max_rows_per_second?;
+        Some(self.inner.started + Duration::from_secs_f64(rows as f64 / rate.max(1) as f64))
     }
 
     /// How long to rest after a server-side batch that took `took` and
@@ -232,9 +241,7 @@ impl Pace {
             w.rows += rows;
             w.rows
         };
-        let ceiling = settings.max_rows_per_second.map_or(Duration::ZERO, |rate| {
-            let due =
-                self.inner.started + Duration::from_secs_f64(total as f64 / rate.max(1) as f64);
+        let ceiling = self.ceiling_due(total).map_or(Duration::ZERO, |due| {
             due.saturating_duration_since(Instant::now())
         });
         let rest = settings.pause_after_batch(took).max(ceiling);
