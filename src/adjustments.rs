@@ -8,9 +8,8 @@ use std::collections::HashMap;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::aggregation::{format_timestamp, parse_timestamp, Key, Month, Totals};
+use crate::aggregation::{parse_timestamp, Key, Month, Totals};
 use crate::postgrest::{Client, Query};
-use crate::tables::{landed, read_keys_in_lists, Landed, WriteStats, UPSERT_CHUNK};
 
 pub const ADJUSTMENTS_TABLE: &str = "portal_usage_adjustments";
 pub const PRUNED_TABLE: &str = "usage_agg_pruned";
@@ -122,110 +121,6 @@ pub async fn read_late_where(
         }
     }
     Ok(())
-}
-
-/// The late adjustments of these keys (every booked month).
-pub async fn read_late_for(
-    client: &Client,
-    keys: impl IntoIterator<Item = Key>,
-    page_size: usize,
-    at_once: usize,
-) -> anyhow::Result<HashMap<LateKey, Totals>> {
-    read_keys_in_lists(
-        client,
-        ADJUSTMENTS_TABLE,
-        LATE_COLUMNS,
-        keys,
-        at_once,
-        move |client, filters| async move {
-            let mut out = HashMap::new();
-            read_late_where(&client, &filters, &mut out, page_size).await?;
-            Ok(out)
-        },
-    )
-    .await
-}
-
-/// A late adjustment as written: a full state with its watermark.
-#[derive(Debug, Serialize)]
-struct LateOut {
-    portal_id: i64,
-    month_year: String,
-    booked_month: String,
-    source: &'static str,
-    request_count: i64,
-    success_count: i64,
-    error_count: i64,
-    last_request_at: Option<String>,
-    last_request_id: i64,
-    idempotency_key: String,
-    /// The watermark the new rows start above; the guard refuses the write
-    /// when the key's monthly row already counts past it.
-    counted_from_id: i64,
-}
-
-/// Writes each late adjustment's full state (absolute values, as
-/// `portal_usage_monthly` is written: docs/semantics.md, "Idempotent
-/// writes"), by bulk upsert on the idempotency key, and judges every key's
-/// answer as [`crate::tables::write_states`] does. The database refuses the
-/// whole request when a month was closed or reopened since the run read
-/// them (an error, not a lost write).
-pub async fn write_late(
-    client: &Client,
-    states: &[(LateKey, Totals, i64)],
-) -> anyhow::Result<WriteStats> {
-    let rows: Vec<LateOut> = states
-        .iter()
-        .map(|((k, booked), t, from)| LateOut {
-            portal_id: k.portal_id,
-            month_year: k.month.to_string(),
-            booked_month: booked.to_string(),
-            source: "late",
-            request_count: t.requests,
-            success_count: t.successes,
-            error_count: t.errors,
-            last_request_at: t.last_request_at.map(format_timestamp),
-            last_request_id: t.last_request_id,
-            idempotency_key: late_key(k, *booked),
-            counted_from_id: *from,
-        })
-        .collect();
-    let states: Vec<(LateKey, Totals)> = states.iter().map(|(k, t, _)| (*k, *t)).collect();
-    let mut stats = WriteStats::default();
-    for (chunk, sent) in rows.chunks(UPSERT_CHUNK).zip(states.chunks(UPSERT_CHUNK)) {
-        let back: Vec<LateIn> = client
-            .upsert(ADJUSTMENTS_TABLE, "idempotency_key", LATE_COLUMNS, chunk)
-            .await
-            .with_context(|| {
-                format!(
-                    "writing {} late adjustments to {ADJUSTMENTS_TABLE}",
-                    chunk.len()
-                )
-            })?;
-        stats.bulk_requests += 1;
-        let answered: HashMap<LateKey, Totals> = back
-            .iter()
-            .filter_map(|r| Some((r.late_key()?, r.totals())))
-            .collect();
-        judge_late(sent, &answered, &mut stats);
-        crate::failpoint::hit("chunk");
-    }
-    Ok(stats)
-}
-
-/// Whether each late write took effect, from the rows answered.
-pub fn judge_late(
-    sent: &[(LateKey, Totals)],
-    answered: &HashMap<LateKey, Totals>,
-    stats: &mut WriteStats,
-) {
-    for (lk, t) in sent {
-        match landed(t, answered.get(lk), true) {
-            Landed::Written => stats.written += 1,
-            Landed::Superseded => stats.superseded.push(lk.0),
-            Landed::Lost => stats.lost.push(lk.0),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -274,7 +274,11 @@ mod tests {
                 Status::TempFail,
             ),
             (
-                anyhow::Error::new(Refused(vec![Problem::NoSequence])).context("starting"),
+                anyhow::Error::new(Refused(vec![Problem {
+                    code: "no_sequence".into(),
+                    message: "no sequence".into(),
+                }]))
+                .context("starting"),
                 Status::Config,
             ),
             (anyhow::anyhow!("something else"), Status::Software),

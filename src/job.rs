@@ -130,8 +130,51 @@ impl Job {
         // database refuse what no longer fits, and the run stop (exit 75).
         let periods = store.periods().await?;
         if self.rebase {
-            let lowered = store.rebase(&self.owner).await?;
-            tracing::info!(keys = lowered, "watermarks reset for the rebase");
+            let rebased = store.rebase(&self.owner, horizon).await?;
+            tracing::info!(
+                keys = rebased.watermarks_reset,
+                "watermarks reset for the rebase"
+            );
+            if !rebased.closed_booked.is_empty() {
+                let rows: i64 = rebased.closed_booked.iter().map(|b| b.rows).sum();
+                warnings.push(format!(
+                    "{} of closed months committed but never counted booked as late adjustments, \
+                     on the next invoice: {}",
+                    crate::output::count(rows as u64, "row", "rows"),
+                    rebased
+                        .closed_booked
+                        .iter()
+                        .take(20)
+                        .map(|b| format!("{} (+{})", b.key, b.rows))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !rebased.closed_refused.is_empty() {
+                warnings.push(format!(
+                    "{} of closed months {} fewer raw rows than billed, so rows that arrived since \
+                     cannot be told from rows that were removed: refused, and every run exits 65 \
+                     until a person decides (`usage-agg reopen --month M --reason ...`, then \
+                     `usage-agg aggregate --month M --allow-decrease`, then `usage-agg close`): {}",
+                    crate::output::count(
+                        rebased.closed_refused.len() as u64,
+                        "key",
+                        "keys"
+                    ),
+                    if rebased.closed_refused.len() == 1 {
+                        "has"
+                    } else {
+                        "have"
+                    },
+                    rebased
+                        .closed_refused
+                        .iter()
+                        .take(20)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
             let marks = Marks {
                 cursor: None,
                 horizon,
@@ -163,14 +206,13 @@ impl Job {
             Some(c) if incremental && self.engine == Engine::Rpc => {
                 rpc::run(store, c, owner, self.batch_ids, opts).await?
             }
-            Some(c) if incremental => {
-                incremental::run(store, c, horizon, owner, &periods, opts).await?
-            }
+            Some(c) if incremental => incremental::run(store, c, horizon, owner, opts).await?,
             _ => rebuild::run(store, self.scope, Some(marks), &periods, false, opts).await?,
         };
         if matches!(outcome.mode, Mode::Incremental | Mode::Rpc { .. }) || opts.dry_run {
             outcome.refusals_standing = Refusals {
                 count: facts.refused_keys,
+                lost: facts.lost_keys.unwrap_or(0),
                 since: facts.refused_since.clone(),
                 examples: facts.refused_examples.clone(),
             };

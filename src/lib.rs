@@ -14,6 +14,7 @@
 
 pub mod adjustments;
 pub mod aggregation;
+pub mod booking;
 pub mod cli;
 pub mod commands;
 pub mod config;

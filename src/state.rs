@@ -12,7 +12,7 @@ use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 5] = [
+pub const MIGRATIONS: [(&str, &str); 6] = [
     (
         "supabase/migrations/20261127120000_usage_agg_incremental.sql",
         include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
@@ -32,6 +32,10 @@ pub const MIGRATIONS: [(&str, &str); 5] = [
     (
         "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
         include_str!("../supabase/migrations/20261202090000_usage_agg_rejected_tally.sql"),
+    ),
+    (
+        "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
+        include_str!("../supabase/migrations/20261207100000_usage_agg_rule_book.sql"),
     ),
 ];
 /// The first migration: its state table says whether usage-agg is installed.
@@ -265,20 +269,6 @@ impl JobState<'_> {
             .context("checking the job's assumptions (usage_agg_preflight)")
     }
 
-    /// Lowers every watermark to 0 and clears the cursor, in one
-    /// transaction, for the rebuild that follows (`--rebase`).
-    pub async fn rebase(&self, owner: &str) -> anyhow::Result<i64> {
-        self.client
-            // Idempotent: a second call finds the watermarks at 0 already.
-            .rpc(
-                "usage_agg_rebase",
-                &json!({"p_job": JOB, "p_owner": owner}),
-                Idempotent::Yes,
-            )
-            .await
-            .context("resetting the cursor and the watermarks (usage_agg_rebase)")
-    }
-
     /// Ends a rebase: the cursor to `to`, the recorded reset cleared.
     pub async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64> {
         self.client
@@ -297,13 +287,13 @@ impl JobState<'_> {
     pub async fn record_refusals(
         &self,
         scope: &str,
-        keys: &[(crate::aggregation::Key, i64, i64)],
+        keys: &[crate::store::Refusal],
     ) -> anyhow::Result<u64> {
         let keys: Vec<_> = keys
             .iter()
-            .map(|(k, stored, raw)| {
-                json!({"portal_id": k.portal_id, "month_year": k.month.to_string(),
-                       "stored_requests": stored, "raw_requests": raw})
+            .map(|r| {
+                json!({"portal_id": r.key.portal_id, "month_year": r.key.month.to_string(),
+                       "stored_requests": r.stored, "raw_requests": r.raw, "kind": r.kind.label()})
             })
             .collect();
         self.client

@@ -201,6 +201,15 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                         Check::from_error("migrations", e, config)
                     }
                     (_, Err(e)) => Check::from_error("migrations", e, config),
+                    _ if f.lost_keys.is_none() => Check::fail(
+                        "migrations",
+                        "the rule book is missing: no engine can book rows without it",
+                        format!(
+                            "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
+                            crate::state::migration_defining("usage_agg_book")
+                        ),
+                        Status::Config,
+                    ),
                     (_, Ok(false)) => Check::fail(
                         "migrations",
                         "the rejected-rows tally is missing: runs cannot add their rejected rows to it",

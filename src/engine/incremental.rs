@@ -11,14 +11,13 @@
 //! and the cursor moves only after every key below it is written, and only
 //! to the safe horizon, below which no row can still appear.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use super::{Change, LateChange, Mode, Options, Outcome};
-use crate::adjustments::LateKey;
 use crate::aggregation::{Fold, Key, Totals};
+use crate::booking::{Booked, KEYS_PER_CALL};
 use crate::failpoint;
-use crate::periods::{Periods, PeriodsChanged};
-use crate::store::{RawFilter, Store, StoredFilter};
+use crate::store::{RawFilter, Store};
 
 /// The lease was lost mid-run (it expired and another run took it): stop at
 /// the next safe point. What was written is correct; exit 75.
@@ -28,61 +27,26 @@ pub struct LeaseLost {
     pub cursor: i64,
 }
 
-/// Each key's highest watermark, over its monthly row and its late
-/// adjustments: its rows up to there are counted somewhere, so new rows are
-/// counted from there (docs/semantics.md, "Closed months").
-fn watermarks(
-    monthly: &HashMap<Key, Totals>,
-    late: &HashMap<LateKey, Totals>,
-) -> HashMap<Key, i64> {
-    let mut out: HashMap<Key, i64> = monthly
-        .iter()
-        .map(|(k, t)| (*k, t.last_request_id))
-        .collect();
-    for ((k, _), t) in late {
-        let w = out.entry(*k).or_default();
-        *w = (*w).max(t.last_request_id);
-    }
-    out
-}
-
-/// Counts rows in (cursor, horizon], in batches of about `opts.batch_rows`.
-/// `owner` is the lease holder to renew after each batch (None when dry).
-/// Rows of a month `periods` says is closed go to its late adjustment
-/// booked in the open month, never to its monthly row.
+/// Counts rows in (cursor, horizon], in batches of about `opts.batch_rows`:
+/// each batch's rows are read, folded by key, and handed to the rule book
+/// in the database (docs/semantics.md, "Booking a row"), which decides for
+/// each key where its rows go and which of them are new, and moves the
+/// cursor with the batch's last call. `owner` is the lease holder to renew
+/// (None when dry).
 pub async fn run<S: Store>(
     store: &S,
     cursor: i64,
     horizon: i64,
     owner: Option<&str>,
-    periods: &Periods,
     opts: &Options,
 ) -> anyhow::Result<Outcome> {
-    // Keys a run that died (or one running now) wrote past the cursor: for
-    // them, rows up to their watermark are counted already.
-    let dirty = watermarks(
-        &store
-            .stored(StoredFilter::WatermarkAbove(cursor), true, opts.page_size)
-            .await?,
-        &store
-            .late(StoredFilter::WatermarkAbove(cursor), opts.page_size)
-            .await?,
-    );
-    if !dirty.is_empty() {
-        tracing::info!(
-            keys = dirty.len(),
-            "keys already counted past the cursor (an earlier run stopped midway)"
-        );
-    }
-
     let mut outcome = Outcome {
         mode: Mode::Incremental,
         dry_run: opts.dry_run,
         ..Outcome::default()
     };
     let mut touched = BTreeSet::new();
-    let mut changed = BTreeSet::new();
-    let mut late_changed = BTreeSet::new();
+    let mut superseded = 0u64;
     // Batches by id range (ids and rows are nearly one to one). A dry run
     // cannot see its own unwritten batches: one batch, then.
     let batch_ids = if opts.dry_run {
@@ -97,11 +61,10 @@ pub async fn run<S: Store>(
     while start < horizon {
         let end = start.saturating_add(batch_ids).min(horizon);
         let mut fold = Fold::default();
-        let floor = |k: &Key| dirty.get(k).map_or(start, |w| (*w).max(start));
         let mut scan = store.scan(RawFilter::All, start, end, opts.page_size, &opts.pace);
         while let Some(page) = lease.wait(start, scan.next_page()).await?? {
             for row in &page {
-                fold.add(row, |k, id| id > floor(k));
+                fold.add(row, |_, _| true);
             }
             outcome.rows_read += page.len() as u64;
             opts.progress.advance(
@@ -117,176 +80,81 @@ pub async fn run<S: Store>(
         }
         outcome.rows_counted += fold.good_rows();
         touched.extend(fold.groups.keys().copied());
-        let (changes, late) = settle(store, &fold, start, end, &dirty, periods, opts).await?;
-        if !opts.dry_run {
-            if !changes.is_empty() {
-                let states: Vec<_> = changes.iter().map(|c| (c.key, c.after)).collect();
-                let w = store.write(&states, true).await;
-                outcome
-                    .write
-                    .absorb(refused_if_periods_changed(store, periods, w).await?);
+        outcome.bad.merge(std::mem::take(&mut fold.bad));
+        let keys: Vec<(Key, Totals)> = fold.groups.into_iter().collect();
+        // At least one call, so that a batch with no good rows still moves
+        // the cursor; the last call moves it.
+        let calls: Vec<&[(Key, Totals)]> = if keys.is_empty() {
+            vec![&[]]
+        } else {
+            keys.chunks(KEYS_PER_CALL).collect()
+        };
+        let last = calls.len() - 1;
+        for (i, chunk) in calls.into_iter().enumerate() {
+            failpoint::hit("chunk");
+            if i == last {
+                failpoint::hit("before-cursor");
             }
-            if !late.is_empty() {
-                let states: Vec<_> = late
-                    .iter()
-                    .map(|c| ((c.key, c.booked), c.after, c.counted_from))
-                    .collect();
-                let w = store.write_late(&states).await;
-                outcome
-                    .write
-                    .absorb(refused_if_periods_changed(store, periods, w).await?);
-            }
-            if !outcome.write.lost.is_empty() {
-                // The cursor must not pass rows whose counts did not land:
-                // stop here, loudly (exit 65); the next run tries again.
-                break;
-            }
-            failpoint::hit("before-cursor");
-            let now = store.advance(end).await?;
-            failpoint::hit("after-cursor");
-            outcome.cursor = Some((Some(cursor), now));
-            if end < horizon {
-                lease.renew(now).await?;
-            }
+            let b = store
+                .book(start, end, chunk, i == last && !opts.dry_run, opts.dry_run)
+                .await?;
+            superseded += b.superseded_keys;
+            absorb(&mut outcome, b, opts.dry_run);
         }
-        outcome.bad.merge(fold.bad);
-        changed.extend(changes.iter().map(|c| c.key));
-        outcome.late.rows += late
-            .iter()
-            .map(|c| c.after.requests - c.before.map_or(0, |b| b.requests))
-            .sum::<i64>() as u64;
-        late_changed.extend(late.iter().map(|c| (c.key, c.booked)));
         if opts.dry_run {
-            outcome.changes.extend(changes);
-            outcome.late.changes.extend(late);
+            start = end;
+            continue;
+        }
+        failpoint::hit("after-cursor");
+        outcome.cursor = Some((Some(cursor), end));
+        if end < horizon {
+            lease.renew(end).await?;
         }
         start = end;
     }
     opts.progress.finish();
     outcome.keys_touched = touched.len();
-    outcome.keys_changed = changed.len();
-    outcome.late.keys = late_changed.len();
+    outcome.keys_changed = touched.len().saturating_sub(superseded as usize);
     Ok(outcome)
 }
 
-/// A write the database refused because a month was closed or reopened
-/// since the run read them is [`PeriodsChanged`] (exit 75): nothing wrong
-/// was written, and the next run routes the rows by the new months.
-pub(crate) async fn refused_if_periods_changed<S: Store, T>(
-    store: &S,
-    periods: &Periods,
-    result: anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let err = match result {
-        Ok(t) => return Ok(t),
-        Err(e) => e,
-    };
-    match store.periods().await {
-        Ok(now) if now != *periods => Err(PeriodsChanged {
-            now: now
-                .closed()
-                .map(|m| m.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            detail: format!("{err:#}"),
-        }
-        .into()),
-        _ => Err(err),
+/// One booking's answer, added to the run's outcome.
+fn absorb(outcome: &mut Outcome, b: Booked, dry_run: bool) {
+    if !dry_run {
+        outcome.write.written += b.keys;
     }
-}
-
-/// Each touched key's new state: what is stored now plus its rows above its
-/// highest stored watermark, up to `end`, for its monthly row, or, when its
-/// month is closed, for its late adjustment booked in the open month. The
-/// rows folded assumed the watermarks read before the scan; when another
-/// run has written the key since, its rows are read again from the new
-/// watermark (rare: only under overlap).
-async fn settle<S: Store>(
-    store: &S,
-    fold: &Fold,
-    start: i64,
-    end: i64,
-    dirty: &HashMap<Key, i64>,
-    periods: &Periods,
-    opts: &Options,
-) -> anyhow::Result<(Vec<Change>, Vec<LateChange>)> {
-    let keys: Vec<Key> = fold.groups.keys().copied().collect();
-    let (stored, late) = tokio::try_join!(
-        store.stored_for(&keys, opts.page_size),
-        store.late_for(&keys, opts.page_size)
-    )?;
-    let marks = watermarks(&stored, &late);
-    // Keys another run wrote meanwhile are counted again from their new
-    // watermark, all of them in one scan of the batch's range (one scan
-    // per key made a run beside another hundreds of times slower).
-    let mut settled: Vec<(Key, i64, Option<Totals>)> = Vec::new();
-    let mut recount: HashMap<Key, i64> = HashMap::new();
-    for (key, delta) in &fold.groups {
-        let now = marks.get(key).copied().unwrap_or(0);
-        let assumed = dirty.get(key).map_or(start, |w| (*w).max(start));
-        let from = now.max(start);
-        if from == assumed {
-            settled.push((*key, from, Some(*delta)));
-        } else if now < end {
-            recount.insert(*key, from);
-            settled.push((*key, from, None));
-        } // else: another run counted this key further than we read
-    }
-    let recounted = if recount.is_empty() {
-        HashMap::new()
-    } else {
+    outcome
+        .write
+        .lost
+        .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
+    outcome.late.rows += b.late_rows;
+    outcome.late.keys += b.late_keys;
+    if b.raced_keys > 0 {
         tracing::info!(
-            keys = recount.len(),
-            "keys written by another run meanwhile; recounting their rows in one scan"
+            keys = b.raced_keys,
+            "keys another run counted part of this batch for; counted again from their watermarks"
         );
-        recount_keys(store, &recount, end, opts).await?
-    };
-    let mut changes = Vec::new();
-    let mut late_changes = Vec::new();
-    for (key, from, delta) in settled {
-        let delta = delta.unwrap_or_else(|| recounted.get(&key).copied().unwrap_or_default());
-        let key = &key;
-        if delta.requests == 0 {
+    }
+    for c in b.changes {
+        let Some(key) = crate::booking::parse_key(&format!("{}:{}", c.portal_id, c.month_year))
+        else {
             continue;
-        }
-        if periods.is_closed(key.month) {
-            let booked = periods.booking_month(key.month);
-            let before = late.get(&(*key, booked)).copied();
-            late_changes.push(LateChange {
-                key: *key,
+        };
+        let before = c.before.as_ref().map(|t| t.totals());
+        let after = c.after.totals();
+        match c
+            .booked_month
+            .as_deref()
+            .and_then(crate::aggregation::Month::parse)
+        {
+            Some(booked) => outcome.late.changes.push(LateChange {
+                key,
                 booked,
                 before,
-                after: before.unwrap_or_default().plus(delta),
-                counted_from: from,
-            });
-        } else {
-            let before = stored.get(key).copied();
-            changes.push(Change {
-                key: *key,
-                before,
-                after: before.unwrap_or_default().plus(delta),
-            });
+                after,
+                counted_from: c.counted_from,
+            }),
+            None => outcome.changes.push(Change { key, before, after }),
         }
     }
-    Ok((changes, late_changes))
-}
-
-/// Each key's rows above its own watermark (`from`), up to `upto`: one
-/// scan of the range above the lowest of them, every row folded only into
-/// a key it is above the watermark of.
-async fn recount_keys<S: Store>(
-    store: &S,
-    from: &HashMap<Key, i64>,
-    upto: i64,
-    opts: &Options,
-) -> anyhow::Result<HashMap<Key, Totals>> {
-    let lowest = from.values().copied().min().unwrap_or(upto);
-    let mut scan = store.scan(RawFilter::All, lowest, upto, opts.page_size, &opts.pace);
-    let mut fold = Fold::default();
-    while let Some(page) = scan.next_page().await? {
-        for row in &page {
-            fold.add(row, |k, id| from.get(k).is_some_and(|f| id > *f));
-        }
-    }
-    Ok(fold.groups.into_iter().collect())
 }

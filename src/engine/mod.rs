@@ -12,9 +12,6 @@ pub mod lease;
 pub mod rebuild;
 pub mod rpc;
 
-#[cfg(test)]
-mod periods_tests;
-
 use std::time::Duration;
 
 use crate::aggregation::{BadRows, Key, Month, Totals};
@@ -184,6 +181,9 @@ pub struct Outcome {
 #[derive(Debug, Default, Clone)]
 pub struct Refusals {
     pub count: u64,
+    /// Of them, writes that did not hold: the run's verdict is then
+    /// `writes_lost`, whichever run lost them.
+    pub lost: u64,
     pub since: Option<String>,
     pub examples: Vec<String>,
 }
@@ -191,7 +191,7 @@ pub struct Refusals {
 impl Outcome {
     /// The gravest thing the run knows about its own totals.
     pub fn verdict(&self) -> Verdict {
-        if !self.write.lost.is_empty() {
+        if !self.write.lost.is_empty() || self.refusals_standing.lost > 0 {
             Verdict::WritesLost
         } else if !self.refused_decreases.is_empty() || self.refusals_standing.count > 0 {
             Verdict::DecreasesRefused

@@ -11,9 +11,9 @@ use std::collections::{BTreeSet, HashMap};
 use super::{Change, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Month, Totals};
 use crate::failpoint;
-use crate::periods::{minus, Periods};
+use crate::periods::{minus, Periods, PeriodsChanged};
 use crate::progress::Progress;
-use crate::store::{RawFilter, Store, StoredFilter};
+use crate::store::{RawFilter, Refusal, RefusalKind, Store, StoredFilter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -414,19 +414,33 @@ pub async fn run<S: Store>(
         if !plan.writes.is_empty() {
             let states: Vec<_> = plan.writes.iter().map(|c| (c.key, c.after)).collect();
             let w = store.write(&states, marks.is_some()).await;
-            outcome.write =
-                super::incremental::refused_if_periods_changed(store, periods, w).await?;
+            outcome.write = refused_if_periods_changed(store, periods, w).await?;
             outcome.keys_changed = outcome.write.written;
         }
         if let Some(m) = marks {
-            let refused: Vec<_> = outcome
+            // Refused decreases and lost writes stand alike, recorded,
+            // until a rebuild of their month finds them right.
+            let mut refused: Vec<Refusal> = outcome
                 .refused_decreases
                 .iter()
-                .map(|c| {
-                    let stored = c.before.map_or(0, |b| b.requests);
-                    (c.key, stored, c.after.requests)
+                .map(|c| Refusal {
+                    key: c.key,
+                    stored: c.before.map_or(0, |b| b.requests),
+                    raw: c.after.requests,
+                    kind: RefusalKind::Decrease,
                 })
                 .collect();
+            refused.extend(
+                plan.writes
+                    .iter()
+                    .filter(|c| outcome.write.lost.contains(&c.key))
+                    .map(|c| Refusal {
+                        key: c.key,
+                        stored: c.before.map_or(0, |b| b.requests),
+                        raw: c.after.requests,
+                        kind: RefusalKind::Lost,
+                    }),
+            );
             let scope_name = match scope {
                 Scope::Month(m) => m.to_string(),
                 Scope::All => "all".to_string(),
@@ -449,6 +463,32 @@ pub async fn run<S: Store>(
         outcome.changes = plan.writes;
     }
     Ok(outcome)
+}
+
+/// A write the database refused because a month was closed or reopened
+/// since the run read them is [`PeriodsChanged`] (exit 75): nothing wrong
+/// was written, and the next run routes the rows by the new months.
+async fn refused_if_periods_changed<S: Store, T>(
+    store: &S,
+    periods: &Periods,
+    result: anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let err = match result {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    match store.periods().await {
+        Ok(now) if now != *periods => Err(PeriodsChanged {
+            now: now
+                .closed()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            detail: format!("{err:#}"),
+        }
+        .into()),
+        _ => Err(err),
+    }
 }
 
 #[cfg(test)]

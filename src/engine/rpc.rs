@@ -191,6 +191,11 @@ pub async fn run<S: Store>(
         outcome.keys_touched += b.keys;
         outcome.keys_changed += b.keys;
         outcome.write.written += if opts.dry_run { 0 } else { b.keys };
+        // Writes that did not hold: recorded by the rule book, reported.
+        outcome
+            .write
+            .lost
+            .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
         outcome.late.rows += b.late_rows;
         outcome.late.keys += b.late_keys;
         outcome.bad.count += b.bad;

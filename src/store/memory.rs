@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Batch, RawFilter, Store, StoredFilter};
+use super::{Batch, RawFilter, Refusal, Store, StoredFilter};
 use crate::adjustments::LateKey;
 use crate::aggregation::{Fold, Key, Month, RawRow, Totals};
+use crate::booking::{Booked, BookedChange, Rebased, Stated};
 use crate::pace::Pace;
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
@@ -470,11 +471,12 @@ impl Store for MemoryStore {
                 .max(),
             refused_keys: s.refused.len() as u64,
             refused_examples: refused,
+            problems: Some(Vec::new()),
             ..Facts::default()
         })
     }
 
-    async fn rebase(&self, _owner: &str) -> anyhow::Result<i64> {
+    async fn rebase(&self, _owner: &str, _horizon: i64) -> anyhow::Result<Rebased> {
         self.alive()?;
         let mut s = self.inner.borrow_mut();
         let inner = &mut *s;
@@ -483,22 +485,90 @@ impl Store for MemoryStore {
         }
         s.cursor = None;
         s.refused.clear();
-        Ok(s.monthly.len() as i64)
+        Ok(Rebased {
+            watermarks_reset: s.monthly.len() as i64,
+            ..Rebased::default()
+        })
     }
 
     async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64> {
         self.advance(to).await
     }
 
-    async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64> {
+    async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64> {
         self.alive()?;
         let mut s = self.inner.borrow_mut();
         s.refused
             .retain(|k, _| scope != "all" && k.month.to_string() != scope);
-        for (k, stored, raw) in keys {
-            s.refused.insert(*k, (*stored, *raw));
+        for r in keys {
+            s.refused.insert(r.key, (r.stored, r.raw));
         }
         Ok(s.refused.len() as u64)
+    }
+
+    /// A stand-in for the rule book, for the job's own flow (leases, dry
+    /// runs, kills, refusals): monthly rows only. Where rows go once months
+    /// close, and how raced keys are counted again, are the database's
+    /// (`usage_agg_book_folded`), and tested on the real stack only, so
+    /// that the rules have one implementation.
+    async fn book(
+        &self,
+        from: i64,
+        to: i64,
+        keys: &[(Key, Totals)],
+        advance: bool,
+        dry_run: bool,
+    ) -> anyhow::Result<Booked> {
+        self.alive()?;
+        // One transaction: a kill at the write or at the cursor loses both.
+        if !dry_run && self.dies(Kill::Write, |s| &mut s.writes) {
+            return Err(killed());
+        }
+        if advance && self.dies(Kill::Advance, |s| &mut s.advances) {
+            return Err(killed());
+        }
+        let mut s = self.inner.borrow_mut();
+        if let Some((k, _)) = keys.iter().find(|(k, _)| s.closed.contains(&k.month)) {
+            anyhow::bail!("the memory store books no closed month ({k}): the database does");
+        }
+        let mut b = Booked::default();
+        for (key, folded) in keys {
+            let before = s.monthly.get(key).copied();
+            let w = before.map_or(0, |t| t.last_request_id);
+            let new = if w <= from {
+                *folded
+            } else if w >= folded.last_request_id {
+                b.superseded_keys += 1;
+                continue;
+            } else {
+                b.raced_keys += 1;
+                let mut fold = Fold::default();
+                for row in s.raw.range(w + 1..=to).map(|(_, r)| r) {
+                    fold.add(row, |k, _| k == key);
+                }
+                fold.groups.get(key).copied().unwrap_or_default()
+            };
+            let after = before.unwrap_or_default().plus(new);
+            b.keys += 1;
+            b.rows += new.requests as u64;
+            if dry_run {
+                b.changes.push(BookedChange {
+                    portal_id: key.portal_id,
+                    month_year: key.month.to_string(),
+                    booked_month: None,
+                    before: before.map(Stated::from),
+                    after: Stated::from(after),
+                    counted_from: w.max(from),
+                });
+            } else {
+                s.monthly.insert(*key, after);
+            }
+        }
+        if advance && !dry_run {
+            let now = s.cursor.unwrap_or(0).max(to);
+            s.cursor = Some(now);
+        }
+        Ok(b)
     }
 
     async fn note_rejected(&self, _count: u64, _ids: &[i64]) -> anyhow::Result<()> {
@@ -534,66 +604,6 @@ impl Store for MemoryStore {
             })
             .map(|(lk, t)| (*lk, *t))
             .collect())
-    }
-
-    async fn late_for(
-        &self,
-        keys: &[Key],
-        _page_size: usize,
-    ) -> anyhow::Result<HashMap<LateKey, Totals>> {
-        self.alive()?;
-        let keys: BTreeSet<&Key> = keys.iter().collect();
-        Ok(self
-            .inner
-            .borrow()
-            .late
-            .iter()
-            .filter(|((k, _), _)| keys.contains(k))
-            .map(|(lk, t)| (*lk, *t))
-            .collect())
-    }
-
-    /// As the database's trigger: a late adjustment only for a closed
-    /// month, booked in the booking month; the watermark guard.
-    async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats> {
-        self.alive()?;
-        if self.dies(Kill::Write, |s| &mut s.writes) {
-            return Err(killed());
-        }
-        let mut s = self.inner.borrow_mut();
-        Self::flip_now(&mut s);
-        let periods = Self::periods_now(&s);
-        for ((k, booked), _, from) in states {
-            anyhow::ensure!(
-                periods.is_closed(k.month) && periods.booking_month(k.month) == *booked,
-                "usage_agg: a late adjustment for {k} cannot be booked in {booked} (memory store)"
-            );
-            // As the database's guard: rows the monthly row already counts.
-            let monthly = s.monthly.get(k).map_or(0, |t| t.last_request_id);
-            anyhow::ensure!(
-                *from >= monthly,
-                "usage_agg: rows of {k} above id {from} are already counted in its monthly row (memory store)"
-            );
-        }
-        let states: Vec<(LateKey, Totals)> = states.iter().map(|(k, t, _)| (*k, *t)).collect();
-        let states = &states[..];
-        let mut answered = HashMap::new();
-        for (lk, t) in states.iter() {
-            let kept = s
-                .late
-                .get(lk)
-                .filter(|old| t.last_request_id < old.last_request_id)
-                .copied();
-            let now = kept.unwrap_or(*t);
-            s.late.insert(*lk, now);
-            answered.insert(*lk, now);
-        }
-        let mut stats = WriteStats {
-            bulk_requests: 1,
-            ..WriteStats::default()
-        };
-        crate::adjustments::judge_late(states, &answered, &mut stats);
-        Ok(stats)
     }
 
     async fn pruned(

@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::adjustments::LateKey;
 use crate::aggregation::{Key, Month, Totals};
+use crate::booking::{Booked, Rebased};
 use crate::pace::Pace;
 use crate::periods::{CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::preflight::Facts;
@@ -63,7 +64,36 @@ pub struct Batch {
     /// of them.
     pub late_rows: u64,
     pub late_keys: usize,
+    /// Keys whose write did not hold (`portal:month`), recorded.
+    pub lost: Vec<String>,
     pub done: bool,
+}
+
+/// Why a key stands refused (docs/semantics.md, "Rebuilds", "Verdicts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Writing it would have lowered a stored count.
+    Decrease,
+    /// Its write did not hold.
+    Lost,
+}
+
+impl RefusalKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalKind::Decrease => "decrease",
+            RefusalKind::Lost => "lost",
+        }
+    }
+}
+
+/// A key a rebuild leaves refused: what is stored, what its rows say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub key: Key,
+    pub stored: i64,
+    pub raw: i64,
+    pub kind: RefusalKind,
 }
 
 /// The two tables and the job's state. Every method is one idempotent step
@@ -129,9 +159,22 @@ pub trait Store {
     async fn finish(&self, owner: &str, outcome: &str, rows: u64) -> anyhow::Result<()>;
     async fn safe_horizon(&self, wait: Duration) -> anyhow::Result<i64>;
     async fn preflight(&self) -> anyhow::Result<Facts>;
-    async fn rebase(&self, owner: &str) -> anyhow::Result<i64>;
+    /// Resets the cursor and the watermarks for a rebuild at `horizon`,
+    /// booking (or refusing) closed months' uncounted rows first.
+    async fn rebase(&self, owner: &str, horizon: i64) -> anyhow::Result<Rebased>;
     async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64>;
-    async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64>;
+    async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64>;
+    /// Books the folded rows of (from, to] (good rows only, every row of
+    /// the range) by the one rule book in the database; with `advance`,
+    /// moves the cursor to `to` in the same transaction.
+    async fn book(
+        &self,
+        from: i64,
+        to: i64,
+        keys: &[(Key, Totals)],
+        advance: bool,
+        dry_run: bool,
+    ) -> anyhow::Result<Booked>;
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;
     /// Adds a run's rejected rows to the job's tally (status, verify).
     async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()>;
@@ -145,17 +188,6 @@ pub trait Store {
         filter: StoredFilter,
         page_size: usize,
     ) -> anyhow::Result<HashMap<LateKey, Totals>>;
-    /// The late adjustments of these keys, every booked month.
-    async fn late_for(
-        &self,
-        keys: &[Key],
-        page_size: usize,
-    ) -> anyhow::Result<HashMap<LateKey, Totals>>;
-    /// Writes each late adjustment's full state; says per key whether it
-    /// took effect. Refused (an error) when the closed months changed since
-    /// they were read.
-    /// Each with the watermark its new rows are counted above.
-    async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats>;
     /// The good raw rows prune deleted, per key: every key's, or one
     /// month's.
     async fn pruned(

@@ -10,9 +10,10 @@ use anyhow::Context;
 use chrono::Utc;
 use serde_json::json;
 
-use super::{Batch, RawFilter, Store, StoredFilter};
+use super::{Batch, RawFilter, Refusal, Store, StoredFilter};
 use crate::adjustments::{self, LateKey};
 use crate::aggregation::{Key, Month, Totals};
+use crate::booking::{self, Booked, Rebased};
 use crate::pace::Pace;
 use crate::periods::{self, CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::postgrest::{Client, Idempotent, Query};
@@ -192,16 +193,27 @@ impl Store for RestStore {
         self.state_fns().preflight().await
     }
 
-    async fn rebase(&self, owner: &str) -> anyhow::Result<i64> {
-        self.state_fns().rebase(owner).await
+    async fn rebase(&self, owner: &str, horizon: i64) -> anyhow::Result<Rebased> {
+        booking::rebase(&self.client, owner, horizon).await
     }
 
     async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64> {
         self.state_fns().finish_rebase(to).await
     }
 
-    async fn record_refusals(&self, scope: &str, keys: &[(Key, i64, i64)]) -> anyhow::Result<u64> {
+    async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64> {
         self.state_fns().record_refusals(scope, keys).await
+    }
+
+    async fn book(
+        &self,
+        from: i64,
+        to: i64,
+        keys: &[(Key, Totals)],
+        advance: bool,
+        dry_run: bool,
+    ) -> anyhow::Result<Booked> {
+        booking::book(&self.client, from, to, keys, advance, dry_run).await
     }
 
     async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()> {
@@ -225,19 +237,6 @@ impl Store for RestStore {
         adjustments::read_late_where(&self.client, &stored_query(filter), &mut out, page_size)
             .await?;
         Ok(out)
-    }
-
-    async fn late_for(
-        &self,
-        keys: &[Key],
-        page_size: usize,
-    ) -> anyhow::Result<HashMap<LateKey, Totals>> {
-        adjustments::read_late_for(&self.client, keys.iter().copied(), page_size, self.at_once)
-            .await
-    }
-
-    async fn write_late(&self, states: &[(LateKey, Totals, i64)]) -> anyhow::Result<WriteStats> {
-        adjustments::write_late(&self.client, states).await
     }
 
     async fn pruned(

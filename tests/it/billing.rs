@@ -1063,12 +1063,140 @@ fn a_stale_run_cannot_book_late_rows_a_reopen_and_second_close_already_counted()
     )
     .assert_status(0);
     usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    // The stale run's rows are booked where the months are now, by the rule
+    // book in the database, which finds them counted by the second close.
     let (status, out) = stale.finish();
-    assert_eq!(status, 75, "the stale run stops: try later\n{out}");
+    assert_eq!(status, 0, "the stale run books nothing twice\n{out}");
     assert_invariant(&stack);
     let billed = billed_total(&stack);
     let truth = count(&stack, "SELECT count(*) FROM usage_requests");
     assert_eq!(billed, truth, "billed once");
     aggregate(&stack, &[]).assert_status(0);
     assert_invariant(&stack);
+}
+
+/// `CALL usage_agg_run_scheduled()` on a direct connection: Ok, or the
+/// error's message.
+fn call_scheduled(stack: &Stack) -> Result<(), String> {
+    stack
+        .sql()
+        .simple_query("CALL public.usage_agg_run_scheduled()")
+        .map(|_| ())
+        .map_err(|e| {
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string())
+        })
+}
+
+/// Issue 17, case 1: the REST engine and the server-side batch kept a late
+/// adjustment's `counted_from_id` differently, so after a month was closed,
+/// booked late, reopened, counted and closed again, every server-side batch
+/// and scheduled run failed for good (P0001 "... already counted in its
+/// monthly row"). One rule book books for every engine now.
+#[test]
+fn a_month_closed_twice_keeps_every_engine_booking_its_late_rows() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-05", 1);
+    aggregate(&stack, &["--engine", "rest"]).assert_status(0);
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "dispute"],
+    )
+    .assert_status(0);
+    insert_month(&stack, 1, "2025-05", 2);
+    aggregate(&stack, &["--engine", "rest"]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    assert_invariant(&stack);
+    for engine in ["rpc", "rest", "rpc"] {
+        insert_month(&stack, 1, "2025-05", 1);
+        insert_month(&stack, 2, "2025-06", 1);
+        aggregate(&stack, &["--engine", engine]).assert_status(0);
+        assert_invariant(&stack);
+    }
+    insert_month(&stack, 1, "2025-05", 1);
+    call_scheduled(&stack).expect("the scheduled run books the late row");
+    assert_invariant(&stack);
+    assert_eq!(
+        billed_total(&stack),
+        count(&stack, "SELECT count(*) FROM usage_requests"),
+        "billed once"
+    );
+}
+
+/// Issue 17, case 2: `--rebase` took every row of a closed month at or
+/// below the new cursor as counted, so rows committed after the last run
+/// were on no invoice, with exit 0. Now they are booked late, once; and a
+/// second rebase books nothing more.
+#[test]
+fn a_rebase_books_a_closed_months_uncounted_rows_late_instead_of_dropping_them() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    // Committed, not yet counted, when an operator runs a rebase.
+    insert_month(&stack, 1, "2025-05", 3);
+    insert_month(&stack, 2, "2025-06", 2);
+    aggregate(&stack, &["--rebase"])
+        .assert_status(0)
+        .assert_stdout_has("3 rows of closed months committed but never counted");
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 3);
+    aggregate(&stack, &["--rebase"]).assert_status(0);
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 3, "a second rebase books nothing more");
+    usage(&stack, &["verify"]).assert_status(0);
+}
+
+/// Issue 17, case 2, after a prune: the closed month's raw rows are gone
+/// (their counts are in the pruned record), the sequence restarts, and new
+/// rows of that month take the freed ids. `aggregate` refuses (65); the
+/// rebase then books the new rows late, instead of taking them as counted.
+#[test]
+fn a_rebase_after_a_prune_and_a_sequence_restart_books_the_new_rows_of_a_closed_month() {
+    let mut stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    usage(&stack, &["prune", "--before", "2025-06"]).assert_status(0);
+    stack.ddl("ALTER SEQUENCE usage_requests_id_seq RESTART WITH 1");
+    insert_month(&stack, 1, "2025-05", 3);
+    aggregate(&stack, &[]).assert_status(65);
+    aggregate(&stack, &["--rebase"]).assert_status(0);
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 3);
+}
+
+/// A closed month whose raw rows are fewer than billed (deleted by hand),
+/// with a new one among them, cannot tell new rows from old ones: the
+/// rebase refuses the key, recorded, and every run exits 65 naming the
+/// repair, instead of dropping the new row.
+#[test]
+fn a_rebase_refuses_a_closed_month_with_fewer_rows_than_billed() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "DELETE FROM usage_requests WHERE id IN (
+               SELECT id FROM usage_requests WHERE month_year = '2025-05' ORDER BY id LIMIT 2)",
+        )
+        .unwrap();
+    insert_month(&stack, 1, "2025-05", 1);
+    aggregate(&stack, &["--rebase"])
+        .assert_status(65)
+        .assert_stdout_has("fewer raw rows than billed");
+    aggregate(&stack, &[]).assert_status(65);
+    assert_eq!(
+        late_rows(&stack),
+        0,
+        "nothing booked that cannot be told apart"
+    );
 }

@@ -124,7 +124,10 @@ fn each_broken_piece_fails_its_own_check_with_the_fix() {
 #[test]
 fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
     let mut stack = Stack::new();
-    for m in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+    // Every migration but the tally's (the rule book after it does not
+    // need its columns).
+    const TALLY: &str = "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql";
+    for m in MIGRATIONS.iter().filter(|m| **m != TALLY) {
         migrate_file(&mut stack, m);
     }
     // Runs still count every good row and name the bad ones (65); only the
@@ -144,7 +147,7 @@ fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
         78,
         "20261202090000_usage_agg_rejected_tally.sql",
     );
-    migrate_file(&mut stack, LATEST_MIGRATION);
+    migrate_file(&mut stack, TALLY);
     let run = doctor(&stack.env(), &[]);
     assert!(
         run.stdout

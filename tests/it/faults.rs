@@ -47,11 +47,11 @@ fn a_503_burst_is_waited_out_honouring_retry_after() {
 fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_finishes() {
     let stack = busy_stack();
     let proxy = FaultProxy::start(&stack.rest_url);
-    // The first upsert chunk lands, then the server goes down.
-    proxy.inject_after(
+    // The batch's booking goes to the rule book in one call: the server is
+    // down for it.
+    proxy.inject(
         "POST",
-        "/portal_usage_monthly?on_conflict",
-        1,
+        "/rpc/usage_agg_book",
         Fault::html(502, "502 Bad Gateway"),
         1000,
     );
@@ -68,7 +68,7 @@ fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_fini
         .collect();
     assert_eq!(error.len(), 1, "{}", run.stderr);
     for needle in [
-        "POST /portal_usage_monthly",
+        "POST /rpc/usage_agg_book",
         "gave up after 3 tries",
         "502",
         "502 Bad Gateway",
@@ -79,11 +79,7 @@ fn retries_run_out_on_a_lasting_outage_exit_69_in_one_line_and_the_next_run_fini
             error[0]
         );
     }
-    // One good chunk, then three tries of the chunk that gives up; up to
-    // three more chunks are in flight beside it (--concurrency 4: four
-    // writes at once), each with at most three tries before the run stops.
-    let posts = proxy.count("POST", "/portal_usage_monthly?on_conflict");
-    assert!((4..=13).contains(&posts), "{posts} upserts");
+    assert_eq!(proxy.count("POST", "/rpc/usage_agg_book"), 3, "three tries");
     assert_recovers(&stack);
 }
 
@@ -102,12 +98,7 @@ fn a_connection_cut_mid_body_is_tried_again() {
 fn a_connection_dropped_before_any_answer_is_tried_again() {
     let stack = busy_stack();
     let proxy = FaultProxy::start(&stack.rest_url);
-    proxy.inject(
-        "POST",
-        "/portal_usage_monthly?on_conflict",
-        Fault::HangUp,
-        2,
-    );
+    proxy.inject("POST", "/rpc/usage_agg_book", Fault::HangUp, 2);
     run_via(&stack, &proxy, &[])
         .assert_status(0)
         .assert_stderr_has("trying again");

@@ -342,7 +342,7 @@ fn a_scheduled_run_books_the_late_rows_of_closed_months_as_the_cli_does() {
 /// The SQL decision the procedure uses and src/preflight.rs, fed the same
 /// facts, find the same problems with the same exit statuses.
 #[test]
-fn the_sql_decision_agrees_with_the_clis_on_every_kind_of_fact() {
+fn the_database_judges_every_kind_of_fact_once_for_the_cli_and_the_scheduled_run() {
     use serde_json::json;
     let stack = migrated_stack();
     let healthy = json!({
@@ -358,34 +358,52 @@ fn the_sql_decision_agrees_with_the_clis_on_every_kind_of_fact() {
         }
         f
     };
-    let cases = [
-        healthy.clone(),
-        with(
-            json!({"sequence_last_value": null, "newest_id": null, "cursor": null, "highest_watermark": null}),
+    let cases: [(serde_json::Value, &[&str]); 10] = [
+        (healthy.clone(), &[]),
+        (
+            with(
+                json!({"sequence_last_value": null, "newest_id": null, "cursor": null, "highest_watermark": null}),
+            ),
+            &[],
         ),
-        with(json!({"sequence": null})),
-        with(json!({"id_from_sequence": false, "id_default": null})),
-        with(json!({"sequence_cache": 20})),
-        with(json!({"sequence_last_value": null, "newest_id": null})),
-        with(
-            json!({"cursor": 5, "sequence_last_value": 10, "newest_id": 10, "highest_watermark": 11}),
+        (with(json!({"sequence": null})), &["no_sequence"]),
+        (
+            with(json!({"id_from_sequence": false, "id_default": null})),
+            &["id_default_not_sequence"],
         ),
-        with(json!({"newest_id": 5000})),
-        with(
-            json!({"reset_reason": "usage_requests was truncated", "reset_at": "2026-11-30 10:00:00+00"}),
+        (with(json!({"sequence_cache": 20})), &["sequence_cache"]),
+        (
+            with(json!({"sequence_last_value": null, "newest_id": null})),
+            &["sequence_behind_cursor"],
         ),
-        with(
-            json!({"sequence_cache": 20, "id_from_sequence": false, "newest_id": 9000,
-                    "reset_reason": "x", "reset_at": "t"}),
+        (
+            with(
+                json!({"cursor": 5, "sequence_last_value": 10, "newest_id": 10, "highest_watermark": 11}),
+            ),
+            &["sequence_behind_cursor"],
+        ),
+        (with(json!({"newest_id": 5000})), &["ids_above_sequence"]),
+        (
+            with(
+                json!({"reset_reason": "usage_requests was truncated", "reset_at": "2026-11-30 10:00:00+00"}),
+            ),
+            &["table_reset"],
+        ),
+        (
+            with(
+                json!({"sequence_cache": 20, "id_from_sequence": false, "newest_id": 9000,
+                        "reset_reason": "x", "reset_at": "t"}),
+            ),
+            &[
+                "id_default_not_sequence",
+                "sequence_cache",
+                "ids_above_sequence",
+                "table_reset",
+            ],
         ),
     ];
     let mut db = stack.sql();
-    for facts in cases {
-        let cli: Vec<(String, i64)> =
-            usage_agg::preflight::problems(&serde_json::from_value(facts.clone()).unwrap())
-                .iter()
-                .map(|p| (p.code().to_string(), i64::from(p.status().code())))
-                .collect();
+    for (facts, want) in cases {
         let sql: String = db
             .query_one(
                 "SELECT usage_agg_problems($1::text::jsonb)::text",
@@ -393,19 +411,25 @@ fn the_sql_decision_agrees_with_the_clis_on_every_kind_of_fact() {
             )
             .unwrap()
             .get(0);
-        let sql: Vec<(String, i64)> = serde_json::from_str::<serde_json::Value>(&sql)
-            .unwrap()
+        let sql: serde_json::Value = serde_json::from_str(&sql).unwrap();
+        let codes: Vec<&str> = sql
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| {
-                (
-                    p["code"].as_str().unwrap().to_string(),
-                    p["exit"].as_i64().unwrap(),
-                )
-            })
+            .map(|p| p["code"].as_str().unwrap())
             .collect();
-        assert_eq!(sql, cli, "{facts}");
+        assert_eq!(codes, want, "{facts}");
+        // The scheduled run records the exit the database states; the CLI
+        // maps the code: the two agree, and every message names a repair.
+        for p in sql.as_array().unwrap() {
+            let problem: usage_agg::preflight::Problem = serde_json::from_value(p.clone()).unwrap();
+            assert_eq!(
+                i64::from(problem.status().code()),
+                p["exit"].as_i64().unwrap(),
+                "{p}"
+            );
+            assert!(problem.message.contains("repair: "), "{p}");
+        }
     }
 }
 

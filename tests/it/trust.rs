@@ -501,6 +501,24 @@ fn a_write_a_trigger_undid_is_reported_lost() {
         state_text(&stack, "last_run_outcome").as_deref(),
         Some("writes_lost")
     );
+    // Issue 17, case 3: the lost write is recorded, not forgotten. With the
+    // trigger gone, every run and `status` still exit 65 until a rebuild
+    // finds the key right.
+    stack.ddl("DROP TRIGGER keep_counts ON portal_usage_monthly");
+    for engine in ENGINES {
+        insert_rows(&stack, 5, 2);
+        aggregate(&stack, &["--engine", engine]).assert_status(65);
+        assert_eq!(
+            state_text(&stack, "last_run_outcome").as_deref(),
+            Some("writes_lost"),
+            "{engine}"
+        );
+    }
+    status(&stack).assert_status(65);
+    aggregate(&stack, &["--full"]).assert_status(0);
+    assert_no_drift(&stack);
+    aggregate(&stack, &[]).assert_status(0);
+    status(&stack).assert_status(0);
 }
 
 /// Found by an adversarial pass: a default from another sequence left the

@@ -163,12 +163,13 @@ pub fn count(stack: &Stack, sql: &str) -> i64 {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: [&str; 5] = [
+pub const MIGRATIONS: [&str; 6] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
     "supabase/migrations/20261201090000_usage_agg_periods.sql",
     "supabase/migrations/20261201100000_usage_agg_schedule.sql",
     "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
+    "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
 ];
 pub const MIGRATION: &str = MIGRATIONS[0];
 pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1];
