@@ -176,6 +176,17 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
                 crate::state::migration_defining(function)
             ))
         }
+        // usage-agg's own tables come with the migrations; the seed's two
+        // are the app's.
+        Kind::MissingTable
+            if ![crate::tables::RAW_TABLE, crate::tables::MONTHLY_TABLE].contains(&what.as_str()) =>
+        {
+            Some(format!(
+                "the table {what} does not exist here: the migrations are not all applied; apply them in \
+                 order (`usage-agg sql | psql`, or `supabase db push`), and check that the URL is the right \
+                 project's"
+            ))
+        }
         Kind::MissingTable => Some(format!(
             "the table {what} does not exist here: check that the URL is the right project's and that its schema is applied (README, \"The schema it expects\")"
         )),

@@ -144,7 +144,8 @@ pub enum Kind {
     KeyRefused,
     /// 403 42501 with a key the server took: its role lacks a GRANT.
     NotGranted,
-    /// The table is not there (PGRST205, or 42P01 before PostgREST 12).
+    /// The table is not there: PGRST205 (PostgREST 13 on); on 12, 42P01
+    /// for a read and an empty `{}` for a POST or PATCH.
     MissingTable,
     /// The function is not there (PGRST202, or 42883).
     MissingFunction,
@@ -182,6 +183,10 @@ impl ApiError {
                 (403, Some("42501")) => Kind::NotGranted,
                 (401 | 403, _) => Kind::KeyRefused,
                 (404, Some("PGRST205" | "42P01")) => Kind::MissingTable,
+                // PostgREST 12 answers a POST or PATCH to a missing table with
+                // `{}` (a read gets 42P01; a path it does not serve, `{}`
+                // too, but the run's first reads have ruled that out).
+                (404, None) if self.empty_object_on_write() => Kind::MissingTable,
                 (404, Some("PGRST202")) => Kind::MissingFunction,
                 // 42883 is "no such function or operator": a missing function
                 // only when a function was called.
@@ -219,6 +224,17 @@ impl ApiError {
             | ApiError::Transport { path, .. }
             | ApiError::Decode { path, .. } => path,
         }
+    }
+
+    /// Whether this is an empty JSON object answering a POST or PATCH to a
+    /// table, as PostgREST 12 answers one to a table that is not there.
+    fn empty_object_on_write(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Status { method, path, body: ErrorBody::Text(t), .. }
+                if t == "{}" && !path.starts_with("/rpc/")
+                    && (*method == Method::POST || *method == Method::PATCH)
+        )
     }
 
     /// PostgREST's or Postgres' error code (`42P10`, `PGRST205`, ...).
@@ -846,6 +862,7 @@ mod tests {
             (403, Some("42501"), Kind::NotGranted),
             (404, Some("PGRST125"), Kind::NotFound),
             (404, None, Kind::NotFound),
+            (404, Some("42P01"), Kind::MissingTable),
             (400, Some("PGRST204"), Kind::MissingColumn),
             (400, Some("42P10"), Kind::UpsertRefused),
             (409, Some("23505"), Kind::Conflict),
@@ -856,5 +873,27 @@ mod tests {
             assert_eq!(e.kind(), kind, "{code} {pg:?}");
             assert_eq!(e.is_transient(), kind == Kind::Transient);
         }
+        // PostgREST 12: a POST or PATCH to a missing table is 404 `{}`; on
+        // /rpc/ a missing function is always PGRST202.
+        let empty = |method: Method, path: &str| ApiError::Status {
+            method,
+            path: path.into(),
+            status: StatusCode::NOT_FOUND,
+            body: ErrorBody::parse(b"{}"),
+            retry_after: None,
+        };
+        assert_eq!(
+            empty(Method::POST, "/portal_usage_monthly").kind(),
+            Kind::MissingTable
+        );
+        assert_eq!(
+            empty(Method::PATCH, "/portal_usage_monthly").kind(),
+            Kind::MissingTable
+        );
+        assert_eq!(empty(Method::GET, "/usage_requests").kind(), Kind::NotFound);
+        assert_eq!(
+            empty(Method::POST, "/rpc/usage_agg_book").kind(),
+            Kind::NotFound
+        );
     }
 }

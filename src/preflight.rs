@@ -89,8 +89,10 @@ pub fn problems(f: &Facts) -> Vec<Problem> {
         None => vec![Problem {
             code: RULE_BOOK_MISSING.into(),
             message: format!(
-                "the database does not judge its own facts: the rule book is missing, and no engine can \
-                 book rows without it; repair: apply {} (`usage-agg sql | psql`, or `supabase db push`)",
+                "the database does not judge its own facts: {} is missing (the rule book), and no \
+                 engine can book rows without it; repair: apply every migration not yet applied, in \
+                 order: `usage-agg sql | psql \"$DATABASE_URL\"` applies them all (each may run \
+                 again), or `supabase db push`",
                 crate::state::migration_defining("usage_agg_book")
             ),
         }],

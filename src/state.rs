@@ -12,7 +12,7 @@ use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 6] = [
+pub const MIGRATIONS: [(&str, &str); 7] = [
     (
         "supabase/migrations/20261127120000_usage_agg_incremental.sql",
         include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
@@ -36,6 +36,10 @@ pub const MIGRATIONS: [(&str, &str); 6] = [
     (
         "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
         include_str!("../supabase/migrations/20261207100000_usage_agg_rule_book.sql"),
+    ),
+    (
+        "supabase/migrations/20261207110000_usage_agg_supabase.sql",
+        include_str!("../supabase/migrations/20261207110000_usage_agg_supabase.sql"),
     ),
 ];
 /// The first migration: its state table says whether usage-agg is installed.

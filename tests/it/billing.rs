@@ -236,8 +236,8 @@ fn a_project_without_the_periods_migration_is_told_to_apply_it() {
     for args in [&[][..], &["--engine", "rpc"][..]] {
         aggregate(&stack, args)
             .assert_status(78)
-            .assert_stderr_has("usage_agg_periods is missing")
-            .assert_stderr_has(MIGRATIONS[2]);
+            .assert_stderr_has("usage_agg_rule_book.sql is missing")
+            .assert_stderr_has("`usage-agg sql | psql");
     }
 }
 

@@ -346,3 +346,28 @@ fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
     assert_eq!(proxy.count("POST", "/rpc/usage_agg_rpc_batch"), 1);
     assert_recovers(&stack);
 }
+
+/// PostgREST 12 answers a POST or PATCH to a table that is not there with
+/// 404 and an empty `{}` (PGRST205 came with 13): a missing table, not a
+/// wrong URL (issue 18, item 5). Neither server here is 12, so the proxy
+/// answers as it does.
+#[test]
+fn a_write_to_a_missing_table_as_postgrest_12_answers_it_is_named_as_missing() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 20, 2);
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "POST",
+        "/portal_usage_monthly",
+        Fault::Respond {
+            status: 404,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: "{}".into(),
+        },
+        1000,
+    );
+    run_via(&stack, &proxy, &[])
+        .assert_status(78)
+        .assert_stderr_has("the table portal_usage_monthly does not exist here")
+        .assert_stderr_has("its schema is applied");
+}

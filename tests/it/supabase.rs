@@ -149,3 +149,166 @@ fn the_rest_url_given_as_the_project_url_is_taken_as_the_rest_root() {
         .all(|s| s.request_line.contains(" /rest/v1/")
             && !s.request_line.contains("/rest/v1/rest/v1/")));
 }
+
+/// One request to the stack's PostgREST with `key`: its status and body.
+fn rest(stack: &Stack, method: &str, path: &str, key: &str, body: &str) -> (u16, String) {
+    let http = reqwest::blocking::Client::new();
+    let url = format!("{}/{path}", stack.rest_url);
+    let r = http
+        .request(method.parse().unwrap(), url)
+        .header("apikey", key)
+        .bearer_auth(key)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap_or_default())
+}
+
+/// The test stack is Supabase's as far as these machines allow (issue 18):
+/// `postgres` is no superuser, PostgREST's sessions run under safeupdate
+/// (an UPDATE or DELETE without WHERE is refused in functions too, 400
+/// 21000), under authenticator's 8 s and the cluster's 2 minutes.
+#[test]
+fn the_stack_is_supabases_roles_limits_and_guards() {
+    let mut stack = Stack::new();
+    let db = &mut stack.sql();
+    let (superuser, timeout): (bool, String) = {
+        let r = db
+            .query_one(
+                "SELECT rolsuper, current_setting('statement_timeout') FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((superuser, timeout.as_str()), (false, "2min"));
+    let settings: Vec<String> = db
+        .query_one(
+            "SELECT setconfig::text[] FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+              WHERE r.rolname = 'authenticator' AND s.setdatabase = 0",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    for want in [
+        "statement_timeout=8s",
+        "lock_timeout=8s",
+        "session_preload_libraries=safeupdate",
+    ] {
+        assert!(settings.iter().any(|s| s == want), "{settings:?}");
+    }
+    stack.ddl(
+        "CREATE TABLE scratch (n int); INSERT INTO scratch VALUES (1), (2);
+         CREATE FUNCTION scratch_clear(p_all boolean) RETURNS bigint LANGUAGE plpgsql AS $$
+         DECLARE n bigint; BEGIN
+           IF p_all THEN DELETE FROM scratch; ELSE DELETE FROM scratch WHERE n = 1; END IF;
+           GET DIAGNOSTICS n = ROW_COUNT; RETURN n; END $$;",
+    );
+    let (status, body) = rest(
+        &stack,
+        "POST",
+        "rpc/scratch_clear",
+        &stack.key,
+        r#"{"p_all": true}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("21000") && body.contains("DELETE requires a WHERE clause"),
+        "{body}"
+    );
+    let (status, body) = rest(
+        &stack,
+        "POST",
+        "rpc/scratch_clear",
+        &stack.key,
+        r#"{"p_all": false}"#,
+    );
+    assert_eq!((status, body.as_str()), (200, "1"));
+}
+
+/// Supabase's default privileges give service_role, anon and authenticated
+/// ALL on every new table, sequence and function; the migrations take that
+/// back and grant exactly what each role needs (issue 18, item 4).
+#[test]
+fn a_service_key_reads_the_jobs_state_but_cannot_write_it_and_anon_gets_nothing() {
+    let mut stack = Stack::new();
+    migrate(&mut stack);
+    insert_rows(&stack, 50, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let key = stack.key.clone();
+    let (status, _) = rest(
+        &stack,
+        "GET",
+        "usage_aggregation_state?select=cursor_id",
+        &key,
+        "",
+    );
+    assert_eq!(status, 200);
+    for (method, path, body) in [
+        (
+            "PATCH",
+            "usage_aggregation_state?job=eq.default",
+            r#"{"cursor_id": 1}"#,
+        ),
+        (
+            "PATCH",
+            "usage_aggregation_state?job=eq.default",
+            r#"{"lease_owner": "me"}"#,
+        ),
+        (
+            "POST",
+            "usage_agg_deleted_keys",
+            r#"{"portal_id": 1, "month_year": "2025-05"}"#,
+        ),
+        (
+            "POST",
+            "usage_agg_refused_keys",
+            r#"{"job": "default", "portal_id": 1, "month_year": "2025-05", "stored_requests": 1, "raw_requests": 0}"#,
+        ),
+        ("DELETE", "usage_agg_refused_keys?job=eq.default", ""),
+        (
+            "POST",
+            "portal_usage_adjustments",
+            r#"{"portal_id": 1, "month_year": "2025-05", "booked_month": "2025-05", "source": "manual", "reason": "x", "idempotency_key": "x"}"#,
+        ),
+    ] {
+        let (status, body) = rest(&stack, method, path, &key, body);
+        assert!(
+            status == 401 || status == 403,
+            "{method} {path}: {status} {body}"
+        );
+        assert!(body.contains("42501"), "{method} {path}: {body}");
+    }
+    assert_no_drift(&stack);
+    let db = &mut stack.sql();
+    let leaks: Vec<String> = db
+        .query(
+            "SELECT r.rolname || ' ' || x.what FROM (VALUES ('anon'), ('authenticated'), ('service_role')) r(rolname),
+             LATERAL (
+               SELECT 'EXECUTE ' || p.oid::regprocedure::text AS what FROM pg_proc p
+                WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'usage\\_agg\\_%'
+                  AND p.prorettype = 'trigger'::regtype AND has_function_privilege(r.rolname, p.oid, 'EXECUTE')
+               UNION ALL
+               SELECT 'USAGE ' || c.oid::regclass::text FROM pg_class c
+                WHERE c.relkind = 'S' AND c.relnamespace = 'public'::regnamespace
+                  AND c.relname NOT IN ('usage_requests_id_seq', 'portal_usage_monthly_id_seq')
+                  AND has_sequence_privilege(r.rolname, c.oid, 'USAGE')
+               UNION ALL
+               SELECT 'WRITE ' || t FROM unnest(ARRAY['usage_aggregation_state', 'usage_agg_deleted_keys',
+                        'usage_agg_refused_keys', 'usage_agg_closed_months', 'usage_agg_period_events',
+                        'portal_usage_adjustments', 'usage_agg_pruned']) t
+                WHERE has_table_privilege(r.rolname, t, 'INSERT, UPDATE, DELETE, TRUNCATE')
+               UNION ALL
+               SELECT 'READ ' || t FROM unnest(ARRAY['usage_aggregation_state', 'usage_agg_deleted_keys',
+                        'usage_agg_refused_keys', 'portal_usage_adjustments']) t
+                WHERE r.rolname <> 'service_role' AND has_table_privilege(r.rolname, t, 'SELECT')
+             ) x ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(leaks.is_empty(), "{leaks:#?}");
+}

@@ -163,13 +163,14 @@ pub fn count(stack: &Stack, sql: &str) -> i64 {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: [&str; 6] = [
+pub const MIGRATIONS: [&str; 7] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
     "supabase/migrations/20261201090000_usage_agg_periods.sql",
     "supabase/migrations/20261201100000_usage_agg_schedule.sql",
     "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
     "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
+    "supabase/migrations/20261207110000_usage_agg_supabase.sql",
 ];
 pub const MIGRATION: &str = MIGRATIONS[0];
 pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1];

@@ -1,8 +1,14 @@
--- Per database, after the schema: service_role may use every table and
--- sequence; anon and authenticated see the schema but no table, so a wrong key
--- is refused (42501) rather than served.
+-- A Supabase project's public schema, per database, run by supabase_admin
+-- before any table exists: the default privileges of Supabase's initial
+-- schema give every table, sequence and function postgres creates in
+-- public to postgres, anon, authenticated and service_role (ALL). Row level
+-- security, not grants, keeps anon out: the seed's tables get it enabled
+-- (supabase-rls.sql), as the dashboard does.
+GRANT ALL ON SCHEMA public TO postgres;
 GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
-GRANT ALL ON ALL TABLES IN SCHEMA public TO service_role;
-GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO service_role;
-ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO service_role;
-ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO service_role;
+ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
+  GRANT ALL ON TABLES TO postgres, anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
+  GRANT ALL ON SEQUENCES TO postgres, anon, authenticated, service_role;
+ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public
+  GRANT ALL ON FUNCTIONS TO postgres, anon, authenticated, service_role;

@@ -33,6 +33,14 @@ use std::time::{Duration, Instant};
 pub const SEED_SCHEMA: &str = include_str!("../sql/seed-schema.sql");
 const ROLES: &str = include_str!("../sql/supabase-roles.sql");
 const GRANTS: &str = include_str!("../sql/supabase-grants.sql");
+const RLS: &str = include_str!("../sql/supabase-rls.sql");
+const CRON: &str = include_str!("../sql/supabase-cron.sql");
+/// The bootstrap superuser, as on Supabase. Tests connect as `postgres`,
+/// which is not one; only what needs a superuser uses this role, and says
+/// why.
+pub const SUPERUSER: &str = "supabase_admin";
+/// Supabase's global statement timeout (platform defaults): 2 minutes.
+const STATEMENT_TIMEOUT_MS: u32 = 120_000;
 
 /// Supabase's default `max_rows`: every test runs with the silent cap on.
 pub const MAX_ROWS: u32 = 1000;
@@ -75,6 +83,12 @@ pub fn postrust_bin() -> PathBuf {
 /// installs it): then every cluster preloads pg_cron.
 pub fn pg_cron_installed() -> bool {
     Path::new(PG_BIN).join("../lib/pg_cron.so").exists()
+}
+
+/// Where the safeupdate stand-in lives: PostgreSQL's own library folder,
+/// where `scripts/setup` installs it.
+fn safeupdate_installed() -> bool {
+    Path::new(PG_BIN).join("../lib/safeupdate.so").exists()
 }
 
 fn free_port() -> u16 {
@@ -133,7 +147,7 @@ impl Cluster {
                 "-A",
                 "trust",
                 "-U",
-                "postgres",
+                SUPERUSER,
                 "-E",
                 "UTF8",
                 "--no-sync",
@@ -146,7 +160,8 @@ impl Cluster {
             let port = free_port();
             let mut opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-                 -c full_page_writes=off -c max_prepared_transactions=20 -c max_connections=400 -c shared_buffers=256MB",
+                 -c full_page_writes=off -c max_prepared_transactions=20 -c max_connections=400 -c shared_buffers=256MB \
+                 -c statement_timeout={STATEMENT_TIMEOUT_MS}",
                 dir.display()
             );
             if cron {
@@ -201,27 +216,51 @@ impl Cluster {
         })
     }
 
+    /// A connection string as `postgres`, the role a Supabase project's
+    /// owner, its migrations and its SQL editor use: not a superuser.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// A connection string as the superuser, for what only it may do.
+    pub fn admin_url(&self, db: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The template every test database is cloned from, made as a Supabase
+    /// project is: the roles and their limits, the default privileges of
+    /// `public`, then the seed's tables made by `postgres`, with row level
+    /// security on.
     fn prepare_template(&self) {
-        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        assert!(
+            safeupdate_installed(),
+            "the safeupdate stand-in is not installed in {PG_BIN}/../lib: run scripts/setup, which builds it"
+        );
+        let mut admin =
+            postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls).unwrap();
         admin.batch_execute(ROLES).unwrap();
         admin
-            .batch_execute(&format!("CREATE DATABASE {TEMPLATE_DB}"))
+            .batch_execute(&format!("CREATE DATABASE {TEMPLATE_DB} OWNER postgres"))
+            .unwrap();
+        postgres::Client::connect(&self.admin_url(TEMPLATE_DB), postgres::NoTls)
+            .unwrap()
+            .batch_execute(GRANTS)
             .unwrap();
         let mut t = postgres::Client::connect(&self.url(TEMPLATE_DB), postgres::NoTls).unwrap();
         t.batch_execute(SEED_SCHEMA).unwrap();
-        t.batch_execute(GRANTS).unwrap();
+        t.batch_execute(RLS).unwrap();
         drop(t); // a template cannot be copied while connected to
         if self.cron {
             admin
-                .batch_execute(&format!("CREATE DATABASE {CRON_DB} TEMPLATE {TEMPLATE_DB}"))
+                .batch_execute(&format!(
+                    "CREATE DATABASE {CRON_DB} TEMPLATE {TEMPLATE_DB} OWNER postgres"
+                ))
                 .unwrap();
-            postgres::Client::connect(&self.url(CRON_DB), postgres::NoTls)
+            // CREATE EXTENSION pg_cron needs a superuser: on Supabase,
+            // supabase_admin creates it (supautils), then grants postgres.
+            postgres::Client::connect(&self.admin_url(CRON_DB), postgres::NoTls)
                 .unwrap()
-                .batch_execute("CREATE EXTENSION pg_cron")
+                .batch_execute(CRON)
                 .unwrap();
         }
     }
@@ -229,9 +268,12 @@ impl Cluster {
     /// A fresh database holding the seed's schema and Supabase's grants.
     pub fn create_database(&self) -> String {
         let name = format!("t{}", self.next_db.fetch_add(1, Ordering::SeqCst));
-        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).unwrap();
+        let mut admin =
+            postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls).unwrap();
         admin
-            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB} OWNER postgres"
+            ))
             .unwrap();
         name
     }
@@ -301,8 +343,11 @@ pub struct Stack {
     pub key: String,
     /// An anon key for the same project.
     pub anon_key: String,
-    /// A direct connection string, for ground truth.
+    /// A direct connection string, for ground truth, as `postgres`.
     pub database_url: String,
+    /// The same database as the superuser, for what only it may do
+    /// (`USAGE_AGG_TEST_ADMIN_DATABASE_URL` for an external PostgREST).
+    pub admin_database_url: Option<String>,
     server: Option<Child>,
     server_env: Vec<(String, String)>,
     _exclusive: Option<MutexGuard<'static, ()>>,
@@ -358,6 +403,7 @@ impl Stack {
 
     fn serving(cluster: &Cluster, db: String, max_rows: u32) -> Stack {
         let database_url = cluster.url(&db);
+        let admin_database_url = Some(cluster.admin_url(&db));
         let server_env = vec![
             (
                 "PGRST_DB_URI".into(),
@@ -378,6 +424,7 @@ impl Stack {
             key: mint_jwt("service_role", JWT_SECRET),
             anon_key: mint_jwt("anon", JWT_SECRET),
             database_url,
+            admin_database_url,
             server: None,
             server_env,
             _exclusive: None,
@@ -398,6 +445,7 @@ impl Stack {
             key: var("USAGE_AGG_TEST_KEY"),
             anon_key: std::env::var("USAGE_AGG_TEST_ANON_KEY").unwrap_or_default(),
             database_url: var("USAGE_AGG_TEST_DATABASE_URL"),
+            admin_database_url: std::env::var("USAGE_AGG_TEST_ADMIN_DATABASE_URL").ok(),
             server: None,
             server_env: Vec::new(),
             _exclusive: Some(guard),
@@ -414,8 +462,9 @@ impl Stack {
                      EXECUTE format('DROP FUNCTION %s CASCADE', f);
                    END LOOP;
                  END $$;
+                 {GRANTS}
                  {SEED_SCHEMA}
-                 {GRANTS}"
+                 {RLS}"
             ))
             .unwrap();
         stack.reload_schema();
@@ -462,9 +511,18 @@ impl Stack {
         }
     }
 
-    /// A direct connection for ground truth and set-up.
+    /// A direct connection for ground truth and set-up, as `postgres`.
     pub fn sql(&self) -> postgres::Client {
         postgres::Client::connect(&self.database_url, postgres::NoTls).expect("connect to postgres")
+    }
+
+    /// A direct connection as the superuser, for the few things `postgres`
+    /// may not do on Supabase either (each caller says why).
+    pub fn admin_sql(&self) -> postgres::Client {
+        let url = self.admin_database_url.as_deref().expect(
+            "this test needs a superuser: set USAGE_AGG_TEST_ADMIN_DATABASE_URL for an external PostgREST",
+        );
+        postgres::Client::connect(url, postgres::NoTls).expect("connect to postgres as superuser")
     }
 
     /// Runs DDL, then makes the server see the new schema: our own server is
