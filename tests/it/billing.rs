@@ -1072,3 +1072,134 @@ fn a_stale_run_cannot_book_late_rows_a_reopen_and_second_close_already_counted()
     aggregate(&stack, &[]).assert_status(0);
     assert_invariant(&stack);
 }
+
+/// `usage_agg_adjust(...)`'s answer, called as another client would.
+fn adjust_sql(stack: &Stack, month: &str, counts: (i64, i64, i64), key: &str) -> serde_json::Value {
+    let text: String = stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_adjust(1, $1, $2, $3, $4, 'as another client', $5, 'test')::text",
+            &[&month, &counts.0, &counts.1, &counts.2, &key],
+        )
+        .unwrap()
+        .get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+fn adjust_cli(stack: &Stack, month: &str, counts: &[&str], id: &str) -> Run {
+    let mut args = vec!["adjust", "--portal", "1", "--month", month];
+    args.extend_from_slice(counts);
+    args.extend_from_slice(&["--reason", "correction", "--id", id]);
+    usage(stack, &args)
+}
+
+/// Issue 17, case 4: any i64 was booked, and every sum billing reads
+/// wrapped (`report`, `verify`) or failed for good (`close`, 22003).
+#[test]
+fn adjustment_amounts_are_bounded_and_no_sum_billing_reads_wraps() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 6);
+    aggregate(&stack, &[]).assert_status(0);
+    let manual = "SELECT count(*) FROM portal_usage_adjustments";
+
+    // The client refuses, naming the bound, before anything is sent; its
+    // own sums do not wrap (i64::MAX minus -1 used to reach the server).
+    let max = i64::MAX.to_string();
+    for counts in [
+        &["--requests", max.as_str()][..],
+        &["--requests", max.as_str(), "--successes", "-1"][..],
+        &["--requests", "-9223372036854775808"][..],
+        &["--requests", "1000000000001"][..],
+        &["--requests", "1", "--errors", max.as_str()][..],
+        &[
+            "--requests",
+            "1000000000000",
+            "--successes",
+            "-1000000000000",
+        ][..],
+    ] {
+        adjust_cli(&stack, "2025-05", counts, "big")
+            .assert_status(64)
+            .assert_stderr_has("is out of bounds")
+            .assert_stderr_has("at most 1000000000000 (10^12)");
+    }
+    assert_eq!(count(&stack, manual), 0, "nothing written");
+
+    // The database refuses the same, whoever calls it, and answers why.
+    for (i, counts) in [
+        (i64::MAX, i64::MAX, 0),
+        (i64::MAX, i64::MAX - 1, 1),
+        (i64::MIN, 0, i64::MIN),
+        (1, i64::MAX, i64::MIN + 2),
+        (1_000_000_000_001, 1_000_000_000_001, 0),
+        (0, 1_000_000_000_001, -1_000_000_000_001),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let answer = adjust_sql(&stack, "2025-05", counts, &format!("sql-{i}"));
+        assert_eq!(answer["refused"], "amount_bound", "{counts:?}: {answer}");
+        assert_eq!(answer["bound"], 1_000_000_000_000_i64, "{answer}");
+    }
+    // Written to the table directly, past the function: the CHECK.
+    let direct = stack.sql().batch_execute(
+        "INSERT INTO portal_usage_adjustments (portal_id, month_year, booked_month, source, request_count,
+                                               success_count, reason, idempotency_key)
+         VALUES (1, '2025-05', '2025-05', 'manual', 9223372036854775807, 9223372036854775807, 'r', 'direct')",
+    );
+    assert!(
+        format!("{:?}", direct.unwrap_err()).contains("portal_usage_adjustments_manual_bound"),
+        "the CHECK refuses it"
+    );
+    assert_eq!(count(&stack, manual), 0, "nothing written");
+
+    // At the bound: booked, and every sum of them holds.
+    for (id, n) in [("b-1", "1000000000000"), ("b-2", "1000000000000")] {
+        adjust_cli(&stack, "2025-05", &["--requests", n], id).assert_status(0);
+    }
+    let v: serde_json::Value = serde_json::from_str(
+        usage(&stack, &["report", "--portal", "1", "--json"])
+            .assert_status(0)
+            .stdout
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["rows"][0]["billed"], 2_000_000_000_006_i64, "{v}");
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Manual adjustments: 2 entries, +2000000000000 requests");
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT booked_request_count FROM usage_agg_closed_months WHERE month_year = '2025-05'"
+        ),
+        2_000_000_000_000
+    );
+
+    // A database where such amounts were booked before the bound: they stay
+    // (history is never edited), and `report` and `verify` refuse to show a
+    // wrapped total (65, naming why) instead of printing a negative one.
+    let mut old = Stack::new();
+    for m in MIGRATIONS.iter().filter(|m| **m != RULES_MIGRATION) {
+        migrate_file(&mut old, m);
+    }
+    insert_month(&old, 1, "2025-05", 6);
+    aggregate(&old, &[]).assert_status(0);
+    for (key, n) in [("huge-1", i64::MAX), ("huge-2", 6)] {
+        let answer = adjust_sql(&old, "2025-05", (n, n, 0), key);
+        assert_eq!(answer["booked"], true, "{answer}");
+    }
+    migrate_file(&mut old, RULES_MIGRATION);
+    for args in [
+        &["report", "--portal", "1"][..],
+        &["report", "--month", "2025-05"][..],
+        &["verify"][..],
+    ] {
+        let run = usage(&old, args);
+        run.assert_status(65)
+            .assert_stderr_has("add up past what a 64-bit count holds")
+            .assert_stderr_has("abs(request_count) > 1000000000000");
+        assert!(!run.stdout.contains("-9223372036854775"), "{}", run.stdout);
+    }
+}

@@ -124,7 +124,12 @@ fn each_broken_piece_fails_its_own_check_with_the_fix() {
 #[test]
 fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
     let mut stack = Stack::new();
-    for m in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+    // Every migration before the tally's (the adjust rules' comes after it).
+    let tally = MIGRATIONS
+        .iter()
+        .position(|m| m.ends_with("_usage_agg_rejected_tally.sql"))
+        .unwrap();
+    for m in &MIGRATIONS[..tally] {
         migrate_file(&mut stack, m);
     }
     // Runs still count every good row and name the bad ones (65); only the
@@ -144,7 +149,17 @@ fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
         78,
         "20261202090000_usage_agg_rejected_tally.sql",
     );
-    migrate_file(&mut stack, LATEST_MIGRATION);
+    migrate_file(&mut stack, MIGRATIONS[tally]);
+    // Then the rules of manual adjustments are what is missing.
+    fails(
+        &doctor(&stack.env(), &[]),
+        "migrations",
+        78,
+        "20261207090000_usage_agg_adjust_rules.sql",
+    );
+    for m in &MIGRATIONS[tally + 1..] {
+        migrate_file(&mut stack, m);
+    }
     let run = doctor(&stack.env(), &[]);
     assert!(
         run.stdout

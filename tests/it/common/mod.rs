@@ -163,15 +163,19 @@ pub fn count(stack: &Stack, sql: &str) -> i64 {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: [&str; 5] = [
+pub const MIGRATIONS: [&str; 6] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
     "supabase/migrations/20261201090000_usage_agg_periods.sql",
     "supabase/migrations/20261201100000_usage_agg_schedule.sql",
     "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
+    "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
 ];
 pub const MIGRATION: &str = MIGRATIONS[0];
 pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1];
+/// The rules of manual adjustments: their bound, and the months they are
+/// booked in.
+pub const RULES_MIGRATION: &str = "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql";
 
 /// Applies one migration file as a user does (`psql -f`), asserting it worked.
 pub fn migrate_file(stack: &mut Stack, file: &str) {
