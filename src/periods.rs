@@ -553,6 +553,10 @@ pub struct AdjustAnswer {
     pub already: bool,
     pub refused: Option<String>,
     pub current_month: Option<String>,
+    /// Where it would have been booked, and the earliest month with usage,
+    /// when the booking month is one no invoice can show.
+    pub booking_month: Option<String>,
+    pub earliest_month: Option<String>,
     /// The bound on each count, when an amount is beyond it.
     pub bound: Option<i64>,
     pub adjustment: Option<crate::adjustments::Manual>,

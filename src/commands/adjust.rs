@@ -142,11 +142,32 @@ pub async fn run(args: AdjustArgs) -> Status {
         let a = periods::adjust(store.client(), &request).await?;
         let why = match a.refused.as_deref() {
             None => return Ok(a),
-            Some("future") => format!(
-                "{} is in the future (the database's month is {}): usage not yet recorded cannot be corrected",
-                args.month,
-                a.current_month.as_deref().unwrap_or("?")
-            ),
+            Some("future") => match a.booking_month.as_deref() {
+                // Booked after the newest closed month, which is the
+                // database's own month or later: its clock moved back.
+                Some(booked) if booked != args.month.to_string() => format!(
+                    "an adjustment of {} would be booked in {booked}, the month after the newest closed one, which \
+                     is after the database's month ({}): no invoice shows a month not begun; check the \
+                     database's clock and the closed months (`usage-agg status`)",
+                    args.month,
+                    a.current_month.as_deref().unwrap_or("?")
+                ),
+                _ => format!(
+                    "{} is in the future (the database's month is {}): usage not yet recorded cannot be corrected",
+                    args.month,
+                    a.current_month.as_deref().unwrap_or("?")
+                ),
+            },
+            Some("before_usage") => {
+                let earliest = a.earliest_month.as_deref().unwrap_or("?");
+                format!(
+                    "{month} is before {earliest}, the earliest month with usage, and no month is closed, so the \
+                     adjustment would be booked in {month} itself, a month no invoice shows. Book it in a month an \
+                     invoice still shows: --month {earliest} or later, naming the month it corrects in --reason \
+                     (once a month is closed, adjustments of earlier months are booked after it)",
+                    month = args.month
+                )
+            }
             Some("amount_bound") => format!(
                 "the database refused the amounts: an adjustment adds or takes away at most {} (10^12) requests, \
                  successes or errors",

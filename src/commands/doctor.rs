@@ -218,7 +218,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                     (_, _, Ok(false)) => Check::fail(
                         "migrations",
                         "the rules of manual adjustments are missing: any client can book an adjustment of any \
-                         amount, whose sums overflow",
+                         amount, whose sums overflow, in a month no invoice shows",
                         apply("usage_agg_adjust_bound"),
                         Status::Config,
                     ),

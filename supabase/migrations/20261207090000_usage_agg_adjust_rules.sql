@@ -1,5 +1,5 @@
--- usage-agg: the rules a manual adjustment must meet (issue 17, case 4;
--- docs/semantics.md, "Manual adjustments").
+-- usage-agg: the rules a manual adjustment must meet (issue 17, cases 4
+-- and 6; docs/semantics.md, "Manual adjustments").
 --
 -- Apply after 20261202090000_usage_agg_rejected_tally.sql (applying it
 -- again changes nothing):
@@ -11,12 +11,20 @@
 --   * usage_agg_adjust_bound(): the bound on a manual adjustment's counts,
 --     10^12 either way;
 --   * usage_agg_adjust, as in 20261201090000, refuses (answers, as its other
---     refusals) an amount beyond the bound: requests, successes and errors
---     are each within -10^12 to 10^12. Before, any bigint was booked, and
---     the sums billing reads (`report`'s billed total, `verify`, the
---     snapshot `close` takes) overflowed: close failed for good with 22003.
---     The counts are checked before any arithmetic, and their sum is
---     compared in numeric, which cannot overflow;
+--     refusals) what it used to book:
+--       - an amount beyond the bound: requests, successes and errors are
+--         each within -10^12 to 10^12. Before, any bigint was booked, and
+--         the sums billing reads (`report`'s billed total, `verify`, the
+--         snapshot `close` takes) overflowed: close failed for good with
+--         22003. The counts are checked before any arithmetic, and their
+--         sum is compared in numeric, which cannot overflow;
+--       - a booking month no invoice can still show: one after the
+--         database's current month, or, while no month is closed, one
+--         before the earliest month with usage (a monthly row, or an
+--         adjustment booked in it: what an invoice of the month shows):
+--         `--month 0001-01` was booked in 0001-01. With a
+--         month closed, the booking month is after the newest closed one
+--         by construction (usage_agg_booking_month);
 --   * portal_usage_adjustments_manual_bound: the same bound as a CHECK on
 --     the table, so a manual adjustment written to the table directly
 --     (service_role may insert there: the REST engine writes its late
@@ -55,7 +63,8 @@ END $$;
 -- usage_agg_booking_month), once per idempotency key: the same key again
 -- books nothing and answers what was booked; the same key with other values
 -- is refused. Refusals are answered, not raised, so the caller can say why.
--- As in 20261201090000, with the bound on amounts (above).
+-- As in 20261201090000, with the bound on amounts and the rule on the
+-- booking month (above).
 CREATE OR REPLACE FUNCTION public.usage_agg_adjust(
   p_portal_id bigint, p_month text, p_requests bigint, p_successes bigint, p_errors bigint,
   p_reason text, p_key text, p_by text)
@@ -69,6 +78,7 @@ DECLARE
   a        public.portal_usage_adjustments;
   booked   text;
   current  text := to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM');
+  earliest text;
   bound    constant bigint := public.usage_agg_adjust_bound();
 BEGIN
   -- The booking month cannot change under this insert.
@@ -103,6 +113,23 @@ BEGIN
       RETURN jsonb_build_object('refused', 'unknown_portal');
     END IF;
     booked := public.usage_agg_booking_month(p_month);
+    -- A month an invoice can still show: not one after the database's
+    -- month, and, while no month is closed (the booking month is then the
+    -- usage's own month), not one before the first with usage. With a
+    -- month closed, it is after the newest closed one by construction.
+    IF booked > current THEN
+      RETURN jsonb_build_object('refused', 'future', 'current_month', current, 'booking_month', booked);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM public.usage_agg_closed_months WHERE closed) THEN
+      SELECT least((SELECT min(month_year) FROM public.portal_usage_monthly
+                     WHERE public.usage_agg_valid_month(month_year)),
+                   (SELECT min(booked_month) FROM public.portal_usage_adjustments))
+        INTO earliest;
+      IF booked < earliest THEN
+        RETURN jsonb_build_object('refused', 'before_usage', 'booking_month', booked,
+                                  'earliest_month', earliest);
+      END IF;
+    END IF;
     INSERT INTO public.portal_usage_adjustments
            (portal_id, month_year, booked_month, source, request_count, success_count, error_count,
             reason, idempotency_key, created_by)

@@ -1203,3 +1203,98 @@ fn adjustment_amounts_are_bounded_and_no_sum_billing_reads_wraps() {
         assert!(!run.stdout.contains("-9223372036854775"), "{}", run.stdout);
     }
 }
+
+/// Issue 17, case 6: with no month closed, `adjust --month 0001-01` was
+/// booked in 0001-01, a month no invoice will ever show.
+#[test]
+fn adjustments_are_booked_only_in_a_month_an_invoice_can_still_show() {
+    let stack = migrated_stack();
+    let (now_month, _) = this_and_last_month(&stack);
+    insert_month(&stack, 1, "2025-05", 4);
+    insert_month(&stack, 2, "2025-07", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let manual = "SELECT count(*) FROM portal_usage_adjustments";
+
+    // No month closed: a month before the first with usage (any portal's)
+    // is refused, naming the rule and the fix; nothing is written.
+    for month in ["0001-01", "2025-04"] {
+        adjust_cli(&stack, month, &["--requests", "1"], &format!("old-{month}"))
+            .assert_status(64)
+            .assert_stderr_has(&format!(
+                "{month} is before 2025-05, the earliest month with usage, and no month is closed"
+            ))
+            .assert_stderr_has("--month 2025-05 or later");
+    }
+    let answer = adjust_sql(&stack, "0001-01", (1, 1, 0), "sql-old");
+    assert_eq!(answer["refused"], "before_usage", "{answer}");
+    assert_eq!(
+        (
+            answer["booking_month"].as_str(),
+            answer["earliest_month"].as_str()
+        ),
+        (Some("0001-01"), Some("2025-05")),
+        "{answer}"
+    );
+    assert_eq!(count(&stack, manual), 0, "nothing written");
+
+    // From the first month with usage to the database's month: booked in
+    // the usage's own month; after it: refused, as before.
+    for (month, id) in [
+        ("2025-05", "ok-1"),
+        ("2025-06", "ok-2"),
+        (now_month.as_str(), "ok-3"),
+    ] {
+        adjust_cli(&stack, month, &["--requests", "-1"], id)
+            .assert_status(0)
+            .assert_stdout_has(&format!("in {month}'s invoice"));
+    }
+    adjust_cli(&stack, "2099-01", &["--requests", "1"], "ok-4")
+        .assert_status(64)
+        .assert_stderr_has("2099-01 is in the future");
+    assert_eq!(count(&stack, manual), 3);
+
+    // A month closed: an adjustment of any earlier month, 0001-01 too, is
+    // booked after it, on the next invoice to be cut.
+    close_sql(&stack, "2025-05");
+    adjust_cli(&stack, "0001-01", &["--requests", "1"], "after-close")
+        .assert_status(0)
+        .assert_stdout_has("in 2025-06's invoice");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM portal_usage_adjustments
+              WHERE idempotency_key = 'after-close' AND month_year = '0001-01' AND booked_month = '2025-06'"
+        ),
+        1
+    );
+    usage(&stack, &["verify"]).assert_status(0);
+    // Reopened, no month is closed again: an adjustment counts as usage of
+    // the month it is booked in (what an invoice shows), not of the month
+    // it corrects, so 0001-01 is refused again.
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "audit"],
+    )
+    .assert_status(0);
+    adjust_cli(&stack, "0001-01", &["--requests", "1"], "after-reopen")
+        .assert_status(64)
+        .assert_stderr_has("0001-01 is before 2025-05, the earliest month with usage");
+
+    // The booking month after the database's month (its clock behind the
+    // closed months): refused too, naming both.
+    stack
+        .sql()
+        .execute(
+            "INSERT INTO usage_agg_closed_months (month_year, closed_by, up_to_id, keys, request_count,
+                                                  success_count, error_count)
+             VALUES ($1, 'test', 0, 0, 0, 0, 0)",
+            &[&now_month],
+        )
+        .unwrap();
+    adjust_cli(&stack, "2025-05", &["--requests", "1"], "too-late")
+        .assert_status(64)
+        .assert_stderr_has("after the database's month");
+    let answer = adjust_sql(&stack, "2025-05", (1, 1, 0), "too-late-sql");
+    assert_eq!(answer["refused"], "future", "{answer}");
+    assert_eq!(count(&stack, manual), 4, "nothing more written");
+}
