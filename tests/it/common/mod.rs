@@ -319,9 +319,15 @@ pub fn paused_run(stack: &Stack, failpoint: &str) -> Paused {
 
 /// The same, with more arguments for `aggregate`.
 pub fn paused_run_with(stack: &Stack, failpoint: &str, args: &[&str]) -> Paused {
+    let mut all = vec!["aggregate", "--env", "dev"];
+    all.extend_from_slice(args);
+    paused_command(stack, failpoint, &all)
+}
+
+/// Any command (`args`, the subcommand first) stopped at `failpoint`.
+pub fn paused_command(stack: &Stack, failpoint: &str, args: &[&str]) -> Paused {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
-        .args(["aggregate", "--env", "dev"])
         .args(args)
         .current_dir(workdir())
         .env_clear()
@@ -364,12 +370,20 @@ pub fn expire_lease(stack: &Stack) {
 
 impl Paused {
     /// Lets a paused run go on to its end; its exit status and output.
+    /// Stderr is drained on a thread of its own while stdout is read: a run
+    /// that prints more than a pipe holds on one would otherwise wait for
+    /// ever on the other (a verify listing hundreds of keys did).
     pub fn finish(mut self) -> (i32, String) {
         use std::io::{Read, Write};
         self.child.stdin.take().unwrap().write_all(b"\n").unwrap();
-        let mut rest = String::new();
-        self.stderr.read_to_string(&mut rest).unwrap();
+        let mut stderr = self.stderr;
+        let rest = std::thread::spawn(move || {
+            let mut rest = String::new();
+            stderr.read_to_string(&mut rest).unwrap();
+            rest
+        });
         let out = self.child.wait_with_output().unwrap();
+        let rest = rest.join().unwrap();
         (
             out.status.code().unwrap_or(-1),
             format!("{}{rest}", String::from_utf8_lossy(&out.stdout)),
