@@ -119,6 +119,20 @@ pub struct PeriodsChanged {
     pub detail: String,
 }
 
+/// A prune kept deleting rows of these months while `verify` read them, so
+/// it could not read their rows and what prune recorded consistently:
+/// no verdict on them (exit 75, try again once the prune ends).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a prune kept deleting raw rows of {} while verify read them, each time it checked them again: their rows \
+     and what prune recorded cannot be read consistently yet, so no verdict (nothing is wrong that verify \
+     knows of); run verify again once the prune ends",
+    .months.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+)]
+pub struct PruneRunning {
+    pub months: Vec<Month>,
+}
+
 /// A refusal a person must fix by asking differently: exit 64.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -1298,3 +1298,75 @@ fn adjustments_are_booked_only_in_a_month_an_invoice_can_still_show() {
     assert_eq!(answer["refused"], "future", "{answer}");
     assert_eq!(count(&stack, manual), 4, "nothing more written");
 }
+
+/// Issue 17, case 5: verify read what prune had deleted, then scanned the
+/// raw rows; rows a prune deleted in between were counted in neither, and
+/// verify reported drift that was not there (exit 65).
+#[test]
+fn verify_beside_a_prune_never_reports_drift_the_prune_made_up() {
+    let stack = migrated_stack();
+    let mut rng = Rng(1717);
+    insert_random(&stack, &mut rng, 3_000, 40);
+    aggregate(&stack, &[]).assert_status(0);
+    for m in months_2024() {
+        close_sql(&stack, &m);
+    }
+    let raw_2024 = "SELECT count(*) FROM usage_requests WHERE month_year < '2025-01'";
+    let verify_json = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap()
+    };
+
+    // Verify stops once it has read what prune deleted (nothing yet),
+    // before its raw scan; a whole prune runs there.
+    let paused = paused_command(&stack, "pruned", &["verify", "--env", "dev", "--json"]);
+    usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--batch-size", "500"],
+    )
+    .assert_status(0);
+    assert_eq!(count(&stack, raw_2024), 0);
+    let (status, out) = paused.finish();
+    assert_eq!(status, 0, "no drift: the prune made it up\n{out}");
+    let v = verify_json(&out);
+    assert_eq!(
+        v["rechecked_after_prune"],
+        serde_json::json!(months_2024()),
+        "{v}"
+    );
+    assert_eq!(v["differing"], serde_json::json!([]), "{v}");
+    assert_invariant(&stack);
+
+    // Late rows of the closed months, pruned in the middle of the scan:
+    // pages read before the prune saw some of them, pages read after did
+    // not.
+    insert_random(&stack, &mut rng, 2_000, 40);
+    aggregate(&stack, &[]).assert_status(0);
+    assert!(count(&stack, raw_2024) > 0);
+    let paused = paused_command(
+        &stack,
+        "page",
+        &["verify", "--env", "dev", "--json", "--page-size", "50"],
+    );
+    usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--batch-size", "300"],
+    )
+    .assert_status(0);
+    assert_eq!(count(&stack, raw_2024), 0);
+    let (status, out) = paused.finish();
+    assert_eq!(status, 0, "no drift: the prune made it up\n{out}");
+    let v = verify_json(&out);
+    assert!(
+        !v["rechecked_after_prune"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+    assert_invariant(&stack);
+
+    // Without a prune, nothing is read twice.
+    let run = usage(&stack, &["verify", "--json"]);
+    run.assert_status(0);
+    assert_eq!(
+        verify_json(&run.stdout)["rechecked_after_prune"],
+        serde_json::json!([])
+    );
+}
