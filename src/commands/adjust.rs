@@ -27,7 +27,8 @@ pub struct AdjustArgs {
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub portal: i64,
 
-    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month
+    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month, one an invoice can
+    /// still show (docs/semantics.md, "Manual adjustments")
     #[arg(long, value_parser = crate::cli::month)]
     pub month: Month,
 
