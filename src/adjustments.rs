@@ -13,6 +13,7 @@ use crate::postgrest::{Client, Query};
 
 pub const ADJUSTMENTS_TABLE: &str = "portal_usage_adjustments";
 pub const PRUNED_TABLE: &str = "usage_agg_pruned";
+pub const CLOSED_MONTHS_TABLE: &str = "usage_agg_closed_months";
 
 /// A late adjustment's key: the usage's key, and the month it is booked in.
 pub type LateKey = (Key, Month);
@@ -168,6 +169,44 @@ pub async fn read_pruned_where(
             ))
         })
         .collect())
+}
+
+/// How far each month is pruned (`usage_agg_closed_months.pruned_through`,
+/// every month ever closed): every raw row of the month at or below it is
+/// deleted and counted in usage_agg_pruned. A prune batch that deletes
+/// rows of a month moves its mark in the same transaction, so marks read
+/// unchanged on both sides of a read mean no batch touched the month in
+/// between (`verify` relies on it).
+pub async fn read_pruned_through(client: &Client) -> anyhow::Result<HashMap<Month, i64>> {
+    #[derive(Deserialize)]
+    struct Mark {
+        month_year: String,
+        pruned_through: i64,
+    }
+    let mut out = HashMap::new();
+    let mut after = String::new();
+    loop {
+        let q: Query = vec![
+            ("select".into(), "month_year,pruned_through".into()),
+            ("month_year".into(), format!("gt.{after}")),
+            ("order".into(), "month_year.asc".into()),
+        ];
+        let marks: Vec<Mark> = client
+            .select(CLOSED_MONTHS_TABLE, &q)
+            .await
+            .with_context(|| {
+                format!("reading how far each month is pruned ({CLOSED_MONTHS_TABLE})")
+            })?;
+        let Some(last) = marks.last() else {
+            return Ok(out);
+        };
+        after = last.month_year.clone();
+        out.extend(
+            marks
+                .into_iter()
+                .filter_map(|m| Some((Month::parse(&m.month_year)?, m.pruned_through))),
+        );
+    }
 }
 
 /// A manual adjustment, as booked.

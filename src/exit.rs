@@ -51,7 +51,9 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if cause.is::<crate::periods::Blocked>() {
             return Status::DataErr;
         }
-        if cause.is::<crate::periods::PeriodsChanged>() {
+        if cause.is::<crate::periods::PeriodsChanged>()
+            || cause.is::<crate::periods::PruneRunning>()
+        {
             return Status::TempFail;
         }
         if cause.is::<LeaseHeld>()

@@ -13,8 +13,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-/// The points, in the order a run reaches them.
-pub const POINTS: [&str; 5] = ["page", "chunk", "before-cursor", "after-cursor", "recount"];
+/// The points, in the order a run reaches them. `recount` and `pruned` are
+/// a recount's (rebuilds, `verify`): before it reads the stored rows, and
+/// after it read what prune deleted, before its raw scan.
+pub const POINTS: [&str; 6] = [
+    "page",
+    "chunk",
+    "before-cursor",
+    "after-cursor",
+    "recount",
+    "pruned",
+];
 
 #[derive(Debug, Clone, Copy)]
 enum Action {

@@ -119,6 +119,20 @@ pub struct PeriodsChanged {
     pub detail: String,
 }
 
+/// A prune kept deleting rows of these months while `verify` read them, so
+/// it could not read their rows and what prune recorded consistently:
+/// no verdict on them (exit 75, try again once the prune ends).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a prune kept deleting raw rows of {} while verify read them, each time it checked them again: their rows \
+     and what prune recorded cannot be read consistently yet, so no verdict (nothing is wrong that verify \
+     knows of); run verify again once the prune ends",
+    .months.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+)]
+pub struct PruneRunning {
+    pub months: Vec<Month>,
+}
+
 /// A refusal a person must fix by asking differently: exit 64.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -128,6 +142,33 @@ pub struct Refusal(pub String);
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Blocked(pub String);
+
+/// Adds two counts that billing sums (a month's billed total, what
+/// `verify` shows), never wrapping. Within the bound on manual adjustments
+/// ([`ADJUST_BOUND`]) no such sum comes near 64 bits; one that
+/// overflows holds an adjustment booked before the bound existed, and is
+/// refused by name (exit 65) rather than shown wrapped to a wrong total.
+pub fn add_counts(a: i64, b: i64, what: impl FnOnce() -> String) -> Result<i64, Blocked> {
+    a.checked_add(b).ok_or_else(|| {
+        Blocked(format!(
+            "{} add up past what a 64-bit count holds ({a} and {b}): an adjustment beyond the bound of \
+             {ADJUST_BOUND} (10^12) requests was booked before `usage_agg_adjust` refused such amounts \
+             (migration 20261207090000); no total is shown rather than a wrong one. Find it with `SELECT * \
+             FROM portal_usage_adjustments WHERE abs(request_count) > {ADJUST_BOUND}`",
+            what()
+        ))
+    })
+}
+
+/// [`add_counts`] over many.
+pub fn sum_counts(
+    counts: impl IntoIterator<Item = i64>,
+    what: impl Fn() -> String,
+) -> Result<i64, Blocked> {
+    counts
+        .into_iter()
+        .try_fold(0i64, |sum, n| add_counts(sum, n, &what))
+}
 
 #[derive(Debug, Deserialize)]
 struct PeriodsAnswer {
@@ -404,8 +445,12 @@ impl Checks {
     ) -> anyhow::Result<Checks> {
         let mut c = Checks {
             late_keys: rc.late.len(),
-            late_requests: rc.late.values().map(|t| t.requests).sum(),
-            pruned_rows: rc.pruned.values().map(|t| t.requests).sum(),
+            late_requests: sum_counts(rc.late.values().map(|t| t.requests), || {
+                "the late adjustments".into()
+            })?,
+            pruned_rows: sum_counts(rc.pruned.values().map(|t| t.requests), || {
+                "the pruned rows".into()
+            })?,
             ..Checks::default()
         };
         for closed in status(client, 0).await?.closed {
@@ -422,11 +467,12 @@ impl Checks {
                 .filter(|(k, _)| k.month == m)
                 .map(|(_, t)| t)
                 .collect();
+            let what = || format!("{m}'s monthly rows");
             let now = (
                 rows.len() as i64,
-                rows.iter().map(|t| t.requests).sum::<i64>(),
-                rows.iter().map(|t| t.successes).sum::<i64>(),
-                rows.iter().map(|t| t.errors).sum::<i64>(),
+                sum_counts(rows.iter().map(|t| t.requests), what)?,
+                sum_counts(rows.iter().map(|t| t.successes), what)?,
+                sum_counts(rows.iter().map(|t| t.errors), what)?,
             );
             let then = (
                 closed.keys,
@@ -454,7 +500,9 @@ impl Checks {
         };
         let manual = crate::adjustments::read_manual_where(client, &filters, page_size).await?;
         c.manual_count = manual.len();
-        c.manual_requests = manual.iter().map(|a| a.request_count).sum();
+        c.manual_requests = sum_counts(manual.iter().map(|a| a.request_count), || {
+            "the manual adjustments".into()
+        })?;
         Ok(c)
     }
 
@@ -519,8 +567,23 @@ pub struct AdjustAnswer {
     pub already: bool,
     pub refused: Option<String>,
     pub current_month: Option<String>,
+    /// Where it would have been booked, and the earliest month with usage,
+    /// when the booking month is one no invoice can show.
+    pub booking_month: Option<String>,
+    pub earliest_month: Option<String>,
+    /// The bound on each count, when an amount is beyond it.
+    pub bound: Option<i64>,
     pub adjustment: Option<crate::adjustments::Manual>,
 }
+
+/// The most an adjustment adds or takes away, in each of requests,
+/// successes and errors: 10^12, more than any portal's usage comes near.
+/// Without a bound the sums billing reads (a month's billed total, the
+/// snapshot `close` takes, `verify`'s) overflow 64 bits; within it they
+/// cannot, short of millions of adjustments. `usage_agg_adjust` refuses the
+/// same (migration 20261207090000), so no other client books past it
+/// (docs/semantics.md, "Manual adjustments").
+pub const ADJUST_BOUND: i64 = 1_000_000_000_000;
 
 /// A signed manual adjustment, once per idempotency key.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@ use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
 /// The migrations, in the order they apply; named in every message about
 /// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 7] = [
+pub const MIGRATIONS: [(&str, &str); 8] = [
     (
         "supabase/migrations/20261127120000_usage_agg_incremental.sql",
         include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
@@ -32,6 +32,10 @@ pub const MIGRATIONS: [(&str, &str); 7] = [
     (
         "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
         include_str!("../supabase/migrations/20261202090000_usage_agg_rejected_tally.sql"),
+    ),
+    (
+        "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
+        include_str!("../supabase/migrations/20261207090000_usage_agg_adjust_rules.sql"),
     ),
     (
         "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
@@ -69,6 +73,22 @@ pub async fn rejected_tally_installed(client: &Client) -> anyhow::Result<bool> {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == Kind::MissingColumn => Ok(false),
         Err(e) => Err(e).context("reading the rejected-rows tally"),
+    }
+}
+/// Whether the adjust-rules migration is there (the bound on manual
+/// adjustments, and the months they may be booked in): its
+/// `usage_agg_adjust_bound`, answered 404 when it is not.
+pub async fn adjust_rules_installed(client: &Client) -> anyhow::Result<bool> {
+    match client
+        // Idempotent: it only reads.
+        .rpc::<_, i64>("usage_agg_adjust_bound", &json!({}), Idempotent::Yes)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == Kind::MissingFunction => Ok(false),
+        Err(e) => {
+            Err(e).context("reading the bound on manual adjustments (usage_agg_adjust_bound)")
+        }
     }
 }
 /// One job for now; the column leaves room for more (per region, say).
@@ -446,6 +466,12 @@ mod tests {
             MIGRATIONS[4].0,
             "the tally has a migration of its own: the trust migration is never edited"
         );
+        assert_eq!(
+            migration_defining("usage_agg_adjust_bound"),
+            MIGRATIONS[5].0,
+            "the rules of manual adjustments have a migration of their own"
+        );
+        assert_eq!(migration_defining("usage_agg_adjust"), MIGRATIONS[2].0);
         assert_eq!(migration_defining("no_such_function"), LATEST_MIGRATION);
     }
 

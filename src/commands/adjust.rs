@@ -11,7 +11,7 @@ use super::{connect, failure_json, report_error};
 use crate::aggregation::Month;
 use crate::cli::{Connection, Output};
 use crate::exit::Status;
-use crate::periods::{self, AdjustRequest, Refusal};
+use crate::periods::{self, AdjustRequest, Refusal, ADJUST_BOUND};
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
@@ -27,19 +27,20 @@ pub struct AdjustArgs {
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub portal: i64,
 
-    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month
+    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month, one an invoice can
+    /// still show (docs/semantics.md, "Manual adjustments")
     #[arg(long, value_parser = crate::cli::month)]
     pub month: Month,
 
-    /// Requests to add (negative to take away)
+    /// Requests to add (negative to take away), at most 10^12 either way
     #[arg(long, allow_hyphen_values = true)]
     pub requests: i64,
 
-    /// Of which successes [default: requests minus errors]
+    /// Of which successes [default: requests minus errors], at most 10^12 either way
     #[arg(long, allow_hyphen_values = true)]
     pub successes: Option<i64>,
 
-    /// Of which errors [default: 0, or requests minus successes]
+    /// Of which errors [default: 0, or requests minus successes], at most 10^12 either way
     #[arg(long, allow_hyphen_values = true)]
     pub errors: Option<i64>,
 
@@ -63,21 +64,49 @@ fn idempotency_key(s: &str) -> Result<String, String> {
     Ok(t.to_string())
 }
 
-/// Successes and errors from what was given: they add up to the requests.
+/// Successes and errors from what was given: they add up to the requests,
+/// and each count is within [`ADJUST_BOUND`]. Computed in i128, so no sum
+/// of what was typed wraps (`--requests 9223372036854775807 --successes -1`
+/// is refused here, by name, not sent).
 fn split(requests: i64, successes: Option<i64>, errors: Option<i64>) -> Result<(i64, i64), String> {
-    let (s, e) = match (successes, errors) {
-        (Some(s), Some(e)) => (s, e),
-        (Some(s), None) => (s, requests - s),
-        (None, Some(e)) => (requests - e, e),
-        (None, None) => (requests, 0),
+    let out_of_bounds = |what: &str, n: i128| {
+        format!(
+            "{what} {n} is out of bounds: an adjustment adds or takes away at most {ADJUST_BOUND} (10^12) requests, \
+             successes or errors; no usage comes near that, so check the number"
+        )
     };
-    if s + e != requests {
+    for (flag, n) in [
+        ("--requests", Some(requests)),
+        ("--successes", successes),
+        ("--errors", errors),
+    ] {
+        if let Some(n) = n.filter(|n| n.unsigned_abs() > ADJUST_BOUND.unsigned_abs()) {
+            return Err(out_of_bounds(flag, n.into()));
+        }
+    }
+    let r = i128::from(requests);
+    let (s, e) = match (successes.map(i128::from), errors.map(i128::from)) {
+        (Some(s), Some(e)) => (s, e),
+        (Some(s), None) => (s, r - s),
+        (None, Some(e)) => (r - e, e),
+        (None, None) => (r, 0),
+    };
+    if s + e != r {
         return Err(format!(
             "--successes {s} and --errors {e} add up to {}, not --requests {requests}",
             s + e
         ));
     }
-    Ok((s, e))
+    let bounded = |what: &str, n: i128| {
+        i64::try_from(n)
+            .ok()
+            .filter(|n| n.unsigned_abs() <= ADJUST_BOUND.unsigned_abs())
+            .ok_or_else(|| out_of_bounds(what, n))
+    };
+    Ok((
+        bounded("the successes (--requests minus --errors)", s)?,
+        bounded("the errors (--requests minus --successes)", e)?,
+    ))
 }
 
 pub async fn run(args: AdjustArgs) -> Status {
@@ -114,10 +143,36 @@ pub async fn run(args: AdjustArgs) -> Status {
         let a = periods::adjust(store.client(), &request).await?;
         let why = match a.refused.as_deref() {
             None => return Ok(a),
-            Some("future") => format!(
-                "{} is in the future (the database's month is {}): usage not yet recorded cannot be corrected",
-                args.month,
-                a.current_month.as_deref().unwrap_or("?")
+            Some("future") => match a.booking_month.as_deref() {
+                // Booked after the newest closed month, which is the
+                // database's own month or later: its clock moved back.
+                Some(booked) if booked != args.month.to_string() => format!(
+                    "an adjustment of {} would be booked in {booked}, the month after the newest closed one, which \
+                     is after the database's month ({}): no invoice shows a month not begun; check the \
+                     database's clock and the closed months (`usage-agg status`)",
+                    args.month,
+                    a.current_month.as_deref().unwrap_or("?")
+                ),
+                _ => format!(
+                    "{} is in the future (the database's month is {}): usage not yet recorded cannot be corrected",
+                    args.month,
+                    a.current_month.as_deref().unwrap_or("?")
+                ),
+            },
+            Some("before_usage") => {
+                let earliest = a.earliest_month.as_deref().unwrap_or("?");
+                format!(
+                    "{month} is before {earliest}, the earliest month with usage, and no month is closed, so the \
+                     adjustment would be booked in {month} itself, a month no invoice shows. Book it in a month an \
+                     invoice still shows: --month {earliest} or later, naming the month it corrects in --reason \
+                     (once a month is closed, adjustments of earlier months are booked after it)",
+                    month = args.month
+                )
+            }
+            Some("amount_bound") => format!(
+                "the database refused the amounts: an adjustment adds or takes away at most {} (10^12) requests, \
+                 successes or errors",
+                a.bound.unwrap_or(ADJUST_BOUND)
             ),
             Some("unknown_portal") => format!(
                 "portal {} has no usage recorded (no row in portal_usage_monthly or adjustments): check the id",
@@ -191,5 +246,55 @@ mod tests {
         assert_eq!(split(10, Some(7), None), Ok((7, 3)));
         assert!(split(10, Some(7), Some(2)).is_err());
         assert!(idempotency_key(" ").is_err() && idempotency_key("late:1").is_err());
+    }
+
+    #[test]
+    fn every_count_is_bounded_and_no_sum_of_them_wraps() {
+        let b = ADJUST_BOUND;
+        assert_eq!(split(b, None, None), Ok((b, 0)));
+        assert_eq!(split(-b, Some(-b), None), Ok((-b, 0)));
+        for (r, s, e, needle) in [
+            (
+                i64::MAX,
+                None,
+                None,
+                "--requests 9223372036854775807 is out of bounds",
+            ),
+            (i64::MAX, Some(-1), None, "--requests 9223372036854775807"),
+            (i64::MIN, None, None, "--requests -9223372036854775808"),
+            (1, Some(i64::MIN), None, "--successes -9223372036854775808"),
+            (1, None, Some(i64::MAX), "--errors 9223372036854775807"),
+            (b + 1, None, None, "--requests 1000000000001"),
+            // Each within the bound, the derived count beyond it.
+            (
+                b,
+                Some(-b),
+                None,
+                "the errors (--requests minus --successes) 2000000000000",
+            ),
+            (
+                -b,
+                None,
+                Some(b),
+                "the successes (--requests minus --errors) -2000000000000",
+            ),
+        ] {
+            let err = split(r, s, e).unwrap_err();
+            assert!(
+                err.contains(needle) && err.contains("1000000000000 (10^12)"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bound_is_the_databases() {
+        let sql = crate::state::MIGRATIONS
+            .iter()
+            .find(|(f, _)| f.ends_with("_usage_agg_adjust_rules.sql"))
+            .expect("the adjust rules migration is listed")
+            .1;
+        assert!(sql.contains(&format!("SELECT {ADJUST_BOUND}::bigint")));
+        assert!(sql.contains(&format!("BETWEEN -{ADJUST_BOUND} AND {ADJUST_BOUND}")));
     }
 }

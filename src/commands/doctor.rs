@@ -193,30 +193,39 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
             Ok(f) => {
                 // The later migrations answer too: the schedule's functions
                 // (they read the pg_cron job, which the last check shows),
-                // and the rejected-rows tally's columns.
+                // the rejected-rows tally's columns, and the bound on
+                // manual adjustments.
                 let schedule = store.schedule_show(1).await;
                 let tally = crate::state::rejected_tally_installed(store.client()).await;
-                out.push(match (&schedule, &tally) {
-                    (Err(e), _) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
+                let rules = crate::state::adjust_rules_installed(store.client()).await;
+                let apply = |function: &str| {
+                    format!(
+                        "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
+                        crate::state::migration_defining(function)
+                    )
+                };
+                out.push(match (&schedule, &tally, &rules) {
+                    (Err(e), _, _) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
                         Check::from_error("migrations", e, config)
                     }
-                    (_, Err(e)) => Check::from_error("migrations", e, config),
+                    (_, Err(e), _) | (_, _, Err(e)) => Check::from_error("migrations", e, config),
                     _ if f.lost_keys.is_none() => Check::fail(
                         "migrations",
                         "the rule book is missing: no engine can book rows without it",
-                        format!(
-                            "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
-                            crate::state::migration_defining("usage_agg_book")
-                        ),
+                        apply("usage_agg_book"),
                         Status::Config,
                     ),
-                    (_, Ok(false)) => Check::fail(
+                    (_, Ok(false), _) => Check::fail(
                         "migrations",
                         "the rejected-rows tally is missing: runs cannot add their rejected rows to it",
-                        format!(
-                            "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
-                            crate::state::migration_defining("usage_agg_note_rejected")
-                        ),
+                        apply("usage_agg_note_rejected"),
+                        Status::Config,
+                    ),
+                    (_, _, Ok(false)) => Check::fail(
+                        "migrations",
+                        "the rules of manual adjustments are missing: any client can book an adjustment of any \
+                         amount, whose sums overflow, in a month no invoice shows",
+                        apply("usage_agg_adjust_bound"),
                         Status::Config,
                     ),
                     _ => Check::pass(

@@ -27,6 +27,10 @@ struct Line {
     /// months, and manual corrections.
     late: i64,
     manual: i64,
+    /// What the month's invoice counts: its monthly row plus what is
+    /// booked in it. Summed with checked arithmetic as the adjustments are
+    /// read: an overflow is refused, never shown wrapped.
+    billed: i64,
 }
 
 impl From<&(Key, Totals)> for Line {
@@ -39,15 +43,28 @@ impl From<&(Key, Totals)> for Line {
             error_count: Some(t.errors),
             late: 0,
             manual: 0,
+            billed: t.requests,
         }
     }
 }
 
 impl Line {
-    /// What the month's invoice counts: its monthly row plus what is
-    /// booked in it.
-    fn billed(&self) -> i64 {
-        self.request_count.unwrap_or(0) + self.late + self.manual
+    /// Adds an adjustment booked in this line's month.
+    fn book(&mut self, b: &crate::adjustments::Booked) -> anyhow::Result<()> {
+        let what = || {
+            format!(
+                "portal {}'s adjustments booked in {} and its usage of that month",
+                b.portal_id, b.booked_month
+            )
+        };
+        let n = b.request_count;
+        if b.source == "manual" {
+            self.manual = crate::periods::add_counts(self.manual, n, what)?;
+        } else {
+            self.late = crate::periods::add_counts(self.late, n, what)?;
+        }
+        self.billed = crate::periods::add_counts(self.billed, n, what)?;
+        Ok(())
     }
 
     fn rate(&self) -> Option<f64> {
@@ -118,6 +135,7 @@ async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, L
             error_count: Some(c.error_count),
             late: 0,
             manual: 0,
+            billed: c.request_count,
         }],
     ))
 }
@@ -152,16 +170,13 @@ async fn with_adjustments(
                     error_count: Some(0),
                     late: 0,
                     manual: 0,
+                    billed: 0,
                 });
                 lines.last_mut().expect("just pushed")
             }
             None => continue,
         };
-        if b.source == "manual" {
-            line.manual += b.request_count;
-        } else {
-            line.late += b.request_count;
-        }
+        line.book(&b)?;
     }
     if args.portal.is_some() {
         lines.sort_by(|a, b| b.month_year.cmp(&a.month_year));
@@ -230,7 +245,7 @@ fn render(
                         "errors": l.error_count.unwrap_or(0),
                         "success_rate": l.rate().map(|r| (r * 10.0).round() / 10.0),
                         "adjustments": {"late": l.late, "manual": l.manual},
-                        "billed": l.billed(),
+                        "billed": l.billed,
                     })
                 })
                 .collect();
@@ -260,7 +275,7 @@ fn render(
                     l.rate().map_or(String::new(), |r| format!("{r:.1}")),
                     l.late,
                     l.manual,
-                    l.billed()
+                    l.billed
                 );
             }
         }
@@ -308,7 +323,7 @@ fn render(
                         "  {:>8}  {:>8}  {:>10}",
                         format!("{:+}", l.late),
                         format!("{:+}", l.manual),
-                        l.billed()
+                        l.billed
                     )
                 } else {
                     String::new()
@@ -347,6 +362,7 @@ mod tests {
             error_count: Some(r - ok),
             late: 0,
             manual: 0,
+            billed: r,
         }
     }
 

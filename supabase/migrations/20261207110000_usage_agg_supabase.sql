@@ -1,7 +1,8 @@
 -- usage-agg on a real Supabase project (issue 18): what a superuser's test
 -- cluster hid.
 --
--- Apply after 20261207100000_usage_agg_rule_book.sql. Idempotent.
+-- Apply after 20261207100000_usage_agg_rule_book.sql (and
+-- 20261207090000_usage_agg_adjust_rules.sql, whose function it grants). Idempotent.
 --
 -- 1. pg-safeupdate, loaded into every PostgREST session on Supabase, refuses
 --    an UPDATE or DELETE without a WHERE clause, inside functions and CTEs
@@ -143,6 +144,7 @@ BEGIN
       'public.usage_agg_close_month(text, text, bigint, text)',
       'public.usage_agg_reopen_month(text, text, text)',
       'public.usage_agg_adjust(bigint, text, bigint, bigint, bigint, text, text, text)',
+      'public.usage_agg_adjust_bound()',
       'public.usage_agg_prune_batch(text, text, bigint, boolean)',
       'public.usage_agg_schedule(text, text, integer)',
       'public.usage_agg_unschedule(text)',

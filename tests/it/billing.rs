@@ -1200,3 +1200,301 @@ fn a_rebase_refuses_a_closed_month_with_fewer_rows_than_billed() {
         "nothing booked that cannot be told apart"
     );
 }
+
+/// `usage_agg_adjust(...)`'s answer, called as another client would.
+fn adjust_sql(stack: &Stack, month: &str, counts: (i64, i64, i64), key: &str) -> serde_json::Value {
+    let text: String = stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_adjust(1, $1, $2, $3, $4, 'as another client', $5, 'test')::text",
+            &[&month, &counts.0, &counts.1, &counts.2, &key],
+        )
+        .unwrap()
+        .get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+fn adjust_cli(stack: &Stack, month: &str, counts: &[&str], id: &str) -> Run {
+    let mut args = vec!["adjust", "--portal", "1", "--month", month];
+    args.extend_from_slice(counts);
+    args.extend_from_slice(&["--reason", "correction", "--id", id]);
+    usage(stack, &args)
+}
+
+/// Issue 17, case 4: any i64 was booked, and every sum billing reads
+/// wrapped (`report`, `verify`) or failed for good (`close`, 22003).
+#[test]
+fn adjustment_amounts_are_bounded_and_no_sum_billing_reads_wraps() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 6);
+    aggregate(&stack, &[]).assert_status(0);
+    let manual = "SELECT count(*) FROM portal_usage_adjustments";
+
+    // The client refuses, naming the bound, before anything is sent; its
+    // own sums do not wrap (i64::MAX minus -1 used to reach the server).
+    let max = i64::MAX.to_string();
+    for counts in [
+        &["--requests", max.as_str()][..],
+        &["--requests", max.as_str(), "--successes", "-1"][..],
+        &["--requests", "-9223372036854775808"][..],
+        &["--requests", "1000000000001"][..],
+        &["--requests", "1", "--errors", max.as_str()][..],
+        &[
+            "--requests",
+            "1000000000000",
+            "--successes",
+            "-1000000000000",
+        ][..],
+    ] {
+        adjust_cli(&stack, "2025-05", counts, "big")
+            .assert_status(64)
+            .assert_stderr_has("is out of bounds")
+            .assert_stderr_has("at most 1000000000000 (10^12)");
+    }
+    assert_eq!(count(&stack, manual), 0, "nothing written");
+
+    // The database refuses the same, whoever calls it, and answers why.
+    for (i, counts) in [
+        (i64::MAX, i64::MAX, 0),
+        (i64::MAX, i64::MAX - 1, 1),
+        (i64::MIN, 0, i64::MIN),
+        (1, i64::MAX, i64::MIN + 2),
+        (1_000_000_000_001, 1_000_000_000_001, 0),
+        (0, 1_000_000_000_001, -1_000_000_000_001),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let answer = adjust_sql(&stack, "2025-05", counts, &format!("sql-{i}"));
+        assert_eq!(answer["refused"], "amount_bound", "{counts:?}: {answer}");
+        assert_eq!(answer["bound"], 1_000_000_000_000_i64, "{answer}");
+    }
+    // Written to the table directly, past the function: the CHECK.
+    let direct = stack.sql().batch_execute(
+        "INSERT INTO portal_usage_adjustments (portal_id, month_year, booked_month, source, request_count,
+                                               success_count, reason, idempotency_key)
+         VALUES (1, '2025-05', '2025-05', 'manual', 9223372036854775807, 9223372036854775807, 'r', 'direct')",
+    );
+    assert!(
+        format!("{:?}", direct.unwrap_err()).contains("portal_usage_adjustments_manual_bound"),
+        "the CHECK refuses it"
+    );
+    assert_eq!(count(&stack, manual), 0, "nothing written");
+
+    // At the bound: booked, and every sum of them holds.
+    for (id, n) in [("b-1", "1000000000000"), ("b-2", "1000000000000")] {
+        adjust_cli(&stack, "2025-05", &["--requests", n], id).assert_status(0);
+    }
+    let v: serde_json::Value = serde_json::from_str(
+        usage(&stack, &["report", "--portal", "1", "--json"])
+            .assert_status(0)
+            .stdout
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["rows"][0]["billed"], 2_000_000_000_006_i64, "{v}");
+    usage(&stack, &["verify"])
+        .assert_status(0)
+        .assert_stdout_has("Manual adjustments: 2 entries, +2000000000000 requests");
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT booked_request_count FROM usage_agg_closed_months WHERE month_year = '2025-05'"
+        ),
+        2_000_000_000_000
+    );
+
+    // A database where such amounts were booked before the bound: they stay
+    // (history is never edited), and `report` and `verify` refuse to show a
+    // wrapped total (65, naming why) instead of printing a negative one.
+    let mut old = Stack::new();
+    for m in MIGRATIONS.iter().filter(|m| **m != RULES_MIGRATION) {
+        migrate_file(&mut old, m);
+    }
+    insert_month(&old, 1, "2025-05", 6);
+    aggregate(&old, &[]).assert_status(0);
+    for (key, n) in [("huge-1", i64::MAX), ("huge-2", 6)] {
+        let answer = adjust_sql(&old, "2025-05", (n, n, 0), key);
+        assert_eq!(answer["booked"], true, "{answer}");
+    }
+    migrate_file(&mut old, RULES_MIGRATION);
+    for args in [
+        &["report", "--portal", "1"][..],
+        &["report", "--month", "2025-05"][..],
+        &["verify"][..],
+    ] {
+        let run = usage(&old, args);
+        run.assert_status(65)
+            .assert_stderr_has("add up past what a 64-bit count holds")
+            .assert_stderr_has("abs(request_count) > 1000000000000");
+        assert!(!run.stdout.contains("-9223372036854775"), "{}", run.stdout);
+    }
+}
+
+/// Issue 17, case 6: with no month closed, `adjust --month 0001-01` was
+/// booked in 0001-01, a month no invoice will ever show.
+#[test]
+fn adjustments_are_booked_only_in_a_month_an_invoice_can_still_show() {
+    let stack = migrated_stack();
+    let (now_month, _) = this_and_last_month(&stack);
+    insert_month(&stack, 1, "2025-05", 4);
+    insert_month(&stack, 2, "2025-07", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let manual = "SELECT count(*) FROM portal_usage_adjustments";
+
+    // No month closed: a month before the first with usage (any portal's)
+    // is refused, naming the rule and the fix; nothing is written.
+    for month in ["0001-01", "2025-04"] {
+        adjust_cli(&stack, month, &["--requests", "1"], &format!("old-{month}"))
+            .assert_status(64)
+            .assert_stderr_has(&format!(
+                "{month} is before 2025-05, the earliest month with usage, and no month is closed"
+            ))
+            .assert_stderr_has("--month 2025-05 or later");
+    }
+    let answer = adjust_sql(&stack, "0001-01", (1, 1, 0), "sql-old");
+    assert_eq!(answer["refused"], "before_usage", "{answer}");
+    assert_eq!(
+        (
+            answer["booking_month"].as_str(),
+            answer["earliest_month"].as_str()
+        ),
+        (Some("0001-01"), Some("2025-05")),
+        "{answer}"
+    );
+    assert_eq!(count(&stack, manual), 0, "nothing written");
+
+    // From the first month with usage to the database's month: booked in
+    // the usage's own month; after it: refused, as before.
+    for (month, id) in [
+        ("2025-05", "ok-1"),
+        ("2025-06", "ok-2"),
+        (now_month.as_str(), "ok-3"),
+    ] {
+        adjust_cli(&stack, month, &["--requests", "-1"], id)
+            .assert_status(0)
+            .assert_stdout_has(&format!("in {month}'s invoice"));
+    }
+    adjust_cli(&stack, "2099-01", &["--requests", "1"], "ok-4")
+        .assert_status(64)
+        .assert_stderr_has("2099-01 is in the future");
+    assert_eq!(count(&stack, manual), 3);
+
+    // A month closed: an adjustment of any earlier month, 0001-01 too, is
+    // booked after it, on the next invoice to be cut.
+    close_sql(&stack, "2025-05");
+    adjust_cli(&stack, "0001-01", &["--requests", "1"], "after-close")
+        .assert_status(0)
+        .assert_stdout_has("in 2025-06's invoice");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM portal_usage_adjustments
+              WHERE idempotency_key = 'after-close' AND month_year = '0001-01' AND booked_month = '2025-06'"
+        ),
+        1
+    );
+    usage(&stack, &["verify"]).assert_status(0);
+    // Reopened, no month is closed again: an adjustment counts as usage of
+    // the month it is booked in (what an invoice shows), not of the month
+    // it corrects, so 0001-01 is refused again.
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "audit"],
+    )
+    .assert_status(0);
+    adjust_cli(&stack, "0001-01", &["--requests", "1"], "after-reopen")
+        .assert_status(64)
+        .assert_stderr_has("0001-01 is before 2025-05, the earliest month with usage");
+
+    // The booking month after the database's month (its clock behind the
+    // closed months): refused too, naming both.
+    stack
+        .sql()
+        .execute(
+            "INSERT INTO usage_agg_closed_months (month_year, closed_by, up_to_id, keys, request_count,
+                                                  success_count, error_count)
+             VALUES ($1, 'test', 0, 0, 0, 0, 0)",
+            &[&now_month],
+        )
+        .unwrap();
+    adjust_cli(&stack, "2025-05", &["--requests", "1"], "too-late")
+        .assert_status(64)
+        .assert_stderr_has("after the database's month");
+    let answer = adjust_sql(&stack, "2025-05", (1, 1, 0), "too-late-sql");
+    assert_eq!(answer["refused"], "future", "{answer}");
+    assert_eq!(count(&stack, manual), 4, "nothing more written");
+}
+
+/// Issue 17, case 5: verify read what prune had deleted, then scanned the
+/// raw rows; rows a prune deleted in between were counted in neither, and
+/// verify reported drift that was not there (exit 65).
+#[test]
+fn verify_beside_a_prune_never_reports_drift_the_prune_made_up() {
+    let stack = migrated_stack();
+    let mut rng = Rng(1717);
+    insert_random(&stack, &mut rng, 3_000, 40);
+    aggregate(&stack, &[]).assert_status(0);
+    for m in months_2024() {
+        close_sql(&stack, &m);
+    }
+    let raw_2024 = "SELECT count(*) FROM usage_requests WHERE month_year < '2025-01'";
+    let verify_json = |out: &str| -> serde_json::Value {
+        serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap()
+    };
+
+    // Verify stops once it has read what prune deleted (nothing yet),
+    // before its raw scan; a whole prune runs there.
+    let paused = paused_command(&stack, "pruned", &["verify", "--env", "dev", "--json"]);
+    usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--batch-size", "500"],
+    )
+    .assert_status(0);
+    assert_eq!(count(&stack, raw_2024), 0);
+    let (status, out) = paused.finish();
+    assert_eq!(status, 0, "no drift: the prune made it up\n{out}");
+    let v = verify_json(&out);
+    assert_eq!(
+        v["rechecked_after_prune"],
+        serde_json::json!(months_2024()),
+        "{v}"
+    );
+    assert_eq!(v["differing"], serde_json::json!([]), "{v}");
+    assert_invariant(&stack);
+
+    // Late rows of the closed months, pruned in the middle of the scan:
+    // pages read before the prune saw some of them, pages read after did
+    // not.
+    insert_random(&stack, &mut rng, 2_000, 40);
+    aggregate(&stack, &[]).assert_status(0);
+    assert!(count(&stack, raw_2024) > 0);
+    let paused = paused_command(
+        &stack,
+        "page",
+        &["verify", "--env", "dev", "--json", "--page-size", "50"],
+    );
+    usage(
+        &stack,
+        &["prune", "--before", "2025-01", "--batch-size", "300"],
+    )
+    .assert_status(0);
+    assert_eq!(count(&stack, raw_2024), 0);
+    let (status, out) = paused.finish();
+    assert_eq!(status, 0, "no drift: the prune made it up\n{out}");
+    let v = verify_json(&out);
+    assert!(
+        !v["rechecked_after_prune"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+    assert_invariant(&stack);
+
+    // Without a prune, nothing is read twice.
+    let run = usage(&stack, &["verify", "--json"]);
+    run.assert_status(0);
+    assert_eq!(
+        verify_json(&run.stdout)["rechecked_after_prune"],
+        serde_json::json!([])
+    );
+}

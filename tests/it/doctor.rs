@@ -124,11 +124,18 @@ fn each_broken_piece_fails_its_own_check_with_the_fix() {
 #[test]
 fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
     let mut stack = Stack::new();
-    // Every migration but the tally's and the grants' after it (which name
-    // the tally's function); the rule book does not need its columns.
-    const TALLY: &str = "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql";
-    const GRANTS: &str = "supabase/migrations/20261207110000_usage_agg_supabase.sql";
-    for m in MIGRATIONS.iter().filter(|m| **m != TALLY && **m != GRANTS) {
+    // Every migration but the tally's, the adjust rules' after it, and the
+    // grants' (which name both's functions); the rule book needs neither.
+    let named = |suffix: &str| *MIGRATIONS.iter().find(|m| m.ends_with(suffix)).unwrap();
+    let (tally, rules, grants) = (
+        named("_usage_agg_rejected_tally.sql"),
+        named("_usage_agg_adjust_rules.sql"),
+        named("_usage_agg_supabase.sql"),
+    );
+    for m in MIGRATIONS
+        .iter()
+        .filter(|m| ![tally, rules, grants].contains(m))
+    {
         migrate_file(&mut stack, m);
     }
     // Runs still count every good row and name the bad ones (65); only the
@@ -148,8 +155,16 @@ fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
         78,
         "20261202090000_usage_agg_rejected_tally.sql",
     );
-    migrate_file(&mut stack, TALLY);
-    migrate_file(&mut stack, GRANTS);
+    migrate_file(&mut stack, tally);
+    // Then the rules of manual adjustments are what is missing.
+    fails(
+        &doctor(&stack.env(), &[]),
+        "migrations",
+        78,
+        "20261207090000_usage_agg_adjust_rules.sql",
+    );
+    migrate_file(&mut stack, rules);
+    migrate_file(&mut stack, grants);
     let run = doctor(&stack.env(), &[]);
     assert!(
         run.stdout

@@ -163,17 +163,21 @@ pub fn count(stack: &Stack, sql: &str) -> i64 {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: [&str; 7] = [
+pub const MIGRATIONS: [&str; 8] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
     "supabase/migrations/20261201090000_usage_agg_periods.sql",
     "supabase/migrations/20261201100000_usage_agg_schedule.sql",
     "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
+    "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
     "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
     "supabase/migrations/20261207110000_usage_agg_supabase.sql",
 ];
 pub const MIGRATION: &str = MIGRATIONS[0];
 pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1];
+/// The rules of manual adjustments: their bound, and the months they are
+/// booked in.
+pub const RULES_MIGRATION: &str = "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql";
 
 /// Applies one migration file as a user does (`psql -f`), asserting it worked.
 pub fn migrate_file(stack: &mut Stack, file: &str) {
@@ -317,9 +321,15 @@ pub fn paused_run(stack: &Stack, failpoint: &str) -> Paused {
 
 /// The same, with more arguments for `aggregate`.
 pub fn paused_run_with(stack: &Stack, failpoint: &str, args: &[&str]) -> Paused {
+    let mut all = vec!["aggregate", "--env", "dev"];
+    all.extend_from_slice(args);
+    paused_command(stack, failpoint, &all)
+}
+
+/// Any command (`args`, the subcommand first) stopped at `failpoint`.
+pub fn paused_command(stack: &Stack, failpoint: &str, args: &[&str]) -> Paused {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_usage-agg"))
-        .args(["aggregate", "--env", "dev"])
         .args(args)
         .current_dir(workdir())
         .env_clear()
@@ -362,12 +372,20 @@ pub fn expire_lease(stack: &Stack) {
 
 impl Paused {
     /// Lets a paused run go on to its end; its exit status and output.
+    /// Stderr is drained on a thread of its own while stdout is read: a run
+    /// that prints more than a pipe holds on one would otherwise wait for
+    /// ever on the other (a verify listing hundreds of keys did).
     pub fn finish(mut self) -> (i32, String) {
         use std::io::{Read, Write};
         self.child.stdin.take().unwrap().write_all(b"\n").unwrap();
-        let mut rest = String::new();
-        self.stderr.read_to_string(&mut rest).unwrap();
+        let mut stderr = self.stderr;
+        let rest = std::thread::spawn(move || {
+            let mut rest = String::new();
+            stderr.read_to_string(&mut rest).unwrap();
+            rest
+        });
         let out = self.child.wait_with_output().unwrap();
+        let rest = rest.join().unwrap();
         (
             out.status.code().unwrap_or(-1),
             format!("{}{rest}", String::from_utf8_lossy(&out.stdout)),

@@ -61,12 +61,13 @@ const SLOW_TIMEOUT: &str = "2s";
 /// over the timeout the default batch would be (a batch of 1,000,000 ids
 /// that are as many keys takes about 20 s on 2 cores).
 const SLOW_PROBE_BATCH: i64 = 100_000;
-const MIGRATIONS: [&str; 7] = [
+const MIGRATIONS: [&str; 8] = [
     "supabase/migrations/20261127120000_usage_agg_incremental.sql",
     "supabase/migrations/20261130120000_usage_agg_trust.sql",
     "supabase/migrations/20261201090000_usage_agg_periods.sql",
     "supabase/migrations/20261201100000_usage_agg_schedule.sql",
     "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
+    "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
     "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
     "supabase/migrations/20261207110000_usage_agg_supabase.sql",
 ];
