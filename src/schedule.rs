@@ -139,6 +139,18 @@ pub struct CronAnswer {
     pub created: Option<bool>,
     /// `--remove`: a job was removed (else there was none).
     pub removed: Option<bool>,
+    /// Why the database did not schedule: `time_limit`.
+    pub refused: Option<String>,
+    /// The statement timeout the scheduled run runs under, and where the
+    /// figure comes from.
+    pub statement_timeout: Option<StatementTimeout>,
+}
+
+/// `usage_agg_cron_statement_timeout`'s answer.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct StatementTimeout {
+    pub ms: u64,
+    pub source: String,
 }
 
 impl CronAnswer {

@@ -41,6 +41,19 @@ async fn act(args: &ScheduleArgs, store: &impl Store, env: &str) -> anyhow::Resu
             .schedule(&every.cron, args.time_limit().as_secs())
             .await?
             .require_pg_cron()?;
+        if answer.refused.as_deref() == Some("time_limit") {
+            let t = answer.statement_timeout.clone().unwrap_or_default();
+            return Err(crate::engine::UsageError(format!(
+                "--time-limit {} is at or above the statement timeout the scheduled run runs under ({}; {}): \
+                 the database would cancel a run that long midway; choose a --time-limit under it (the run \
+                 keeps its own bound inside 80% of it), or raise the cron role's statement_timeout \
+                 (ALTER ROLE postgres SET statement_timeout = '5min')",
+                humantime::format_duration(args.time_limit()),
+                humantime::format_duration(std::time::Duration::from_millis(t.ms)),
+                t.source
+            ))
+            .into());
+        }
         // Before the first run the cursor is not set, and a scheduled run
         // cannot do the first run's rebuild: say so now, not at 3 am.
         if store.installed().await? && store.state().await?.and_then(|s| s.cursor_id).is_none() {
