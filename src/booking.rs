@@ -134,17 +134,22 @@ pub async fn book(
     from: i64,
     to: i64,
     keys: &[(Key, Totals)],
-    advance: bool,
+    advance: Option<u64>,
     dry_run: bool,
 ) -> anyhow::Result<Booked> {
-    let args = json!({
+    let mut args = json!({
         "p_job": JOB,
         "p_from": from,
         "p_to": to,
         "p_keys": keys.iter().map(|(k, t)| folded(k, t)).collect::<Vec<_>>(),
-        "p_advance": advance,
+        "p_advance": advance.is_some(),
         "p_dry_run": dry_run,
     });
+    // Left out rather than null when not moving the cursor ("No JSON null
+    // arguments", docs/postgrest.md).
+    if let Some(good) = advance {
+        args["p_good_rows"] = json!(good);
+    }
     client
         // Safe to send again: a call whose answer was lost either did not
         // commit, or did, and then every key's watermark is past its rows,

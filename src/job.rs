@@ -213,6 +213,7 @@ impl Job {
             outcome.refusals_standing = Refusals {
                 count: facts.refused_keys,
                 lost: facts.lost_keys.unwrap_or(0),
+                closed: facts.closed_refused_keys.unwrap_or(0),
                 since: facts.refused_since.clone(),
                 examples: facts.refused_examples.clone(),
             };

@@ -294,26 +294,18 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         );
         s.push_str(&capped_table(&o.refused_decreases));
     } else if o.refusals_standing.count > 0 {
+        let standing = o.refusals_standing.standing();
         let _ = writeln!(
             s,
-            "{} {} counts above {} raw rows (refused decreases since {}: {}); check, \
-             then `aggregate --full --allow-decrease` (or --month)",
+            "{} refused keys stand since {} ({}): {}; {}",
             style.mark(Mark::Warn),
-            count(
-                o.refusals_standing.count,
-                "key still holds",
-                "keys still hold"
-            ),
-            if o.refusals_standing.count == 1 {
-                "its"
-            } else {
-                "their"
-            },
             o.refusals_standing
                 .since
                 .as_deref()
                 .unwrap_or("an earlier run"),
-            o.refusals_standing.examples.join(", ")
+            o.refusals_standing.examples.join(", "),
+            standing.what(),
+            standing.repair()
         );
     }
     if !o.write.lost.is_empty() {

@@ -358,14 +358,15 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
     }
     out.push(schedule_check(schedule, config));
     if facts.refused_keys > 0 {
+        let standing = crate::preflight::Standing::of(&facts);
         out.push(Check::fail(
             "refused keys",
             format!(
-                "{} above their raw rows ({})",
-                crate::output::count(facts.refused_keys, "key holds counts", "keys hold counts"),
+                "{} ({})",
+                standing.what(),
                 facts.refused_examples.join(", ")
             ),
-            "check them, then `usage-agg aggregate --full --allow-decrease` (or --month)",
+            standing.repair(),
             Status::DataErr,
         ));
     }

@@ -176,13 +176,13 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             crate::outln!("  PROBLEM:       {p}");
         }
         if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
+            let standing = crate::preflight::Standing::of(f);
             crate::outln!(
-                "  REFUSED:       {} counts above {} raw rows since {} ({}); check, then \
-                 `usage-agg aggregate --full --allow-decrease` (or --month)",
-                crate::output::count(f.refused_keys, "key holds", "keys hold"),
-                if f.refused_keys == 1 { "its" } else { "their" },
+                "  REFUSED:       {} since {} ({}); {}",
+                standing.what(),
                 f.refused_since.as_deref().unwrap_or("?"),
-                f.refused_examples.join(", ")
+                f.refused_examples.join(", "),
+                standing.repair()
             );
         }
         match &periods {

@@ -78,7 +78,8 @@ pub async fn run<S: Store>(
             // its life, as rebuilds do, not only between batches.
             lease.renew_if_due(start).await?;
         }
-        outcome.rows_counted += fold.good_rows();
+        let good_rows = fold.good_rows();
+        outcome.rows_counted += good_rows;
         touched.extend(fold.groups.keys().copied());
         outcome.bad.merge(std::mem::take(&mut fold.bad));
         let keys: Vec<(Key, Totals)> = fold.groups.into_iter().collect();
@@ -96,7 +97,13 @@ pub async fn run<S: Store>(
                 failpoint::hit("before-cursor");
             }
             let b = store
-                .book(start, end, chunk, i == last && !opts.dry_run, opts.dry_run)
+                .book(
+                    start,
+                    end,
+                    chunk,
+                    (i == last && !opts.dry_run).then_some(good_rows),
+                    opts.dry_run,
+                )
                 .await?;
             superseded += b.superseded_keys;
             absorb(&mut outcome, b, opts.dry_run);

@@ -184,8 +184,20 @@ pub struct Refusals {
     /// Of them, writes that did not hold: the run's verdict is then
     /// `writes_lost`, whichever run lost them.
     pub lost: u64,
+    /// Of them, closed months' keys a rebase could not book.
+    pub closed: u64,
     pub since: Option<String>,
     pub examples: Vec<String>,
+}
+
+impl Refusals {
+    pub fn standing(&self) -> crate::preflight::Standing {
+        crate::preflight::Standing {
+            total: self.count,
+            lost: self.lost,
+            closed: self.closed,
+        }
+    }
 }
 
 impl Outcome {

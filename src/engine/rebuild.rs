@@ -41,6 +41,11 @@ pub struct Recount {
     /// refused is still brought forward by these, so its new rows are
     /// counted while its excess stands (docs/semantics.md, "Rebuilds").
     pub above: Fold,
+    /// Closed months' rows above the cursor, up to the horizon: a rebuild
+    /// leaves closed months alone, so before it moves the cursor past these
+    /// they go to the rule book, which books them late (or finds them
+    /// counted).
+    pub closed_new: Fold,
     /// The monthly rows in scope.
     pub stored: HashMap<Key, Totals>,
     /// Each key's late adjustments, summed (the watermark: their highest).
@@ -136,6 +141,7 @@ pub async fn recount<S: Store>(
     let mut fresh = Fold::default();
     let mut reference = Fold::default();
     let mut above = Fold::default();
+    let mut closed_new = Fold::default();
     let standing = marks.and_then(|m| m.cursor).unwrap_or(0);
     let mut lease = super::lease::Keeper::new(
         store,
@@ -155,6 +161,9 @@ pub async fn recount<S: Store>(
             reference.add(row, covers);
             if with_watermark {
                 above.add(row, above_floor);
+                closed_new.add(row, |k, id| {
+                    periods.is_closed(k.month) && id > cursor && horizon.is_some_and(|h| id <= h)
+                });
             }
         }
         progress.advance(0, scan.rows_read as i64, Some(end), scan.rows_read);
@@ -167,6 +176,7 @@ pub async fn recount<S: Store>(
         fresh,
         reference,
         above,
+        closed_new,
         stored,
         late,
         pruned,
@@ -474,6 +484,22 @@ pub async fn run<S: Store>(
                 Scope::All => "all".to_string(),
             };
             outcome.refusals_standing.count = store.record_refusals(&scope_name, &refused).await?;
+            // Closed months' rows the cursor is about to pass: to the rule
+            // book, which books them as late adjustments (a rebase books
+            // them itself, before its watermarks go).
+            if let (Scope::All, Some(cursor), false) = (scope, m.cursor, rebase) {
+                let closed: Vec<(Key, Totals)> =
+                    rc.closed_new.groups.iter().map(|(k, t)| (*k, *t)).collect();
+                if !closed.is_empty() {
+                    let b = store.book(cursor, m.horizon, &closed, None, false).await?;
+                    outcome.late.rows += b.late_rows;
+                    outcome.late.keys += b.late_keys;
+                    outcome
+                        .write
+                        .lost
+                        .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
+                }
+            }
             if let (Scope::All, true) = (scope, outcome.write.lost.is_empty()) {
                 failpoint::hit("before-cursor");
                 let now = if rebase {
@@ -583,6 +609,7 @@ mod tests {
             fresh,
             reference,
             above,
+            closed_new: Fold::default(),
             stored,
             late: HashMap::new(),
             pruned: HashMap::new(),

@@ -516,7 +516,7 @@ impl Store for MemoryStore {
         from: i64,
         to: i64,
         keys: &[(Key, Totals)],
-        advance: bool,
+        advance: Option<u64>,
         dry_run: bool,
     ) -> anyhow::Result<Booked> {
         self.alive()?;
@@ -524,7 +524,7 @@ impl Store for MemoryStore {
         if !dry_run && self.dies(Kill::Write, |s| &mut s.writes) {
             return Err(killed());
         }
-        if advance && self.dies(Kill::Advance, |s| &mut s.advances) {
+        if advance.is_some() && self.dies(Kill::Advance, |s| &mut s.advances) {
             return Err(killed());
         }
         let mut s = self.inner.borrow_mut();
@@ -564,7 +564,16 @@ impl Store for MemoryStore {
                 s.monthly.insert(*key, after);
             }
         }
-        if advance && !dry_run {
+        if let (Some(good), false) = (advance, dry_run) {
+            let mut fold = Fold::default();
+            for row in s.raw.range(from + 1..=to).map(|(_, r)| r) {
+                fold.add(row, |_, _| true);
+            }
+            anyhow::ensure!(
+                fold.good_rows() == good,
+                "({from}, {to}] holds {} good rows, not {good} (memory store)",
+                fold.good_rows()
+            );
             let now = s.cursor.unwrap_or(0).max(to);
             s.cursor = Some(now);
         }

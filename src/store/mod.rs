@@ -165,14 +165,16 @@ pub trait Store {
     async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64>;
     async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64>;
     /// Books the folded rows of (from, to] (good rows only, every row of
-    /// the range) by the one rule book in the database; with `advance`,
-    /// moves the cursor to `to` in the same transaction.
+    /// the range) by the one rule book in the database. With
+    /// `advance = Some(n)`, `n` being the good rows folded over all the
+    /// batch's calls, moves the cursor to `to` in the same transaction,
+    /// once the database has found `n` good rows in the range.
     async fn book(
         &self,
         from: i64,
         to: i64,
         keys: &[(Key, Totals)],
-        advance: bool,
+        advance: Option<u64>,
         dry_run: bool,
     ) -> anyhow::Result<Booked>;
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;

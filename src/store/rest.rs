@@ -210,7 +210,7 @@ impl Store for RestStore {
         from: i64,
         to: i64,
         keys: &[(Key, Totals)],
-        advance: bool,
+        advance: Option<u64>,
         dry_run: bool,
     ) -> anyhow::Result<Booked> {
         booking::book(&self.client, from, to, keys, advance, dry_run).await

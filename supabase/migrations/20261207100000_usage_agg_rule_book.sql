@@ -277,7 +277,8 @@ BEGIN
   TRUNCATE pg_temp.usage_agg_plan;
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
               WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
-                 OR f.c IS NULL OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
                  OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
                  OR NOT public.usage_agg_valid_time(f.at)) THEN
     RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
@@ -456,10 +457,14 @@ $$;
 -- in (p_from, p_to] the client read. With p_advance, the cursor moves to
 -- p_to in the same transaction (a batch is then all or nothing); that is
 -- refused when the cursor is not at p_from or beyond (a rebase reset it
--- meanwhile, so the rows below p_from may not be counted).
+-- meanwhile, so the rows below p_from may not be counted), and unless
+-- p_good_rows, the good rows the client folded over all the batch's calls,
+-- is the number of good rows in (p_from, p_to]: a client that stopped
+-- paging early (the server's silent row cap) or folded rows away can never
+-- move the cursor over rows it did not count.
 CREATE OR REPLACE FUNCTION public.usage_agg_book(
   p_job text, p_from bigint, p_to bigint, p_keys jsonb,
-  p_advance boolean DEFAULT false, p_dry_run boolean DEFAULT false)
+  p_advance boolean DEFAULT false, p_dry_run boolean DEFAULT false, p_good_rows bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -487,6 +492,14 @@ BEGIN
                                                           s bigint, e bigint, at timestamp, w bigint);
   result := public.usage_agg_book_folded(p_job, p_from, p_to, p_dry_run);
   IF p_advance AND NOT p_dry_run THEN
+    IF p_good_rows IS DISTINCT FROM (
+         SELECT count(*) FROM public.usage_requests r
+          WHERE r.id > p_from AND r.id <= p_to AND r.success IS NOT NULL
+            AND public.usage_agg_valid_time(r.request_timestamp)
+            AND public.usage_agg_valid_key(r.portal_id, r.month_year)) THEN
+      RAISE EXCEPTION 'usage_agg_book: the batch (%, %] holds a different number of good rows than the % folded: not every row was read; nothing of this call is booked and the cursor stays',
+        p_from, p_to, coalesce(p_good_rows::text, 'none') USING ERRCODE = '22023';
+    END IF;
     -- Checked again under the row's lock: a rebase that reset the cursor
     -- since the check above makes this batch roll back whole.
     UPDATE public.usage_aggregation_state
@@ -685,11 +698,21 @@ BEGIN
                             ORDER BY w.portal_id, w.month_year), '[]')
     INTO booked FROM written w JOIN more m USING (portal_id, month_year);
 
+  -- Open months' watermarks to 0 (the rebuild that follows writes them at
+  -- the horizon); closed months' to the horizon, since every one of their
+  -- rows up to it is booked now: a stale run that read rows before the
+  -- rebase and books them after it finds them counted.
   PERFORM set_config('usage_agg.rebase', 'on', true);
-  UPDATE public.portal_usage_monthly SET last_request_id = 0 WHERE last_request_id <> 0;
+  UPDATE public.portal_usage_monthly
+     SET last_request_id = CASE WHEN public.usage_agg_is_closed(month_year) THEN p_horizon ELSE 0 END
+   WHERE last_request_id IS DISTINCT FROM
+         CASE WHEN public.usage_agg_is_closed(month_year) THEN p_horizon ELSE 0 END;
   GET DIAGNOSTICS n = ROW_COUNT;
-  UPDATE public.portal_usage_adjustments SET last_request_id = 0
-   WHERE source = 'late' AND last_request_id <> 0;
+  UPDATE public.portal_usage_adjustments
+     SET last_request_id = CASE WHEN public.usage_agg_is_closed(month_year) THEN p_horizon ELSE 0 END
+   WHERE source = 'late'
+     AND last_request_id IS DISTINCT FROM
+         CASE WHEN public.usage_agg_is_closed(month_year) THEN p_horizon ELSE 0 END;
   PERFORM set_config('usage_agg.rebase', 'off', true);
   UPDATE public.usage_aggregation_state
      SET cursor_id = NULL,
@@ -737,7 +760,7 @@ BEGIN
   FOREACH fn IN ARRAY ARRAY[
     'public.usage_agg_record_refusals(text, text, jsonb)',
     'public.usage_agg_preflight(text)',
-    'public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean)',
+    'public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean, bigint)',
     'public.usage_agg_rpc_batch(text, bigint, integer, boolean)',
     'public.usage_agg_rebase(text, text, bigint)'
   ] LOOP

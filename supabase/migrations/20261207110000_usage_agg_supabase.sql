@@ -458,7 +458,7 @@ BEGIN
       'public.usage_agg_finish_run(text, text, text, bigint)',
       'public.usage_agg_safe_horizon(integer)',
       'public.usage_agg_preflight(text)',
-      'public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean)',
+      'public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean, bigint)',
       'public.usage_agg_rpc_batch(text, bigint, integer, boolean)',
       'public.usage_agg_rebase(text, text, bigint)',
       'public.usage_agg_finish_rebase(text, bigint)',

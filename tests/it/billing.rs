@@ -1498,3 +1498,93 @@ fn verify_beside_a_prune_never_reports_drift_the_prune_made_up() {
         serde_json::json!([])
     );
 }
+
+/// Found by an adversarial pass: a rebuild leaves closed months alone, and
+/// `--full` then moved the cursor past a closed month's uncounted rows,
+/// which no run counted afterwards (exit 0). The rule book books them late.
+#[test]
+fn a_full_rebuild_books_a_closed_months_uncounted_rows_before_moving_the_cursor() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-05", 10);
+    insert_month(&stack, 2, "2025-06", 1);
+    aggregate(&stack, &["--full"]).assert_status(0);
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 10);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_eq!(late_rows(&stack), 10, "booked once");
+    usage(&stack, &["verify"]).assert_status(0);
+}
+
+/// Found by an adversarial pass: a REST run that read a closed month's rows,
+/// stalled past its lease while another run rebased (booking those rows
+/// late and zeroing the watermarks), then booked them again: counted twice,
+/// both exit 0. A rebase now leaves closed months' watermarks at its
+/// horizon, so the stale booking finds the rows counted.
+#[test]
+fn a_run_stalled_across_a_rebase_books_nothing_twice() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 2, "2025-05", 10);
+    let stale = paused_run_with(&stack, "chunk", &["--engine", "rest"]);
+    expire_lease(&stack);
+    aggregate(&stack, &["--rebase"]).assert_status(0);
+    assert_invariant(&stack);
+    let (status, out) = stale.finish();
+    assert!(status == 0 || status == 75, "{status}\n{out}");
+    assert_invariant(&stack);
+    assert_eq!(late_rows(&stack), 10, "booked once");
+}
+
+/// Found by an adversarial pass: a call to the rule book that moves the
+/// cursor with fewer rows than the range holds (a client that stopped
+/// paging at the server's cap, or a caller with the service key) skipped
+/// them for good. The database now counts the range's good rows first.
+#[test]
+fn the_rule_book_never_moves_the_cursor_over_rows_it_was_not_given() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    let cursor = count(&stack, "SELECT cursor_id FROM usage_aggregation_state");
+    insert_month(&stack, 1, "2025-06", 10);
+    for (keys, good) in [("[]", "0"), ("[]", "NULL")] {
+        let err = stack
+            .sql()
+            .query_one(
+                &format!(
+                    "SELECT usage_agg_book('default', {cursor}, {}, '{keys}', true, false, {good})::text",
+                    cursor + 10
+                ),
+                &[],
+            )
+            .unwrap_err();
+        let message = err.as_db_error().map(|d| d.message().to_string());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("not every row was read")),
+            "{err:?}"
+        );
+    }
+    let bad = stack.sql().query_one(
+        &format!(
+            "SELECT usage_agg_book('default', {cursor}, {}, '[{{\"portal_id\": 1, \"month_year\": \"2025-06\", \"c\": 1, \"s\": null, \"e\": null, \"w\": {}}}]')::text",
+            cursor + 10,
+            cursor + 1
+        ),
+        &[],
+    );
+    assert!(bad.is_err(), "null counts are refused");
+    assert_eq!(
+        count(&stack, "SELECT cursor_id FROM usage_aggregation_state"),
+        cursor
+    );
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+}

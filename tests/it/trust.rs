@@ -250,7 +250,7 @@ fn a_refused_decrease_keeps_counting_the_keys_new_rows_and_is_not_a_success() {
     for engine in ENGINES {
         aggregate(&stack, &["--engine", engine])
             .assert_status(65)
-            .assert_stdout_has("1 key still holds counts above its raw rows");
+            .assert_stdout_has("1 key holds counts above its raw rows; check them, then `usage-agg aggregate --full --allow-decrease`");
     }
     assert_eq!(stored_requests(&stack, 1000, "2025-05"), stored + 15);
 
