@@ -14,6 +14,7 @@ mod faults;
 mod flags;
 mod incremental;
 mod metrics;
+mod model;
 mod operator;
 mod pace;
 mod rpc;
