@@ -126,6 +126,7 @@ DECLARE
   outcome   text;
   reason    text;
   tmo_ms    bigint;
+  lost      jsonb := '[]';
   budget    numeric;
   batch     bigint;
   b_start   timestamptz;
@@ -260,6 +261,8 @@ BEGIN
       n_bad := n_bad + (b->>'bad')::bigint;
       -- Rows of closed months, booked as adjustments (periods migration).
       n_late := n_late + coalesce((b->>'late_rows')::bigint, 0);
+      -- Writes the rule book found undone: recorded there; this run says so.
+      lost := lost || coalesce(b->'lost', '[]');
       bad_ids := (bad_ids || ARRAY(SELECT jsonb_array_elements_text(b->'bad_ids')::bigint))[1:5];
       c_after := (b->>'to')::bigint;
       -- A quick batch lets a halved size grow back, up to p_batch_ids.
@@ -274,11 +277,11 @@ BEGIN
 
   -- 6. The record.
   IF outcome IS NULL THEN
-    IF coalesce((facts->>'lost_keys')::bigint, 0) > 0 THEN
+    IF jsonb_array_length(lost) > 0 OR coalesce((facts->>'lost_keys')::bigint, 0) > 0 THEN
       outcome := 'writes_lost';
-      reason := format('%s keys had a write that did not hold (a trigger or a hand edit undid it; %s): remove '
+      reason := format('keys had a write that did not hold (a trigger or a hand edit undid it; %s): remove '
                        'the cause, then `usage-agg aggregate --full` (or --month) rebuilds them',
-                       facts->>'lost_keys', facts->'refused_examples');
+                       CASE WHEN jsonb_array_length(lost) > 0 THEN lost ELSE facts->'refused_examples' END);
     ELSIF coalesce((facts->>'refused_keys')::bigint, 0) > 0 THEN
       outcome := 'decreases_refused';
       reason := format('%s keys hold counts above their raw rows since %s (%s); check them, then '

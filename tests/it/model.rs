@@ -75,10 +75,13 @@ const SEQUENCE: &str = "public.usage_requests_id_seq";
 /// commit is made under (7000, the most allowed).
 const WAIT_MS: u64 = 100;
 /// The points a run is killed or paused at.
-const POINTS: [&str; 5] = usage_agg::failpoint::POINTS;
+const POINTS: [&str; usage_agg::failpoint::POINTS.len()] = usage_agg::failpoint::POINTS;
 /// The points an incremental REST run reaches (a rebuild recounts first).
 fn incremental_points() -> Vec<&'static str> {
-    POINTS.into_iter().filter(|p| *p != "recount").collect()
+    POINTS
+        .into_iter()
+        .filter(|p| *p != "recount" && *p != "pruned")
+        .collect()
 }
 
 #[test]
@@ -1379,6 +1382,9 @@ impl<'a> World<'a> {
         let kind = spec.kind;
         let started = self.start(&spec);
         let ran = Self::finish(started);
+        if self.plan.verbose && ran.status != 0 {
+            eprintln!("--- {}\n{}", ran.desc, ran.text);
+        }
         self.judge(kind, &ran, &c, &at_start)?;
         Ok(ran)
     }
@@ -1413,7 +1419,11 @@ impl<'a> World<'a> {
             (Kind::Scheduled, 0, "skipped") => false,
             (Kind::Scheduled, 0, "stopped") if c.writers || c.contention => false,
             (Kind::Scheduled, 1, "refused" | "needs_rebuild") if refusal => false,
-            (Kind::Scheduled, 1, "decreases_refused" | "writes_lost") if lost => false,
+            (Kind::Scheduled, 1, "writes_lost") if lost => {
+                self.mark_lost = true;
+                false
+            }
+            (Kind::Scheduled, 1, "decreases_refused") if lost => false,
             (Kind::Scheduled, _, _) => return Err(format!("unexpected end: {}", ran.detail())),
             (_, 0, _) | (_, 65, "bad_rows") => true,
             (_, 65, "writes_lost") if lost => {
