@@ -91,6 +91,31 @@ pub async fn adjust_rules_installed(client: &Client) -> anyhow::Result<bool> {
         }
     }
 }
+/// What `usage_agg_supabase_facts` answers, for `doctor`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SupabaseFacts {
+    pub migrations_owner: Option<String>,
+    pub table_owners: std::collections::BTreeMap<String, String>,
+    pub rls: std::collections::BTreeMap<String, bool>,
+    pub open_policies: Vec<String>,
+    pub grant_leaks: Vec<String>,
+    pub api_statement_timeout: Option<String>,
+    pub cron_statement_timeout: Option<crate::schedule::StatementTimeout>,
+}
+
+/// The facts of a Supabase project around the migrations (a read).
+pub async fn supabase_facts(client: &Client) -> anyhow::Result<SupabaseFacts> {
+    client
+        .rpc(
+            "usage_agg_supabase_facts",
+            &json!({"p_job": JOB}),
+            Idempotent::Yes,
+        )
+        .await
+        .context("reading the project's owners, row level security and grants (usage_agg_supabase_facts)")
+}
+
 /// One job for now; the column leaves room for more (per region, say).
 pub const JOB: &str = "default";
 

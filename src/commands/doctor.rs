@@ -252,6 +252,10 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
             "rejected rows",
             "last run",
             "schedule",
+            "table owners",
+            "row level security",
+            "grants",
+            "statement timeout",
         ] {
             out.push(Check::skipped(name, "the migrations are not all applied"));
         }
@@ -356,7 +360,13 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         }
         Err(e) => out.push(Check::from_error("lease", &e, config)),
     }
+    let time_limit = schedule
+        .as_ref()
+        .ok()
+        .and_then(|a| a.job.as_ref())
+        .and_then(|j| scheduled_time_limit(&j.command));
     out.push(schedule_check(schedule, config));
+    out.extend(supabase_checks(store, time_limit, config).await);
     if facts.refused_keys > 0 {
         let standing = crate::preflight::Standing::of(&facts);
         out.push(Check::fail(
@@ -375,6 +385,138 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
 
 /// The job scheduled in the database: optional, so none (or no pg_cron)
 /// passes; a job that does not run, or whose last run failed, does not.
+/// The time limit a scheduled job's command gives its run
+/// (`CALL public.usage_agg_run_scheduled(50)`), in seconds.
+fn scheduled_time_limit(command: &str) -> Option<u64> {
+    let rest = command.split("usage_agg_run_scheduled(").nth(1)?;
+    rest.split([')', ',']).next()?.trim().parse().ok()
+}
+
+/// What a Supabase project sets up around the migrations (issue 18): the
+/// owners of the seed's tables, row level security on them, grants no
+/// wider than the migrations leave, and the statement timeouts a run lives
+/// under.
+async fn supabase_checks(
+    store: &RestStore,
+    time_limit: Option<u64>,
+    config: &crate::config::Config,
+) -> Vec<Check> {
+    let f = match crate::state::supabase_facts(store.client()).await {
+        Ok(f) => f,
+        Err(e) => {
+            return [
+                "table owners",
+                "row level security",
+                "grants",
+                "statement timeout",
+            ]
+            .into_iter()
+            .map(|name| Check::from_error(name, &e, config))
+            .collect()
+        }
+    };
+    let mut out = Vec::new();
+    let owner = f.migrations_owner.clone().unwrap_or_default();
+    let strangers: Vec<String> = f
+        .table_owners
+        .iter()
+        .filter(|(_, o)| **o != owner)
+        .map(|(t, o)| format!("{t} is owned by {o}"))
+        .collect();
+    out.push(if strangers.is_empty() {
+        Check::pass("table owners", format!("the seed's tables and the migrations: {owner}"))
+    } else {
+        Check::fail(
+            "table owners",
+            format!(
+                "{}, not {owner}, which runs the migrations (a table Studio made as supabase_admin): a later \
+                 migration altering it stops at `must be owner of table`",
+                strangers.join(", ")
+            ),
+            format!(
+                "as supabase_admin (self-hosted: connect as it; hosted: ask support): {}",
+                f.table_owners
+                    .iter()
+                    .filter(|(_, o)| **o != owner)
+                    .map(|(t, _)| format!("ALTER TABLE public.{t} OWNER TO {owner};"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Status::Config,
+        )
+    });
+    let off: Vec<&String> = f
+        .rls
+        .iter()
+        .filter(|(_, on)| !**on)
+        .map(|(t, _)| t)
+        .collect();
+    out.push(if off.is_empty() && f.open_policies.is_empty() {
+        Check::pass(
+            "row level security",
+            "on for both seed tables, with no policy for the API's roles",
+        )
+    } else if !off.is_empty() {
+        Check::fail(
+            "row level security",
+            format!(
+                "off on {}: with Supabase's default grants, the anon key reads and writes it",
+                off.iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            off.iter()
+                .map(|t| format!("ALTER TABLE public.{t} ENABLE ROW LEVEL SECURITY;"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Status::Config,
+        )
+    } else {
+        Check::fail(
+            "row level security",
+            format!(
+                "policies open the seed tables to anon or authenticated: {}",
+                f.open_policies.join(", ")
+            ),
+            "drop them, or make sure they allow only what the app means (the totals are billing's)",
+            Status::Config,
+        )
+    });
+    out.push(if f.grant_leaks.is_empty() {
+        Check::pass(
+            "grants",
+            "no role may write the job's state or run its functions but service_role",
+        )
+    } else {
+        Check::fail(
+            "grants",
+            f.grant_leaks.join("; "),
+            format!(
+                "apply {} again (it revokes the default grants, then grants what each role needs)",
+                crate::state::migration_defining("usage_agg_supabase_facts")
+            ),
+            Status::Config,
+        )
+    });
+    let cron = f.cron_statement_timeout.unwrap_or_default();
+    let api = f.api_statement_timeout.as_deref().unwrap_or("none set");
+    let figures = format!(
+        "API requests: {api} (PostgREST's role); scheduled runs: {} ms ({})",
+        cron.ms, cron.source
+    );
+    out.push(match time_limit {
+        Some(limit) if cron.ms > 0 && limit * 1000 >= cron.ms => Check::fail(
+            "statement timeout",
+            format!("the scheduled job's time limit ({limit} s) is at or above it: {figures}"),
+            "`usage-agg schedule --every ... --time-limit` under it (the run keeps inside 80% of it anyway)",
+            Status::Config,
+        ),
+        _ => Check::pass("statement timeout", figures),
+    });
+    out
+}
+
 fn schedule_check(schedule: anyhow::Result<CronAnswer>, config: &crate::config::Config) -> Check {
     const NAME: &str = "schedule";
     let answer = match schedule {

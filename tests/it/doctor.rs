@@ -174,3 +174,65 @@ fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
         run.stdout
     );
 }
+
+/// On a Supabase project (issue 18): doctor names a seed table another
+/// role owns, row level security turned off, a grant wider than the
+/// migrations leave, and shows the statement timeouts runs live under.
+#[test]
+fn doctor_checks_what_supabase_sets_up_around_the_migrations() {
+    let mut stack = migrated_stack();
+    insert_rows(&stack, 20, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let run = doctor(&stack.env(), &[]);
+    run.assert_status(0);
+    for check in [
+        "table owners",
+        "row level security",
+        "grants",
+        "statement timeout",
+    ] {
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check}\n{}",
+            run.stdout
+        );
+    }
+    run.assert_stdout_has("scheduled runs: 120000 ms");
+    stack.ddl(
+        "ALTER TABLE portal_usage_monthly DISABLE ROW LEVEL SECURITY;
+         GRANT UPDATE ON usage_aggregation_state TO service_role;",
+    );
+    let run = doctor(&stack.env(), &[]);
+    fails(
+        &run,
+        "row level security",
+        78,
+        "ALTER TABLE public.portal_usage_monthly ENABLE ROW LEVEL SECURITY;",
+    );
+    fails(
+        &run,
+        "grants",
+        78,
+        "service_role may write usage_aggregation_state",
+    );
+    // Only a superuser can give a table to supabase_admin, as Studio did.
+    stack
+        .admin_sql()
+        .batch_execute(
+            "ALTER TABLE portal_usage_monthly ENABLE ROW LEVEL SECURITY;
+             REVOKE UPDATE ON usage_aggregation_state FROM service_role;
+             ALTER TABLE usage_requests OWNER TO supabase_admin;",
+        )
+        .unwrap();
+    stack.reload_schema();
+    let run = doctor(&stack.env(), &[]);
+    fails(
+        &run,
+        "table owners",
+        78,
+        "ALTER TABLE public.usage_requests OWNER TO postgres;",
+    );
+    run.assert_stdout_has("usage_requests is owned by supabase_admin");
+}

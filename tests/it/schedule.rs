@@ -526,6 +526,11 @@ fn a_job_scheduled_with_pg_cron_runs_beside_cli_runs_of_both_engines_with_no_dri
         .assert_status(0)
         .assert_stdout_has("Scheduled usage-agg-default in the DEV database")
         .assert_stdout_has("every minute (* * * * *), each run at most 50s");
+    // A time limit the statement timeout would cut (issue 18: Supabase's
+    // global 2 minutes covers the whole CALL) is refused, nothing changed.
+    schedule(&stack, &["--every", "5m", "--time-limit", "3m"])
+        .assert_status(64)
+        .assert_stderr_has("at or above the statement timeout the scheduled run runs under (2m");
     // Again: the same job, by name, updated; never a second one.
     schedule(&stack, &["--every", "1m", "--time-limit", "40s"])
         .assert_status(0)
@@ -669,4 +674,58 @@ fn a_job_scheduled_with_pg_cron_runs_beside_cli_runs_of_both_engines_with_no_dri
     status(&stack)
         .assert_status(0)
         .assert_stdout_has("Schedule:      none in the database");
+}
+
+/// On Supabase the statement timeout covers a whole `CALL`, across the
+/// procedure's commits (issue 18, item 2). A run cut by it used to leave no
+/// record and its lease held; now a batch cancelled by it is caught: the run
+/// records 'stopped' with why, lets the lease go, and the next run asks for
+/// half the ids.
+#[test]
+fn a_scheduled_run_cut_by_the_statement_timeout_records_itself_and_halves_its_batch() {
+    let mut stack = migrated_stack();
+    insert_rows(&stack, 200, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 50, 3);
+    // A writer left open holds the horizon back: the batch waits for it
+    // (up to 3 s) and the 1 s timeout cuts it there.
+    let mut writer = stack.sql();
+    writer
+        .batch_execute(
+            "BEGIN; INSERT INTO usage_requests (portal_id, month_year, success) VALUES (1, '2025-05', true)",
+        )
+        .unwrap();
+    let mut db = stack.sql();
+    db.batch_execute("SET statement_timeout = '1s'").unwrap();
+    let summary = call_on(&mut db, "50, 1000000, 3000").expect("a cut run ends without an error");
+    assert_eq!(summary["outcome"], "stopped", "{summary}");
+    assert!(
+        summary["reason"].as_str().is_some_and(
+            |r| r.contains("was cancelled") && r.contains("the next run asks for 500000 ids")
+        ),
+        "{summary}"
+    );
+    assert_eq!(
+        state_text(&stack, "last_run_outcome").as_deref(),
+        Some("stopped")
+    );
+    assert_eq!(
+        state_text(&stack, "lease_owner"),
+        None,
+        "the lease is let go"
+    );
+    assert_eq!(
+        state_text(&stack, "scheduled_batch_ids").as_deref(),
+        Some("500000")
+    );
+    assert_eq!(
+        state_text(&stack, "scheduled_statement_timeout_ms").as_deref(),
+        Some("1000")
+    );
+    writer.batch_execute("COMMIT").unwrap();
+    db.batch_execute("SET statement_timeout = '2min'").unwrap();
+    let summary = call_on(&mut db, "50").unwrap();
+    assert_eq!(summary["outcome"], "ok", "{summary}");
+    assert_no_drift(&stack);
+    stack.reload_schema();
 }
