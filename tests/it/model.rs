@@ -61,7 +61,9 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// The seeds of the normal suite, and their steps: a few hundred in all.
-const FIXED_SEEDS: [u64; 4] = [2, 4, 13, 16];
+/// 530632518: the soak's finding (a reopened month's late adjustment at
+/// watermark 0 after a rebase, reported by verify as drift).
+const FIXED_SEEDS: [u64; 5] = [2, 4, 13, 16, 530_632_518];
 const FIXED_STEPS: usize = 80;
 /// Portals 1 to this.
 const PORTALS: u64 = 5;
