@@ -18,7 +18,8 @@
 --    app's, and keep theirs).
 
 -- The restore of deleted monthly rows, as in 20261201090000, with a WHERE
--- clause on the DELETE that takes the log.
+-- clause on the DELETE that takes the log, and the refusals of the keys it
+-- restores cleared.
 CREATE OR REPLACE FUNCTION public.usage_agg_restore_deleted_keys(p_job text DEFAULT 'default')
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -79,6 +80,12 @@ BEGIN
   )
   SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
     INTO restored FROM written;
+  -- A restored key holds its rows now: a refusal of it (a lost write, a
+  -- refused decrease) no longer stands (found by the model-based soak: a
+  -- lost write stood after the key was rebuilt whole).
+  DELETE FROM public.usage_agg_refused_keys r
+   WHERE r.job = p_job AND r.kind <> 'closed'
+     AND (r.portal_id || ':' || r.month_year) IN (SELECT jsonb_array_elements_text(restored));
   RETURN restored;
 END
 $$;
