@@ -259,7 +259,11 @@ async fn take_lease<S: Store>(
     if lease.acquired {
         return Ok(lease.cursor);
     }
-    if state::owner_is_dead_here(&lease.owner) {
+    // Gone: a run on this host whose process is gone, or a run in the
+    // database (a scheduled one) whose backend is gone.
+    let gone = state::owner_is_dead_here(&lease.owner)
+        || store.preflight().await?.lease_holder_gone == Some(true);
+    if gone {
         let taken = store.acquire(owner, ttl, Some(&lease.owner)).await?;
         if taken.acquired {
             warnings.push(format!(

@@ -36,6 +36,8 @@ pub struct Facts {
     /// Of the refused keys, closed months' keys a rebase could not book.
     pub closed_refused_keys: Option<u64>,
     pub deleted_keys: u64,
+    /// The lease's holder is a run in the database whose backend is gone.
+    pub lease_holder_gone: Option<bool>,
     /// Whether portal_usage_monthly has UNIQUE(portal_id, month_year).
     pub unique_key: Option<bool>,
     /// The database's judgement of these facts; None before the rule-book

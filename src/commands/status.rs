@@ -165,7 +165,11 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     if args.output.json {
         crate::outln!("{summary}");
     } else if !args.output.quiet {
-        crate::out!("{}", render(env, installed, &state, newest, backlog, now));
+        let gone_in_db = facts.as_ref().and_then(|f| f.lease_holder_gone) == Some(true);
+        crate::out!(
+            "{}",
+            render(env, installed, &state, newest, backlog, now, gone_in_db)
+        );
         if let Some(s) = &schedule {
             for (k, v) in crate::commands::schedule::job_lines(s.job.as_ref(), &s.runs, now, false)
             {
@@ -366,6 +370,7 @@ fn render(
     newest: Option<i64>,
     backlog: Option<i64>,
     now: DateTime<Utc>,
+    holder_gone_in_db: bool,
 ) -> String {
     let mut out = format!("usage-agg status ({env})\n");
     let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
@@ -403,10 +408,12 @@ fn render(
         .is_some_and(|t| t > now);
     // A lease whose process is gone (same host) is taken over at once by the
     // next run, expired or not.
-    let holder_gone = s
-        .lease_owner
-        .as_deref()
-        .is_some_and(crate::state::owner_is_dead_here);
+    // ... or a run in the database whose backend is gone (the preflight
+    // looks in pg_stat_activity).
+    let holder_gone = holder_gone_in_db
+        || s.lease_owner
+            .as_deref()
+            .is_some_and(crate::state::owner_is_dead_here);
     line(
         "Lease",
         match (&s.lease_owner, lease_live, holder_gone) {
@@ -501,7 +508,7 @@ mod tests {
             rejected_ids: Some(vec![7, 9, 12]),
             last_run_by: Some("usage-agg@cron:41".into()),
         };
-        let text = render("PROD", true, &s, Some(150), Some(50), now);
+        let text = render("PROD", true, &s, Some(150), Some(50), now, false);
         assert!(
             text.contains("Rejected:      3 rows as bad data so far (first ids 7, 9, 12)"),
             "{text}"

@@ -268,6 +268,13 @@ BEGIN
     'closed_refused_keys', (SELECT count(*) FROM public.usage_agg_refused_keys
                              WHERE job = p_job AND kind = 'closed'),
     'deleted_keys', (SELECT count(*) FROM public.usage_agg_deleted_keys),
+    -- The lease's holder is a run in this database (a scheduled run, or a
+    -- CALL by hand) whose backend is gone: stale at once, whatever its
+    -- expiry says (a run the statement timeout or a crash cut).
+    'lease_holder_gone', (st.lease_owner ~ '^(pg_cron|sql)@.*:[0-9]{1,10}$'
+                          AND substring(st.lease_owner, '^[a-z_]+@(.*):[0-9]+$') = current_database()
+                          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                           WHERE a.pid::bigint = substring(st.lease_owner, ':([0-9]+)$')::bigint)),
     -- A unique index on exactly (portal_id, month_year): what the bulk upsert's
     -- on_conflict needs (without it every key is written one by one).
     'unique_key', EXISTS (

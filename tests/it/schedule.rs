@@ -729,3 +729,55 @@ fn a_scheduled_run_cut_by_the_statement_timeout_records_itself_and_halves_its_ba
     assert_no_drift(&stack);
     stack.reload_schema();
 }
+
+/// A scheduled run whose backend is gone (cut, crashed, terminated) leaves
+/// its lease until the TTL; `status` showed it as running. Its holder is
+/// seen as gone at once now, in `status` and by the next run, which takes
+/// the lease over (issue 18, item 2).
+#[test]
+fn a_scheduled_runs_lease_is_stale_as_soon_as_its_backend_is_gone() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    // A writer left open makes the scheduled run's batch wait at its horizon.
+    let mut writer = stack.sql();
+    writer
+        .batch_execute(
+            "BEGIN; INSERT INTO usage_requests (portal_id, month_year, success) VALUES (1, '2025-05', true)",
+        )
+        .unwrap();
+    let url = stack.database_url.clone();
+    let run = std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        call_on(&mut db, "50, 1000000, 7000")
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let owner = loop {
+        if let Some(o) = state_text(&stack, "lease_owner").filter(|o| o.starts_with("sql@")) {
+            break o;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduled run never took the lease"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling for the lease
+    };
+    let pid: i32 = owner.rsplit(':').next().unwrap().parse().unwrap();
+    stack
+        .sql()
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    assert!(run.join().unwrap().is_err(), "its session was terminated");
+    writer.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        state_text(&stack, "lease_owner").as_deref(),
+        Some(owner.as_str())
+    );
+    status(&stack).assert_stdout_has(&format!("stale: held by {owner}, whose process is gone"));
+    aggregate(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has(&format!(
+            "took over the lease from {owner}, whose process is gone"
+        ));
+    assert_no_drift(&stack);
+}
