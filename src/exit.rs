@@ -155,6 +155,17 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
             "redirects are not followed (the key would go with them): if {target} is where the API is, put the final URL in {vars}"
         ));
     }
+    // Supabase's pg-safeupdate refused an UPDATE or DELETE without WHERE in
+    // one of usage-agg's functions: an older migration's definition.
+    if api.code() == Some("21000") && api.status().is_some_and(|s| s.as_u16() == 400) {
+        return Some(format!(
+            "Supabase refuses an UPDATE or DELETE without a WHERE clause (pg-safeupdate) in {}: \
+             apply every migration up to {} (`usage-agg sql | psql`, or `supabase db push`), whose \
+             functions each have one",
+            api.path().trim_start_matches('/'),
+            crate::state::LATEST_MIGRATION
+        ));
+    }
     let what = api
         .path()
         .trim_start_matches('/')
@@ -298,6 +309,11 @@ mod tests {
         ] {
             assert_eq!(classify(&err), want, "{err:#}");
         }
+        let safeupdate = hint(&status(400, "21000"), None).unwrap();
+        assert!(
+            safeupdate.contains("without a WHERE clause"),
+            "{safeupdate}"
+        );
         let hint = hint(&status(404, "PGRST202"), None).unwrap();
         assert!(hint.contains("usage_agg_preflight is missing"), "{hint}");
         assert!(hint.contains(crate::state::MIGRATIONS[1].0), "{hint}");
