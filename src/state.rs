@@ -337,6 +337,7 @@ impl JobState<'_> {
         &self,
         scope: &str,
         keys: &[crate::store::Refusal],
+        horizon: i64,
     ) -> anyhow::Result<u64> {
         let keys: Vec<_> = keys
             .iter()
@@ -349,7 +350,7 @@ impl JobState<'_> {
             // Idempotent: it replaces the scope's list with the same list.
             .rpc(
                 "usage_agg_record_refusals",
-                &json!({"p_job": JOB, "p_scope": scope, "p_keys": keys}),
+                &json!({"p_job": JOB, "p_scope": scope, "p_keys": keys, "p_horizon": horizon}),
                 Idempotent::Yes,
             )
             .await

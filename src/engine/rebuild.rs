@@ -491,7 +491,9 @@ pub async fn run<S: Store>(
                 Scope::Month(m) => m.to_string(),
                 Scope::All => "all".to_string(),
             };
-            outcome.refusals_standing.count = store.record_refusals(&scope_name, &refused).await?;
+            outcome.refusals_standing.count = store
+                .record_refusals(&scope_name, &refused, m.horizon)
+                .await?;
             // Closed months' rows the cursor is about to pass: to the rule
             // book, which books them as late adjustments (a rebase books
             // them itself, before its watermarks go).

@@ -495,7 +495,12 @@ impl Store for MemoryStore {
         self.advance(to).await
     }
 
-    async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64> {
+    async fn record_refusals(
+        &self,
+        scope: &str,
+        keys: &[Refusal],
+        _horizon: i64,
+    ) -> anyhow::Result<u64> {
         self.alive()?;
         let mut s = self.inner.borrow_mut();
         s.refused

@@ -163,7 +163,14 @@ pub trait Store {
     /// booking (or refusing) closed months' uncounted rows first.
     async fn rebase(&self, owner: &str, horizon: i64) -> anyhow::Result<Rebased>;
     async fn finish_rebase(&self, to: i64) -> anyhow::Result<i64>;
-    async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64>;
+    /// Replaces the refusals a rebuild at `horizon` resolves in `scope`
+    /// with `keys`; a lost write on a key written past the horizon stands.
+    async fn record_refusals(
+        &self,
+        scope: &str,
+        keys: &[Refusal],
+        horizon: i64,
+    ) -> anyhow::Result<u64>;
     /// Books the folded rows of (from, to] (good rows only, every row of
     /// the range) by the one rule book in the database. With
     /// `advance = Some(n)`, `n` being the good rows folded over all the

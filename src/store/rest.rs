@@ -201,8 +201,13 @@ impl Store for RestStore {
         self.state_fns().finish_rebase(to).await
     }
 
-    async fn record_refusals(&self, scope: &str, keys: &[Refusal]) -> anyhow::Result<u64> {
-        self.state_fns().record_refusals(scope, keys).await
+    async fn record_refusals(
+        &self,
+        scope: &str,
+        keys: &[Refusal],
+        horizon: i64,
+    ) -> anyhow::Result<u64> {
+        self.state_fns().record_refusals(scope, keys, horizon).await
     }
 
     async fn book(

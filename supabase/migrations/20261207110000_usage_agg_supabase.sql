@@ -517,7 +517,7 @@ BEGIN
       'public.usage_agg_rpc_batch(text, bigint, integer, boolean)',
       'public.usage_agg_rebase(text, text, bigint)',
       'public.usage_agg_finish_rebase(text, bigint)',
-      'public.usage_agg_record_refusals(text, text, jsonb)',
+      'public.usage_agg_record_refusals(text, text, jsonb, bigint)',
       'public.usage_agg_restore_deleted_keys(text)',
       'public.usage_agg_note_rejected(text, bigint, bigint[])',
       'public.usage_agg_periods()',
