@@ -15,7 +15,7 @@
 --    anon kept USAGE on the new sequences and EXECUTE on the trigger
 --    functions. Every grant on usage-agg's own objects is revoked, then
 --    exactly what each role needs is granted (the seed's two tables are the
---    app's, and keep theirs).
+--    app's, and keep theirs). usage_current is service_role's alone now.
 
 -- The restore of deleted monthly rows, as in 20261201090000, with a WHERE
 -- clause on the DELETE that takes the log, and the refusals of the keys it
@@ -199,7 +199,13 @@ BEGIN
       reason := 'no run has set the cursor yet: the first run rebuilds every key from all rows and reports drift, '
                 'which only the CLI does; run `usage-agg aggregate` once, and the scheduled runs go on from there';
     END IF;
-  EXCEPTION WHEN OTHERS THEN
+  -- OTHERS does not catch a cancel: the statement timeout is caught
+  -- apart, and the run still records itself and lets the lease go.
+  EXCEPTION WHEN query_canceled THEN
+    outcome := 'stopped';
+    reason := format('cancelled while checking the assumptions (%s%s); the next run goes on', SQLERRM,
+                     CASE WHEN tmo_ms > 0 THEN format(', statement_timeout %s ms', tmo_ms) ELSE '' END);
+  WHEN OTHERS THEN
     outcome := 'failed';
     reason := format('checking the assumptions: %s (SQLSTATE %s)', SQLERRM, SQLSTATE);
   END;
@@ -208,7 +214,12 @@ BEGIN
   IF outcome IS NULL AND (facts->>'deleted_keys')::bigint > 0 THEN
     BEGIN
       restored := public.usage_agg_restore_deleted_keys(job);
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION WHEN query_canceled THEN
+      outcome := 'stopped';
+      reason := format('cancelled while rebuilding keys whose monthly row was deleted (%s%s); the next run '
+                       'goes on', SQLERRM,
+                       CASE WHEN tmo_ms > 0 THEN format(', statement_timeout %s ms', tmo_ms) ELSE '' END);
+    WHEN OTHERS THEN
       outcome := 'failed';
       reason := format('rebuilding keys whose monthly row was deleted: %s (SQLSTATE %s)', SQLERRM, SQLSTATE);
     END;
@@ -335,7 +346,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.usage_agg_cron_statement_timeout(p_job text DEFAULT 'default')
 RETURNS jsonb
 LANGUAGE plpgsql
-STABLE
+VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
@@ -358,16 +369,21 @@ BEGIN
      WHERE c LIKE 'statement_timeout=%') x
    ORDER BY x.pri LIMIT 1;
   IF v IS NOT NULL THEN
-    -- The units PostgreSQL takes: a bare number is milliseconds.
-    ms := CASE WHEN v ~ '^[0-9]+$' THEN v::bigint
-               WHEN v ~ '^[0-9]+ms$' THEN substring(v FROM '^[0-9]+')::bigint
-               WHEN v ~ '^[0-9]+s$' THEN substring(v FROM '^[0-9]+')::bigint * 1000
-               WHEN v ~ '^[0-9]+min$' THEN substring(v FROM '^[0-9]+')::bigint * 60000
-               WHEN v ~ '^[0-9]+h$' THEN substring(v FROM '^[0-9]+')::bigint * 3600000
-               WHEN v ~ '^[0-9]+d$' THEN substring(v FROM '^[0-9]+')::bigint * 86400000 END;
+    -- Read as PostgreSQL reads it ('30 s', '1.5min', '45000us' alike): set
+    -- for this subtransaction, read back in milliseconds, rolled back.
+    BEGIN
+      PERFORM set_config('statement_timeout', v, true);
+      ms := (SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'statement_timeout');
+      RAISE EXCEPTION USING ERRCODE = 'P0002';
+    EXCEPTION WHEN no_data_found THEN
+      NULL;
+    WHEN OTHERS THEN
+      ms := NULL;
+    END;
     IF ms IS NOT NULL THEN
       RETURN jsonb_build_object('ms', ms, 'source', src);
     END IF;
+    RETURN jsonb_build_object('ms', 0, 'source', format('%s, %L, which PostgreSQL does not read as a time', src, v));
   END IF;
   SELECT scheduled_statement_timeout_ms INTO ms FROM public.usage_aggregation_state WHERE job = p_job;
   IF ms IS NOT NULL THEN
@@ -429,7 +445,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.usage_agg_supabase_facts(p_job text DEFAULT 'default')
 RETURNS jsonb
 LANGUAGE sql
-STABLE
+VOLATILE
 SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
@@ -456,7 +472,8 @@ AS $$
         UNION ALL
         SELECT api.r || ' may execute ' || p.oid::regprocedure::text
           FROM api, pg_proc p
-         WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'usage\_agg\_%'
+         WHERE p.pronamespace = 'public'::regnamespace
+           AND (p.proname LIKE 'usage\_agg\_%' OR p.proname = 'usage_current')
            AND api.r IN ('anon', 'authenticated') AND has_function_privilege(api.r, p.oid, 'EXECUTE')) l),
     'api_statement_timeout', (SELECT substring(c FROM '^statement_timeout=(.*)$')
                                 FROM pg_db_role_setting s, unnest(s.setconfig) c
@@ -546,10 +563,11 @@ BEGIN
                     public.usage_agg_closed_months, public.usage_agg_period_events,
                     public.portal_usage_adjustments, public.usage_agg_pruned TO service_role;
   END IF;
-  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
-    -- A quota check from the app, as a signed-in user.
-    GRANT EXECUTE ON FUNCTION public.usage_current(bigint, text) TO authenticated;
-  END IF;
+  -- usage_current is no longer granted to authenticated: it is SECURITY
+  -- DEFINER and checks nothing of its caller, so any signed-in user of the
+  -- app read any portal's usage, past row level security (found by an
+  -- adversarial pass). The app calls it server-side with the service key,
+  -- or through a function of its own that checks the caller's portal.
 END $$;
 
 NOTIFY pgrst, 'reload schema';

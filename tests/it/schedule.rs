@@ -125,10 +125,6 @@ fn each_batch_commits_so_a_run_killed_midway_loses_at_most_one_and_the_next_take
     );
     assert_eq!(state_text(&stack, "lease_owner"), Some(owner.clone()));
 
-    // The CLI sees the same lease, and steps aside until it ends.
-    aggregate(&stack, &[])
-        .assert_status(75)
-        .assert_stderr_has(&owner);
     // The next scheduled run sees its backend gone, takes the lease over
     // and finishes the job.
     let done = call(&stack, "").unwrap();
@@ -141,6 +137,36 @@ fn each_batch_commits_so_a_run_killed_midway_loses_at_most_one_and_the_next_take
         .unwrap()
         .starts_with("sql@"));
     assert_eq!(state_text(&stack, "lease_owner"), None);
+}
+
+/// The CLI, too, sees a scheduled run's lease as stale as soon as its
+/// backend is gone (issue 18): it takes it over at once, where it used to
+/// step aside (75) until the lease's TTL ran out.
+#[test]
+fn the_cli_takes_over_the_lease_of_a_scheduled_run_whose_backend_is_gone() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 200, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    let db = stack
+        .sql()
+        .query_one("SELECT current_database()", &[])
+        .unwrap();
+    let owner = format!("sql@{}:999999", db.get::<_, String>(0));
+    stack
+        .sql()
+        .execute(
+            "UPDATE usage_aggregation_state SET lease_owner = $1, lease_taken_at = now(),
+                    lease_expires_at = now() + interval '1 hour' WHERE job = 'default'",
+            &[&owner],
+        )
+        .unwrap();
+    insert_rows(&stack, 50, 3);
+    aggregate(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has(&format!(
+            "took over the lease from {owner}, whose process is gone"
+        ));
+    assert_no_drift(&stack);
 }
 
 #[test]
