@@ -294,7 +294,12 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         );
         s.push_str(&capped_table(&o.refused_decreases));
     } else if o.refusals_standing.count > 0 {
-        let standing = o.refusals_standing.standing();
+        let r = &o.refusals_standing;
+        let standing = Standing {
+            total: r.count,
+            lost: r.lost,
+            closed: r.closed,
+        };
         let _ = writeln!(
             s,
             "{} refused keys stand since {} ({}): {}; {}",
@@ -777,6 +782,79 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
     if let (Some(a), serde_json::Value::Object(b)) = (into.as_object_mut(), from) {
         a.extend(b);
+    }
+}
+
+/// The refused keys that stand, by kind: each kind has its own repair
+/// (docs/semantics.md, "Rebuilds", "Rebase", "Verdicts").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub total: u64,
+    pub lost: u64,
+    pub closed: u64,
+}
+
+impl Standing {
+    pub fn of(f: &crate::preflight::Facts) -> Standing {
+        Standing {
+            total: f.refused_keys,
+            lost: f.lost_keys.unwrap_or(0),
+            closed: f.closed_refused_keys.unwrap_or(0),
+        }
+    }
+
+    fn decreases(&self) -> u64 {
+        self.total.saturating_sub(self.lost + self.closed)
+    }
+
+    /// What stands, kind by kind.
+    pub fn what(&self) -> String {
+        let mut parts = Vec::new();
+        if self.decreases() > 0 {
+            parts.push(count(
+                self.decreases(),
+                "key holds counts above its raw rows",
+                "keys hold counts above their raw rows",
+            ));
+        }
+        if self.lost > 0 {
+            parts.push(count(
+                self.lost,
+                "key had a write that did not hold",
+                "keys had a write that did not hold",
+            ));
+        }
+        if self.closed > 0 {
+            parts.push(count(
+                self.closed,
+                "key of a closed month has fewer raw rows than billed",
+                "keys of closed months have fewer raw rows than billed",
+            ));
+        }
+        parts.join("; ")
+    }
+
+    /// How to clear each kind that stands.
+    pub fn repair(&self) -> String {
+        let mut parts = Vec::new();
+        if self.decreases() > 0 {
+            parts.push(
+                "check them, then `usage-agg aggregate --full --allow-decrease` (or --month M)",
+            );
+        }
+        if self.lost > 0 {
+            parts.push(
+                "remove what undid the writes (a trigger, a rule, a hand edit), then `usage-agg aggregate --full` \
+                 (or --month M; a closed month's key: `usage-agg aggregate --rebase`)",
+            );
+        }
+        if self.closed > 0 {
+            parts.push(
+                "for a closed month: `usage-agg reopen --month M --reason ...`, `usage-agg aggregate --month M \
+                 --allow-decrease`, then `usage-agg close --month M`",
+            );
+        }
+        parts.join("; ")
     }
 }
 

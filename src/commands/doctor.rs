@@ -368,7 +368,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
     out.push(schedule_check(schedule, config));
     out.extend(supabase_checks(store, time_limit, config).await);
     if facts.refused_keys > 0 {
-        let standing = crate::preflight::Standing::of(&facts);
+        let standing = crate::output::Standing::of(&facts);
         out.push(Check::fail(
             "refused keys",
             format!(
@@ -417,11 +417,10 @@ async fn supabase_checks(
     };
     let mut out = Vec::new();
     let owner = f.migrations_owner.clone().unwrap_or_default();
-    let strangers: Vec<String> = f
+    let strangers: Vec<(&String, &String)> = f
         .table_owners
         .iter()
         .filter(|(_, o)| **o != owner)
-        .map(|(t, o)| format!("{t} is owned by {o}"))
         .collect();
     out.push(if strangers.is_empty() {
         Check::pass("table owners", format!("the seed's tables and the migrations: {owner}"))
@@ -431,13 +430,16 @@ async fn supabase_checks(
             format!(
                 "{}, not {owner}, which runs the migrations (a table Studio made as supabase_admin): a later \
                  migration altering it stops at `must be owner of table`",
-                strangers.join(", ")
+                strangers
+                    .iter()
+                    .map(|(t, o)| format!("{t} is owned by {o}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             format!(
                 "as supabase_admin (self-hosted: connect as it; hosted: ask support): {}",
-                f.table_owners
+                strangers
                     .iter()
-                    .filter(|(_, o)| **o != owner)
                     .map(|(t, _)| format!("ALTER TABLE public.{t} OWNER TO {owner};"))
                     .collect::<Vec<_>>()
                     .join(" ")

@@ -180,7 +180,7 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             crate::outln!("  PROBLEM:       {p}");
         }
         if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
-            let standing = crate::preflight::Standing::of(f);
+            let standing = crate::output::Standing::of(f);
             crate::outln!(
                 "  REFUSED:       {} since {} ({}); {}",
                 standing.what(),

@@ -190,16 +190,6 @@ pub struct Refusals {
     pub examples: Vec<String>,
 }
 
-impl Refusals {
-    pub fn standing(&self) -> crate::preflight::Standing {
-        crate::preflight::Standing {
-            total: self.count,
-            lost: self.lost,
-            closed: self.closed,
-        }
-    }
-}
-
 impl Outcome {
     /// The gravest thing the run knows about its own totals.
     pub fn verdict(&self) -> Verdict {
