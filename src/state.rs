@@ -10,42 +10,11 @@ use serde_json::json;
 
 use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
-/// The migrations, in the order they apply; named in every message about
-/// them. A migration that has shipped is never edited: a change is a new file.
-pub const MIGRATIONS: [(&str, &str); 8] = [
-    (
-        "supabase/migrations/20261127120000_usage_agg_incremental.sql",
-        include_str!("../supabase/migrations/20261127120000_usage_agg_incremental.sql"),
-    ),
-    (
-        "supabase/migrations/20261130120000_usage_agg_trust.sql",
-        include_str!("../supabase/migrations/20261130120000_usage_agg_trust.sql"),
-    ),
-    (
-        "supabase/migrations/20261201090000_usage_agg_periods.sql",
-        include_str!("../supabase/migrations/20261201090000_usage_agg_periods.sql"),
-    ),
-    (
-        "supabase/migrations/20261201100000_usage_agg_schedule.sql",
-        include_str!("../supabase/migrations/20261201100000_usage_agg_schedule.sql"),
-    ),
-    (
-        "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
-        include_str!("../supabase/migrations/20261202090000_usage_agg_rejected_tally.sql"),
-    ),
-    (
-        "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
-        include_str!("../supabase/migrations/20261207090000_usage_agg_adjust_rules.sql"),
-    ),
-    (
-        "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
-        include_str!("../supabase/migrations/20261207100000_usage_agg_rule_book.sql"),
-    ),
-    (
-        "supabase/migrations/20261207110000_usage_agg_supabase.sql",
-        include_str!("../supabase/migrations/20261207110000_usage_agg_supabase.sql"),
-    ),
-];
+/// The migrations, in the order they apply (name order), with their text;
+/// named in every message about them. Listed by `build.rs` from
+/// `supabase/migrations/`, so this is the one list. A migration that has
+/// shipped is never edited: a change is a new file.
+pub const MIGRATIONS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 /// The first migration: its state table says whether usage-agg is installed.
 pub const MIGRATION_FILE: &str = MIGRATIONS[0].0;
 /// The newest migration.

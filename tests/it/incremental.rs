@@ -482,7 +482,7 @@ fn sql_prints_the_migration() {
     run.assert_status(0);
     // Every migration, in order, each whole: pasting it all applies them.
     let mut at = 0;
-    for m in MIGRATIONS {
+    for m in MIGRATIONS.iter() {
         let sql = std::fs::read_to_string(stack::repo_root().join(m)).unwrap();
         let found = run.stdout[at..]
             .find(&sql)

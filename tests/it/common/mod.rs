@@ -163,18 +163,13 @@ pub fn count(stack: &Stack, sql: &str) -> i64 {
 }
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: [&str; 8] = [
-    "supabase/migrations/20261127120000_usage_agg_incremental.sql",
-    "supabase/migrations/20261130120000_usage_agg_trust.sql",
-    "supabase/migrations/20261201090000_usage_agg_periods.sql",
-    "supabase/migrations/20261201100000_usage_agg_schedule.sql",
-    "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
-    "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
-    "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
-    "supabase/migrations/20261207110000_usage_agg_supabase.sql",
-];
-pub const MIGRATION: &str = MIGRATIONS[0];
-pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1];
+/// The migrations in the order they apply: the list the binary embeds
+/// (`build.rs` makes it from `supabase/migrations/`).
+const EMBEDDED: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
+pub static MIGRATIONS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| EMBEDDED.iter().map(|(file, _)| *file).collect());
+pub const MIGRATION: &str = EMBEDDED[0].0;
+pub const LATEST_MIGRATION: &str = EMBEDDED[EMBEDDED.len() - 1].0;
 /// The rules of manual adjustments: their bound, and the months they are
 /// booked in.
 pub const RULES_MIGRATION: &str = "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql";
@@ -191,7 +186,7 @@ pub fn migrate_file(stack: &mut Stack, file: &str) {
 
 /// Applies every migration in order.
 pub fn migrate(stack: &mut Stack) {
-    for m in MIGRATIONS {
+    for m in MIGRATIONS.iter() {
         migrate_file(stack, m);
     }
 }

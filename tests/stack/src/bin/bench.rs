@@ -61,16 +61,18 @@ const SLOW_TIMEOUT: &str = "2s";
 /// over the timeout the default batch would be (a batch of 1,000,000 ids
 /// that are as many keys takes about 20 s on 2 cores).
 const SLOW_PROBE_BATCH: i64 = 100_000;
-const MIGRATIONS: [&str; 8] = [
-    "supabase/migrations/20261127120000_usage_agg_incremental.sql",
-    "supabase/migrations/20261130120000_usage_agg_trust.sql",
-    "supabase/migrations/20261201090000_usage_agg_periods.sql",
-    "supabase/migrations/20261201100000_usage_agg_schedule.sql",
-    "supabase/migrations/20261202090000_usage_agg_rejected_tally.sql",
-    "supabase/migrations/20261207090000_usage_agg_adjust_rules.sql",
-    "supabase/migrations/20261207100000_usage_agg_rule_book.sql",
-    "supabase/migrations/20261207110000_usage_agg_supabase.sql",
-];
+/// The migrations in the order they apply: every `supabase/migrations/*.sql`,
+/// in name order (as `build.rs` lists them for the binary).
+fn migrations() -> Vec<PathBuf> {
+    let dir = stack::repo_root().join("supabase/migrations");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("read supabase/migrations")
+        .map(|e| e.expect("read supabase/migrations").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    files
+}
 
 const USAGE: &str =
     "usage: bench [--bin PATH] [--rows N] [--wan-rows N] [--runs N] [--concurrency C] \
@@ -396,11 +398,12 @@ fn speed_flags(bin: &Path) -> (Vec<&'static str>, Vec<String>) {
 
 fn dataset(cluster: &Cluster, rows: i64, portals: i64, months: &[&str]) -> Stack {
     let mut s = Stack::on(cluster);
-    for m in MIGRATIONS {
-        let out = s.psql_file(&stack::repo_root().join(m));
+    for m in migrations() {
+        let out = s.psql_file(&m);
         assert!(
             out.status.success(),
-            "{m}: {}",
+            "{}: {}",
+            m.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
