@@ -665,6 +665,10 @@ pub struct PruneBatch {
     pub good_deleted: u64,
     pub rows_left: i64,
     pub cursor: Option<i64>,
+    /// With `refused: "problems"`: the run-time checks' problems.
+    pub problems: Vec<crate::preflight::Problem>,
+    /// With `refused: "refused_keys"`: the refused keys of those months.
+    pub keys: Vec<String>,
 }
 
 /// Ids per prune batch by default: a batch deletes at most this many rows

@@ -129,6 +129,24 @@ async fn prune(store: &RestStore, args: &PruneArgs) -> anyhow::Result<Pruned> {
                 )
                 .into())
             }
+            // Prune deletes what it knows is counted: rows up to the
+            // cursor. A run-time problem (a sequence restart, say) or a
+            // refused key means rows there may be counted nowhere.
+            Some("problems") => {
+                return Err(anyhow::Error::new(crate::preflight::Refused(b.problems)).context(
+                    "refused to prune: a run-time check failed, so rows below the cursor may not be counted; \
+                     nothing was deleted (repair what it names, then prune again)",
+                ))
+            }
+            Some("refused_keys") => {
+                return Err(Blocked(format!(
+                    "refused to prune: keys of these months are refused ({}), and their raw rows are what \
+                     decides them; nothing was deleted (`usage-agg status` names each and its repair; prune \
+                     once they are settled)",
+                    b.keys.join(", ")
+                ))
+                .into())
+            }
             Some(other) => return Err(Blocked(format!("the prune was refused ({other})")).into()),
         }
         if p.batches == 0 {

@@ -1182,6 +1182,65 @@ fn a_rebase_after_a_prune_and_a_sequence_restart_books_the_new_rows_of_a_closed_
     assert_eq!(late_rows(&stack), 3);
 }
 
+/// Prune deletes a closed month's rows up to the cursor as counted. After a
+/// sequence restart, new rows of that month take ids below the cursor and
+/// are counted by no one until `--rebase`: a prune then deleted them, and
+/// the rebase booked them from the pruned record with the latest request
+/// time of the rows still there (found by the model-based test, seed
+/// 2654341). The prune refuses (65) and deletes nothing; after the rebase it
+/// prunes, and the billed latest time is the rows' latest.
+#[test]
+fn prune_refuses_while_a_sequence_restart_leaves_rows_below_the_cursor_uncounted() {
+    let mut stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 1, "2025-06", 8);
+    // Ids 14 and 15 are handed out and gone, so the cursor passes them.
+    insert_month(&stack, 1, "2025-06", 2);
+    stack
+        .sql()
+        .batch_execute("DELETE FROM usage_requests WHERE id > 13")
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    stack.ddl("ALTER SEQUENCE usage_requests_id_seq RESTART WITH 14");
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, month_year, success, request_timestamp)
+             VALUES (1, '2025-05', true, '2025-05-31 23:00:00')",
+        )
+        .unwrap();
+    let rows = || -> i64 {
+        stack
+            .sql()
+            .query_one("SELECT count(*) FROM usage_requests", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = rows();
+    usage(&stack, &["prune", "--before", "2025-06"])
+        .assert_status(65)
+        .assert_stderr_has("refused to prune")
+        .assert_stderr_has("--rebase");
+    assert_eq!(rows(), before, "nothing deleted");
+    aggregate(&stack, &["--rebase"]).assert_status(0);
+    usage(&stack, &["prune", "--before", "2025-06"]).assert_status(0);
+    assert_invariant(&stack);
+    let latest: String = stack
+        .sql()
+        .query_one(
+            "SELECT max(at)::text FROM (
+               SELECT last_request_at AS at FROM portal_usage_monthly WHERE month_year = '2025-05'
+               UNION ALL
+               SELECT last_request_at FROM portal_usage_adjustments WHERE month_year = '2025-05') x",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(latest, "2025-05-31 23:00:00");
+    usage(&stack, &["verify"]).assert_status(0);
+}
+
 /// A closed month whose raw rows are fewer than billed (deleted by hand),
 /// with a new one among them, cannot tell new rows from old ones: the
 /// rebase refuses the key, recorded, and every run exits 65 naming the
