@@ -10,8 +10,35 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::aggregation::{format_timestamp, parse_timestamp, Key, Totals};
+use crate::config::JOB;
 use crate::postgrest::{Client, Idempotent};
-use crate::state::JOB;
+
+/// Why a key stands refused (docs/semantics.md, "Rebuilds", "Verdicts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Writing it would have lowered a stored count.
+    Decrease,
+    /// Its write did not hold.
+    Lost,
+}
+
+impl RefusalKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalKind::Decrease => "decrease",
+            RefusalKind::Lost => "lost",
+        }
+    }
+}
+
+/// A key a rebuild leaves refused: what is stored, what its rows say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub key: Key,
+    pub stored: i64,
+    pub raw: i64,
+    pub kind: RefusalKind,
+}
 
 /// Keys per call. A call's keys are booked in one transaction; a batch with
 /// more keys goes in several calls, the cursor moving with the last (a run

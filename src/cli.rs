@@ -2,8 +2,12 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use std::time::Duration;
+
 use crate::aggregation::Month;
 use crate::config::EnvChoice;
+use crate::engine::{Engine, DEFAULT_REST_BATCH_IDS};
+use crate::periods::DEFAULT_PRUNE_BATCH_IDS;
 
 /// Rolls usage_requests up into portal_usage_monthly over Supabase's REST
 /// API (PostgREST): every row counted exactly once, safe to rerun.
@@ -109,13 +113,13 @@ pub enum Command {
     )]
     Sql,
     /// Close a billing month: catch up, check its keys against their raw rows, record it closed with a snapshot
-    Close(crate::commands::close::CloseArgs),
+    Close(CloseArgs),
     /// Reopen a closed month, recorded with who, when and why
-    Reopen(crate::commands::reopen::ReopenArgs),
+    Reopen(ReopenArgs),
     /// Book a signed manual correction, with its reason, once per idempotency key
-    Adjust(crate::commands::adjust::AdjustArgs),
+    Adjust(AdjustArgs),
     /// Delete the raw rows of closed months (their totals stay checkable), in resumable batches
-    Prune(crate::commands::prune::PruneArgs),
+    Prune(PruneArgs),
     /// Check everything a run needs, one line each, with the fix: configuration, reachability, the key,
     /// the tables, the migrations, the unique key, the assumptions, the lease, the last run, the schedule
     #[command(after_long_help = concat!(
@@ -306,12 +310,6 @@ pub struct ReportArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Engine {
-    Rest,
-    Rpc,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {
     Table,
     Json,
@@ -355,7 +353,7 @@ pub struct Scan {
 
     /// Id ranges scanned at once, at most (the server answers requests in parallel). Unless --aggressive,
     /// a scan starts with one request in flight and adds more only while the server's latency stays low
-    #[arg(long, default_value_t = crate::engine::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
+    #[arg(long, default_value_t = crate::pace::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub concurrency: u16,
 
     /// Read at most this many rows a second, over the whole run (a ceiling on the load, for busy hours;
@@ -383,13 +381,6 @@ impl Scan {
         }
     }
 }
-
-/// The REST engine's ids per batch when `--batch-size` is not given. Each
-/// batch reads and writes every key it touched, so small batches made
-/// catching up a backlog several times slower per row than a rebuild
-/// (docs/benchmarks.md); memory follows keys, not rows, and a crash redoes
-/// at most one batch, a few seconds of reading.
-pub const DEFAULT_REST_BATCH_IDS: u64 = 1_000_000;
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("rebuild").args(["full", "month"])))]
@@ -426,7 +417,7 @@ pub struct AggregateArgs {
 
     /// rest: page rows over PostgREST and aggregate here; rpc: aggregate in the database, batch by batch
     /// (new rows only: not with --full, --month or --rebase)
-    #[arg(long, value_enum, default_value = "rest")]
+    #[arg(long, default_value = "rest", value_parser = engine())]
     pub engine: Engine,
 
     /// Ids per batch of new rows, both engines: the counts are written and the cursor moved after each
@@ -475,7 +466,7 @@ pub struct AggregateArgs {
 
     /// After the run, close every month past this grace after its end (e.g. 72h), each only if its keys agree
     /// with their raw rows
-    #[arg(long, value_name = "GRACE", value_parser = crate::periods::parse_grace, allow_hyphen_values = true,
+    #[arg(long, value_name = "GRACE", value_parser = grace, allow_hyphen_values = true,
           conflicts_with_all = ["dry_run", "month", "rebase"])]
     pub auto_close: Option<std::time::Duration>,
 
@@ -623,12 +614,156 @@ fn run_deadline(s: &str) -> Result<std::time::Duration, String> {
     bounded(s, std::time::Duration::from_secs(7 * 86_400))
 }
 
+/// `rest` or `rpc`, listed in `--help` as clap lists a value enum's.
+fn engine() -> impl clap::builder::TypedValueParser<Value = Engine> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["rest", "rpc"]).map(|s| match s.as_str() {
+        "rpc" => Engine::Rpc,
+        _ => Engine::Rest,
+    })
+}
+
 fn every(s: &str) -> Result<crate::schedule::Every, String> {
     crate::schedule::cron_expression(duration(s)?)
 }
 
 fn time_limit(s: &str) -> Result<std::time::Duration, String> {
     bounded(s, std::time::Duration::from_secs(86_400))
+}
+
+#[derive(Debug, Args)]
+pub struct AdjustArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// The portal whose usage is corrected
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub portal: i64,
+
+    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month, one an invoice can
+    /// still show (docs/semantics.md, "Manual adjustments")
+    #[arg(long, value_parser = month)]
+    pub month: Month,
+
+    /// Requests to add (negative to take away), at most 10^12 either way
+    #[arg(long, allow_hyphen_values = true)]
+    pub requests: i64,
+
+    /// Of which successes [default: requests minus errors], at most 10^12 either way
+    #[arg(long, allow_hyphen_values = true)]
+    pub successes: Option<i64>,
+
+    /// Of which errors [default: 0, or requests minus successes], at most 10^12 either way
+    #[arg(long, allow_hyphen_values = true)]
+    pub errors: Option<i64>,
+
+    /// Why, for the record (billing reads it)
+    #[arg(long, value_parser = reason)]
+    pub reason: String,
+
+    /// Idempotency key: the same key again books nothing (and a different adjustment under it is refused)
+    #[arg(long = "id", value_name = "KEY", value_parser = idempotency_key)]
+    pub id: String,
+}
+
+fn idempotency_key(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("an idempotency key cannot be empty".into());
+    }
+    if t.starts_with("late:") {
+        return Err("keys starting with late: are the counted rows' own".into());
+    }
+    Ok(t.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct CloseArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// The month to close (YYYY-MM)
+    #[arg(long, value_parser = month)]
+    pub month: Month,
+
+    /// How long after the month's end it may close, by the database's clock (e.g. 72h, 3d, 0)
+    #[arg(long, default_value = "72h", value_parser = grace, allow_hyphen_values = true)]
+    pub grace: Duration,
+
+    /// Check everything (grace, drift) and show the snapshot; catch up nothing and close nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// Delete the raw rows of the closed months before this one (YYYY-MM); every one of them must be closed
+    #[arg(long, value_parser = month)]
+    pub before: Month,
+
+    /// Show the months and how many rows would go; delete nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Ids per batch (one transaction each)
+    #[arg(long, default_value_t = DEFAULT_PRUNE_BATCH_IDS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ReopenArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// The closed month to reopen (YYYY-MM)
+    #[arg(long, value_parser = month)]
+    pub month: Month,
+
+    /// Why, for the record (billing reads it)
+    #[arg(long, value_parser = reason)]
+    pub reason: String,
+}
+
+/// A reason is some text, not blanks.
+fn reason(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("a reason cannot be empty: say why, for the record".into());
+    }
+    Ok(t.to_string())
+}
+
+/// `72h`, `90m`, `3d`, `0`: a grace period, in the one duration syntax
+/// (`2h30m` too); negative ones are refused by name (they would let a month
+/// close before it ends), and more than a year is not a grace period.
+fn grace(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim().starts_with('-') {
+        return Err(format!(
+            "{s:?}: a grace period cannot be negative (a month cannot close before it ends); use e.g. 72h, or 0"
+        ));
+    }
+    let d = duration(s)?;
+    if d > std::time::Duration::from_secs(366 * 86_400) {
+        return Err(format!(
+            "{s:?}: a grace period of more than a year is not one"
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -645,6 +780,23 @@ mod tests {
             Command::Aggregate(a) => a,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_idempotency_key_is_some_text_and_never_a_counted_rows_own() {
+        assert!(idempotency_key(" ").is_err() && idempotency_key("late:1").is_err());
+        assert_eq!(idempotency_key(" m-1 ").unwrap(), "m-1");
+    }
+
+    #[test]
+    fn grace_is_a_duration_like_every_other_and_never_negative() {
+        assert_eq!(grace("72h").unwrap().as_secs(), 72 * 3600);
+        assert_eq!(grace("0").unwrap().as_secs(), 0);
+        assert_eq!(grace("3d").unwrap().as_secs(), 3 * 86_400);
+        assert_eq!(grace("2h30m").unwrap().as_secs(), 9000);
+        assert!(grace("-1h").unwrap_err().contains("cannot be negative"));
+        assert!(grace("2x").is_err() && grace("").is_err());
+        assert!(grace("400d").unwrap_err().contains("more than a year"));
     }
 
     #[test]

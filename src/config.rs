@@ -9,6 +9,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The job's name in usage_aggregation_state (its cursor, lease and run
+/// record) and in pg_cron. One job for now; the column leaves room for
+/// more (per region, say).
+pub const JOB: &str = "default";
+
 use base64::Engine;
 use reqwest::Url;
 

@@ -2,7 +2,7 @@
 //! monitoring decide by these, so each means one thing; the README lists them.
 
 use crate::config::{Config, ConfigError};
-use crate::engine::incremental::LeaseLost;
+use crate::engine::lease::LeaseLost;
 use crate::engine::rpc::BatchBusy;
 use crate::postgrest::{ApiError, Failure, GaveUp, Kind};
 use crate::state::{HorizonNotSafe, LeaseHeld};
@@ -33,6 +33,28 @@ impl Status {
     }
 }
 
+/// The schema is fixed by a person before the next run (78); the data is
+/// repaired by a rebase or a setval (65).
+impl From<crate::preflight::ProblemKind> for Status {
+    fn from(k: crate::preflight::ProblemKind) -> Status {
+        match k {
+            crate::preflight::ProblemKind::Schema => Status::Config,
+            crate::preflight::ProblemKind::Data => Status::DataErr,
+        }
+    }
+}
+
+/// A finished run's status: 0 only when every committed row is counted
+/// exactly once (docs/semantics.md, "Verdicts"); 65 for every other verdict.
+impl From<crate::engine::Verdict> for Status {
+    fn from(v: crate::engine::Verdict) -> Status {
+        match v {
+            crate::engine::Verdict::Ok => Status::Ok,
+            _ => Status::DataErr,
+        }
+    }
+}
+
 /// Decides by the first typed error in the chain.
 pub fn classify(err: &anyhow::Error) -> Status {
     for cause in err.chain() {
@@ -40,7 +62,7 @@ pub fn classify(err: &anyhow::Error) -> Status {
             return Status::Config;
         }
         if let Some(r) = cause.downcast_ref::<crate::preflight::Refused>() {
-            return r.status();
+            return r.kind().into();
         }
         if cause.is::<crate::schedule::CronMissing>() {
             return Status::Config;
@@ -163,7 +185,7 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
              apply every migration up to {} (`usage-agg sql | psql`, or `supabase db push`), whose \
              functions each have one",
             api.path().trim_start_matches('/'),
-            crate::state::LATEST_MIGRATION
+            crate::migrations::LATEST_MIGRATION
         ));
     }
     let what = api
@@ -186,7 +208,7 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
             Some(format!(
                 "the database function {function} is missing: the migrations are not all applied; apply {} \
                  and every migration after it, in order (`usage-agg sql | psql`, or `supabase db push`)",
-                crate::state::migration_defining(function)
+                crate::migrations::migration_defining(function)
             ))
         }
         // usage-agg's own tables come with the migrations; the seed's two
@@ -273,7 +295,7 @@ mod tests {
 
     #[test]
     fn each_typed_error_decides_its_status_wherever_it_sits_in_the_chain() {
-        use crate::engine::incremental::LeaseLost;
+        use crate::engine::lease::LeaseLost;
         use crate::preflight::{Problem, Refused};
         let status = |code: u16, pg: &str| {
             anyhow::Error::new(Failure::Api(ApiError::Status {
@@ -316,6 +338,6 @@ mod tests {
         );
         let hint = hint(&status(404, "PGRST202"), None).unwrap();
         assert!(hint.contains("usage_agg_preflight is missing"), "{hint}");
-        assert!(hint.contains(crate::state::MIGRATIONS[1].0), "{hint}");
+        assert!(hint.contains(crate::migrations::MIGRATIONS[1].0), "{hint}");
     }
 }

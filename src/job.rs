@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
-use crate::cli::Engine;
 use crate::engine::rebuild::{self, Marks, Scope};
+use crate::engine::Engine;
 use crate::engine::{incremental, rpc, Mode, Options, Outcome, Refusals, UsageError};
 use crate::exit::{self, Status};
+use crate::migrations::MIGRATION_FILE;
 use crate::periods::Periods;
 use crate::preflight;
-use crate::state::{self, LeaseHeld, MIGRATION_FILE};
+use crate::state::{self, LeaseHeld};
 use crate::store::Store;
 
 /// What to run, decided from the command line once.

@@ -11,60 +11,6 @@ use chrono::{DateTime, Utc};
 use crate::aggregation::Totals;
 use crate::engine::{Change, Mode, Outcome};
 
-/// Writes to stdout. A reader that went away (`usage-agg ... | head -3`)
-/// is not an error: output stops quietly and the run goes on to its end, its
-/// record, its ping and its exit status (ripgrep stops quietly too).
-pub fn write_stdout(args: std::fmt::Arguments) {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static GONE: AtomicBool = AtomicBool::new(false);
-    if GONE.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            GONE.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Writes to stderr. A closed stderr (`2>&1 | head -1` once head is gone)
-/// must not turn the run's exit status into a panic's 101 or lose its end
-/// ping: the line is dropped.
-pub fn write_stderr(args: std::fmt::Arguments) {
-    use std::io::Write;
-    let mut err = std::io::stderr().lock();
-    let _ = err.write_fmt(args).and_then(|()| err.flush());
-}
-
-/// `eprintln!` that never panics: see [`write_stderr`].
-#[macro_export]
-macro_rules! errln {
-    ($($arg:tt)*) => {
-        $crate::output::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
-    };
-}
-
-/// `print!` for the summary, the tables and the JSON: see [`write_stdout`].
-#[macro_export]
-macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::output::write_stdout(format_args!($($arg)*))
-    };
-}
-
-/// `println!`, the same way.
-#[macro_export]
-macro_rules! outln {
-    () => {
-        $crate::output::write_stdout(format_args!("\n"))
-    };
-    ($($arg:tt)*) => {
-        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
-    };
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Style {
     pub emoji: bool,
@@ -855,6 +801,41 @@ impl Standing {
             );
         }
         parts.join("; ")
+    }
+}
+
+/// A time the database wrote (RFC 3339), in UTC.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// A span of seconds in the unit a person reads it in.
+pub fn humanize(secs: i64) -> String {
+    match secs.abs() {
+        s if s < 120 => format!("{s} seconds"),
+        s if s < 7200 => format!("{} minutes", s / 60),
+        s if s < 172_800 => format!("{} hours", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
+/// A time the database wrote, with how long ago (or until) it is; "never"
+/// for none.
+pub fn when(s: Option<&str>, now: DateTime<Utc>) -> String {
+    match s.and_then(parse_time) {
+        Some(t) if t <= now => format!(
+            "{} ({} ago)",
+            t.format("%Y-%m-%d %H:%M:%S UTC"),
+            humanize((now - t).num_seconds())
+        ),
+        Some(t) => format!(
+            "{} (in {})",
+            t.format("%Y-%m-%d %H:%M:%S UTC"),
+            humanize((t - now).num_seconds())
+        ),
+        None => "never".into(),
     }
 }
 

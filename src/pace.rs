@@ -20,6 +20,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Requests in flight at most (id ranges a scan reads at once, bulk reads
+/// and writes of stored rows). Chosen from the WAN curve in
+/// docs/benchmarks.md: 40 ms from the server, a million rows took 46 s at
+/// 1, 12.7 s at 4 and 7.1 s at 8. Unless `--aggressive`, this is only a
+/// ceiling: the pace starts at one and grows while latency stays flat,
+/// which on a nearby, busy server keeps it at one to three.
+pub const DEFAULT_CONCURRENCY: u16 = 8;
+
 use tokio::sync::Notify;
 use tokio::time::Instant;
 

@@ -11,11 +11,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::aggregation::{Month, Totals};
+use crate::config::JOB;
 use crate::postgrest::{Client, Idempotent};
-use crate::state::JOB;
-
-/// The migration that adds periods, named when its functions are missing.
-pub const PERIODS_MIGRATION: &str = "supabase/migrations/20261201090000_usage_agg_periods.sql";
 
 /// The grace after a month's end before it may close, by default: 72 hours
 /// (Stripe's longest invoice grace period).
@@ -353,32 +350,6 @@ pub fn who() -> String {
     format!("{user}@{host} (usage-agg {})", env!("CARGO_PKG_VERSION"))
 }
 
-/// `72h`, `90m`, `3d`, `0`: a grace period; negative ones are refused by
-/// name (they would let a month close before it ends).
-pub fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    if t.starts_with('-') {
-        return Err(format!(
-            "{s:?}: a grace period cannot be negative (a month cannot close before it ends); use e.g. 72h, or 0"
-        ));
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad =
-        || format!("{s:?} is not a grace period: expected a number with s, m, h or d, e.g. 72h");
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "" | "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3600),
-        "d" => n.checked_mul(86_400),
-        _ => return Err(bad()),
-    }
-    .filter(|s| *s <= 366 * 86_400)
-    .ok_or_else(|| format!("{s:?}: a grace period of more than a year is not one"))?;
-    Ok(std::time::Duration::from_secs(secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,164 +369,6 @@ mod tests {
         assert_eq!(p.booking_month(m("2025-09")), m("2025-09"));
         let dec = Periods::new([m("2024-12")]);
         assert_eq!(dec.booking_month(m("2024-01")), m("2025-01"));
-    }
-
-    #[test]
-    fn grace_takes_a_unit_and_is_never_negative() {
-        assert_eq!(parse_grace("72h").unwrap().as_secs(), 72 * 3600);
-        assert_eq!(parse_grace("0").unwrap().as_secs(), 0);
-        assert_eq!(parse_grace("3d").unwrap().as_secs(), 3 * 86_400);
-        assert!(parse_grace("-1h")
-            .unwrap_err()
-            .contains("cannot be negative"));
-        assert!(parse_grace("2w").is_err() && parse_grace("").is_err());
-        assert!(parse_grace("400d")
-            .unwrap_err()
-            .contains("more than a year"));
-    }
-}
-
-/// What `verify` checks and shows besides each key's rows
-/// (docs/semantics.md, "Closed months").
-#[derive(Debug, Default, Clone)]
-pub struct Checks {
-    /// Closed months whose monthly rows no longer add up to their snapshot
-    /// (the trigger was bypassed: disabled, or a superuser's session).
-    pub snapshot_mismatches: Vec<String>,
-    pub closed_checked: usize,
-    /// Late adjustments: counted rows, part of the invariant.
-    pub late_keys: usize,
-    pub late_requests: i64,
-    /// Manual adjustments: corrections, shown apart, never compared with
-    /// raw rows.
-    pub manual_count: usize,
-    pub manual_requests: i64,
-    /// Good raw rows prune deleted, counted through usage_agg_pruned.
-    pub pruned_rows: i64,
-}
-
-impl Checks {
-    /// Compares each closed month in scope with its snapshot, and sums the
-    /// adjustments, from what the recount read.
-    pub async fn gather(
-        client: &Client,
-        rc: &crate::engine::rebuild::Recount,
-        month: Option<Month>,
-        page_size: usize,
-    ) -> anyhow::Result<Checks> {
-        let mut c = Checks {
-            late_keys: rc.late.len(),
-            late_requests: sum_counts(rc.late.values().map(|t| t.requests), || {
-                "the late adjustments".into()
-            })?,
-            pruned_rows: sum_counts(rc.pruned.values().map(|t| t.requests), || {
-                "the pruned rows".into()
-            })?,
-            ..Checks::default()
-        };
-        for closed in status(client, 0).await?.closed {
-            let Some(m) = Month::parse(&closed.month) else {
-                continue;
-            };
-            if month.is_some_and(|want| want != m) {
-                continue;
-            }
-            c.closed_checked += 1;
-            let rows: Vec<&Totals> = rc
-                .stored
-                .iter()
-                .filter(|(k, _)| k.month == m)
-                .map(|(_, t)| t)
-                .collect();
-            let what = || format!("{m}'s monthly rows");
-            let now = (
-                rows.len() as i64,
-                sum_counts(rows.iter().map(|t| t.requests), what)?,
-                sum_counts(rows.iter().map(|t| t.successes), what)?,
-                sum_counts(rows.iter().map(|t| t.errors), what)?,
-            );
-            let then = (
-                closed.keys,
-                closed.requests,
-                closed.successes,
-                closed.errors,
-            );
-            if now != then {
-                c.snapshot_mismatches.push(format!(
-                    "{m}: closed with {} keys, {} requests ({} successes, {} errors); now {} keys, {} requests \
-                     ({} successes, {} errors)",
-                    then.0, then.1, then.2, then.3, now.0, now.1, now.2, now.3
-                ));
-            }
-            if closed.booked_now != closed.booked_adjustments {
-                c.snapshot_mismatches.push(format!(
-                    "{m}: closed with {} requests of adjustments booked in it; now {}",
-                    closed.booked_adjustments, closed.booked_now
-                ));
-            }
-        }
-        let filters: crate::postgrest::Query = match month {
-            Some(m) => vec![("month_year".into(), format!("eq.{m}"))],
-            None => Vec::new(),
-        };
-        let manual = crate::adjustments::read_manual_where(client, &filters, page_size).await?;
-        c.manual_count = manual.len();
-        c.manual_requests = sum_counts(manual.iter().map(|a| a.request_count), || {
-            "the manual adjustments".into()
-        })?;
-        Ok(c)
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        json!({
-            "closed_months_checked": self.closed_checked,
-            "snapshot_mismatches": self.snapshot_mismatches,
-            "late_adjustments": {"keys": self.late_keys, "requests": self.late_requests},
-            "manual_adjustments": {"count": self.manual_count, "requests": self.manual_requests},
-            "pruned_rows": self.pruned_rows,
-        })
-    }
-
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        if self.closed_checked > 0 {
-            if self.snapshot_mismatches.is_empty() {
-                s.push_str(&format!(
-                    "  Closed months: {} checked, each still adds up to the snapshot taken at its close\n",
-                    self.closed_checked
-                ));
-            } else {
-                s.push_str(&format!(
-                    "  Closed months: {} of {} no longer add up to the snapshot taken at their close (their rows \
-                     were changed past the trigger):\n",
-                    self.snapshot_mismatches.len(),
-                    self.closed_checked
-                ));
-                for m in &self.snapshot_mismatches {
-                    s.push_str(&format!("    {m}\n"));
-                }
-            }
-        }
-        if self.late_keys > 0 {
-            s.push_str(&format!(
-                "  Late adjustments: {} requests in {} keys, checked with their months' rows above\n",
-                self.late_requests, self.late_keys
-            ));
-        }
-        if self.pruned_rows > 0 {
-            s.push_str(&format!(
-                "  Pruned rows: {} (checked through what prune recorded when it deleted them)\n",
-                self.pruned_rows
-            ));
-        }
-        if self.manual_count > 0 {
-            s.push_str(&format!(
-                "  Manual adjustments: {} entries, {:+} requests in all (corrections, not counted rows: never \
-                 compared with raw rows; `usage-agg report` lists them)\n",
-                self.manual_count, self.manual_requests
-            ));
-        }
-        s
     }
 }
 

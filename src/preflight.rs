@@ -3,14 +3,12 @@
 //! the facts and judges them, once, for the CLI and the scheduled run alike
 //! (`usage_agg_preflight`'s `problems`, from `usage_agg_problems`): each
 //! problem's code and its one line (what was found, the likely cause, the
-//! repair). This module only maps a code to its exit status and to whether
-//! `--rebase` repairs it.
+//! repair). This module only tells a code's kind (the schema or the data;
+//! `exit.rs` maps kinds to statuses) and whether `--rebase` repairs it.
 
 use std::fmt;
 
 use serde::Deserialize;
-
-use crate::exit::Status;
 
 /// What `usage_agg_preflight` answers.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -56,15 +54,23 @@ pub struct Problem {
 /// predates the judgement.
 pub const RULE_BOOK_MISSING: &str = "rule_book_missing";
 
+/// What a problem is about, which decides who acts and how soon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProblemKind {
+    /// The data and the job's state: a rebase or a setval repairs it.
+    Data,
+    /// The schema: fix the table or the sequence, then run again.
+    Schema,
+}
+
 impl Problem {
-    /// 78 for the schema (fix the table or the sequence, then run again);
-    /// 65 for the data and the job's state. A code this binary does not
-    /// know (a newer database's check) is taken as a schema problem: the
-    /// run refuses, and says what the database said.
-    pub fn status(&self) -> Status {
+    /// A code this binary does not know (a newer database's check) is
+    /// taken as a schema problem: the run refuses, and says what the
+    /// database said.
+    pub fn kind(&self) -> ProblemKind {
         match self.code.as_str() {
-            "sequence_behind_cursor" | "ids_above_sequence" | "table_reset" => Status::DataErr,
-            _ => Status::Config,
+            "sequence_behind_cursor" | "ids_above_sequence" | "table_reset" => ProblemKind::Data,
+            _ => ProblemKind::Schema,
         }
     }
 
@@ -97,7 +103,7 @@ pub fn problems(f: &Facts) -> Vec<Problem> {
                  engine can book rows without it; repair: apply every migration not yet applied, in \
                  order: `usage-agg sql | psql \"$DATABASE_URL\"` applies them all (each may run \
                  again), or `supabase db push`",
-                crate::state::migration_defining("usage_agg_book")
+                crate::migrations::migration_defining("usage_agg_book")
             ),
         }],
     }
@@ -108,13 +114,13 @@ pub fn problems(f: &Facts) -> Vec<Problem> {
 pub struct Refused(pub Vec<Problem>);
 
 impl Refused {
-    /// The gravest problem's status: a schema fix comes before a rebase.
-    pub fn status(&self) -> Status {
-        if self.0.iter().any(|p| p.status() == Status::Config) {
-            Status::Config
-        } else {
-            Status::DataErr
-        }
+    /// The gravest problem's kind: a schema fix comes before a rebase.
+    pub fn kind(&self) -> ProblemKind {
+        self.0
+            .iter()
+            .map(Problem::kind)
+            .max()
+            .unwrap_or(ProblemKind::Data)
     }
 }
 
@@ -143,26 +149,24 @@ mod tests {
     }
 
     #[test]
-    fn each_code_maps_to_its_status_and_only_two_are_repaired_by_a_rebase() {
-        for (code, status, rebase) in [
-            ("no_sequence", Status::Config, false),
-            ("id_default_not_sequence", Status::Config, false),
-            ("sequence_cache", Status::Config, false),
-            ("sequence_behind_cursor", Status::DataErr, true),
-            ("ids_above_sequence", Status::DataErr, false),
-            ("table_reset", Status::DataErr, true),
-            ("a_check_of_a_newer_database", Status::Config, false),
-            (RULE_BOOK_MISSING, Status::Config, false),
+    fn each_code_has_its_kind_and_only_two_are_repaired_by_a_rebase() {
+        use ProblemKind::{Data, Schema};
+        for (code, kind, rebase) in [
+            ("no_sequence", Schema, false),
+            ("id_default_not_sequence", Schema, false),
+            ("sequence_cache", Schema, false),
+            ("sequence_behind_cursor", Data, true),
+            ("ids_above_sequence", Data, false),
+            ("table_reset", Data, true),
+            ("a_check_of_a_newer_database", Schema, false),
+            (RULE_BOOK_MISSING, Schema, false),
         ] {
             let p = problem(code);
-            assert_eq!((p.status(), p.rebase_repairs()), (status, rebase), "{code}");
+            assert_eq!((p.kind(), p.rebase_repairs()), (kind, rebase), "{code}");
         }
         let mixed = Refused(vec![problem("table_reset"), problem("no_sequence")]);
-        assert_eq!(mixed.status(), Status::Config);
-        assert_eq!(
-            Refused(vec![problem("table_reset")]).status(),
-            Status::DataErr
-        );
+        assert_eq!(mixed.kind(), Schema);
+        assert_eq!(Refused(vec![problem("table_reset")]).kind(), Data);
     }
 
     #[test]

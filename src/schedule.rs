@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// The pg_cron job's name for this job: `usage-agg-<job>`.
 pub fn job_name() -> String {
-    format!("usage-agg-{}", crate::state::JOB)
+    format!("usage-agg-{}", crate::config::JOB)
 }
 
 /// Each scheduled run's time bound when `--time-limit` is not given: under

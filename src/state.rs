@@ -8,27 +8,9 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::JOB;
 use crate::postgrest::{Client, Failure, Idempotent, Kind, Query};
 
-/// The migrations, in the order they apply (name order), with their text;
-/// named in every message about them. Listed by `build.rs` from
-/// `supabase/migrations/`, so this is the one list. A migration that has
-/// shipped is never edited: a change is a new file.
-pub const MIGRATIONS: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
-/// The first migration: its state table says whether usage-agg is installed.
-pub const MIGRATION_FILE: &str = MIGRATIONS[0].0;
-/// The newest migration.
-pub const LATEST_MIGRATION: &str = MIGRATIONS[MIGRATIONS.len() - 1].0;
-
-/// The migration that first defines the database function `name`, to name
-/// in the message when it is missing; the newest one if none does.
-pub fn migration_defining(name: &str) -> &'static str {
-    let needle = format!("FUNCTION public.{name}(");
-    MIGRATIONS
-        .iter()
-        .find(|(_, sql)| sql.contains(&needle))
-        .map_or(LATEST_MIGRATION, |(file, _)| file)
-}
 pub const STATE_TABLE: &str = "usage_aggregation_state";
 
 /// Whether the rejected-rows tally (the newest migration's columns) is
@@ -84,9 +66,6 @@ pub async fn supabase_facts(client: &Client) -> anyhow::Result<SupabaseFacts> {
         .await
         .context("reading the project's owners, row level security and grants (usage_agg_supabase_facts)")
 }
-
-/// One job for now; the column leaves room for more (per region, say).
-pub const JOB: &str = "default";
 
 /// The lease a run tried to take, and who had it.
 #[derive(Debug, Clone, Deserialize)]
@@ -305,7 +284,7 @@ impl JobState<'_> {
     pub async fn record_refusals(
         &self,
         scope: &str,
-        keys: &[crate::store::Refusal],
+        keys: &[crate::booking::Refusal],
         horizon: i64,
     ) -> anyhow::Result<u64> {
         let keys: Vec<_> = keys
@@ -438,37 +417,6 @@ pub fn owner_is_dead_here(owner: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_missing_function_is_traced_to_the_migration_that_defines_it() {
-        assert_eq!(
-            migration_defining("usage_agg_safe_horizon"),
-            MIGRATIONS[0].0
-        );
-        assert_eq!(migration_defining("usage_agg_preflight"), MIGRATIONS[1].0);
-        assert_eq!(migration_defining("usage_agg_close_month"), MIGRATIONS[2].0);
-        assert_eq!(
-            crate::periods::PERIODS_MIGRATION,
-            MIGRATIONS[2].0,
-            "the periods module names its migration"
-        );
-        assert_eq!(
-            migration_defining("usage_agg_schedule_show"),
-            MIGRATIONS[3].0
-        );
-        assert_eq!(
-            migration_defining("usage_agg_note_rejected"),
-            MIGRATIONS[4].0,
-            "the tally has a migration of its own: the trust migration is never edited"
-        );
-        assert_eq!(
-            migration_defining("usage_agg_adjust_bound"),
-            MIGRATIONS[5].0,
-            "the rules of manual adjustments have a migration of their own"
-        );
-        assert_eq!(migration_defining("usage_agg_adjust"), MIGRATIONS[2].0);
-        assert_eq!(migration_defining("no_such_function"), LATEST_MIGRATION);
-    }
 
     #[test]
     fn a_dead_local_owner_is_recognised_and_a_live_or_remote_one_is_not() {

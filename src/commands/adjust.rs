@@ -3,66 +3,14 @@
 //! `--id` twice books once. Nothing is ever edited: a correction of a
 //! correction is another adjustment (docs/semantics.md, "Closed months").
 
-use clap::Args;
 use serde_json::json;
 
-use super::reopen::reason;
 use super::{connect, failure_json, report_error};
-use crate::aggregation::Month;
-use crate::cli::{Connection, Output};
+use crate::cli::AdjustArgs;
 use crate::exit::Status;
 use crate::periods::{self, AdjustRequest, Refusal, ADJUST_BOUND};
 use crate::store::rest::RestStore;
 use crate::store::Store;
-
-#[derive(Debug, Args)]
-pub struct AdjustArgs {
-    #[command(flatten)]
-    pub connection: Connection,
-
-    #[command(flatten)]
-    pub output: Output,
-
-    /// The portal whose usage is corrected
-    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
-    pub portal: i64,
-
-    /// The month the usage belongs to (YYYY-MM); the adjustment is booked in the open month, one an invoice can
-    /// still show (docs/semantics.md, "Manual adjustments")
-    #[arg(long, value_parser = crate::cli::month)]
-    pub month: Month,
-
-    /// Requests to add (negative to take away), at most 10^12 either way
-    #[arg(long, allow_hyphen_values = true)]
-    pub requests: i64,
-
-    /// Of which successes [default: requests minus errors], at most 10^12 either way
-    #[arg(long, allow_hyphen_values = true)]
-    pub successes: Option<i64>,
-
-    /// Of which errors [default: 0, or requests minus successes], at most 10^12 either way
-    #[arg(long, allow_hyphen_values = true)]
-    pub errors: Option<i64>,
-
-    /// Why, for the record (billing reads it)
-    #[arg(long, value_parser = reason)]
-    pub reason: String,
-
-    /// Idempotency key: the same key again books nothing (and a different adjustment under it is refused)
-    #[arg(long = "id", value_name = "KEY", value_parser = idempotency_key)]
-    pub id: String,
-}
-
-fn idempotency_key(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("an idempotency key cannot be empty".into());
-    }
-    if t.starts_with("late:") {
-        return Err("keys starting with late: are the counted rows' own".into());
-    }
-    Ok(t.to_string())
-}
 
 /// Successes and errors from what was given: they add up to the requests,
 /// and each count is within [`ADJUST_BOUND`]. Computed in i128, so no sum
@@ -245,7 +193,6 @@ mod tests {
         assert_eq!(split(10, None, Some(2)), Ok((8, 2)));
         assert_eq!(split(10, Some(7), None), Ok((7, 3)));
         assert!(split(10, Some(7), Some(2)).is_err());
-        assert!(idempotency_key(" ").is_err() && idempotency_key("late:1").is_err());
     }
 
     #[test]
@@ -289,7 +236,7 @@ mod tests {
 
     #[test]
     fn the_bound_is_the_databases() {
-        let sql = crate::state::MIGRATIONS
+        let sql = crate::migrations::MIGRATIONS
             .iter()
             .find(|(f, _)| f.ends_with("_usage_agg_adjust_rules.sql"))
             .expect("the adjust rules migration is listed")

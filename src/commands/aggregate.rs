@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use super::{connect, report_error};
-use crate::cli::{AggregateArgs, Engine};
+use crate::cli::AggregateArgs;
 use crate::engine::rebuild::Scope;
+use crate::engine::Engine;
 use crate::engine::{Options, Outcome, Verdict};
 use crate::exit::Status;
 use crate::job::Job;
@@ -67,7 +68,7 @@ pub async fn run(args: AggregateArgs) -> Status {
     };
     let status = match (&connected, &result) {
         (Err(e), _) => report_error(e, None),
-        (Ok(_), Ok(o)) => o.verdict().status(),
+        (Ok(_), Ok(o)) => o.verdict().into(),
         (Ok((config, _)), Err(e)) => {
             let status = report_error(e, Some(config));
             if human {

@@ -7,14 +7,14 @@
 
 use std::time::Duration;
 
-use clap::Args;
 use serde_json::json;
 
 use super::{connect, failure_json, report_error};
 use crate::aggregation::Month;
-use crate::cli::{Connection, Engine, Output, DEFAULT_REST_BATCH_IDS};
+use crate::cli::CloseArgs;
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::engine::{Change, Options, Verdict};
+use crate::engine::{Engine, DEFAULT_REST_BATCH_IDS};
 use crate::exit::Status;
 use crate::job::Job;
 use crate::output::{capped_table, Style};
@@ -23,27 +23,6 @@ use crate::progress::Progress;
 use crate::state;
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
-
-#[derive(Debug, Args)]
-pub struct CloseArgs {
-    #[command(flatten)]
-    pub connection: Connection,
-
-    #[command(flatten)]
-    pub output: Output,
-
-    /// The month to close (YYYY-MM)
-    #[arg(long, value_parser = crate::cli::month)]
-    pub month: Month,
-
-    /// How long after the month's end it may close, by the database's clock (e.g. 72h, 3d, 0)
-    #[arg(long, default_value = "72h", value_parser = periods::parse_grace, allow_hyphen_values = true)]
-    pub grace: Duration,
-
-    /// Check everything (grace, drift) and show the snapshot; catch up nothing and close nothing
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 /// How a close ended, for the text and the JSON.
 #[derive(Debug, Default)]
@@ -510,6 +489,6 @@ pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<Au
 /// Closing a month scans it while the product runs: at the default pace.
 fn neighbourly() -> crate::pace::Pace {
     crate::pace::Pace::new(crate::pace::PaceSettings::neighbourly(usize::from(
-        crate::engine::DEFAULT_CONCURRENCY,
+        crate::pace::DEFAULT_CONCURRENCY,
     )))
 }

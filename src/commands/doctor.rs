@@ -10,11 +10,12 @@ use super::connect;
 use crate::cli::DoctorArgs;
 use crate::config::KeyKind;
 use crate::exit::{self, Status};
+use crate::migrations::{LATEST_MIGRATION, MIGRATIONS};
 use crate::output::Style;
 use crate::postgrest::Kind;
 use crate::preflight;
 use crate::schedule::CronAnswer;
-use crate::state::{owner_is_dead_here, LATEST_MIGRATION, MIGRATIONS};
+use crate::state::owner_is_dead_here;
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
@@ -201,7 +202,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                 let apply = |function: &str| {
                     format!(
                         "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
-                        crate::state::migration_defining(function)
+                        crate::migrations::migration_defining(function)
                     )
                 };
                 out.push(match (&schedule, &tally, &rules) {
@@ -285,7 +286,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
             "assumptions",
             refused.to_string().replace("refused to count: ", ""),
             "the repair each problem names",
-            refused.status(),
+            Status::from(refused.kind()),
         )
     });
     match store.state().await {
@@ -496,7 +497,7 @@ async fn supabase_checks(
             f.grant_leaks.join("; "),
             format!(
                 "apply {} again (it revokes the default grants, then grants what each role needs)",
-                crate::state::migration_defining("usage_agg_supabase_facts")
+                crate::migrations::migration_defining("usage_agg_supabase_facts")
             ),
             Status::Config,
         )

@@ -5,37 +5,14 @@
 //! records how far it is pruned). An open month before it refuses the
 //! prune, named (docs/semantics.md, "Closed months").
 
-use clap::Args;
 use serde_json::json;
 
 use super::{connect, failure_json, report_error};
-use crate::aggregation::Month;
-use crate::cli::{Connection, Output};
+use crate::cli::PruneArgs;
 use crate::exit::Status;
-use crate::periods::{self, Blocked, Refusal, DEFAULT_PRUNE_BATCH_IDS};
+use crate::periods::{self, Blocked, Refusal};
 use crate::store::rest::RestStore;
 use crate::store::Store;
-
-#[derive(Debug, Args)]
-pub struct PruneArgs {
-    #[command(flatten)]
-    pub connection: Connection,
-
-    #[command(flatten)]
-    pub output: Output,
-
-    /// Delete the raw rows of the closed months before this one (YYYY-MM); every one of them must be closed
-    #[arg(long, value_parser = crate::cli::month)]
-    pub before: Month,
-
-    /// Show the months and how many rows would go; delete nothing
-    #[arg(long)]
-    pub dry_run: bool,
-
-    /// Ids per batch (one transaction each)
-    #[arg(long, default_value_t = DEFAULT_PRUNE_BATCH_IDS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub batch_size: u64,
-}
 
 #[derive(Debug, Default)]
 struct Pruned {

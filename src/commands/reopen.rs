@@ -4,42 +4,14 @@
 //! from now on are counted there, and adjustments are booked after the
 //! newest month still closed (docs/semantics.md, "Closed months").
 
-use clap::Args;
 use serde_json::json;
 
 use super::{connect, failure_json, report_error};
-use crate::aggregation::Month;
-use crate::cli::{Connection, Output};
+use crate::cli::ReopenArgs;
 use crate::exit::Status;
 use crate::periods::{self, Refusal};
 use crate::store::rest::RestStore;
 use crate::store::Store;
-
-#[derive(Debug, Args)]
-pub struct ReopenArgs {
-    #[command(flatten)]
-    pub connection: Connection,
-
-    #[command(flatten)]
-    pub output: Output,
-
-    /// The closed month to reopen (YYYY-MM)
-    #[arg(long, value_parser = crate::cli::month)]
-    pub month: Month,
-
-    /// Why, for the record (billing reads it)
-    #[arg(long, value_parser = reason)]
-    pub reason: String,
-}
-
-/// A reason is some text, not blanks.
-pub(crate) fn reason(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("a reason cannot be empty: say why, for the record".into());
-    }
-    Ok(t.to_string())
-}
 
 pub async fn run(args: ReopenArgs) -> Status {
     let (config, client) = match connect(&args.connection) {

@@ -9,10 +9,10 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::status::{parse_time, when};
 use super::{connect, report_error};
 use crate::cli::ScheduleArgs;
 use crate::exit::Status;
+use crate::output::{parse_time, when};
 use crate::schedule::{describe, job_name, CronAnswer, CronJob, CronRun};
 use crate::store::rest::RestStore;
 use crate::store::Store;

@@ -4,7 +4,7 @@
 //! that has some already.
 
 use crate::exit::Status;
-use crate::state::MIGRATIONS;
+use crate::migrations::MIGRATIONS;
 
 pub fn run() -> Status {
     for (i, (file, sql)) in MIGRATIONS.iter().enumerate() {

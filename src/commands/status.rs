@@ -10,10 +10,12 @@ use super::{connect, failure_json, report_error};
 use crate::cli::StatusArgs;
 use crate::exit::Status;
 use crate::metrics::{self, StatusMetrics};
+use crate::migrations::MIGRATION_FILE;
+use crate::output::{humanize, parse_time, when};
 use crate::ping::Ping;
 use crate::preflight;
 use crate::schedule::CronAnswer;
-use crate::state::{StateRow, MIGRATION_FILE};
+use crate::state::StateRow;
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
@@ -84,7 +86,7 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             Ok(p) => Ok(Some(p)),
             Err(e) if crate::exit::classify(&e) == Status::Config => Err(format!(
                 "the periods migration is not applied, so runs stop (78): apply {} (`usage-agg sql`)",
-                crate::periods::PERIODS_MIGRATION
+                crate::migrations::PERIODS_MIGRATION
             )),
             Err(e) => {
                 let status = report_error(&e, Some(&config));
@@ -110,7 +112,10 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     let (status, outcome) = if periods.is_err() {
         (Status::Config, "problems")
     } else if !problems.is_empty() {
-        (preflight::Refused(problems.clone()).status(), "problems")
+        (
+            Status::from(preflight::Refused(problems.clone()).kind()),
+            "problems",
+        )
     } else if refused > 0 {
         (Status::DataErr, "decreases_refused")
     } else if stale {
@@ -324,43 +329,12 @@ fn render_periods(p: &crate::periods::PeriodsStatus) -> String {
     out
 }
 
-pub(crate) fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|d| d.with_timezone(&Utc))
-}
-
 /// How long the last finished run took; None while a newer run is under
 /// way (its start is not the finished run's), never negative.
 fn run_seconds(s: &StateRow) -> Option<f64> {
     let start = parse_time(s.last_run_started_at.as_deref()?)?;
     let end = parse_time(s.last_run_finished_at.as_deref()?)?;
     (end >= start).then(|| (end - start).num_milliseconds() as f64 / 1000.0)
-}
-
-pub(crate) fn humanize(secs: i64) -> String {
-    match secs.abs() {
-        s if s < 120 => format!("{s} seconds"),
-        s if s < 7200 => format!("{} minutes", s / 60),
-        s if s < 172_800 => format!("{} hours", s / 3600),
-        s => format!("{} days", s / 86_400),
-    }
-}
-
-pub(crate) fn when(s: Option<&str>, now: DateTime<Utc>) -> String {
-    match s.and_then(parse_time) {
-        Some(t) if t <= now => format!(
-            "{} ({} ago)",
-            t.format("%Y-%m-%d %H:%M:%S UTC"),
-            humanize((now - t).num_seconds())
-        ),
-        Some(t) => format!(
-            "{} (in {})",
-            t.format("%Y-%m-%d %H:%M:%S UTC"),
-            humanize((t - now).num_seconds())
-        ),
-        None => "never".into(),
-    }
 }
 
 fn render(

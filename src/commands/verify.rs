@@ -4,14 +4,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use serde_json::json;
+
 use super::{connect, failure_json, report_error};
 use crate::adjustments::read_pruned_through;
-use crate::aggregation::Month;
+use crate::aggregation::{Month, Totals};
 use crate::cli::VerifyArgs;
 use crate::engine::rebuild::{self, Marks, Recount, Scope};
 use crate::exit::Status;
 use crate::output::{self, Style};
-use crate::periods::{Checks, Periods, PruneRunning};
+use crate::periods::{status, sum_counts, Periods, PruneRunning};
 use crate::ping::Ping;
 use crate::postgrest::Client;
 use crate::progress::Progress;
@@ -249,6 +251,150 @@ fn moved(before: &HashMap<Month, i64>, after: &HashMap<Month, i64>) -> BTreeSet<
         .filter(|m| mark(before, m) != mark(after, m))
         .copied()
         .collect()
+}
+
+/// What `verify` checks and shows besides each key's rows
+/// (docs/semantics.md, "Closed months").
+#[derive(Debug, Default, Clone)]
+pub struct Checks {
+    /// Closed months whose monthly rows no longer add up to their snapshot
+    /// (the trigger was bypassed: disabled, or a superuser's session).
+    pub snapshot_mismatches: Vec<String>,
+    pub closed_checked: usize,
+    /// Late adjustments: counted rows, part of the invariant.
+    pub late_keys: usize,
+    pub late_requests: i64,
+    /// Manual adjustments: corrections, shown apart, never compared with
+    /// raw rows.
+    pub manual_count: usize,
+    pub manual_requests: i64,
+    /// Good raw rows prune deleted, counted through usage_agg_pruned.
+    pub pruned_rows: i64,
+}
+
+impl Checks {
+    /// Compares each closed month in scope with its snapshot, and sums the
+    /// adjustments, from what the recount read.
+    pub async fn gather(
+        client: &Client,
+        rc: &crate::engine::rebuild::Recount,
+        month: Option<Month>,
+        page_size: usize,
+    ) -> anyhow::Result<Checks> {
+        let mut c = Checks {
+            late_keys: rc.late.len(),
+            late_requests: sum_counts(rc.late.values().map(|t| t.requests), || {
+                "the late adjustments".into()
+            })?,
+            pruned_rows: sum_counts(rc.pruned.values().map(|t| t.requests), || {
+                "the pruned rows".into()
+            })?,
+            ..Checks::default()
+        };
+        for closed in status(client, 0).await?.closed {
+            let Some(m) = Month::parse(&closed.month) else {
+                continue;
+            };
+            if month.is_some_and(|want| want != m) {
+                continue;
+            }
+            c.closed_checked += 1;
+            let rows: Vec<&Totals> = rc
+                .stored
+                .iter()
+                .filter(|(k, _)| k.month == m)
+                .map(|(_, t)| t)
+                .collect();
+            let what = || format!("{m}'s monthly rows");
+            let now = (
+                rows.len() as i64,
+                sum_counts(rows.iter().map(|t| t.requests), what)?,
+                sum_counts(rows.iter().map(|t| t.successes), what)?,
+                sum_counts(rows.iter().map(|t| t.errors), what)?,
+            );
+            let then = (
+                closed.keys,
+                closed.requests,
+                closed.successes,
+                closed.errors,
+            );
+            if now != then {
+                c.snapshot_mismatches.push(format!(
+                    "{m}: closed with {} keys, {} requests ({} successes, {} errors); now {} keys, {} requests \
+                     ({} successes, {} errors)",
+                    then.0, then.1, then.2, then.3, now.0, now.1, now.2, now.3
+                ));
+            }
+            if closed.booked_now != closed.booked_adjustments {
+                c.snapshot_mismatches.push(format!(
+                    "{m}: closed with {} requests of adjustments booked in it; now {}",
+                    closed.booked_adjustments, closed.booked_now
+                ));
+            }
+        }
+        let filters: crate::postgrest::Query = match month {
+            Some(m) => vec![("month_year".into(), format!("eq.{m}"))],
+            None => Vec::new(),
+        };
+        let manual = crate::adjustments::read_manual_where(client, &filters, page_size).await?;
+        c.manual_count = manual.len();
+        c.manual_requests = sum_counts(manual.iter().map(|a| a.request_count), || {
+            "the manual adjustments".into()
+        })?;
+        Ok(c)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "closed_months_checked": self.closed_checked,
+            "snapshot_mismatches": self.snapshot_mismatches,
+            "late_adjustments": {"keys": self.late_keys, "requests": self.late_requests},
+            "manual_adjustments": {"count": self.manual_count, "requests": self.manual_requests},
+            "pruned_rows": self.pruned_rows,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if self.closed_checked > 0 {
+            if self.snapshot_mismatches.is_empty() {
+                s.push_str(&format!(
+                    "  Closed months: {} checked, each still adds up to the snapshot taken at its close\n",
+                    self.closed_checked
+                ));
+            } else {
+                s.push_str(&format!(
+                    "  Closed months: {} of {} no longer add up to the snapshot taken at their close (their rows \
+                     were changed past the trigger):\n",
+                    self.snapshot_mismatches.len(),
+                    self.closed_checked
+                ));
+                for m in &self.snapshot_mismatches {
+                    s.push_str(&format!("    {m}\n"));
+                }
+            }
+        }
+        if self.late_keys > 0 {
+            s.push_str(&format!(
+                "  Late adjustments: {} requests in {} keys, checked with their months' rows above\n",
+                self.late_requests, self.late_keys
+            ));
+        }
+        if self.pruned_rows > 0 {
+            s.push_str(&format!(
+                "  Pruned rows: {} (checked through what prune recorded when it deleted them)\n",
+                self.pruned_rows
+            ));
+        }
+        if self.manual_count > 0 {
+            s.push_str(&format!(
+                "  Manual adjustments: {} entries, {:+} requests in all (corrections, not counted rows: never \
+                 compared with raw rows; `usage-agg report` lists them)\n",
+                self.manual_count, self.manual_requests
+            ));
+        }
+        s
+    }
 }
 
 #[cfg(test)]

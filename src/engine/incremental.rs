@@ -19,14 +19,6 @@ use crate::booking::{Booked, KEYS_PER_CALL};
 use crate::failpoint;
 use crate::store::{RawFilter, Store};
 
-/// The lease was lost mid-run (it expired and another run took it): stop at
-/// the next safe point. What was written is correct; exit 75.
-#[derive(Debug, thiserror::Error)]
-#[error("the lease expired during the run and another run took it over; stopped after moving the cursor to {cursor}")]
-pub struct LeaseLost {
-    pub cursor: i64,
-}
-
 /// Counts rows in (cursor, horizon], in batches of about `opts.batch_rows`:
 /// each batch's rows are read, folded by key, and handed to the rule book
 /// in the database (docs/semantics.md, "Booking a row"), which decides for

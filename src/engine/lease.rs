@@ -10,8 +10,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::incremental::LeaseLost;
 use crate::store::Store;
+
+/// The lease was lost mid-run (it expired and another run took it): stop at
+/// the next safe point. What was written is correct; exit 75.
+#[derive(Debug, thiserror::Error)]
+#[error("the lease expired during the run and another run took it over; stopped after moving the cursor to {cursor}")]
+pub struct LeaseLost {
+    pub cursor: i64,
+}
 
 pub struct Keeper<'a, S> {
     store: &'a S,

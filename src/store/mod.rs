@@ -69,32 +69,7 @@ pub struct Batch {
     pub done: bool,
 }
 
-/// Why a key stands refused (docs/semantics.md, "Rebuilds", "Verdicts").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalKind {
-    /// Writing it would have lowered a stored count.
-    Decrease,
-    /// Its write did not hold.
-    Lost,
-}
-
-impl RefusalKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            RefusalKind::Decrease => "decrease",
-            RefusalKind::Lost => "lost",
-        }
-    }
-}
-
-/// A key a rebuild leaves refused: what is stored, what its rows say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
-    pub key: Key,
-    pub stored: i64,
-    pub raw: i64,
-    pub kind: RefusalKind,
-}
+pub use crate::booking::{Refusal, RefusalKind};
 
 /// The two tables and the job's state. Every method is one idempotent step
 /// (docs/semantics.md, "Idempotent writes"): a run that dies between any two

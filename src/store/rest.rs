@@ -14,12 +14,13 @@ use super::{Batch, RawFilter, Refusal, Store, StoredFilter};
 use crate::adjustments::{self, LateKey};
 use crate::aggregation::{Key, Month, Totals};
 use crate::booking::{self, Booked, Rebased};
+use crate::config::JOB;
 use crate::pace::Pace;
 use crate::periods::{self, CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
 use crate::postgrest::{Client, Idempotent, Query};
 use crate::preflight::Facts;
 use crate::schedule::CronAnswer;
-use crate::state::{JobState, Lease, StateRow, JOB};
+use crate::state::{JobState, Lease, StateRow};
 use crate::tables::{self, ParallelScan, WriteStats};
 
 /// The real store: one Supabase project's REST API.
@@ -34,7 +35,7 @@ impl RestStore {
     pub fn new(client: Client) -> RestStore {
         RestStore {
             client,
-            at_once: usize::from(crate::engine::DEFAULT_CONCURRENCY),
+            at_once: usize::from(crate::pace::DEFAULT_CONCURRENCY),
         }
     }
 

@@ -450,7 +450,7 @@ fn the_database_judges_every_kind_of_fact_once_for_the_cli_and_the_scheduled_run
         for p in sql.as_array().unwrap() {
             let problem: usage_agg::preflight::Problem = serde_json::from_value(p.clone()).unwrap();
             assert_eq!(
-                i64::from(problem.status().code()),
+                i64::from(usage_agg::exit::Status::from(problem.kind()).code()),
                 p["exit"].as_i64().unwrap(),
                 "{p}"
             );
