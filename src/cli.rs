@@ -471,7 +471,8 @@ pub struct AggregateArgs {
     pub auto_close: Option<std::time::Duration>,
 
     /// Milliseconds to wait for inserts in flight before counting up to the newest id
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=7000))]
+    #[arg(long, default_value_t = crate::engine::DEFAULT_HORIZON_WAIT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=7000))]
     pub horizon_wait_ms: u64,
 }
 
@@ -486,6 +487,18 @@ fn aggregate_conflict(message: impl std::fmt::Display) -> clap::Error {
 }
 
 impl AggregateArgs {
+    /// `aggregate` with every default: what a catch-up run inside another
+    /// command makes (`close`, `--auto-close`).
+    pub fn defaults() -> AggregateArgs {
+        match Cli::try_parse_from(["usage-agg", "aggregate"]) {
+            Ok(Cli {
+                command: Command::Aggregate(a),
+                ..
+            }) => a,
+            other => unreachable!("`aggregate` alone parses: {other:?}"),
+        }
+    }
+
     /// Ids per batch for `engine`: `--batch-size`, else that engine's default.
     pub fn batch_ids_for(&self, engine: Engine) -> u64 {
         self.batch_size.unwrap_or(match engine {

@@ -9,6 +9,18 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// This machine's name, read one way everywhere: in a lease's owner (to
+/// tell a dead run on this host) and in the record of who closed or
+/// adjusted a month.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
 /// The job's name in usage_aggregation_state (its cursor, lease and run
 /// record) and in pg_cron. One job for now; the column leaves room for
 /// more (per region, say).

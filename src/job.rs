@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::cli::AggregateArgs;
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::engine::Engine;
 use crate::engine::{incremental, rpc, Mode, Options, Outcome, Refusals, UsageError};
@@ -14,8 +15,16 @@ use crate::exit::{self, Status};
 use crate::migrations::MIGRATION_FILE;
 use crate::periods::Periods;
 use crate::preflight;
+use crate::progress::Progress;
 use crate::state::{self, LeaseHeld};
 use crate::store::Store;
+
+/// What a server-side batch aims to take when sized by time: far under
+/// Supabase's 8 s statement timeout, long enough to amortise the call.
+const DEFAULT_BATCH_SECONDS: Duration = Duration::from_secs(1);
+/// With `--aggressive`: half of Supabase's 8 s statement timeout, and the
+/// first batch the fixed default (a million ids) rather than a small one.
+const AGGRESSIVE_BATCH_SECONDS: Duration = Duration::from_secs(4);
 
 /// What to run, decided from the command line once.
 pub struct Job {
@@ -36,6 +45,47 @@ pub struct Job {
 }
 
 impl Job {
+    /// The run `aggregate`'s arguments ask for, resolved once: every
+    /// default and every combination decided here. A catch-up run inside
+    /// another command (`close`, `--auto-close`) is `aggregate` with its
+    /// defaults ([`AggregateArgs::defaults`]), so the two cannot drift.
+    pub fn plan(
+        args: &AggregateArgs,
+        progress: Progress,
+        deadline: Option<std::time::Instant>,
+    ) -> Job {
+        Job {
+            scope: args.month.map_or(Scope::All, Scope::Month),
+            full: args.full,
+            rebase: args.rebase,
+            engine: args.engine,
+            batch_ids: args.batch_ids_for(Engine::Rpc),
+            opts: Options {
+                dry_run: args.dry_run,
+                page_size: args.scan.page_size,
+                batch_rows: args.batch_ids_for(Engine::Rest),
+                allow_decrease: args.allow_decrease,
+                owner: None,
+                lease_ttl: args.lease_ttl,
+                horizon_wait: Duration::from_millis(args.horizon_wait_ms),
+                progress,
+                pace: crate::pace::Pace::with_deadline(args.scan.pace(args.batch_pause), deadline),
+                // Server-side batches: a fixed --batch-size, or sized by
+                // time (--batch-seconds, about 1 s by default).
+                batch_target: match args.batch_size {
+                    Some(_) => None,
+                    None => Some(args.batch_seconds.unwrap_or(if args.scan.aggressive {
+                        AGGRESSIVE_BATCH_SECONDS
+                    } else {
+                        DEFAULT_BATCH_SECONDS
+                    })),
+                },
+            },
+            owner: state::owner_id(),
+            force: args.force,
+        }
+    }
+
     /// Runs the job; `warnings` collects what the operator should read even
     /// when the run succeeds.
     pub async fn run<S: Store>(

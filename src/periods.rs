@@ -342,12 +342,11 @@ pub fn who() -> String {
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "unknown-user".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into());
-    format!("{user}@{host} (usage-agg {})", env!("CARGO_PKG_VERSION"))
+    format!(
+        "{user}@{} (usage-agg {})",
+        crate::config::hostname(),
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 #[cfg(test)]

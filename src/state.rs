@@ -384,16 +384,11 @@ impl JobState<'_> {
 /// operator to find it, and for a later run on the same host to see that
 /// the process is gone.
 pub fn owner_id() -> String {
-    format!("usage-agg@{}:{}", hostname(), std::process::id())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
+    format!(
+        "usage-agg@{}:{}",
+        crate::config::hostname(),
+        std::process::id()
+    )
 }
 
 /// Whether `owner` is a run on this host whose process no longer exists, so
@@ -409,7 +404,7 @@ pub fn owner_is_dead_here(owner: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    host == hostname()
+    host == crate::config::hostname()
         && pid != std::process::id()
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -422,7 +417,7 @@ mod tests {
     fn a_dead_local_owner_is_recognised_and_a_live_or_remote_one_is_not() {
         let me = owner_id();
         assert!(!owner_is_dead_here(&me), "this process is alive");
-        let dead = format!("usage-agg@{}:{}", hostname(), u32::MAX - 7);
+        let dead = format!("usage-agg@{}:{}", crate::config::hostname(), u32::MAX - 7);
         assert!(owner_is_dead_here(&dead));
         assert!(!owner_is_dead_here(&format!(
             "usage-agg@elsewhere:{}",

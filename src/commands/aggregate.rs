@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{connect, report_error};
 use crate::cli::AggregateArgs;
-use crate::engine::rebuild::Scope;
-use crate::engine::Engine;
-use crate::engine::{Options, Outcome, Verdict};
+use crate::engine::{Outcome, Verdict};
 use crate::exit::Status;
 use crate::job::Job;
 use crate::metrics::{self, RunMetrics};
@@ -16,16 +14,8 @@ use crate::output::{self, RunRecord, Style};
 use crate::ping::Ping;
 use crate::postgrest::Client;
 use crate::progress::Progress;
-use crate::state;
 use crate::store::rest::RestStore;
 use crate::store::Store;
-
-/// What a server-side batch aims to take when sized by time: far under
-/// Supabase's 8 s statement timeout, long enough to amortise the call.
-const DEFAULT_BATCH_SECONDS: Duration = Duration::from_secs(1);
-/// With `--aggressive`: half of Supabase's 8 s statement timeout, and the
-/// first batch the fixed default (a million ids) rather than a small one.
-const AGGRESSIVE_BATCH_SECONDS: Duration = Duration::from_secs(4);
 
 pub async fn run(args: AggregateArgs) -> Status {
     let style = Style::detect();
@@ -216,39 +206,7 @@ async fn aggregate(
     progress: Progress,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<Outcome> {
-    let job = Job {
-        scope: args.month.map_or(Scope::All, Scope::Month),
-        full: args.full,
-        rebase: args.rebase,
-        engine: args.engine,
-        batch_ids: args.batch_ids_for(Engine::Rpc),
-        opts: Options {
-            dry_run: args.dry_run,
-            page_size: args.scan.page_size,
-            batch_rows: args.batch_ids_for(Engine::Rest),
-            allow_decrease: args.allow_decrease,
-            owner: None,
-            lease_ttl: args.lease_ttl,
-            horizon_wait: Duration::from_millis(args.horizon_wait_ms),
-            progress,
-            pace: crate::pace::Pace::with_deadline(
-                args.scan.pace(args.batch_pause),
-                client.deadline(),
-            ),
-            // Server-side batches: a fixed --batch-size, or sized by time
-            // (--batch-seconds, about 1 s by default).
-            batch_target: match args.batch_size {
-                Some(_) => None,
-                None => Some(args.batch_seconds.unwrap_or(if args.scan.aggressive {
-                    AGGRESSIVE_BATCH_SECONDS
-                } else {
-                    DEFAULT_BATCH_SECONDS
-                })),
-            },
-        },
-        owner: state::owner_id(),
-        force: args.force,
-    };
+    let job = Job::plan(args, progress, client.deadline());
     let store = RestStore::new(client.clone()).at_once(usize::from(args.scan.concurrency));
     job.run(&store, warnings).await
 }

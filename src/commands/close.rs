@@ -11,16 +11,14 @@ use serde_json::json;
 
 use super::{connect, failure_json, report_error};
 use crate::aggregation::Month;
-use crate::cli::CloseArgs;
+use crate::cli::{AggregateArgs, CloseArgs};
 use crate::engine::rebuild::{self, Marks, Scope};
-use crate::engine::{Change, Options, Verdict};
-use crate::engine::{Engine, DEFAULT_REST_BATCH_IDS};
+use crate::engine::{Change, Verdict};
 use crate::exit::Status;
 use crate::job::Job;
 use crate::output::{capped_table, Style};
 use crate::periods::{self, Blocked, CloseAnswer, Refusal};
 use crate::progress::Progress;
-use crate::state;
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
 
@@ -71,29 +69,13 @@ pub async fn run(args: CloseArgs) -> Status {
 }
 
 /// The catch-up run a close (and `aggregate --auto-close`) makes: what
-/// `aggregate` does with its defaults.
+/// `aggregate` does with its defaults, planned the same way.
 pub fn catch_up_job(quiet: bool) -> Job {
-    Job {
-        scope: Scope::All,
-        full: false,
-        rebase: false,
-        engine: Engine::Rest,
-        batch_ids: crate::engine::rpc::DEFAULT_BATCH_IDS,
-        opts: Options {
-            dry_run: false,
-            page_size: crate::engine::DEFAULT_PAGE_SIZE,
-            batch_rows: DEFAULT_REST_BATCH_IDS,
-            allow_decrease: false,
-            owner: None,
-            lease_ttl: Duration::from_secs(600),
-            horizon_wait: Duration::from_millis(2000),
-            progress: Progress::for_terminal(quiet),
-            pace: neighbourly(),
-            batch_target: None,
-        },
-        owner: state::owner_id(),
-        force: false,
-    }
+    Job::plan(
+        &AggregateArgs::defaults(),
+        Progress::for_terminal(quiet),
+        None,
+    )
 }
 
 /// Closes `month`, or says why not (errors: [`Refusal`] 64, [`Blocked`]
@@ -264,7 +246,9 @@ pub async fn month_drift<S: Store>(store: &S, month: Month) -> anyhow::Result<Ve
     let cursor = store.state().await?.and_then(|s| s.cursor_id);
     let marks = Marks {
         cursor,
-        horizon: store.safe_horizon(Duration::from_millis(2000)).await?,
+        horizon: store
+            .safe_horizon(crate::engine::DEFAULT_HORIZON_WAIT)
+            .await?,
     };
     let periods = store.periods().await?;
     let rc = rebuild::recount(
@@ -440,7 +424,9 @@ pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<Au
         let cursor = store.state().await?.and_then(|s| s.cursor_id);
         let marks = Marks {
             cursor,
-            horizon: store.safe_horizon(Duration::from_millis(2000)).await?,
+            horizon: store
+                .safe_horizon(crate::engine::DEFAULT_HORIZON_WAIT)
+                .await?,
         };
         let periods = store.periods().await?;
         rebuild::recount(

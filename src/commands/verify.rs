@@ -20,9 +20,6 @@ use crate::progress::Progress;
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
-/// Verify waits for writers as briefly as aggregate does by default.
-const HORIZON_WAIT: Duration = Duration::from_millis(2000);
-
 /// How many times a month a prune deleted rows of during verify's reads is
 /// read again, and the wait before the second time (doubling after): a
 /// month that races again is one a prune is still working through, whose
@@ -60,7 +57,9 @@ async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
             let cursor = store.state().await?.and_then(|s| s.cursor_id);
             Some(Marks {
                 cursor,
-                horizon: store.safe_horizon(HORIZON_WAIT).await?,
+                horizon: store
+                    .safe_horizon(crate::engine::DEFAULT_HORIZON_WAIT)
+                    .await?,
             })
         } else {
             None

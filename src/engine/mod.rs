@@ -38,6 +38,11 @@ pub enum Engine {
 /// at most one batch, a few seconds of reading.
 pub const DEFAULT_REST_BATCH_IDS: u64 = 1_000_000;
 
+/// How long a run waits for inserts in flight below the newest id before
+/// it counts up to the safe horizon (`--horizon-wait-ms`); verify and
+/// close wait as long.
+pub const DEFAULT_HORIZON_WAIT: std::time::Duration = std::time::Duration::from_millis(2000);
+
 /// A key whose stored state differs from what its rows say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
