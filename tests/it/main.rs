@@ -19,5 +19,6 @@ mod operator;
 mod pace;
 mod rpc;
 mod schedule;
+mod schemas;
 mod supabase;
 mod trust;

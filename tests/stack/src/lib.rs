@@ -48,7 +48,8 @@ const TEMPLATE_DB: &str = "usage_agg_template";
 /// The one database of the cluster that holds pg_cron (`cron.database_name`).
 pub const CRON_DB: &str = "usage_agg_cron";
 const JWT_SECRET: &str = "usage-agg-test-secret-at-least-32-characters-long";
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Where PostgreSQL 15's server and tools are (Debian's layout).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// The root of the repository (two levels above this crate).
 pub fn repo_root() -> PathBuf {

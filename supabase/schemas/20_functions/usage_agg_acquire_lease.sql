@@ -1,0 +1,41 @@
+-- The lease: saves work when runs overlap (cron plus a manual run); the
+-- counts never depend on it (leases expire under stalled processes). All
+-- times are the database's clock, the one clock every run shares.
+--
+-- Takes the lease for p_owner unless another owner holds it unexpired, or
+-- takes it from p_steal_from when that is who holds it (a run on the same
+-- host whose process is gone). Returns the state either way.
+CREATE OR REPLACE FUNCTION public.usage_agg_acquire_lease(
+  p_job text, p_owner text, p_ttl_seconds integer, p_steal_from text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  s public.usage_aggregation_state;
+BEGIN
+  INSERT INTO public.usage_aggregation_state (job) VALUES (p_job) ON CONFLICT (job) DO NOTHING;
+  SELECT * INTO s FROM public.usage_aggregation_state WHERE job = p_job FOR UPDATE;
+  IF s.lease_owner IS NOT NULL AND s.lease_owner <> p_owner AND s.lease_expires_at > now()
+     AND s.lease_owner IS DISTINCT FROM p_steal_from THEN
+    RETURN jsonb_build_object('acquired', false, 'owner', s.lease_owner, 'since', s.lease_taken_at,
+                              'expires_at', s.lease_expires_at, 'cursor', s.cursor_id, 'now', now());
+  END IF;
+  UPDATE public.usage_aggregation_state
+     SET lease_owner = p_owner, lease_taken_at = now(),
+         lease_expires_at = now() + make_interval(secs => p_ttl_seconds),
+         last_run_started_at = now(), updated_at = now()
+   WHERE job = p_job;
+  RETURN jsonb_build_object('acquired', true, 'owner', p_owner, 'since', now(),
+                            'expires_at', now() + make_interval(secs => p_ttl_seconds),
+                            'cursor', s.cursor_id, 'now', now());
+END
+$$;
+
+-- service_role alone: the CLI calls it over REST with the service key.
+-- Supabase's default privileges give every new function to anon,
+-- authenticated and service_role: all of it is revoked first.
+REVOKE ALL ON FUNCTION public.usage_agg_acquire_lease(text, text, integer, text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_acquire_lease(text, text, integer, text) TO service_role;

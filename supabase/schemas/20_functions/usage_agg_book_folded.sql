@@ -1,0 +1,242 @@
+-- The one rule book (docs/semantics.md, "Booking a row"): every engine books
+-- counted rows here (the REST engine through usage_agg_book, the server-side
+-- batch and the scheduled run through usage_agg_rpc_batch), so they cannot
+-- disagree. Input: pg_temp.usage_agg_fold, one row per key with the good
+-- rows of that key in (p_from, p_to] folded: c (rows), s, e, at (latest
+-- request_timestamp), w (highest id). Every row of (p_from, p_to] of a key
+-- must be in its fold: the caller read them all.
+--
+-- For each key k, under locks that fix where it books:
+--   * the closed months are read in SHARE mode for the transaction, so a
+--     close or a reopening waits for the booking and the booking for it;
+--     the booking month cannot change under it;
+--   * the target is the monthly row of k, or, when k's month is closed, its
+--     late adjustment booked in usage_agg_booking_month(k's month). The
+--     target is created (empty) when missing, then every target is locked,
+--     in key order (two bookings never deadlock on each other);
+--   * E_k, the highest watermark of k over its monthly row and all its late
+--     adjustments, is read under those locks. Every other row of k is
+--     frozen: the triggers refuse a closed month's monthly row and a late
+--     adjustment not booked in the booking month;
+--   * if E_k <= p_from, every folded row is new and the fold is added; if
+--     E_k >= w, another run counted them all; otherwise (another run counted
+--     part of the range, or died midway) the key's rows in (E_k, p_to] are
+--     counted again from usage_requests, in one scan for all such keys;
+--   * the target is written: counts plus the new rows, watermark = the
+--     newest new row, and for a late adjustment counted_from_id = the
+--     watermark its rows are counted above (so the guard of
+--     usage_agg_guard_adjustment always compares the current value);
+--   * each written target is read back: a row that does not hold what was
+--     written (a trigger, rule or hand edit undid it) is a lost write,
+--     recorded in usage_agg_refused_keys (kind 'lost').
+-- Returns a summary; with p_dry_run, nothing is written and the summary
+-- lists each change ("changes").
+CREATE OR REPLACE FUNCTION public.usage_agg_book_folded(
+  p_job text, p_from bigint, p_to bigint, p_dry_run boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  n_keys     bigint;
+  n_rows     bigint;
+  n_late     bigint;
+  late_rows  bigint;
+  n_redo     bigint;
+  n_super    bigint;
+  lost       jsonb;
+  changes    jsonb;
+BEGIN
+  IF p_from IS NULL OR p_to IS NULL OR p_to < p_from THEN
+    RAISE EXCEPTION 'usage_agg_book: the range (%, %] is not a range', p_from, p_to USING ERRCODE = '22023';
+  END IF;
+  LOCK TABLE public.usage_agg_closed_months IN SHARE MODE;
+
+  -- Where each key books, and what is wrong with the input.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
+    portal_id bigint, month_year text, late boolean, booked text,
+    c bigint, s bigint, e bigint, at timestamp, w bigint,
+    tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
+    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_plan;
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
+              WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
+                 OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
+                 OR NOT public.usage_agg_valid_time(f.at)) THEN
+    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
+      USING ERRCODE = '22023';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
+    RAISE EXCEPTION 'usage_agg_book: a key is folded twice' USING ERRCODE = '22023';
+  END IF;
+  INSERT INTO pg_temp.usage_agg_plan (portal_id, month_year, late, booked, c, s, e, at, w)
+  SELECT f.portal_id, f.month_year, cm.month_year IS NOT NULL,
+         CASE WHEN cm.month_year IS NOT NULL THEN public.usage_agg_booking_month(f.month_year) END,
+         f.c, f.s, f.e, f.at, f.w
+    FROM pg_temp.usage_agg_fold f
+    LEFT JOIN public.usage_agg_closed_months cm ON cm.month_year = f.month_year AND cm.closed;
+
+  -- Targets that do not exist yet, for keys with rows above what is
+  -- counted (read without locks: a key created meanwhile is found below).
+  IF NOT p_dry_run THEN
+    INSERT INTO public.portal_usage_monthly
+           (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+            last_request_id, updated_at)
+    SELECT p.portal_id, p.month_year, 0, 0, 0, NULL, 0, now()
+      FROM pg_temp.usage_agg_plan p
+     WHERE NOT p.late
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                        WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
+     ORDER BY p.portal_id, p.month_year
+    ON CONFLICT (portal_id, month_year) DO NOTHING;
+    INSERT INTO public.portal_usage_adjustments
+           (portal_id, month_year, booked_month, source, request_count, success_count, error_count,
+            last_request_at, last_request_id, idempotency_key, counted_from_id)
+    SELECT p.portal_id, p.month_year, p.booked, 'late', 0, 0, 0, NULL, 0,
+           'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked, NULL
+      FROM pg_temp.usage_agg_plan p
+     WHERE p.late
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
+                        WHERE a.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked)
+     ORDER BY p.portal_id, p.month_year
+    ON CONFLICT (idempotency_key) DO NOTHING;
+
+    -- Every target locked, in key order.
+    PERFORM 1 FROM public.portal_usage_monthly m JOIN pg_temp.usage_agg_plan p
+        ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
+     ORDER BY m.portal_id, m.month_year FOR UPDATE OF m;
+    PERFORM 1 FROM public.portal_usage_adjustments a JOIN pg_temp.usage_agg_plan p
+        ON a.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked AND p.late
+     ORDER BY a.portal_id, a.month_year FOR UPDATE OF a;
+  END IF;
+
+  -- The target's state and E_k, under those locks.
+  UPDATE pg_temp.usage_agg_plan p
+     SET tgt_c = CASE WHEN p.late THEN t.a_c ELSE m.request_count END,
+         tgt_s = CASE WHEN p.late THEN t.a_s ELSE m.success_count END,
+         tgt_e = CASE WHEN p.late THEN t.a_e ELSE m.error_count END,
+         tgt_at = CASE WHEN p.late THEN t.a_at ELSE m.last_request_at END,
+         tgt_w = CASE WHEN p.late THEN t.a_w ELSE m.last_request_id END,
+         e_k = greatest(coalesce(m.last_request_id, 0), coalesce(x.all_w, 0))
+    FROM pg_temp.usage_agg_plan k
+    LEFT JOIN public.portal_usage_monthly m ON m.portal_id = k.portal_id AND m.month_year = k.month_year
+    LEFT JOIN LATERAL (
+      SELECT max(a.last_request_id) AS all_w
+        FROM public.portal_usage_adjustments a
+       WHERE a.portal_id = k.portal_id AND a.month_year = k.month_year AND a.source = 'late') x ON true
+    LEFT JOIN LATERAL (
+      SELECT a.request_count AS a_c, a.success_count AS a_s, a.error_count AS a_e,
+             a.last_request_at AS a_at, a.last_request_id AS a_w
+        FROM public.portal_usage_adjustments a
+       WHERE k.late AND a.idempotency_key = 'late:' || k.portal_id || ':' || k.month_year || ':' || k.booked) t ON true
+   WHERE p.portal_id = k.portal_id AND p.month_year = k.month_year;
+
+  -- What is new for each key.
+  UPDATE pg_temp.usage_agg_plan
+     SET dc = c, ds = s, de = e, dat = at, dw = w, redo = false
+   WHERE e_k <= p_from;
+  UPDATE pg_temp.usage_agg_plan
+     SET dc = 0, ds = 0, de = 0, dat = NULL, dw = NULL, redo = false
+   WHERE e_k >= w;
+  UPDATE pg_temp.usage_agg_plan
+     SET redo = true
+   WHERE e_k > p_from AND e_k < w;
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_plan WHERE redo) THEN
+    UPDATE pg_temp.usage_agg_plan p
+       SET dc = coalesce(x.c, 0), ds = coalesce(x.s, 0), de = coalesce(x.e, 0), dat = x.at, dw = x.w
+      FROM pg_temp.usage_agg_plan k
+      LEFT JOIN LATERAL (
+        SELECT count(*) AS c, count(*) FILTER (WHERE r.success) AS s,
+               count(*) FILTER (WHERE NOT r.success) AS e, max(r.request_timestamp) AS at, max(r.id) AS w
+          FROM public.usage_requests r
+         WHERE r.id > k.e_k AND r.id <= p_to
+           AND r.portal_id = k.portal_id AND r.month_year = k.month_year
+           AND r.success IS NOT NULL AND public.usage_agg_valid_time(r.request_timestamp)) x ON true
+     WHERE k.redo AND p.portal_id = k.portal_id AND p.month_year = k.month_year;
+  END IF;
+
+  SELECT count(*) FILTER (WHERE dc > 0), coalesce(sum(dc), 0),
+         count(*) FILTER (WHERE dc > 0 AND late), coalesce(sum(dc) FILTER (WHERE late), 0),
+         count(*) FILTER (WHERE redo), count(*) FILTER (WHERE dc = 0)
+    INTO n_keys, n_rows, n_late, late_rows, n_redo, n_super
+    FROM pg_temp.usage_agg_plan;
+
+  IF p_dry_run THEN
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+             'portal_id', portal_id, 'month_year', month_year, 'booked_month', booked,
+             'before', CASE WHEN tgt_w IS NULL THEN NULL ELSE jsonb_build_object(
+                 'request_count', tgt_c, 'success_count', tgt_s, 'error_count', tgt_e,
+                 'last_request_at', tgt_at, 'last_request_id', tgt_w) END,
+             'after', jsonb_build_object(
+                 'request_count', coalesce(tgt_c, 0) + dc, 'success_count', coalesce(tgt_s, 0) + ds,
+                 'error_count', coalesce(tgt_e, 0) + de,
+                 'last_request_at', greatest(tgt_at, dat), 'last_request_id', dw),
+             'counted_from', greatest(e_k, p_from)) ORDER BY portal_id, month_year), '[]')
+      INTO changes FROM pg_temp.usage_agg_plan WHERE dc > 0;
+    RETURN jsonb_build_object('from', p_from, 'to', p_to, 'rows', n_rows, 'keys', n_keys,
+      'late_rows', late_rows, 'late_keys', n_late, 'raced_keys', n_redo, 'superseded_keys', n_super,
+      'lost', '[]'::jsonb, 'changes', changes);
+  END IF;
+
+  UPDATE public.portal_usage_monthly t
+     SET request_count = t.request_count + p.dc,
+         success_count = t.success_count + p.ds,
+         error_count = t.error_count + p.de,
+         last_request_at = greatest(t.last_request_at, p.dat),
+         last_request_id = p.dw,
+         updated_at = now()
+    FROM pg_temp.usage_agg_plan p
+   WHERE NOT p.late AND p.dc > 0 AND t.portal_id = p.portal_id AND t.month_year = p.month_year;
+  UPDATE public.portal_usage_adjustments t
+     SET request_count = t.request_count + p.dc,
+         success_count = t.success_count + p.ds,
+         error_count = t.error_count + p.de,
+         last_request_at = greatest(t.last_request_at, p.dat),
+         last_request_id = p.dw,
+         counted_from_id = greatest(p.e_k, p_from)
+    FROM pg_temp.usage_agg_plan p
+   WHERE p.late AND p.dc > 0
+     AND t.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked;
+
+  -- Every write read back: it holds what was written, or it is lost.
+  WITH now_ AS (
+    SELECT p.portal_id, p.month_year, p.late,
+           coalesce(p.tgt_c, 0) + p.dc AS want_c, coalesce(p.tgt_s, 0) + p.ds AS want_s,
+           coalesce(p.tgt_e, 0) + p.de AS want_e, p.dw AS want_w,
+           CASE WHEN p.late THEN a.request_count ELSE m.request_count END AS c,
+           CASE WHEN p.late THEN a.success_count ELSE m.success_count END AS s,
+           CASE WHEN p.late THEN a.error_count ELSE m.error_count END AS e,
+           CASE WHEN p.late THEN a.last_request_id ELSE m.last_request_id END AS w
+      FROM pg_temp.usage_agg_plan p
+      LEFT JOIN public.portal_usage_monthly m
+        ON NOT p.late AND m.portal_id = p.portal_id AND m.month_year = p.month_year
+      LEFT JOIN public.portal_usage_adjustments a
+        ON p.late AND a.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked
+     WHERE p.dc > 0
+  ), gone AS (
+    SELECT * FROM now_
+     WHERE (c, s, e, w) IS DISTINCT FROM (want_c, want_s, want_e, want_w)
+  ), recorded AS (
+    INSERT INTO public.usage_agg_refused_keys AS r
+           (job, portal_id, month_year, stored_requests, raw_requests, kind)
+    SELECT p_job, portal_id, month_year, coalesce(c, 0), want_c, 'lost' FROM gone
+    ON CONFLICT (job, portal_id, month_year) DO UPDATE
+       SET stored_requests = excluded.stored_requests, raw_requests = excluded.raw_requests,
+           kind = 'lost', found_at = now()
+    RETURNING r.portal_id, r.month_year
+  )
+  SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
+    INTO lost FROM recorded;
+
+  RETURN jsonb_build_object('from', p_from, 'to', p_to, 'rows', n_rows, 'keys', n_keys,
+    'late_rows', late_rows, 'late_keys', n_late, 'raced_keys', n_redo, 'superseded_keys', n_super,
+    'lost', lost);
+END
+$$;
+
+-- Its owner alone: usage-agg's own functions call it, never the API.
+REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;

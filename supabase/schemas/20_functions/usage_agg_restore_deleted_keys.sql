@@ -1,0 +1,85 @@
+-- Rebuilds the keys whose monthly row was deleted (usage_agg_deleted_keys),
+-- so that no key is left counting only its newer rows: each from all its
+-- rows up to the cursor, with the cursor as its watermark; its rows are its
+-- raw rows and its pruned rows, less what its late adjustments hold. A key
+-- some run already counted past the cursor is left to that run; a closed
+-- month is left alone (its rows cannot be deleted; a key logged before its
+-- close is dropped). A restored key's refusals (a lost write, a refused
+-- decrease) no longer stand, and are cleared. The log is taken with
+-- `WHERE true` (Supabase's safeupdate refuses a DELETE without a WHERE in a
+-- PostgREST session). Returns the keys rebuilt.
+CREATE OR REPLACE FUNCTION public.usage_agg_restore_deleted_keys(p_job text DEFAULT 'default')
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  c        bigint;
+  restored jsonb;
+BEGIN
+  SELECT cursor_id INTO c FROM public.usage_aggregation_state WHERE job = p_job;
+  IF c IS NULL THEN
+    RETURN '[]'::jsonb;
+  END IF;
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_restore (portal_id bigint, month_year text) ON COMMIT DROP;
+  TRUNCATE usage_agg_restore;
+  WITH taken AS (
+    DELETE FROM public.usage_agg_deleted_keys WHERE true RETURNING portal_id, month_year
+  )
+  INSERT INTO usage_agg_restore SELECT portal_id, month_year FROM taken
+   WHERE NOT public.usage_agg_is_closed(month_year);
+  WITH raw AS (
+    SELECT k.portal_id, k.month_year,
+           count(r.id) AS n,
+           count(r.id) FILTER (WHERE r.success) AS s,
+           count(r.id) FILTER (WHERE NOT r.success) AS e,
+           max(r.request_timestamp) AS at
+      FROM usage_agg_restore k
+      LEFT JOIN public.usage_requests r
+        ON r.portal_id = k.portal_id AND r.month_year = k.month_year AND r.id <= c
+       AND r.success IS NOT NULL AND public.usage_agg_valid_time(r.request_timestamp)
+     WHERE public.usage_agg_valid_key(k.portal_id, k.month_year)
+     GROUP BY 1, 2
+  ), truth AS (
+    SELECT raw.portal_id, raw.month_year,
+           raw.n + coalesce(p.request_count, 0) - coalesce(l.n, 0) AS n,
+           raw.s + coalesce(p.success_count, 0) - coalesce(l.s, 0) AS s,
+           raw.e + coalesce(p.error_count, 0) - coalesce(l.e, 0) AS e,
+           greatest(raw.at, p.last_request_at) AS at
+      FROM raw
+      LEFT JOIN public.usage_agg_pruned p USING (portal_id, month_year)
+      LEFT JOIN (SELECT portal_id, month_year, sum(request_count) AS n, sum(success_count) AS s,
+                        sum(error_count) AS e
+                   FROM public.portal_usage_adjustments WHERE source = 'late' GROUP BY 1, 2) l
+        USING (portal_id, month_year)
+  ), written AS (
+    INSERT INTO public.portal_usage_monthly AS t
+           (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+            last_request_id, updated_at)
+    SELECT portal_id, month_year, n, s, e, at, c, now() FROM truth WHERE n > 0
+    ON CONFLICT (portal_id, month_year) DO UPDATE
+       SET request_count = excluded.request_count, success_count = excluded.success_count,
+           error_count = excluded.error_count, last_request_at = excluded.last_request_at,
+           last_request_id = excluded.last_request_id, updated_at = now()
+     WHERE t.last_request_id <= c
+    RETURNING t.portal_id, t.month_year
+  )
+  SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
+    INTO restored FROM written;
+  -- A restored key holds its rows now: a refusal of it (a lost write, a
+  -- refused decrease) no longer stands (found by the model-based soak: a
+  -- lost write stood after the key was rebuilt whole).
+  DELETE FROM public.usage_agg_refused_keys r
+   WHERE r.job = p_job AND r.kind <> 'closed'
+     AND (r.portal_id || ':' || r.month_year) IN (SELECT jsonb_array_elements_text(restored));
+  RETURN restored;
+END
+$$;
+
+-- service_role alone: the CLI calls it over REST with the service key.
+-- Supabase's default privileges give every new function to anon,
+-- authenticated and service_role: all of it is revoked first.
+REVOKE ALL ON FUNCTION public.usage_agg_restore_deleted_keys(text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_restore_deleted_keys(text) TO service_role;
