@@ -7,6 +7,7 @@ mod common;
 
 mod aggregate;
 mod billing;
+mod cli_reference;
 mod config;
 mod doctor;
 mod examples;
