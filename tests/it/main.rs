@@ -20,5 +20,6 @@ mod operator;
 mod pace;
 mod rpc;
 mod schedule;
+mod snapshots;
 mod supabase;
 mod trust;
