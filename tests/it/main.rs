@@ -7,6 +7,7 @@ mod common;
 
 mod aggregate;
 mod billing;
+mod cli_reference;
 mod config;
 mod doctor;
 mod examples;
@@ -20,5 +21,6 @@ mod pace;
 mod rpc;
 mod schedule;
 mod schemas;
+mod snapshots;
 mod supabase;
 mod trust;
