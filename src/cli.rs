@@ -17,11 +17,7 @@ use crate::periods::DEFAULT_PRUNE_BATCH_IDS;
     version,
     about,
     long_about = None,
-    after_help = "Exit statuses: 0 done; 64 bad arguments; 65 rows rejected as bad data, keys left unwritten or \
-                  (verify) keys that differ; 69 server unreachable or failing; 70 internal error; 75 try again later \
-                  (lease held, writers in flight, deadline; status: too long since a success); 77 key refused; \
-                  78 configuration or schema, plain http to another host (allowed only with \
-                  USAGE_AGG_ALLOW_INSECURE_HTTP=1), or a redirect (never followed). README.md explains each."
+    after_help = crate::exit::help_summary()
 )]
 pub struct Cli {
     #[command(flatten)]

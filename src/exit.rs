@@ -33,6 +33,43 @@ impl Status {
     }
 }
 
+/// Every status in a few words: the list `usage-agg --help` ends with. The
+/// long form (symptom, cause, fix) is docs/troubleshooting.md, one section
+/// a status, and docs/configuration.md's table; a test keeps all three to
+/// these codes.
+pub const SUMMARY: &[(Status, &str)] = &[
+    (Status::Ok, "done"),
+    (Status::Usage, "bad arguments"),
+    (
+        Status::DataErr,
+        "rows rejected as bad data, keys left unwritten, a run-time check failed or (verify) keys that differ",
+    ),
+    (Status::Unavailable, "server unreachable or failing"),
+    (Status::Software, "internal error"),
+    (
+        Status::TempFail,
+        "try again later (lease held, writers in flight, deadline; status: too long since a success)",
+    ),
+    (Status::NoPerm, "key refused"),
+    (
+        Status::Config,
+        "configuration or schema, plain http to another host (allowed only with \
+         USAGE_AGG_ALLOW_INSECURE_HTTP=1), or a redirect (never followed)",
+    ),
+];
+
+/// The exit statuses as `--help` lists them.
+pub fn help_summary() -> String {
+    let list: Vec<String> = SUMMARY
+        .iter()
+        .map(|(s, what)| format!("{} {what}", s.code()))
+        .collect();
+    format!(
+        "Exit statuses: {}. docs/troubleshooting.md explains each (symptom, cause, fix).",
+        list.join("; ")
+    )
+}
+
 /// The schema is fixed by a person before the next run (78); the data is
 /// repaired by a rebase or a setval (65).
 impl From<crate::preflight::ProblemKind> for Status {
@@ -252,6 +289,36 @@ pub fn hint(err: &anyhow::Error, config: Option<&Config>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_is_listed_in_the_help_and_explained_in_the_guides() {
+        let all = [
+            Status::Ok,
+            Status::Usage,
+            Status::DataErr,
+            Status::Unavailable,
+            Status::Software,
+            Status::TempFail,
+            Status::NoPerm,
+            Status::Config,
+        ];
+        let listed: Vec<Status> = SUMMARY.iter().map(|(s, _)| *s).collect();
+        assert_eq!(listed, all);
+        let troubleshooting = include_str!("../docs/troubleshooting.md");
+        let table = include_str!("../docs/configuration.md");
+        for s in all {
+            let code = s.code();
+            assert!(
+                troubleshooting.contains(&format!("\n## {code}: ")),
+                "docs/troubleshooting.md has no section for {code}"
+            );
+            assert!(
+                table.contains(&format!("\n| {code} | ")),
+                "docs/configuration.md's table has no row for {code}"
+            );
+            assert!(help_summary().contains(&format!(" {code} ")));
+        }
+    }
     use crate::config::{Environment, KeyKind, Secret};
     use reqwest::{Method, StatusCode};
 

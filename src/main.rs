@@ -25,7 +25,7 @@ fn main() {
         }
     };
     init_logging(cli.global.log_format);
-    let _ = commands::JSON_LOGS.set(cli.global.log_format == cli::LogFormat::Json);
+    let _ = usage_agg::printer::JSON_LOGS.set(cli.global.log_format == cli::LogFormat::Json);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

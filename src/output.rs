@@ -470,8 +470,11 @@ fn pace_line(o: &Outcome) -> Option<String> {
             count(o.pace.peak_concurrency as u64, "request", "requests"),
             if o.pace.cuts > 0 {
                 format!(
-                    ", fewer {} as the server's latency rose",
-                    count(u64::from(o.pace.cuts), "time", "times")
+                    ", cut back {} as the server's latency rose",
+                    match o.pace.cuts {
+                        1 => "once".to_string(),
+                        n => format!("{n} times"),
+                    }
                 )
             } else {
                 String::new()
@@ -811,9 +814,19 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
+/// A time the database wrote, as every text shows times: to the second,
+/// in UTC ("2026-12-07 04:39:38 UTC"); what does not parse, as written.
+pub fn human_time(s: &str) -> String {
+    parse_time(s).map_or_else(
+        || s.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
+}
+
 /// A span of seconds in the unit a person reads it in.
 pub fn humanize(secs: i64) -> String {
     match secs.abs() {
+        1 => "1 second".into(),
         s if s < 120 => format!("{s} seconds"),
         s if s < 7200 => format!("{} minutes", s / 60),
         s if s < 172_800 => format!("{} hours", s / 3600),

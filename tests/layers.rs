@@ -17,6 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "failpoint",
             "migrations",
             "pace",
+            "periods",
             "progress",
             "schedule",
             "stdio",
@@ -27,8 +28,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         "database: one module per family of database calls and answers",
         &[
             "adjustments",
+            "ledger",
             "booking",
-            "periods",
             "preflight",
             "state",
             "tables",
@@ -41,7 +42,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("engines", &["engine"]),
     (
         "application: a run, its verdict's status, its output",
-        &["cli", "exit", "job", "metrics", "output", "ping"],
+        &["cli", "exit", "job", "metrics", "output", "ping", "printer"],
     ),
     ("commands", &["commands"]),
     ("entry", &["main", "lib"]),
@@ -100,11 +101,28 @@ fn layer_of(module: &str) -> usize {
 
 /// The code of a file without comments and without its test module.
 fn code(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    let text = match text.find("#[cfg(test)]\nmod tests") {
-        Some(i) => &text[..i],
-        None => &text[..],
-    };
+    let mut text = std::fs::read_to_string(path).unwrap();
+    // Every `#[cfg(test)] mod ... { ... }`, to its matching brace (a test
+    // module in the middle of a file hides nothing after it).
+    while let Some(i) = text.find("#[cfg(test)]\nmod ") {
+        let open = i + text[i..].find('{').unwrap();
+        let mut depth = 0;
+        let mut end = text.len();
+        for (k, c) in text[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        text.replace_range(i..end, "");
+    }
     text.lines()
         .map(|l| match l.find("//") {
             // A "//" inside a string (a URL) is rare here; cut at the

@@ -3,12 +3,16 @@
 //! `--id` twice books once. Nothing is ever edited: a correction of a
 //! correction is another adjustment (docs/semantics.md, "Closed months").
 
-use serde_json::json;
+use serde::Serialize;
 
-use super::{connect, failure_json, report_error};
+use super::connect;
+use crate::adjustments::Manual;
 use crate::cli::AdjustArgs;
 use crate::exit::Status;
-use crate::periods::{self, AdjustRequest, Refusal, ADJUST_BOUND};
+use crate::ledger::{self, AdjustRequest};
+use crate::output::{human_time, Style};
+use crate::periods::{Refusal, ADJUST_BOUND};
+use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
@@ -57,22 +61,63 @@ fn split(requests: i64, successes: Option<i64>, errors: Option<i64>) -> Result<(
     ))
 }
 
+/// What `adjust` booked, or found booked under its id.
+#[derive(Debug, Serialize)]
+struct Adjusted {
+    #[serde(skip)]
+    booked: bool,
+    /// What was typed, for the text.
+    #[serde(skip)]
+    asked: (String, i64, String, i64, i64, i64, String),
+    adjustment: Option<Manual>,
+}
+
+impl Report for Adjusted {
+    fn outcome(&self) -> &str {
+        if self.booked {
+            "booked"
+        } else {
+            "already_booked"
+        }
+    }
+
+    fn render(&self, _: Style) -> String {
+        let m = self.adjustment.as_ref();
+        let booked_in = m.map_or("?".into(), |m| m.booked_month.clone());
+        let at = m
+            .and_then(|m| m.created_at.as_deref())
+            .map_or(String::new(), human_time);
+        let (id, portal, month, requests, successes, errors, reason) = &self.asked;
+        if self.booked {
+            format!(
+                "Booked manual adjustment {id}: portal {portal}, usage of {month}, {requests:+} requests \
+                 ({successes:+} successes, {errors:+} errors), in {booked_in}'s invoice, at {at}; reason: {reason}\n"
+            )
+        } else {
+            format!(
+                "Manual adjustment {id} was already booked (in {booked_in}, at {at}); nothing was booked again\n"
+            )
+        }
+    }
+}
+
 pub async fn run(args: AdjustArgs) -> Status {
+    let printer = Printer::new("adjust", &args.output);
     let (successes, errors) = match split(args.requests, args.successes, args.errors) {
         Ok(x) => x,
-        Err(e) => return report_error(&Refusal(e).into(), None),
+        Err(e) => return printer.fail(&Refusal(e).into(), None),
     };
     if args.requests == 0 && successes == 0 {
-        return report_error(
+        return printer.fail(
             &Refusal("an adjustment of 0 requests adjusts nothing".into()).into(),
             None,
         );
     }
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => return printer.fail(&e, None),
     };
-    let env = config.environment.upper();
+    let printer = printer.against(&config);
     let store = RestStore::new(client);
     let request = AdjustRequest {
         portal_id: args.portal,
@@ -88,7 +133,7 @@ pub async fn run(args: AdjustArgs) -> Status {
             store.installed().await?,
             "the usage-agg migrations are not applied: apply them first (`usage-agg sql`)"
         );
-        let a = periods::adjust(store.client(), &request).await?;
+        let a = ledger::adjust(store.client(), &request).await?;
         let why = match a.refused.as_deref() {
             None => return Ok(a),
             Some("future") => match a.booking_month.as_deref() {
@@ -141,45 +186,20 @@ pub async fn run(args: AdjustArgs) -> Status {
     }
     .await;
     match result {
-        Ok(a) => {
-            let m = a.adjustment.clone();
-            if args.output.json {
-                crate::outln!(
-                    "{}",
-                    json!({
-                        "version": 1, "command": "adjust", "environment": env, "exit_status": 0,
-                        "outcome": if a.booked { "booked" } else { "already_booked" },
-                        "adjustment": m, "error": null,
-                    })
-                );
-            } else if !args.output.quiet {
-                let booked_in = m.as_ref().map_or("?".into(), |m| m.booked_month.clone());
-                let at = m
-                    .as_ref()
-                    .and_then(|m| m.created_at.clone())
-                    .unwrap_or_default();
-                if a.booked {
-                    crate::outln!(
-                        "Booked manual adjustment {}: portal {}, usage of {}, {:+} requests ({:+} successes, {:+} \
-                         errors), in {booked_in}'s invoice, at {at}; reason: {}",
-                        args.id, args.portal, args.month, args.requests, successes, errors, args.reason
-                    );
-                } else {
-                    crate::outln!(
-                        "Manual adjustment {} was already booked (in {booked_in}, at {at}); nothing was booked again",
-                        args.id
-                    );
-                }
-            }
-            Status::Ok
-        }
-        Err(e) => {
-            let status = report_error(&e, Some(&config));
-            if args.output.json {
-                crate::outln!("{}", failure_json("adjust", Some(env), status, &e));
-            }
-            status
-        }
+        Ok(a) => printer.report(&Adjusted {
+            booked: a.booked,
+            asked: (
+                args.id.clone(),
+                args.portal,
+                args.month.to_string(),
+                args.requests,
+                successes,
+                errors,
+                args.reason.clone(),
+            ),
+            adjustment: a.adjustment,
+        }),
+        Err(e) => printer.fail(&e, Some(&config)),
     }
 }
 

@@ -13,13 +13,15 @@ use crate::metrics::{self, RunMetrics};
 use crate::output::{self, RunRecord, Style};
 use crate::ping::Ping;
 use crate::postgrest::Client;
+use crate::printer::{Printer, Report};
 use crate::progress::Progress;
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
 pub async fn run(args: AggregateArgs) -> Status {
-    let style = Style::detect();
-    let human = !args.output.json && !args.output.quiet;
+    let printer = Printer::new("aggregate", &args.output);
+    let style = printer.style();
+    let human = printer.human();
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
         Err(e) => {
@@ -56,14 +58,13 @@ pub async fn run(args: AggregateArgs) -> Status {
         }
         Err(_) => (Err(anyhow::anyhow!("not configured")), None),
     };
+    let mut text = String::new();
     let status = match (&connected, &result) {
         (Err(e), _) => report_error(e, None),
         (Ok(_), Ok(o)) => o.verdict().into(),
         (Ok((config, _)), Err(e)) => {
             let status = report_error(e, Some(config));
-            if human {
-                crate::out!("{header}{}", output::failure(style, status));
-            }
+            text = format!("{header}{}", output::failure(style, status));
             status
         }
     };
@@ -89,53 +90,46 @@ pub async fn run(args: AggregateArgs) -> Status {
         (Some(Ok(a)), _) if !a.refused.is_empty() && status == Status::Ok => Status::DataErr,
         _ => status,
     };
-    if human {
-        if let (Ok(outcome), Some(env)) = (&result, env) {
-            if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
-                crate::out!(
-                    "{}",
-                    output::nothing_done(style, outcome, env, clock.elapsed())
-                );
-            } else {
-                crate::out!("{header}");
-                for w in &warnings {
-                    crate::out!("{}", output::warning(style, w));
-                }
-                crate::out!("{}", output::summary(style, outcome, env, clock.elapsed()));
+    if let (Ok(outcome), Some(env)) = (&result, env) {
+        if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
+            text.push_str(&output::nothing_done(style, outcome, env, clock.elapsed()));
+        } else {
+            text.push_str(&header);
+            for w in &warnings {
+                text.push_str(&output::warning(style, w));
             }
-            if let Some(Ok(a)) = &auto {
-                crate::out!("{}", a.render());
-            }
+            text.push_str(&output::summary(style, outcome, env, clock.elapsed()));
         }
-    } else {
+        if let Some(Ok(a)) = &auto {
+            text.push_str(&a.render());
+        }
+    }
+    if !human {
         for w in &warnings {
             tracing::warn!("{w}");
         }
     }
     let error = connected.as_ref().err();
-    let record = RunRecord {
-        command: "aggregate",
-        environment: env,
-        started_at: started,
-        duration: clock.elapsed(),
-        dry_run: args.dry_run,
-        status,
-        result: match (&result, error) {
-            (_, Some(e)) => Err(e),
-            (Ok(o), None) => Ok(o),
-            (Err(e), None) => Err(e),
+    let ran = Ran {
+        record: RunRecord {
+            command: "aggregate",
+            environment: env,
+            started_at: started,
+            duration: clock.elapsed(),
+            dry_run: args.dry_run,
+            status,
+            result: match (&result, error) {
+                (_, Some(e)) => Err(e),
+                (Ok(o), None) => Ok(o),
+                (Err(e), None) => Err(e),
+            },
+            warnings: &warnings,
         },
-        warnings: &warnings,
+        auto: auto.as_ref().and_then(|a| a.as_ref().ok()),
+        text,
     };
-    let mut json = output::run_json(&record);
-    if let (Some(Ok(a)), Some(o)) = (&auto, json.as_object_mut()) {
-        if let serde_json::Value::Object(extra) = a.json() {
-            o.extend(extra);
-        }
-    }
-    if args.output.json {
-        crate::outln!("{json}");
-    }
+    printer.report(&ran);
+    let json = printer.json_of(&ran);
     let client = connected.as_ref().ok().map(|(_, client)| client);
     let outcome = result.as_ref().ok();
     write_metrics(
@@ -143,13 +137,51 @@ pub async fn run(args: AggregateArgs) -> Status {
         env,
         client,
         started,
-        record.duration,
+        ran.record.duration,
         status,
         outcome,
     )
     .await;
     ping.finish(status, &json).await;
     status
+}
+
+/// One run as a person and a monitor read it: the run record (its JSON is
+/// `output::run_json`, failures included), what `--auto-close` closed, and
+/// the text.
+struct Ran<'a> {
+    record: RunRecord<'a>,
+    auto: Option<&'a super::close::AutoClosed>,
+    text: String,
+}
+
+impl serde::Serialize for Ran<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut json = output::run_json(&self.record);
+        if let (Some(a), Some(o)) = (self.auto, json.as_object_mut()) {
+            if let serde_json::Value::Object(extra) = a.json() {
+                o.extend(extra);
+            }
+        }
+        json.serialize(s)
+    }
+}
+
+impl Report for Ran<'_> {
+    fn outcome(&self) -> &str {
+        match self.record.result {
+            Ok(o) => o.verdict().label(),
+            Err(_) => "failed",
+        }
+    }
+
+    fn status(&self) -> Status {
+        self.record.status
+    }
+
+    fn render(&self, _: Style) -> String {
+        self.text.clone()
+    }
 }
 
 /// The metrics file, when one is asked for: after every run, failed ones

@@ -7,23 +7,27 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::json;
 
-use super::{connect, failure_json, report_error};
+use super::connect;
 use crate::aggregation::Month;
 use crate::cli::{AggregateArgs, CloseArgs};
 use crate::engine::rebuild::{self, Marks, Scope};
 use crate::engine::{Change, Verdict};
 use crate::exit::Status;
 use crate::job::Job;
+use crate::ledger::{self, CloseAnswer};
 use crate::output::{capped_table, Style};
-use crate::periods::{self, Blocked, CloseAnswer, Refusal};
+use crate::periods::{self, Blocked, Refusal};
+use crate::printer::{Printer, Report};
 use crate::progress::Progress;
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
 
 /// How a close ended, for the text and the JSON.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(into = "ClosingJson")]
 pub struct Closing {
     pub month: Option<Month>,
     /// `closed`, `already_closed`, `would_close`.
@@ -34,37 +38,29 @@ pub struct Closing {
 }
 
 pub async fn run(args: CloseArgs) -> Status {
+    let printer = Printer::new("close", &args.output);
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => {
-            let status = report_error(&e, None);
-            if args.output.json {
-                crate::outln!("{}", failure_json("close", None, status, &e));
-            }
-            return status;
-        }
+        Err(e) => return printer.fail(&e, None),
     };
-    let env = config.environment.upper();
+    let printer = printer
+        .against(&config)
+        .on_failure("month", args.month.to_string());
     let store = RestStore::new(client);
-    let quiet = args.output.quiet || args.output.json;
+    let quiet = !printer.human();
     match close(&store, args.month, args.grace, args.dry_run, quiet).await {
-        Ok(c) => {
-            if args.output.json {
-                crate::outln!("{}", closing_json(&c, env));
-            } else if !args.output.quiet {
-                crate::out!("{}", render(Style::detect(), &c));
-            }
-            Status::Ok
-        }
-        Err(e) => {
-            let status = report_error(&e, Some(&config));
-            if args.output.json {
-                let mut v = failure_json("close", Some(env), status, &e);
-                v["month"] = json!(args.month.to_string());
-                crate::outln!("{v}");
-            }
-            status
-        }
+        Ok(c) => printer.report(&c),
+        Err(e) => printer.fail(&e, Some(&config)),
+    }
+}
+
+impl Report for Closing {
+    fn outcome(&self) -> &str {
+        self.outcome
+    }
+
+    fn render(&self, style: Style) -> String {
+        render(style, self)
     }
 }
 
@@ -275,25 +271,25 @@ fn render(style: Style, c: &Closing) -> String {
     match c.outcome {
         "already_closed" => s.push_str(&format!(
             "{month} is already closed (at {} by {}); nothing to do\n",
-            a.closed_at.as_deref().unwrap_or("?"),
+            a.closed_at.as_deref().map_or("?".into(), crate::output::human_time),
             a.closed_by.as_deref().unwrap_or("?")
         )),
         "would_close" => s.push_str(&format!(
-            "Dry run: {month} can close: its keys agree with their raw rows. It would close with {} keys, {} \
+            "Dry run: {month} can close: its keys agree with their raw rows. It would close with {}, {} \
              requests ({} successes, {} errors), up to id {}; nothing was written\n",
-            a.keys,
+            crate::output::count(a.keys.as_u64().unwrap_or(0), "key", "keys"),
             a.requests.unwrap_or(0),
             a.successes.unwrap_or(0),
             a.errors.unwrap_or(0),
             a.up_to_id.map_or("?".into(), |i| i.to_string())
         )),
         _ => s.push_str(&format!(
-            "Closed {month} at {} by {}: {} keys, {} requests ({} successes, {} errors), every row up to id {} \
+            "Closed {month} at {} by {}: {}, {} requests ({} successes, {} errors), every row up to id {} \
              counted ({} rows caught up first). Its totals never change now; rows that come late are booked as \
              adjustments in the open month\n",
-            a.closed_at.as_deref().unwrap_or("?"),
+            a.closed_at.as_deref().map_or("?".into(), crate::output::human_time),
             a.closed_by.as_deref().unwrap_or("?"),
-            a.keys,
+            crate::output::count(a.keys.as_u64().unwrap_or(0), "key", "keys"),
             a.requests.unwrap_or(0),
             a.successes.unwrap_or(0),
             a.errors.unwrap_or(0),
@@ -304,26 +300,37 @@ fn render(style: Style, c: &Closing) -> String {
     s
 }
 
-fn closing_json(c: &Closing, env: &str) -> serde_json::Value {
-    let a = &c.answer;
-    json!({
-        "version": 1,
-        "command": "close",
-        "environment": env,
-        "exit_status": 0,
-        "outcome": c.outcome,
-        "month": c.month.map(|m| m.to_string()),
-        "closed_at": a.closed_at,
-        "closed_by": a.closed_by,
-        "up_to_id": a.up_to_id,
-        "keys": a.keys,
-        "requests": a.requests,
-        "successes": a.successes,
-        "errors": a.errors,
-        "caught_up_rows": c.caught_up_rows,
-        "warnings": c.warnings,
-        "error": null,
-    })
+/// Closing's JSON fields, as documented.
+#[derive(Serialize)]
+struct ClosingJson {
+    month: Option<String>,
+    closed_at: Option<String>,
+    closed_by: Option<String>,
+    up_to_id: Option<i64>,
+    keys: serde_json::Value,
+    requests: Option<i64>,
+    successes: Option<i64>,
+    errors: Option<i64>,
+    caught_up_rows: u64,
+    warnings: Vec<String>,
+}
+
+impl From<Closing> for ClosingJson {
+    fn from(c: Closing) -> ClosingJson {
+        let a = c.answer;
+        ClosingJson {
+            month: c.month.map(|m| m.to_string()),
+            closed_at: a.closed_at,
+            closed_by: a.closed_by,
+            up_to_id: a.up_to_id,
+            keys: a.keys,
+            requests: a.requests,
+            successes: a.successes,
+            errors: a.errors,
+            caught_up_rows: c.caught_up_rows,
+            warnings: c.warnings,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -409,7 +416,7 @@ impl AutoClosed {
 /// raw rows (one recount for all of them). The caller has just caught up.
 pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<AutoClosed> {
     let mut out = AutoClosed::default();
-    let status = periods::status(store.client(), grace.as_secs()).await?;
+    let status = ledger::status(store.client(), grace.as_secs()).await?;
     let months: Vec<Month> = status
         .closable
         .iter()

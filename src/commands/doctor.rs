@@ -4,8 +4,6 @@
 //! failure's status. Later checks that need an earlier one are skipped when
 //! it fails, and say so.
 
-use serde_json::json;
-
 use super::connect;
 use crate::cli::DoctorArgs;
 use crate::config::KeyKind;
@@ -14,6 +12,7 @@ use crate::migrations::{LATEST_MIGRATION, MIGRATIONS};
 use crate::output::Style;
 use crate::postgrest::Kind;
 use crate::preflight;
+use crate::printer::{Printer, Report};
 use crate::schedule::CronAnswer;
 use crate::state::owner_is_dead_here;
 use crate::store::rest::RestStore;
@@ -106,7 +105,7 @@ pub async fn run(args: DoctorArgs) -> Status {
         ),
     )];
     checks.extend(diagnose(&store, &config).await);
-    finish(&args, Some(env), checks)
+    finish(&args, Some(&config), checks)
 }
 
 /// The checks after the configuration, in the order they depend on each other.
@@ -594,40 +593,95 @@ fn schedule_check(schedule: anyhow::Result<CronAnswer>, config: &crate::config::
 }
 
 /// Prints the checks (or the JSON) and returns the gravest status.
-fn finish(args: &DoctorArgs, env: Option<&str>, checks: Vec<Check>) -> Status {
-    let failed: Vec<&Check> = checks.iter().filter(|c| c.pass == Some(false)).collect();
-    // The order of precedence: configuration and the key before the data.
-    let status = [
-        Status::Config,
-        Status::NoPerm,
-        Status::Unavailable,
-        Status::DataErr,
-        Status::Software,
-    ]
-    .into_iter()
-    .find(|s| failed.iter().any(|c| c.status == *s))
-    .or_else(|| failed.first().map(|c| c.status))
-    .unwrap_or(Status::Ok);
-    if args.output.json {
-        crate::outln!(
-            "{}",
-            json!({
-                "version": 1,
-                "command": "doctor",
-                "environment": env,
-                "exit_status": status.code(),
-                "outcome": if failed.is_empty() { "ok" } else { "failed" },
-                "checks": checks.iter().map(|c| json!({
-                    "name": c.name,
-                    "result": match c.pass { Some(true) => "pass", Some(false) => "fail", None => "skipped" },
-                    "detail": c.detail,
-                    "fix": c.fix,
-                })).collect::<Vec<_>>(),
-            })
-        );
-    } else if !args.output.quiet {
-        let style = Style::detect();
-        for c in &checks {
+fn finish(args: &DoctorArgs, config: Option<&crate::config::Config>, checks: Vec<Check>) -> Status {
+    let printer = Printer::new("doctor", &args.output);
+    let printer = match config {
+        Some(c) => printer.against(c),
+        None => printer,
+    };
+    printer.report(&Diagnosis { checks })
+}
+
+/// Every check `doctor` made, and the gravest status among the failed.
+struct Diagnosis {
+    checks: Vec<Check>,
+}
+
+impl Diagnosis {
+    fn failed(&self) -> Vec<&Check> {
+        self.checks
+            .iter()
+            .filter(|c| c.pass == Some(false))
+            .collect()
+    }
+}
+
+impl serde::Serialize for Diagnosis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct CheckJson<'a> {
+            name: &'a str,
+            result: &'a str,
+            detail: &'a str,
+            fix: Option<&'a str>,
+        }
+        #[derive(serde::Serialize)]
+        struct DiagnosisJson<'a> {
+            checks: Vec<CheckJson<'a>>,
+        }
+        DiagnosisJson {
+            checks: self
+                .checks
+                .iter()
+                .map(|c| CheckJson {
+                    name: c.name,
+                    result: match c.pass {
+                        Some(true) => "pass",
+                        Some(false) => "fail",
+                        None => "skipped",
+                    },
+                    detail: &c.detail,
+                    fix: c.fix.as_deref(),
+                })
+                .collect(),
+        }
+        .serialize(s)
+    }
+}
+
+impl Report for Diagnosis {
+    fn outcome(&self) -> &str {
+        if self.failed().is_empty() {
+            "ok"
+        } else {
+            "failed"
+        }
+    }
+
+    fn status(&self) -> Status {
+        let failed = self.failed();
+        // The order of precedence: configuration and the key before the data.
+        [
+            Status::Config,
+            Status::NoPerm,
+            Status::Unavailable,
+            Status::DataErr,
+            Status::Software,
+        ]
+        .into_iter()
+        .find(|s| failed.iter().any(|c| c.status == *s))
+        .or_else(|| failed.first().map(|c| c.status))
+        .unwrap_or(Status::Ok)
+    }
+
+    fn render(&self, style: Style) -> String {
+        use std::fmt::Write as _;
+        // The names' column fits the longest; a detail of several lines
+        // goes on under its first.
+        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        let indent = " ".repeat(5 + width + 1);
+        let mut s = String::new();
+        for c in &self.checks {
             let mark = match (c.pass, style.emoji) {
                 (Some(true), true) => "✅",
                 (Some(false), true) => "❌",
@@ -636,23 +690,23 @@ fn finish(args: &DoctorArgs, env: Option<&str>, checks: Vec<Check>) -> Status {
                 (Some(false), false) => "FAIL",
                 (None, false) => "skip",
             };
-            crate::outln!("{mark} {:<13} {}", c.name, c.detail);
+            let detail = c.detail.replace('\n', &format!("\n{indent}"));
+            let _ = writeln!(s, "{mark} {:<width$} {detail}", c.name);
             if let Some(fix) = &c.fix {
-                crate::outln!("     {:<13} fix: {fix}", "");
+                let _ = writeln!(s, "     {:<width$} fix: {fix}", "");
             }
         }
-        crate::outln!(
-            "{}",
-            if failed.is_empty() {
-                "All checks passed.".to_string()
-            } else {
-                format!(
-                    "{} failed (exit status {}).",
-                    crate::output::count(failed.len() as u64, "check", "checks"),
-                    status.code()
-                )
-            }
-        );
+        let failed = self.failed();
+        if failed.is_empty() {
+            s.push_str("All checks passed.\n");
+        } else {
+            let _ = writeln!(
+                s,
+                "{} failed (exit status {}).",
+                crate::output::count(failed.len() as u64, "check", "checks"),
+                self.status().code()
+            );
+        }
+        s
     }
-    status
 }

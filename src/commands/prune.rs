@@ -5,77 +5,75 @@
 //! records how far it is pruned). An open month before it refuses the
 //! prune, named (docs/semantics.md, "Closed months").
 
-use serde_json::json;
+use serde::Serialize;
 
-use super::{connect, failure_json, report_error};
+use super::connect;
 use crate::cli::PruneArgs;
 use crate::exit::Status;
-use crate::periods::{self, Blocked, Refusal};
+use crate::ledger;
+use crate::output::Style;
+use crate::periods::{Blocked, Refusal};
+use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
-#[derive(Debug, Default)]
+/// What a prune deleted (or, dry, would).
+#[derive(Debug, Default, Serialize)]
 struct Pruned {
+    dry_run: bool,
+    before: String,
     months: Vec<String>,
     batches: u64,
+    #[serde(rename = "rows_deleted")]
     deleted: u64,
+    #[serde(rename = "good_rows_deleted")]
     good_deleted: u64,
     rows_left: i64,
+    #[serde(rename = "pruned_through")]
     through: Option<i64>,
 }
 
+impl Report for Pruned {
+    fn outcome(&self) -> &str {
+        // The JSON has had no outcome of its own: its exit status says it.
+        "ok"
+    }
+
+    fn render(&self, _: Style) -> String {
+        let through = self.through.map_or("?".into(), |c| c.to_string());
+        if self.months.is_empty() {
+            format!("No closed month before {}: nothing to prune\n", self.before)
+        } else if self.dry_run {
+            format!(
+                "Dry run: about {} good raw rows of the closed months {} are still there and would be deleted (up \
+                 to the cursor, {through}); nothing was deleted\n",
+                self.rows_left,
+                self.months.join(", "),
+            )
+        } else {
+            format!(
+                "Pruned {} raw rows ({} counted ones, booked per key in usage_agg_pruned) of the closed months {}, \
+                 in {}, through id {through}; `usage-agg verify` checks them from what was booked\n",
+                self.deleted,
+                self.good_deleted,
+                self.months.join(", "),
+                crate::output::count(self.batches, "batch", "batches"),
+            )
+        }
+    }
+}
+
 pub async fn run(args: PruneArgs) -> Status {
+    let printer = Printer::new("prune", &args.output);
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => return printer.fail(&e, None),
     };
-    let env = config.environment.upper();
+    let printer = printer.against(&config);
     let store = RestStore::new(client);
     match prune(&store, &args).await {
-        Ok(p) => {
-            if args.output.json {
-                crate::outln!(
-                    "{}",
-                    json!({
-                        "version": 1, "command": "prune", "environment": env, "exit_status": 0,
-                        "dry_run": args.dry_run, "before": args.before.to_string(), "months": p.months,
-                        "batches": p.batches, "rows_deleted": p.deleted, "good_rows_deleted": p.good_deleted,
-                        "rows_left": p.rows_left, "pruned_through": p.through, "error": null,
-                    })
-                );
-            } else if !args.output.quiet {
-                if p.months.is_empty() {
-                    crate::outln!("No closed month before {}: nothing to prune", args.before);
-                } else if args.dry_run {
-                    crate::outln!(
-                        "Dry run: about {} good raw rows of the closed months {} are still there and would be \
-                         deleted (up to the cursor, {}); nothing was deleted",
-                        p.rows_left,
-                        p.months.join(", "),
-                        p.through.map_or("?".into(), |c| c.to_string())
-                    );
-                } else {
-                    crate::outln!(
-                        "Pruned {} raw rows ({} counted ones, booked per key in usage_agg_pruned) of the closed \
-                         months {}, in {} batches, through id {}; `usage-agg verify` checks them from what was \
-                         booked",
-                        p.deleted,
-                        p.good_deleted,
-                        p.months.join(", "),
-                        p.batches,
-                        p.through.map_or("?".into(), |c| c.to_string())
-                    );
-                }
-            }
-            Status::Ok
-        }
-        Err(e) => {
-            let status = report_error(&e, Some(&config));
-            if args.output.json {
-                crate::outln!("{}", failure_json("prune", Some(env), status, &e));
-            }
-            status
-        }
+        Ok(p) => printer.report(&p),
+        Err(e) => printer.fail(&e, Some(&config)),
     }
 }
 
@@ -84,10 +82,14 @@ async fn prune(store: &RestStore, args: &PruneArgs) -> anyhow::Result<Pruned> {
         store.installed().await?,
         "the usage-agg migrations are not applied, so no month is closed and nothing can be pruned"
     );
-    let mut p = Pruned::default();
+    let mut p = Pruned {
+        dry_run: args.dry_run,
+        before: args.before.to_string(),
+        ..Pruned::default()
+    };
     loop {
-        let b = periods::prune_batch(store.client(), args.before, args.batch_size, args.dry_run)
-            .await?;
+        let b =
+            ledger::prune_batch(store.client(), args.before, args.batch_size, args.dry_run).await?;
         match b.refused.as_deref() {
             None => {}
             Some("open_months") => {

@@ -4,21 +4,64 @@
 //! from now on are counted there, and adjustments are booked after the
 //! newest month still closed (docs/semantics.md, "Closed months").
 
-use serde_json::json;
+use serde::Serialize;
 
-use super::{connect, failure_json, report_error};
+use super::connect;
 use crate::cli::ReopenArgs;
 use crate::exit::Status;
+use crate::output::{human_time, Style};
 use crate::periods::{self, Refusal};
+use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
+/// What `reopen` did: the month, and who had closed it when.
+#[derive(Debug, Serialize)]
+struct Reopened {
+    #[serde(skip)]
+    reopened: bool,
+    month: String,
+    reason: String,
+    reopened_by: String,
+    reopened_at: Option<String>,
+    was_closed_at: Option<String>,
+    was_closed_by: Option<String>,
+}
+
+impl Report for Reopened {
+    fn outcome(&self) -> &str {
+        if self.reopened {
+            "reopened"
+        } else {
+            "not_closed"
+        }
+    }
+
+    fn render(&self, _: Style) -> String {
+        if self.reopened {
+            format!(
+                "Reopened {} by {}, because: {} (it was closed at {} by {}). Its monthly rows may change \
+                 again; close it again with `usage-agg close --month {}`\n",
+                self.month,
+                self.reopened_by,
+                self.reason,
+                self.was_closed_at.as_deref().map_or("?".into(), human_time),
+                self.was_closed_by.as_deref().unwrap_or("?"),
+                self.month
+            )
+        } else {
+            format!("{} is not closed; nothing to do\n", self.month)
+        }
+    }
+}
+
 pub async fn run(args: ReopenArgs) -> Status {
+    let printer = Printer::new("reopen", &args.output);
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => return printer.fail(&e, None),
     };
-    let env = config.environment.upper();
+    let printer = printer.against(&config);
     let store = RestStore::new(client);
     let by = periods::who();
     let result = async {
@@ -34,41 +77,15 @@ pub async fn run(args: ReopenArgs) -> Status {
     }
     .await;
     match result {
-        Ok(a) => {
-            let outcome = if a.reopened { "reopened" } else { "not_closed" };
-            if args.output.json {
-                crate::outln!(
-                    "{}",
-                    json!({
-                        "version": 1, "command": "reopen", "environment": env, "exit_status": 0,
-                        "outcome": outcome, "month": args.month.to_string(), "reason": args.reason,
-                        "reopened_by": by, "reopened_at": a.reopened_at,
-                        "was_closed_at": a.closed_at, "was_closed_by": a.closed_by, "error": null,
-                    })
-                );
-            } else if !args.output.quiet {
-                if a.reopened {
-                    crate::outln!(
-                        "Reopened {} (closed at {} by {}), by {by}, because: {}. Its monthly rows may change again; \
-                         close it again with `usage-agg close --month {}`",
-                        args.month,
-                        a.closed_at.as_deref().unwrap_or("?"),
-                        a.closed_by.as_deref().unwrap_or("?"),
-                        args.reason,
-                        args.month
-                    );
-                } else {
-                    crate::outln!("{} is not closed; nothing to do", args.month);
-                }
-            }
-            Status::Ok
-        }
-        Err(e) => {
-            let status = report_error(&e, Some(&config));
-            if args.output.json {
-                crate::outln!("{}", failure_json("reopen", Some(env), status, &e));
-            }
-            status
-        }
+        Ok(a) => printer.report(&Reopened {
+            reopened: a.reopened,
+            month: args.month.to_string(),
+            reason: args.reason,
+            reopened_by: by,
+            reopened_at: a.reopened_at,
+            was_closed_at: a.closed_at,
+            was_closed_by: a.closed_by,
+        }),
+        Err(e) => printer.fail(&e, Some(&config)),
     }
 }

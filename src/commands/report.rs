@@ -7,11 +7,12 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
-use super::{connect, report_error};
+use super::connect;
 use crate::aggregation::{Key, Totals};
 use crate::cli::{ReportArgs, ReportFormat};
 use crate::exit::Status;
 use crate::output::Style;
+use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
 
@@ -78,10 +79,12 @@ const PAGE: usize = 1000;
 const BAR_WIDTH: usize = 30;
 
 pub async fn run(args: ReportArgs) -> Status {
+    let printer = Printer::new("report", &args.output).json_if(args.format == ReportFormat::Json);
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => return printer.fail(&e, None),
     };
+    let printer = printer.against(&config);
     let fetched = if args.live {
         live(&RestStore::new(client.clone()), &args).await
     } else {
@@ -95,33 +98,24 @@ pub async fn run(args: ReportArgs) -> Status {
         }
         other => other,
     };
-    let (title, label, lines) = match fetched {
-        Ok(x) => x,
-        Err(e) => return report_error(&e, Some(&config)),
-    };
-    // --quiet: the exit status alone says whether the table could be read.
-    if args.output.quiet {
-        return Status::Ok;
+    match fetched {
+        Ok((title, label, lines)) => printer.report(&Reported {
+            format: args.format,
+            env: config.environment.upper(),
+            title,
+            label,
+            lines,
+        }),
+        Err(e) => printer.fail(&e, Some(&config)),
     }
-    let format = if args.output.json {
-        ReportFormat::Json
-    } else {
-        args.format
-    };
-    let env = config.environment.upper();
-    crate::out!(
-        "{}",
-        render(format, Style::detect(), env, &title, label, &lines)
-    );
-    Status::Ok
 }
 
 /// `--live`: one row, the portal's current month right now
 /// (`usage_current`).
 async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
     let portal = args.portal.unwrap_or_default();
-    let month = crate::periods::current_month(store.client()).await?;
-    let c = crate::periods::usage_current(store.client(), portal, month).await?;
+    let month = crate::ledger::current_month(store.client()).await?;
+    let c = crate::ledger::usage_current(store.client(), portal, month).await?;
     Ok((
         format!(
             "Portal {portal}, {month} right now (stored totals, late adjustments, rows not yet counted)"
@@ -213,7 +207,15 @@ async fn fetch(
     };
     let rows = store.top_of_month(month, usize::from(args.top)).await?;
     Ok((
-        format!("Top {} portals by requests, {month}", args.top),
+        // "Top 10" of 5 portals reads as if 5 were missing.
+        if rows.len() < usize::from(args.top) {
+            format!(
+                "All {} by requests, {month}",
+                crate::output::count(rows.len() as u64, "portal", "portals")
+            )
+        } else {
+            format!("Top {} portals by requests, {month}", args.top)
+        },
         Label::Portal,
         rows.iter().map(Line::from).collect(),
     ))
@@ -223,6 +225,55 @@ async fn fetch(
 enum Label {
     Month,
     Portal,
+}
+
+/// The rows as the JSON shows them.
+fn rows_json(lines: &[Line]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .map(|l| {
+            json!({
+                "portal_id": l.portal_id, "month": l.month_year,
+                "requests": l.request_count.unwrap_or(0), "successes": l.success_count.unwrap_or(0),
+                "errors": l.error_count.unwrap_or(0),
+                "success_rate": l.rate().map(|r| (r * 10.0).round() / 10.0),
+                "adjustments": {"late": l.late, "manual": l.manual},
+                "billed": l.billed,
+            })
+        })
+        .collect()
+}
+
+/// A report's table, read: its title, what each row is, and the rows.
+struct Reported {
+    format: ReportFormat,
+    env: &'static str,
+    title: String,
+    label: Label,
+    lines: Vec<Line>,
+}
+
+impl serde::Serialize for Reported {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        json!({"title": self.title, "rows": rows_json(&self.lines)}).serialize(s)
+    }
+}
+
+impl Report for Reported {
+    fn outcome(&self) -> &str {
+        "ok"
+    }
+
+    fn render(&self, style: Style) -> String {
+        render(
+            self.format,
+            style,
+            self.env,
+            &self.title,
+            self.label,
+            &self.lines,
+        )
+    }
 }
 
 fn render(
@@ -236,25 +287,12 @@ fn render(
     let mut s = String::new();
     match format {
         ReportFormat::Json => {
-            let rows: Vec<_> = lines
-                .iter()
-                .map(|l| {
-                    json!({
-                        "portal_id": l.portal_id, "month": l.month_year,
-                        "requests": l.request_count.unwrap_or(0), "successes": l.success_count.unwrap_or(0),
-                        "errors": l.error_count.unwrap_or(0),
-                        "success_rate": l.rate().map(|r| (r * 10.0).round() / 10.0),
-                        "adjustments": {"late": l.late, "manual": l.manual},
-                        "billed": l.billed,
-                    })
-                })
-                .collect();
             let _ = writeln!(
                 s,
                 "{}",
                 json!({
                     "version": 1, "command": "report", "environment": env, "exit_status": 0,
-                    "outcome": "ok", "title": title, "rows": rows,
+                    "outcome": "ok", "title": title, "rows": rows_json(lines), "error": null,
                 })
             );
         }
@@ -328,14 +366,15 @@ fn render(
                 } else {
                     String::new()
                 };
-                let _ = writeln!(
-                    s,
+                let line = format!(
                     "  {key:>10}  {req:>10}  {:>10}  {:>8}{extra}  {:>7}  {}",
                     l.success_count.unwrap_or(0),
                     l.error_count.unwrap_or(0),
                     l.rate().map_or("-".into(), |r| format!("{r:.1}%")),
                     block.repeat(width.max(usize::from(req > 0)))
                 );
+                // No bar and no rate leave spaces a diff would show.
+                let _ = writeln!(s, "{}", line.trim_end());
             }
             if adjusted {
                 let _ = writeln!(

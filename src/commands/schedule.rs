@@ -7,12 +7,14 @@
 //! (README, "Run it without a cron host").
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
-use super::{connect, report_error};
+use serde::Serialize;
+
+use super::connect;
 use crate::cli::ScheduleArgs;
 use crate::exit::Status;
-use crate::output::{parse_time, when};
+use crate::output::{parse_time, when, Style};
+use crate::printer::{Printer, Report};
 use crate::schedule::{describe, job_name, CronAnswer, CronJob, CronRun};
 use crate::store::rest::RestStore;
 use crate::store::Store;
@@ -21,19 +23,91 @@ use crate::store::Store;
 const RUNS_SHOWN: usize = 5;
 
 pub async fn run(args: ScheduleArgs) -> Status {
+    let printer = Printer::new("schedule", &args.output);
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
-        Err(e) => return report_error(&e, None),
+        Err(e) => return printer.fail(&e, None),
     };
+    let printer = printer.against(&config);
     let store = RestStore::new(client);
     let env = config.environment.upper();
     match act(&args, &store, env).await {
-        Ok(()) => Status::Ok,
-        Err(e) => report_error(&e, Some(&config)),
+        Ok(s) => printer.report(&s),
+        Err(e) => printer.fail(&e, Some(&config)),
     }
 }
 
-async fn act(args: &ScheduleArgs, store: &impl Store, env: &str) -> anyhow::Result<()> {
+/// What `schedule` did (installed, updated, removed, none) or showed, and
+/// the job and its runs as pg_cron has them.
+#[derive(Serialize)]
+struct Scheduled {
+    action: &'static str,
+    job_name: String,
+    pg_cron_version: Option<String>,
+    job: Option<CronJob>,
+    runs: Vec<CronRun>,
+    warnings: Vec<String>,
+    #[serde(skip)]
+    env: &'static str,
+    #[serde(skip)]
+    time_limit: std::time::Duration,
+    #[serde(skip)]
+    answer: CronAnswer,
+    #[serde(skip)]
+    now: chrono::DateTime<Utc>,
+}
+
+impl Report for Scheduled {
+    fn outcome(&self) -> &str {
+        "ok"
+    }
+
+    fn render(&self, _: Style) -> String {
+        let (env, name) = (self.env, &self.job_name);
+        let mut s = String::new();
+        match (self.action, &self.job) {
+            ("installed" | "updated", Some(job)) => {
+                s.push_str(&format!(
+                    "{} {name} in the {env} database (pg_cron job {}): {}, each run at most {}\n",
+                    if self.action == "installed" {
+                        "Scheduled"
+                    } else {
+                        "Updated the schedule of"
+                    },
+                    job.jobid,
+                    every_text(&job.schedule),
+                    humantime::format_duration(self.time_limit)
+                ));
+                s.push_str(&format!("  runs: {}\n", job.command));
+                s.push_str(&format!(
+                    "Each run counts the new rows in the database (the server-side engine); the first run, and \
+                     rebuilds, stay with the CLI. Watch it with `usage-agg status --env {}` or `usage-agg schedule \
+                     --show`.\n",
+                    env.to_lowercase()
+                ));
+            }
+            ("removed", Some(job)) => s.push_str(&format!(
+                "Removed the schedule {name} from the {env} database (pg_cron job {}, {})\n",
+                job.jobid,
+                every_text(&job.schedule)
+            )),
+            ("none", _) => s.push_str(&format!(
+                "No schedule to remove: the {env} database has no pg_cron job {name}\n"
+            )),
+            _ => s.push_str(&render(env, &self.answer, self.now)),
+        }
+        for w in &self.warnings {
+            s.push_str(&format!("Note: {w}\n"));
+        }
+        s
+    }
+}
+
+async fn act(
+    args: &ScheduleArgs,
+    store: &impl Store,
+    env: &'static str,
+) -> anyhow::Result<Scheduled> {
     let now = Utc::now();
     let mut warnings = Vec::new();
     let (action, answer) = if let Some(every) = &args.every {
@@ -87,64 +161,18 @@ async fn act(args: &ScheduleArgs, store: &impl Store, env: &str) -> anyhow::Resu
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    if args.output.json {
-        crate::outln!(
-            "{}",
-            json!({
-                "version": 1,
-                "command": "schedule",
-                "environment": env,
-                "exit_status": 0,
-                "outcome": "ok",
-                "action": action,
-                "job_name": job_name(),
-                "pg_cron_version": answer.version,
-                "job": answer.job,
-                "runs": answer.runs,
-                "warnings": warnings,
-            })
-        );
-        return Ok(());
-    }
-    if args.output.quiet {
-        return Ok(());
-    }
-    let name = job_name();
-    match (action, &answer.job) {
-        ("installed" | "updated", Some(job)) => {
-            crate::outln!(
-                "{} {name} in the {env} database (pg_cron job {}): {}, each run at most {}",
-                if action == "installed" {
-                    "Scheduled"
-                } else {
-                    "Updated the schedule of"
-                },
-                job.jobid,
-                every_text(&job.schedule),
-                humantime::format_duration(args.time_limit())
-            );
-            crate::outln!("  runs: {}", job.command);
-            crate::outln!(
-                "Each run counts the new rows in the database (the server-side engine); the first run, and \
-                 rebuilds, stay with the CLI. Watch it with `usage-agg status --env {}` or `usage-agg schedule \
-                 --show`.",
-                env.to_lowercase()
-            );
-        }
-        ("removed", Some(job)) => crate::outln!(
-            "Removed the schedule {name} from the {env} database (pg_cron job {}, {})",
-            job.jobid,
-            every_text(&job.schedule)
-        ),
-        ("none", _) => {
-            crate::outln!("No schedule to remove: the {env} database has no pg_cron job {name}")
-        }
-        _ => crate::out!("{}", render(env, &answer, now)),
-    }
-    for w in &warnings {
-        crate::outln!("Note: {w}");
-    }
-    Ok(())
+    Ok(Scheduled {
+        action,
+        job_name: job_name(),
+        pg_cron_version: answer.version.clone(),
+        job: answer.job.clone(),
+        runs: answer.runs.clone(),
+        warnings,
+        env,
+        time_limit: args.time_limit(),
+        answer,
+        now,
+    })
 }
 
 /// "every 5 minutes (*/5 * * * *)", or the expression alone.

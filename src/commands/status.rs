@@ -4,35 +4,55 @@
 //! keys are known to hold wrong totals.
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
-use super::{connect, failure_json, report_error};
+use serde::Serialize;
+
+use super::connect;
 use crate::cli::StatusArgs;
 use crate::exit::Status;
 use crate::metrics::{self, StatusMetrics};
 use crate::migrations::MIGRATION_FILE;
+use crate::output::Style;
 use crate::output::{humanize, parse_time, when};
 use crate::ping::Ping;
+use crate::postgrest::Client;
 use crate::preflight;
+use crate::printer::{Printer, Report};
 use crate::schedule::CronAnswer;
 use crate::state::StateRow;
 use crate::store::rest::RestStore;
 use crate::store::Store;
 
 pub async fn run(args: StatusArgs) -> Status {
+    let printer = Printer::new("status", &args.output);
     // A health check pings its own monitor: start, then the exit status
     // with what --json prints (or the error).
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
         Err(e) => {
             let e = e.into();
-            let status = report_error(&e, None);
-            write_metrics(&args, status, &failure_json("status", None, status, &e));
+            let status = printer.fail(&e, None);
+            write_metrics(&args, status, &printer.failure_json(status, &e));
             return status;
         }
     };
     ping.start().await;
-    let (status, json) = check(&args).await;
+    let (status, json) = match connect(&args.connection) {
+        Err(e) => {
+            let status = printer.fail(&e, None);
+            (status, printer.failure_json(status, &e))
+        }
+        Ok((config, client)) => {
+            let printer = printer.against(&config);
+            match check(&args, &client, config.environment.upper()).await {
+                Ok(r) => (printer.report(&r), printer.json_of(&r)),
+                Err(e) => {
+                    let status = printer.fail(&e, Some(&config));
+                    (status, printer.failure_json(status, &e))
+                }
+            }
+        }
+    };
     write_metrics(&args, status, &json);
     ping.finish(status, &json).await;
     status
@@ -61,37 +81,95 @@ fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
     metrics::write_or_warn(path, &metrics::render(&environment, &m.gauges()));
 }
 
-/// The status shown, its exit status, and its JSON.
-async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
-    let (config, client) = match connect(&args.connection) {
-        Ok(c) => c,
-        Err(e) => {
-            let status = report_error(&e, None);
-            return (status, failure_json("status", None, status, &e));
-        }
-    };
-    let env = config.environment.upper();
-    let gathered = gather(&RestStore::new(client.clone())).await;
-    let (installed, state, newest, facts, schedule) = match gathered {
-        Ok(g) => g,
-        Err(e) => {
-            let status = report_error(&e, Some(&config));
-            return (status, failure_json("status", Some(env), status, &e));
-        }
-    };
+/// A problem as the JSON names it.
+#[derive(Serialize)]
+struct ProblemJson {
+    code: String,
+    message: String,
+}
+
+/// The scheduled job and its last runs, as the JSON shows them.
+#[derive(Serialize)]
+struct ScheduleJson {
+    job: Option<crate::schedule::CronJob>,
+    runs: Vec<crate::schedule::CronRun>,
+}
+
+/// The closed months, with the periods migration.
+#[derive(Serialize)]
+struct PeriodsJson {
+    closed_months: Vec<crate::ledger::ClosedMonth>,
+    newest_closed: Option<String>,
+    prunable_rows: i64,
+    closable_months: Vec<String>,
+    reopened_months: Vec<crate::ledger::Reopened>,
+}
+
+/// What `status` found: the job's state, the run-time checks, the closed
+/// months and the schedule, and the verdict on them.
+#[derive(Serialize)]
+struct Standing {
+    #[serde(skip)]
+    status: Status,
+    #[serde(skip)]
+    outcome: &'static str,
+    migration_installed: bool,
+    cursor: Option<i64>,
+    newest_id: Option<i64>,
+    backlog_estimate: Option<i64>,
+    lease_owner: Option<String>,
+    lease_taken_at: Option<String>,
+    lease_expires_at: Option<String>,
+    last_run_started_at: Option<String>,
+    last_run_finished_at: Option<String>,
+    last_run_outcome: Option<String>,
+    last_run_rows: Option<i64>,
+    last_run_seconds: Option<f64>,
+    last_success_at: Option<String>,
+    stale: bool,
+    problems: Vec<ProblemJson>,
+    refused_keys: u64,
+    rejected_rows: i64,
+    rejected_ids: Vec<i64>,
+    refused_since: Option<String>,
+    refused_examples: Vec<String>,
+    last_run_by: Option<String>,
+    schedule: Option<ScheduleJson>,
+    #[serde(flatten)]
+    periods: Option<PeriodsJson>,
+    /// What the text shows besides the fields.
+    #[serde(skip)]
+    text: String,
+}
+
+impl Report for Standing {
+    fn outcome(&self) -> &str {
+        self.outcome
+    }
+
+    fn status(&self) -> Status {
+        self.status
+    }
+
+    fn render(&self, _: Style) -> String {
+        self.text.clone()
+    }
+}
+
+/// The status: its verdict, JSON fields and text.
+async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow::Result<Standing> {
+    let (installed, state, newest, facts, schedule) =
+        gather(&RestStore::new(client.clone())).await?;
     // The closed months (periods migration); its absence is a problem of
     // the schema, as the runs say (78).
     let periods = if installed {
-        match crate::periods::status(&client, crate::periods::DEFAULT_GRACE.as_secs()).await {
+        match crate::ledger::status(client, crate::periods::DEFAULT_GRACE.as_secs()).await {
             Ok(p) => Ok(Some(p)),
             Err(e) if crate::exit::classify(&e) == Status::Config => Err(format!(
                 "the periods migration is not applied, so runs stop (78): apply {} (`usage-agg sql`)",
                 crate::migrations::PERIODS_MIGRATION
             )),
-            Err(e) => {
-                let status = report_error(&e, Some(&config));
-                return (status, failure_json("status", Some(env), status, &e));
-            }
+            Err(e) => return Err(e),
         }
     } else {
         Ok(None)
@@ -107,6 +185,13 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
         (_, None) => Some(0),
     };
     let problems = facts.as_ref().map(preflight::problems).unwrap_or_default();
+    // Newest id minus the cursor says nothing when the ids no longer
+    // describe the table (a sequence set back, a truncate): unknown, not 0.
+    let backlog = backlog.filter(|_| {
+        problems
+            .iter()
+            .all(|p| p.kind() == preflight::ProblemKind::Schema)
+    });
     let refused = facts.as_ref().map_or(0, |f| f.refused_keys);
     // Known-wrong totals outrank an old success: they need a person.
     let (status, outcome) = if periods.is_err() {
@@ -123,70 +208,26 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
     } else {
         (Status::Ok, "ok")
     };
-    let summary = json!({
-        "version": 1,
-        "command": "status",
-        "environment": env,
-        "exit_status": status.code(),
-        "outcome": outcome,
-        "migration_installed": installed,
-        "cursor": state.cursor_id,
-        "newest_id": newest,
-        "backlog_estimate": backlog,
-        "lease_owner": state.lease_owner,
-        "lease_taken_at": state.lease_taken_at,
-        "lease_expires_at": state.lease_expires_at,
-        "last_run_started_at": state.last_run_started_at,
-        "last_run_finished_at": state.last_run_finished_at,
-        "last_run_outcome": state.last_run_outcome,
-        "last_run_rows": state.last_run_rows,
-        "last_run_seconds": run_seconds(&state),
-        "last_success_at": state.last_success_at,
-        "stale": stale,
-        "problems": problems.iter().map(|p| json!({"code": p.code(), "message": p.to_string()})).collect::<Vec<_>>(),
-        "refused_keys": refused,
-        "rejected_rows": state.rejected_rows.unwrap_or(0),
-        "rejected_ids": state.rejected_ids.clone().unwrap_or_default(),
-        "refused_since": facts.as_ref().and_then(|f| f.refused_since.clone()),
-        "refused_examples": facts.as_ref().map(|f| f.refused_examples.clone()).unwrap_or_default(),
-        "last_run_by": state.last_run_by,
-        "schedule": schedule.as_ref().map(|s| json!({"job": s.job, "runs": s.runs})),
-    });
-    let mut summary = summary;
-    if let (Some(o), Ok(Some(p))) = (summary.as_object_mut(), &periods) {
-        o.extend([
-            ("closed_months".to_string(), json!(p.closed)),
-            ("newest_closed".to_string(), json!(p.newest_closed)),
-            ("prunable_rows".to_string(), json!(p.prunable_rows)),
-            ("closable_months".to_string(), json!(p.closable)),
-            ("reopened_months".to_string(), json!(p.reopened)),
-        ]);
-    }
-    if let (Some(o), Err(problem)) = (summary.as_object_mut(), &periods) {
-        if let Some(list) = o.get_mut("problems").and_then(|v| v.as_array_mut()) {
-            list.push(json!({"code": "periods_migration_missing", "message": problem}));
-        }
-    }
-    if args.output.json {
-        crate::outln!("{summary}");
-    } else if !args.output.quiet {
+    let mut text = String::new();
+    {
+        use std::fmt::Write as _;
         let gone_in_db = facts.as_ref().and_then(|f| f.lease_holder_gone) == Some(true);
-        crate::out!(
-            "{}",
-            render(env, installed, &state, newest, backlog, now, gone_in_db)
-        );
+        text.push_str(&render(
+            env, installed, &state, newest, backlog, now, gone_in_db,
+        ));
         if let Some(s) = &schedule {
             for (k, v) in crate::commands::schedule::job_lines(s.job.as_ref(), &s.runs, now, false)
             {
-                crate::outln!("  {k:<14} {v}");
+                let _ = writeln!(text, "  {k:<14} {v}");
             }
         }
         for p in &problems {
-            crate::outln!("  PROBLEM:       {p}");
+            let _ = writeln!(text, "  PROBLEM:       {p}");
         }
         if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
             let standing = crate::output::Standing::of(f);
-            crate::outln!(
+            let _ = writeln!(
+                text,
                 "  REFUSED:       {} since {} ({}); {}",
                 standing.what(),
                 f.refused_since.as_deref().unwrap_or("?"),
@@ -195,12 +236,15 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             );
         }
         match &periods {
-            Ok(Some(p)) => crate::out!("{}", render_periods(p)),
+            Ok(Some(p)) => text.push_str(&render_periods(p)),
             Ok(None) => {}
-            Err(problem) => crate::outln!("  PROBLEM:       {problem}"),
+            Err(problem) => {
+                let _ = writeln!(text, "  PROBLEM:       {problem}");
+            }
         }
         if stale {
-            crate::outln!(
+            let _ = writeln!(
+                text,
                 "  STALE:         no successful run in the last {}{}",
                 humanize(args.max_age.unwrap_or_default().as_secs() as i64),
                 if installed {
@@ -211,7 +255,59 @@ async fn check(args: &StatusArgs) -> (Status, serde_json::Value) {
             );
         }
     }
-    (status, summary)
+    let mut problem_json: Vec<ProblemJson> = problems
+        .iter()
+        .map(|p| ProblemJson {
+            code: p.code().to_string(),
+            message: p.to_string(),
+        })
+        .collect();
+    if let Err(problem) = &periods {
+        problem_json.push(ProblemJson {
+            code: "periods_migration_missing".into(),
+            message: problem.clone(),
+        });
+    }
+    Ok(Standing {
+        status,
+        outcome,
+        migration_installed: installed,
+        cursor: state.cursor_id,
+        newest_id: newest,
+        backlog_estimate: backlog,
+        last_run_seconds: run_seconds(&state),
+        lease_owner: state.lease_owner,
+        lease_taken_at: state.lease_taken_at,
+        lease_expires_at: state.lease_expires_at,
+        last_run_started_at: state.last_run_started_at,
+        last_run_finished_at: state.last_run_finished_at,
+        last_run_outcome: state.last_run_outcome,
+        last_run_rows: state.last_run_rows,
+        last_success_at: state.last_success_at,
+        stale,
+        problems: problem_json,
+        refused_keys: refused,
+        rejected_rows: state.rejected_rows.unwrap_or(0),
+        rejected_ids: state.rejected_ids.unwrap_or_default(),
+        refused_since: facts.as_ref().and_then(|f| f.refused_since.clone()),
+        refused_examples: facts
+            .as_ref()
+            .map(|f| f.refused_examples.clone())
+            .unwrap_or_default(),
+        last_run_by: state.last_run_by,
+        schedule: schedule.map(|s| ScheduleJson {
+            job: s.job,
+            runs: s.runs,
+        }),
+        periods: periods.ok().flatten().map(|p| PeriodsJson {
+            closed_months: p.closed,
+            newest_closed: p.newest_closed,
+            prunable_rows: p.prunable_rows,
+            closable_months: p.closable,
+            reopened_months: p.reopened,
+        }),
+        text,
+    })
 }
 
 type Gathered = (
@@ -267,7 +363,7 @@ async fn schedule(store: &impl Store) -> Option<CronAnswer> {
 
 /// Closed months, the newest, what prune could delete, what could close,
 /// what was reopened.
-fn render_periods(p: &crate::periods::PeriodsStatus) -> String {
+fn render_periods(p: &crate::ledger::PeriodsStatus) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
     match (p.closed.first(), p.newest_closed.as_deref()) {
@@ -278,7 +374,7 @@ fn render_periods(p: &crate::periods::PeriodsStatus) -> String {
                  month after it",
                 p.closed.len(),
                 first.month,
-                p.closed.last().and_then(|c| c.closed_at.as_deref()).unwrap_or("?"),
+                p.closed.last().and_then(|c| c.closed_at.as_deref()).map_or("?".into(), crate::output::human_time),
                 p.closed.last().and_then(|c| c.closed_by.as_deref()).unwrap_or("?")
             ),
         ),
@@ -369,11 +465,16 @@ fn render(
     );
     line(
         "Backlog",
-        format!(
-            "about {} rows waiting (newest id {})",
-            backlog.unwrap_or(0),
-            newest.map_or("none".into(), |n| n.to_string())
-        ),
+        match backlog {
+            Some(b) => format!(
+                "about {b} rows waiting (newest id {})",
+                newest.map_or("none".into(), |n| n.to_string())
+            ),
+            None => format!(
+                "unknown: the ids no longer describe the table (see PROBLEM; newest id {})",
+                newest.map_or("none".into(), |n| n.to_string())
+            ),
+        },
     );
     let lease_live = s
         .lease_expires_at

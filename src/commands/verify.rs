@@ -6,16 +6,18 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{connect, failure_json, report_error};
+use super::connect;
 use crate::adjustments::read_pruned_through;
 use crate::aggregation::{Month, Totals};
 use crate::cli::VerifyArgs;
 use crate::engine::rebuild::{self, Marks, Recount, Scope};
 use crate::exit::Status;
+use crate::ledger::status;
 use crate::output::{self, Style};
-use crate::periods::{status, sum_counts, Periods, PruneRunning};
+use crate::periods::{sum_counts, Periods, PruneRunning};
 use crate::ping::Ping;
 use crate::postgrest::Client;
+use crate::printer::{Printer, Report};
 use crate::progress::Progress;
 use crate::store::rest::RestStore;
 use crate::store::Store;
@@ -28,144 +30,178 @@ const PRUNE_RECHECKS: u32 = 4;
 const PRUNE_RECHECK_WAIT: Duration = Duration::from_millis(500);
 
 pub async fn run(args: VerifyArgs) -> Status {
+    let printer = Printer::new("verify", &args.output);
     // The nightly check pings its own monitor: start, then the exit status
     // with what --json prints (or the error).
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
-        Err(e) => return report_error(&e.into(), None),
+        Err(e) => return printer.fail(&e.into(), None),
     };
     ping.start().await;
-    let (status, json) = verify(&args).await;
-    ping.finish(status, &json).await;
-    status
-}
-
-/// The comparison, printed; its exit status and its JSON.
-async fn verify(args: &VerifyArgs) -> (Status, serde_json::Value) {
-    let style = Style::detect();
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
         Err(e) => {
-            let status = report_error(&e, None);
-            return (status, failure_json("verify", None, status, &e));
+            let status = printer.fail(&e, None);
+            ping.finish(status, &printer.failure_json(status, &e)).await;
+            return status;
         }
     };
-    let scope = args.month.map_or(Scope::All, Scope::Month);
-    let result = async {
-        let store = RestStore::new(client.clone());
-        let marks = if store.installed().await? {
-            let cursor = store.state().await?.and_then(|s| s.cursor_id);
-            Some(Marks {
-                cursor,
-                horizon: store
-                    .safe_horizon(crate::engine::DEFAULT_HORIZON_WAIT)
-                    .await?,
-            })
-        } else {
-            None
-        };
-        let periods = if marks.is_some() {
-            store.periods().await?
-        } else {
-            Periods::none()
-        };
-        let progress = Progress::for_terminal(args.output.quiet || args.output.json);
-        let pace = crate::pace::Pace::with_deadline(args.scan.pace(None), client.deadline());
-        let recount = |scope| {
-            rebuild::recount(
-                &store,
-                scope,
-                marks,
-                &periods,
-                args.scan.page_size,
-                &pace,
-                &progress,
-                None,
-            )
-        };
-        // Without the migrations nothing is closed, so nothing is pruned.
-        let (rc, rechecked) = if marks.is_some() {
-            recount_beside_prune(&client, scope, recount).await?
-        } else {
-            (recount(scope).await?, Vec::new())
-        };
-        // Closed months' snapshots and the adjustments: with the periods
-        // migration (whose absence the periods read above already refused).
-        let checks = if marks.is_some() {
-            Checks::gather(&client, &rc, args.month, args.scan.page_size).await?
-        } else {
-            Checks::default()
-        };
-        anyhow::Ok((rc, checks, rechecked))
-    }
-    .await;
-    match result {
-        Ok((rc, checks, rechecked)) => {
-            let drift = rc.drift(true);
-            let mut json = output::verify_json(&drift, rc.stored.len(), rc.rows_read);
-            json["environment"] = config.environment.upper().into();
-            let clean = drift.is_empty() && checks.snapshot_mismatches.is_empty();
-            json["exit_status"] = if clean { 0 } else { 65 }.into();
-            json["outcome"] = if clean { "ok" } else { "drift" }.into();
-            // The rows no run can count, as they stand now: bad rows are
-            // shown by every verify until someone fixes or deletes them.
-            let bad = &rc.fresh.bad;
-            json["rows_rejected"] = bad.count.into();
-            json["rejected_examples"] = bad
-                .examples
-                .iter()
-                .map(|(id, why)| serde_json::json!({"id": id, "reason": why.to_string()}))
-                .collect();
-            if let (Some(o), serde_json::Value::Object(extra)) =
-                (json.as_object_mut(), checks.json())
-            {
-                o.extend(extra);
-            }
-            json["rechecked_after_prune"] = rechecked.iter().map(ToString::to_string).collect();
-            if args.output.json {
-                crate::outln!("{json}");
-            } else if !args.output.quiet {
-                crate::out!(
-                    "{}",
-                    output::verify_report(style, &drift, rc.stored.len(), rc.rows_read)
-                );
-                if bad.count > 0 {
-                    crate::outln!(
-                        "{} rejected as bad data and counted nowhere: {}",
-                        output::count(bad.count, "row is", "rows are"),
-                        bad.examples
-                            .iter()
-                            .map(|(id, why)| format!("id {id} ({why})"))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    );
-                }
-                crate::out!("{}", checks.render());
-                if !rechecked.is_empty() {
-                    crate::outln!(
-                        "  Checked again: {} (a prune deleted rows of them while they were read; each was read \
-                         again with no prune batch in between)",
-                        rechecked
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                }
-            }
-            let status = if drift.is_empty() && checks.snapshot_mismatches.is_empty() {
-                Status::Ok
-            } else {
-                Status::DataErr
-            };
-            (status, json)
+    let printer = printer.against(&config);
+    match verify(&args, &client).await {
+        Ok(v) => {
+            let status = printer.report(&v);
+            ping.finish(status, &printer.json_of(&v)).await;
+            status
         }
         Err(e) => {
-            let status = report_error(&e, Some(&config));
-            let env = config.environment.upper();
-            (status, failure_json("verify", Some(env), status, &e))
+            let status = printer.fail(&e, Some(&config));
+            ping.finish(status, &printer.failure_json(status, &e)).await;
+            status
         }
     }
+}
+
+/// What `verify` found: the keys that differ from their rows, the rows no
+/// run can count, and the checks of closed months and adjustments.
+struct Verified {
+    drift: Vec<crate::engine::Change>,
+    keys_checked: usize,
+    rows_read: u64,
+    bad: crate::aggregation::BadRows,
+    checks: Checks,
+    rechecked: Vec<Month>,
+}
+
+impl Verified {
+    fn clean(&self) -> bool {
+        self.drift.is_empty() && self.checks.snapshot_mismatches.is_empty()
+    }
+}
+
+/// The documented JSON fields: the comparison, the rejected rows, the
+/// checks, and the months read again beside a prune.
+impl serde::Serialize for Verified {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut json = output::verify_json(&self.drift, self.keys_checked, self.rows_read);
+        json["rows_rejected"] = self.bad.count.into();
+        json["rejected_examples"] = self
+            .bad
+            .examples
+            .iter()
+            .map(|(id, why)| json!({"id": id, "reason": why.to_string()}))
+            .collect();
+        if let (Some(o), serde_json::Value::Object(extra)) =
+            (json.as_object_mut(), self.checks.json())
+        {
+            o.extend(extra);
+        }
+        json["rechecked_after_prune"] = self.rechecked.iter().map(ToString::to_string).collect();
+        json.serialize(s)
+    }
+}
+
+impl Report for Verified {
+    fn outcome(&self) -> &str {
+        if self.clean() {
+            "ok"
+        } else {
+            "drift"
+        }
+    }
+
+    fn status(&self) -> Status {
+        if self.clean() {
+            Status::Ok
+        } else {
+            Status::DataErr
+        }
+    }
+
+    fn render(&self, style: Style) -> String {
+        let mut s = output::verify_report(style, &self.drift, self.keys_checked, self.rows_read);
+        if self.bad.count > 0 {
+            s.push_str(&format!(
+                "{} rejected as bad data and counted nowhere: {}\n",
+                output::count(self.bad.count, "row is", "rows are"),
+                self.bad
+                    .examples
+                    .iter()
+                    .map(|(id, why)| format!("id {id} ({why})"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        s.push_str(&self.checks.render());
+        if !self.rechecked.is_empty() {
+            s.push_str(&format!(
+                "  Checked again: {} (a prune deleted rows of them while they were read; each was read again \
+                 with no prune batch in between)\n",
+                self.rechecked
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        s
+    }
+}
+
+/// The comparison.
+async fn verify(args: &VerifyArgs, client: &Client) -> anyhow::Result<Verified> {
+    let scope = args.month.map_or(Scope::All, Scope::Month);
+    let store = RestStore::new(client.clone());
+    let marks = if store.installed().await? {
+        let cursor = store.state().await?.and_then(|s| s.cursor_id);
+        Some(Marks {
+            cursor,
+            horizon: store
+                .safe_horizon(crate::engine::DEFAULT_HORIZON_WAIT)
+                .await?,
+        })
+    } else {
+        None
+    };
+    let periods = if marks.is_some() {
+        store.periods().await?
+    } else {
+        Periods::none()
+    };
+    let progress = Progress::for_terminal(args.output.quiet || args.output.json);
+    let pace = crate::pace::Pace::with_deadline(args.scan.pace(None), client.deadline());
+    let recount = |scope| {
+        rebuild::recount(
+            &store,
+            scope,
+            marks,
+            &periods,
+            args.scan.page_size,
+            &pace,
+            &progress,
+            None,
+        )
+    };
+    // Without the migrations nothing is closed, so nothing is pruned.
+    let (rc, rechecked) = if marks.is_some() {
+        recount_beside_prune(client, scope, recount).await?
+    } else {
+        (recount(scope).await?, Vec::new())
+    };
+    // Closed months' snapshots and the adjustments: with the periods
+    // migration (whose absence the periods read above already refused).
+    let checks = if marks.is_some() {
+        Checks::gather(client, &rc, args.month, args.scan.page_size).await?
+    } else {
+        Checks::default()
+    };
+    Ok(Verified {
+        drift: rc.drift(true),
+        keys_checked: rc.stored.len(),
+        rows_read: rc.rows_read,
+        bad: rc.fresh.bad.clone(),
+        checks,
+        rechecked,
+    })
 }
 
 /// A recount whose raw rows and pruned rows are read consistently beside a

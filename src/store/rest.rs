@@ -15,8 +15,9 @@ use crate::adjustments::{self, LateKey};
 use crate::aggregation::{Key, Month, Totals};
 use crate::booking::{self, Booked, Rebased};
 use crate::config::JOB;
+use crate::ledger::{self, CloseAnswer, PeriodInfo, ReopenAnswer};
 use crate::pace::Pace;
-use crate::periods::{self, CloseAnswer, PeriodInfo, Periods, ReopenAnswer};
+use crate::periods::Periods;
 use crate::postgrest::{Client, Idempotent, Query};
 use crate::preflight::Facts;
 use crate::schedule::CronAnswer;
@@ -231,7 +232,7 @@ impl Store for RestStore {
     }
 
     async fn periods(&self) -> anyhow::Result<Periods> {
-        periods::read(&self.client).await
+        ledger::read(&self.client).await
     }
 
     async fn late(
@@ -255,7 +256,7 @@ impl Store for RestStore {
     }
 
     async fn period_info(&self, month: Month, grace_secs: u64) -> anyhow::Result<PeriodInfo> {
-        periods::info(&self.client, month, grace_secs).await
+        ledger::info(&self.client, month, grace_secs).await
     }
 
     async fn close_month(
@@ -264,7 +265,7 @@ impl Store for RestStore {
         grace_secs: u64,
         by: &str,
     ) -> anyhow::Result<CloseAnswer> {
-        periods::close(&self.client, month, grace_secs, by).await
+        ledger::close(&self.client, month, grace_secs, by).await
     }
 
     async fn reopen_month(
@@ -273,7 +274,7 @@ impl Store for RestStore {
         reason: &str,
         by: &str,
     ) -> anyhow::Result<ReopenAnswer> {
-        periods::reopen(&self.client, month, reason, by).await
+        ledger::reopen(&self.client, month, reason, by).await
     }
 
     async fn rpc_batch(

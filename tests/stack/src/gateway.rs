@@ -269,9 +269,11 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 )],
                 body: body.as_bytes().to_vec(),
             };
+            // Recorded before the answer goes out: a client that has its
+            // answer finds its request in `seen()` (a race under load).
+            record(status, None);
             client.write_all(&msg.head(msg.body.len()))?;
             client.write_all(&msg.body)?;
-            record(status, None);
             return client.shutdown(Shutdown::Both);
         }
         Decision::Forward {
@@ -296,16 +298,17 @@ fn handle(client: TcpStream, shared: &Shared) -> std::io::Result<()> {
     up.write_all(&request.head(request.body.len()))?;
     up.write_all(&request.body)?;
     let response = read_message(&mut BufReader::new(up), true)?;
-    client.write_all(&response.head(response.body.len()))?;
-    client.write_all(&response.body)?;
-    client.flush()?;
     let status = response
         .start
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    // Before the answer goes out, as above.
     record(status, Some(forwarded_authorization));
+    client.write_all(&response.head(response.body.len()))?;
+    client.write_all(&response.body)?;
+    client.flush()?;
     client.shutdown(Shutdown::Both)
 }
 
