@@ -214,7 +214,7 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
 
     let top = report(&[]);
     top.assert_status(0)
-        .assert_stdout_has("Top 10 portals by requests, 2025-07");
+        .assert_stdout_has("All 2 portals by requests, 2025-07");
     let order: Vec<&str> = top
         .stdout
         .lines()
@@ -222,6 +222,10 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
         .map(|l| l.split_whitespace().next().unwrap())
         .collect();
     assert_eq!(order, ["7", "42"]);
+    // Fewer portals than --top: "All 2"; more: "Top N".
+    report(&["--top", "1"])
+        .assert_status(0)
+        .assert_stdout_has("Top 1 portals by requests, 2025-07");
 
     let csv = report(&["--month", "2025-06", "--format", "csv"]);
     assert_eq!(
