@@ -116,6 +116,7 @@ pub fn classify(err: &anyhow::Error) -> Status {
             return Status::TempFail;
         }
         if cause.is::<LeaseHeld>()
+            || cause.is::<crate::state::StateBlocked>()
             || cause.is::<crate::pace::DeadlinePassed>()
             || cause.is::<HorizonNotSafe>()
             || cause.is::<LeaseLost>()

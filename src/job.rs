@@ -310,6 +310,12 @@ async fn take_lease<S: Store>(
     if lease.acquired {
         return Ok(lease.cursor);
     }
+    if lease.blocked {
+        return Err(state::StateBlocked {
+            prepared: lease.prepared,
+        }
+        .into());
+    }
     // Gone: a run on this host whose process is gone, or a run in the
     // database (a scheduled one) whose backend is gone.
     let gone = state::owner_is_dead_here(&lease.owner)

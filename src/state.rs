@@ -71,7 +71,15 @@ pub async fn supabase_facts(client: &Client) -> anyhow::Result<SupabaseFacts> {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Lease {
     pub acquired: bool,
+    /// Empty when `blocked`.
+    #[serde(default)]
     pub owner: String,
+    /// A transaction held the job's state row past the lock timeout.
+    #[serde(default)]
+    pub blocked: bool,
+    /// With `blocked`: the prepared transactions there are.
+    #[serde(default)]
+    pub prepared: Vec<String>,
     pub since: Option<String>,
     pub expires_at: Option<String>,
     /// None until the first incremental run finishes: the next run rebuilds.
@@ -85,6 +93,22 @@ pub struct LeaseHeld {
     pub owner: String,
     pub since: String,
     pub expires_at: String,
+}
+
+/// A transaction that has not ended holds the job's state row: one that
+/// inserted a row at or below the cursor (the trigger that records the
+/// reset wrote the row, and holds it until the transaction ends). Exit 75:
+/// nothing was counted; the message says which transaction to end.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the job's state row is held by a transaction that has not ended, most likely one that inserted a row at or \
+     below the cursor (the trigger that records such a row wrote it){}; nothing was counted. End that \
+     transaction: COMMIT PREPARED or ROLLBACK PREPARED a prepared one, or find the open session in \
+     pg_stat_activity; then `usage-agg aggregate --rebase` repairs the reset it recorded",
+    if prepared.is_empty() { String::new() } else { format!(" (prepared transactions: {})", prepared.join(", ")) }
+)]
+pub struct StateBlocked {
+    pub prepared: Vec<String>,
 }
 
 /// Writers stayed in flight past the wait: nothing new can be counted safely.

@@ -416,6 +416,8 @@ impl Store for MemoryStore {
         Ok(Lease {
             acquired: free,
             owner: s.lease.clone().unwrap_or_default(),
+            blocked: false,
+            prepared: Vec::new(),
             since: None,
             expires_at: None,
             cursor: s.cursor,

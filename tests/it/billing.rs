@@ -1241,6 +1241,87 @@ fn prune_refuses_while_a_sequence_restart_leaves_rows_below_the_cursor_uncounted
     usage(&stack, &["verify"]).assert_status(0);
 }
 
+/// The restore of a deleted monthly row counted the key's rows up to the
+/// cursor but took away its whole late adjustment, which counted rows above
+/// the cursor (a run booked them and died before it moved the cursor):
+/// billed 5 against 7 rows, exit 0 (an adversarial pass). Now each key is
+/// counted up to its highest watermark.
+#[test]
+fn a_restored_key_counts_the_late_rows_a_killed_run_booked_above_the_cursor() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-05", 2);
+    insert_month(&stack, 2, "2025-06", 1);
+    let mut env = stack.env();
+    env.push((
+        "USAGE_AGG_FAILPOINTS".into(),
+        "before-cursor=abort@1".into(),
+    ));
+    let killed = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev", "--full"]);
+    assert_eq!(killed.status, -1, "{}{}", killed.stdout, killed.stderr);
+    assert_eq!(
+        late_rows(&stack),
+        2,
+        "the late rows are booked, the cursor not moved"
+    );
+    usage(
+        &stack,
+        &["reopen", "--month", "2025-05", "--reason", "dispute"],
+    )
+    .assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "DELETE FROM portal_usage_monthly WHERE portal_id = 1 AND month_year = '2025-05'",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(0);
+    assert_invariant(&stack);
+    usage(&stack, &["verify"]).assert_status(0);
+}
+
+/// A transaction that inserted a row at or below the cursor holds the job's
+/// state row until it ends (the trigger that records the reset wrote it):
+/// a run waited on it until the statement timeout and exited 69 as if the
+/// server had failed. It now exits 75 within seconds, naming the prepared
+/// transaction to end; once it is ended, the rebase repairs the reset.
+#[test]
+fn a_prepared_insert_below_the_cursor_blocks_the_lease_with_exit_75_naming_it() {
+    let mut stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-06", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-06"]).assert_status(0);
+    usage(&stack, &["prune", "--before", "2025-07"]).assert_status(0);
+    // Ids 1.. are free again, below the cursor (8).
+    stack.ddl("ALTER SEQUENCE usage_requests_id_seq RESTART WITH 1");
+    let mut c = stack.sql();
+    c.batch_execute(
+        "BEGIN; INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+         VALUES (1, '2025-05-31 23:00:00', true, '2025-05'); PREPARE TRANSACTION 'held-below-cursor'",
+    )
+    .unwrap();
+    // 75, not 69: it did not wait for the statement timeout.
+    aggregate(&stack, &["--rebase"])
+        .assert_status(75)
+        .assert_stderr_has("held-below-cursor")
+        .assert_stderr_has("COMMIT PREPARED");
+    c.batch_execute("COMMIT PREPARED 'held-below-cursor'")
+        .unwrap();
+    aggregate(&stack, &["--rebase"]).assert_status(0);
+    assert_invariant(&stack);
+    assert_eq!(
+        late_rows(&stack),
+        1,
+        "the row of the closed month is booked late, once"
+    );
+    usage(&stack, &["verify"]).assert_status(0);
+}
+
 /// A closed month whose raw rows are fewer than billed (deleted by hand),
 /// with a new one among them, cannot tell new rows from old ones: the
 /// rebase refuses the key, recorded, and every run exits 65 naming the

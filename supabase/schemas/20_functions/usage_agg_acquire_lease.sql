@@ -4,7 +4,11 @@
 --
 -- Takes the lease for p_owner unless another owner holds it unexpired, or
 -- takes it from p_steal_from when that is who holds it (a run on the same
--- host whose process is gone). Returns the state either way.
+-- host whose process is gone). Returns the state either way; or, when a
+-- transaction holds the job's state row for more than 3 s (one that
+-- inserted a row at or below the cursor: the reset trigger wrote the row),
+-- `blocked` with the prepared transactions, so the run says which to end
+-- rather than waiting for the statement timeout.
 CREATE OR REPLACE FUNCTION public.usage_agg_acquire_lease(
   p_job text, p_owner text, p_ttl_seconds integer, p_steal_from text DEFAULT NULL)
 RETURNS jsonb
@@ -15,9 +19,22 @@ SET search_path = pg_catalog, public
 AS $$
 DECLARE
   s public.usage_aggregation_state;
+  held jsonb;
+  was text := current_setting('lock_timeout');
 BEGIN
-  INSERT INTO public.usage_aggregation_state (job) VALUES (p_job) ON CONFLICT (job) DO NOTHING;
-  SELECT * INTO s FROM public.usage_aggregation_state WHERE job = p_job FOR UPDATE;
+  BEGIN
+    -- Runs hold the row for milliseconds. A transaction that inserted a
+    -- row at or below the cursor holds it until it ends (the trigger that
+    -- records the reset wrote it): a prepared one, for good. The INSERT
+    -- waits on that transaction too (it checks the key's newest version).
+    PERFORM set_config('lock_timeout', '3s', true);
+    INSERT INTO public.usage_aggregation_state (job) VALUES (p_job) ON CONFLICT (job) DO NOTHING;
+    SELECT * INTO s FROM public.usage_aggregation_state WHERE job = p_job FOR UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    SELECT coalesce(jsonb_agg(x.gid ORDER BY x.prepared), '[]') INTO held FROM pg_catalog.pg_prepared_xacts x;
+    RETURN jsonb_build_object('acquired', false, 'blocked', true, 'prepared', held, 'now', now());
+  END;
+  PERFORM set_config('lock_timeout', was, true);
   IF s.lease_owner IS NOT NULL AND s.lease_owner <> p_owner AND s.lease_expires_at > now()
      AND s.lease_owner IS DISTINCT FROM p_steal_from THEN
     RETURN jsonb_build_object('acquired', false, 'owner', s.lease_owner, 'since', s.lease_taken_at,

@@ -1,8 +1,10 @@
 -- Rebuilds the keys whose monthly row was deleted (usage_agg_deleted_keys),
 -- so that no key is left counting only its newer rows: each from all its
--- rows up to the cursor, with the cursor as its watermark; its rows are its
--- raw rows and its pruned rows, less what its late adjustments hold. A key
--- some run already counted past the cursor is left to that run; a closed
+-- rows up to its highest watermark (the cursor, or its late adjustments'
+-- where a run booked them and died before it moved the cursor), with that
+-- as its watermark; its rows are its raw rows and its pruned rows, less
+-- what its late adjustments hold. A key some run already counted past that
+-- is left to that run; a closed
 -- month is left alone (its rows cannot be deleted; a key logged before its
 -- close is dropped). A restored key's refusals (a lost write, a refused
 -- decrease) no longer stand, and are cleared. The log is taken with
@@ -30,20 +32,29 @@ BEGIN
   )
   INSERT INTO usage_agg_restore SELECT portal_id, month_year FROM taken
    WHERE NOT public.usage_agg_is_closed(month_year);
-  WITH raw AS (
+  WITH bound AS (
+    -- Each key's rows are counted up to its highest watermark: the cursor,
+    -- or above it where a late adjustment of the key counts rows a run
+    -- booked before it moved the cursor (it died between the two).
     SELECT k.portal_id, k.month_year,
+           greatest(c, coalesce((SELECT max(a.last_request_id) FROM public.portal_usage_adjustments a
+                                  WHERE a.portal_id = k.portal_id AND a.month_year = k.month_year
+                                    AND a.source = 'late'), 0)) AS upto
+      FROM usage_agg_restore k
+  ), raw AS (
+    SELECT k.portal_id, k.month_year, k.upto,
            count(r.id) AS n,
            count(r.id) FILTER (WHERE r.success) AS s,
            count(r.id) FILTER (WHERE NOT r.success) AS e,
            max(r.request_timestamp) AS at
-      FROM usage_agg_restore k
+      FROM bound k
       LEFT JOIN public.usage_requests r
-        ON r.portal_id = k.portal_id AND r.month_year = k.month_year AND r.id <= c
+        ON r.portal_id = k.portal_id AND r.month_year = k.month_year AND r.id <= k.upto
        AND r.success IS NOT NULL AND public.usage_agg_valid_time(r.request_timestamp)
      WHERE public.usage_agg_valid_key(k.portal_id, k.month_year)
-     GROUP BY 1, 2
+     GROUP BY 1, 2, 3
   ), truth AS (
-    SELECT raw.portal_id, raw.month_year,
+    SELECT raw.portal_id, raw.month_year, raw.upto,
            raw.n + coalesce(p.request_count, 0) - coalesce(l.n, 0) AS n,
            raw.s + coalesce(p.success_count, 0) - coalesce(l.s, 0) AS s,
            raw.e + coalesce(p.error_count, 0) - coalesce(l.e, 0) AS e,
@@ -58,12 +69,12 @@ BEGIN
     INSERT INTO public.portal_usage_monthly AS t
            (portal_id, month_year, request_count, success_count, error_count, last_request_at,
             last_request_id, updated_at)
-    SELECT portal_id, month_year, n, s, e, at, c, now() FROM truth WHERE n > 0
+    SELECT portal_id, month_year, n, s, e, at, upto, now() FROM truth WHERE n > 0
     ON CONFLICT (portal_id, month_year) DO UPDATE
        SET request_count = excluded.request_count, success_count = excluded.success_count,
            error_count = excluded.error_count, last_request_at = excluded.last_request_at,
            last_request_id = excluded.last_request_id, updated_at = now()
-     WHERE t.last_request_id <= c
+     WHERE t.last_request_id <= excluded.last_request_id
     RETURNING t.portal_id, t.month_year
   )
   SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
