@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use super::connect;
-use crate::aggregation::{Key, Totals};
+use crate::aggregation::{Key, Month, Totals};
 use crate::cli::{ReportArgs, ReportFormat};
 use crate::exit::Status;
 use crate::output::Style;
@@ -88,15 +88,7 @@ pub async fn run(args: ReportArgs) -> Status {
     let fetched = if args.live {
         live(&RestStore::new(client.clone()), &args).await
     } else {
-        fetch(&RestStore::new(client.clone()), &args).await
-    };
-    let fetched = match fetched {
-        Ok((title, label, lines)) if !args.live => {
-            with_adjustments(&RestStore::new(client.clone()), &args, lines)
-                .await
-                .map(|lines| (title, label, lines))
-        }
-        other => other,
+        adjusted(&RestStore::new(client.clone()), &args).await
     };
     match fetched {
         Ok((title, label, lines)) => printer.report(&Reported {
@@ -108,6 +100,23 @@ pub async fn run(args: ReportArgs) -> Status {
         }),
         Err(e) => printer.fail(&e, Some(&config)),
     }
+}
+
+/// The report's rows with the adjustments booked in each, and its title.
+async fn adjusted(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+    let (title, label, lines, month) = fetch(store, args).await?;
+    let mut lines = with_adjustments(store, args, month, lines).await?;
+    let title = match month {
+        Some(m) => {
+            let t = month_title(title == "All", args.top, m, lines.len());
+            if !t.starts_with("All") {
+                lines.truncate(usize::from(args.top));
+            }
+            t
+        }
+        None => title,
+    };
+    Ok((title, label, lines))
 }
 
 /// `--live`: one row, the portal's current month right now
@@ -140,11 +149,12 @@ async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, L
 async fn with_adjustments(
     store: &RestStore,
     args: &ReportArgs,
+    month: Option<Month>,
     mut lines: Vec<Line>,
 ) -> anyhow::Result<Vec<Line>> {
-    let filters: crate::postgrest::Query = match (args.portal, lines.first()) {
+    let filters: crate::postgrest::Query = match (args.portal, month) {
         (Some(p), _) => vec![("portal_id".into(), format!("eq.{p}"))],
-        (None, Some(l)) => vec![("booked_month".into(), format!("eq.{}", l.month_year))],
+        (None, Some(m)) => vec![("booked_month".into(), format!("eq.{m}"))],
         (None, None) => return Ok(lines),
     };
     let booked = crate::adjustments::read_booked_where(store.client(), &filters, PAGE).await?;
@@ -153,9 +163,13 @@ async fn with_adjustments(
             Some(_) => l.month_year == b.booked_month,
             None => l.portal_id == b.portal_id,
         });
+        // A portal's month, or a portal of the month, billed only through
+        // adjustments gets a line of its own: its invoice has them (before,
+        // the top list left such a portal out, and the month's total with
+        // it; found by an adversarial pass).
         let line = match at {
             Some(i) => &mut lines[i],
-            None if args.portal.is_some() => {
+            None => {
                 lines.push(Line {
                     portal_id: b.portal_id,
                     month_year: b.booked_month.clone(),
@@ -168,13 +182,16 @@ async fn with_adjustments(
                 });
                 lines.last_mut().expect("just pushed")
             }
-            None => continue,
         };
         line.book(&b)?;
     }
     if args.portal.is_some() {
         lines.sort_by(|a, b| b.month_year.cmp(&a.month_year));
         lines.truncate(usize::from(args.months));
+    } else {
+        lines.sort_by(|a, b| {
+            (b.request_count.unwrap_or(0), b.billed).cmp(&(a.request_count.unwrap_or(0), a.billed))
+        });
     }
     Ok(lines)
 }
@@ -183,7 +200,7 @@ async fn with_adjustments(
 async fn fetch(
     store: &impl Store,
     args: &ReportArgs,
-) -> anyhow::Result<(String, Label, Vec<Line>)> {
+) -> anyhow::Result<(String, Label, Vec<Line>, Option<Month>)> {
     if let Some(portal) = args.portal {
         let mut rows: Vec<(Key, Totals)> = store
             .stored(StoredFilter::Portal(portal), false, PAGE)
@@ -196,29 +213,42 @@ async fn fetch(
             format!("Portal {portal}, last {} months", args.months),
             Label::Month,
             rows.iter().map(Line::from).collect(),
+            None,
         ));
     }
     let month = match args.month {
         Some(m) => m,
         None => match store.newest_month().await? {
             Some(m) => m,
-            None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new())),
+            None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new(), None)),
         },
     };
     let rows = store.top_of_month(month, usize::from(args.top)).await?;
+    // Whether every portal with requests is here: the title says "All"
+    // then, once the portals billed only through adjustments are added.
+    let all = rows.len() < usize::from(args.top);
     Ok((
-        // "Top 10" of 5 portals reads as if 5 were missing.
-        if rows.len() < usize::from(args.top) {
-            format!(
-                "All {} by requests, {month}",
-                crate::output::count(rows.len() as u64, "portal", "portals")
-            )
-        } else {
-            format!("Top {} portals by requests, {month}", args.top)
-        },
+        if all { "All" } else { "Top" }.to_string(),
         Label::Portal,
         rows.iter().map(Line::from).collect(),
+        Some(month),
     ))
+}
+
+/// The top list's title, once its lines are final.
+fn month_title(all: bool, top: u16, month: Month, lines: usize) -> String {
+    if all && lines <= usize::from(top) {
+        // "Top 10" of 5 portals reads as if 5 were missing.
+        format!(
+            "All {} by requests, {month}",
+            crate::output::count(lines as u64, "portal", "portals")
+        )
+    } else {
+        format!(
+            "Top {} by requests, {month}",
+            crate::output::count(u64::from(top), "portal", "portals")
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

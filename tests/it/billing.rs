@@ -1322,6 +1322,60 @@ fn a_prepared_insert_below_the_cursor_blocks_the_lease_with_exit_75_naming_it() 
     usage(&stack, &["verify"]).assert_status(0);
 }
 
+/// `report --month` lists every portal billed in that month, including one
+/// billed only through adjustments booked there (a customer that churned,
+/// whose late rows land on its next invoice); before, the top list left it
+/// out and the month's total with it (an adversarial pass). Also a month
+/// with adjustments and no monthly row at all.
+#[test]
+fn report_of_a_month_lists_portals_billed_only_through_adjustments() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 2, "2025-05", 4);
+    insert_month(&stack, 2, "2025-06", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
+    insert_month(&stack, 1, "2025-05", 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let billed_by_sql = |month: &str| {
+        count(
+            &stack,
+            &format!(
+                "SELECT ((SELECT coalesce(sum(request_count), 0) FROM portal_usage_monthly WHERE month_year = '{month}')
+                      + (SELECT coalesce(sum(request_count), 0) FROM portal_usage_adjustments
+                          WHERE booked_month = '{month}'))::bigint"
+            ),
+        )
+    };
+    let billed_in_report = |args: &[&str]| -> (i64, usize, String) {
+        let mut a = vec!["report"];
+        a.extend_from_slice(args);
+        a.push("--json");
+        let r = usage(&stack, &a);
+        r.assert_status(0);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        (
+            rows.iter().map(|row| row["billed"].as_i64().unwrap()).sum(),
+            rows.len(),
+            v["title"].as_str().unwrap().to_string(),
+        )
+    };
+    let (billed, portals, title) = billed_in_report(&["--month", "2025-06"]);
+    assert_eq!((billed, portals), (billed_by_sql("2025-06"), 2), "{title}");
+    assert_eq!(title, "All 2 portals by requests, 2025-06");
+    // --top 1: the portal with requests first, and the title says "Top".
+    let (_, portals, title) = billed_in_report(&["--month", "2025-06", "--top", "1"]);
+    assert_eq!((portals, title.as_str()), (1, "Top 1 portal by requests, 2025-06"));
+    // A month billed only through adjustments.
+    usage(&stack, &["close", "--month", "2025-06"]).assert_status(0);
+    insert_month(&stack, 2, "2025-06", 1);
+    aggregate(&stack, &[]).assert_status(0);
+    let (billed, _, _) = billed_in_report(&["--month", "2025-07"]);
+    assert_eq!(billed, billed_by_sql("2025-07"));
+    assert_eq!(billed, 1);
+}
+
 /// A closed month whose raw rows are fewer than billed (deleted by hand),
 /// with a new one among them, cannot tell new rows from old ones: the
 /// rebase refuses the key, recorded, and every run exits 65 naming the

@@ -225,7 +225,7 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
     // Fewer portals than --top: "All 2"; more: "Top N".
     report(&["--top", "1"])
         .assert_status(0)
-        .assert_stdout_has("Top 1 portals by requests, 2025-07");
+        .assert_stdout_has("Top 1 portal by requests, 2025-07");
 
     let csv = report(&["--month", "2025-06", "--format", "csv"]);
     assert_eq!(
