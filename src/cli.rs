@@ -482,6 +482,16 @@ fn aggregate_conflict(message: impl std::fmt::Display) -> clap::Error {
         .error(clap::error::ErrorKind::ArgumentConflict, message)
 }
 
+impl Cli {
+    /// Whether `name` is one of the subcommands (for a refused command
+    /// line's JSON).
+    pub fn is_command(name: &str) -> bool {
+        <Cli as clap::CommandFactory>::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == name)
+    }
+}
+
 impl AggregateArgs {
     /// `aggregate` with every default: what a catch-up run inside another
     /// command makes (`close`, `--auto-close`).

@@ -21,6 +21,9 @@ fn main() {
                 Status::Ok
             };
             let _ = e.print();
+            if status == Status::Usage {
+                usage_error_json(&e);
+            }
             std::process::exit(status.code());
         }
     };
@@ -38,6 +41,38 @@ fn main() {
     };
     let status = runtime.block_on(commands::run(cli));
     std::process::exit(status.code());
+}
+
+/// `--json` promises one JSON object on stdout in every outcome: a command
+/// line clap refuses gets the failure object too (its first line is the
+/// error; the usage is on stderr).
+fn usage_error_json(e: &clap::Error) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--json") {
+        return;
+    }
+    let command = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .filter(|a| cli::Cli::is_command(a))
+        .cloned();
+    let rendered = e.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    usage_agg::outln!(
+        "{}",
+        serde_json::json!({
+            "version": 1,
+            "command": command,
+            "environment": null,
+            "exit_status": Status::Usage.code(),
+            "outcome": "failed",
+            "error": first,
+        })
+    );
 }
 
 /// Logs go to stderr (the summary owns stdout); `RUST_LOG` picks the level,

@@ -464,7 +464,7 @@ fn pace_line(o: &Outcome) -> Option<String> {
             format_secs(o.batch_rest)
         )),
         Mode::Rpc { .. } => None,
-        _ if o.rows_read == 0 => None,
+        _ if o.rows_read == 0 || o.pace.peak_concurrency == 0 => None,
         _ => Some(format!(
             "up to {} in flight{}",
             count(o.pace.peak_concurrency as u64, "request", "requests"),
@@ -529,9 +529,9 @@ pub fn verify_report(style: Style, drift: &[Change], stored: usize, rows_read: u
     } else {
         let _ = writeln!(
             s,
-            "{} {} keys differ from their raw rows (stored value shown as \"was\"; {stored} keys, {rows_read} rows checked):",
+            "{} {} from their raw rows (stored value shown as \"was\"; {stored} keys, {rows_read} rows checked):",
             style.mark(Mark::Error),
-            drift.len()
+            count(drift.len() as u64, "key differs", "keys differ")
         );
         s.push_str(&capped_table(drift));
     }

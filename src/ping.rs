@@ -26,11 +26,25 @@ impl Ping {
                 let parsed = Url::parse(u.trim_end_matches('/'))
                     .ok()
                     .filter(|p| matches!(p.scheme(), "http" | "https"));
-                Some(parsed.ok_or_else(|| {
+                let parsed = parsed.ok_or_else(|| {
                     ConfigError(format!(
                         "--ping-url / USAGE_AGG_PING_URL is not an http(s) URL: {u:?}; expected something like https://hc-ping.com/<uuid>"
                     ))
-                })?)
+                })?;
+                // The status goes on the path (<URL>/start, <URL>/65): after
+                // a query it would land in the query (a push monitor's
+                // ?status=up would report every failure as up), after a
+                // fragment nowhere the monitor sees (a plain success ping).
+                if parsed.query().is_some() || parsed.fragment().is_some() {
+                    return Err(ConfigError(
+                        "--ping-url / USAGE_AGG_PING_URL has a query (?...) or a fragment (#...): the exit status \
+                         is added to its path (<URL>/start, then <URL>/<exit status>), so it must end in a path, \
+                         like https://hc-ping.com/<uuid>; a monitor that takes its status in a query (Uptime \
+                         Kuma's push URL) needs a wrapper script"
+                            .into(),
+                    ));
+                }
+                Some(parsed)
             }
         };
         // Its own client: the service role key must never reach a monitor.
@@ -70,6 +84,24 @@ impl Ping {
                 "the monitoring ping failed ({}); the run is not affected",
                 e.without_url()
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_whose_status_would_land_in_a_query_or_fragment_is_refused() {
+        assert!(Ping::new(Some("https://hc-ping.com/abc")).is_ok());
+        for bad in [
+            "http://h/api/push/tok?status=up&msg=OK",
+            "http://h/hc/uuid#frag",
+            "ftp://h/x",
+            "not a url",
+        ] {
+            assert!(Ping::new(Some(bad)).is_err(), "{bad}");
         }
     }
 }

@@ -24,6 +24,11 @@ pub trait Report: Serialize {
     }
     /// The text a person reads on stdout.
     fn render(&self, style: Style) -> String;
+    /// What `--quiet` still says on stderr (as warnings and errors are):
+    /// why the status is not 0, when the report itself is the finding.
+    fn quiet_note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Prints one command's report or its error, the same way for every
@@ -102,6 +107,8 @@ impl Printer {
             crate::outln!("{}", self.json_of(report));
         } else if !self.quiet {
             crate::out!("{}", report.render(self.style));
+        } else if let Some(note) = report.quiet_note() {
+            crate::errln!("usage-agg: {note}");
         }
         report.status()
     }

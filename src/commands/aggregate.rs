@@ -26,7 +26,7 @@ pub async fn run(args: AggregateArgs) -> Status {
         Ok(p) => p,
         Err(e) => {
             let started = chrono::Utc::now();
-            let status = report_error(&e.into(), None);
+            let status = printer.fail(&e.into(), None);
             write_metrics(&args, None, None, started, Duration::ZERO, status, None).await;
             return status;
         }
@@ -90,6 +90,14 @@ pub async fn run(args: AggregateArgs) -> Status {
         (Some(Ok(a)), _) if !a.refused.is_empty() && status == Status::Ok => Status::DataErr,
         _ => status,
     };
+    // A month --auto-close left open is why the status is not 0: said on
+    // stderr too when no text is printed (--quiet, --json), so that a cron
+    // log holds the reason.
+    if let (Some(Ok(a)), false) = (&auto, human) {
+        for (m, why) in &a.refused {
+            tracing::warn!("--auto-close left {m} open: {why}");
+        }
+    }
     if let (Ok(outcome), Some(env)) = (&result, env) {
         if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
             text.push_str(&output::nothing_done(style, outcome, env, clock.elapsed()));
@@ -126,6 +134,10 @@ pub async fn run(args: AggregateArgs) -> Status {
             warnings: &warnings,
         },
         auto: auto.as_ref().and_then(|a| a.as_ref().ok()),
+        auto_error: match &auto {
+            Some(Err(e)) => Some(format!("{e:#}")),
+            _ => None,
+        },
         text,
     };
     printer.report(&ran);
@@ -152,6 +164,8 @@ pub async fn run(args: AggregateArgs) -> Status {
 struct Ran<'a> {
     record: RunRecord<'a>,
     auto: Option<&'a super::close::AutoClosed>,
+    /// `--auto-close` failed after a run that succeeded.
+    auto_error: Option<String>,
     text: String,
 }
 
@@ -163,6 +177,12 @@ impl serde::Serialize for Ran<'_> {
                 o.extend(extra);
             }
         }
+        // The outcome names why the status is what it is: a month
+        // --auto-close left open, or its failure (before, "ok" with 65).
+        json["outcome"] = self.outcome().into();
+        if let Some(e) = &self.auto_error {
+            json["error"] = e.as_str().into();
+        }
         json.serialize(s)
     }
 }
@@ -170,6 +190,13 @@ impl serde::Serialize for Ran<'_> {
 impl Report for Ran<'_> {
     fn outcome(&self) -> &str {
         match self.record.result {
+            Ok(_) if self.auto_error.is_some() => "failed",
+            Ok(o)
+                if o.verdict() == Verdict::Ok
+                    && self.auto.is_some_and(|a| !a.refused.is_empty()) =>
+            {
+                "auto_close_refused"
+            }
             Ok(o) => o.verdict().label(),
             Err(_) => "failed",
         }

@@ -460,9 +460,9 @@ pub async fn auto_close(store: &RestStore, grace: Duration) -> anyhow::Result<Au
             out.refused.push((
                 m,
                 format!(
-                    "{} keys differ from their raw rows ({}); repair them (`usage-agg aggregate --month {m}`), \
-                     then it closes on the next run",
-                    keys.len(),
+                    "{} from their raw rows ({}); repair them (`usage-agg aggregate --month {m}`), then it \
+                     closes on the next run",
+                    crate::output::count(keys.len() as u64, "key differs", "keys differ"),
                     keys.iter().take(10).cloned().collect::<Vec<_>>().join(", ")
                 ),
             ));

@@ -650,6 +650,17 @@ impl serde::Serialize for Diagnosis {
 }
 
 impl Report for Diagnosis {
+    fn quiet_note(&self) -> Option<String> {
+        let failed = self.failed();
+        (!failed.is_empty()).then(|| {
+            failed
+                .iter()
+                .map(|c| format!("{} failed: {}", c.name, c.detail.replace('\n', "; ")))
+                .collect::<Vec<_>>()
+                .join("\nusage-agg: ")
+        })
+    }
+
     fn outcome(&self) -> &str {
         if self.failed().is_empty() {
             "ok"

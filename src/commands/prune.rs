@@ -112,10 +112,21 @@ async fn prune(store: &RestStore, args: &PruneArgs) -> anyhow::Result<Pruned> {
             // cursor. A run-time problem (a sequence restart, say) or a
             // refused key means rows there may be counted nowhere.
             Some("problems") => {
-                return Err(anyhow::Error::new(crate::preflight::Refused(b.problems)).context(
-                    "refused to prune: a run-time check failed, so rows below the cursor may not be counted; \
-                     nothing was deleted (repair what it names, then prune again)",
-                ))
+                let refused = crate::preflight::Refused(b.problems);
+                let message = format!(
+                    "refused to prune: a run-time check failed, so rows below the cursor may be counted by no \
+                     one; nothing was deleted. Repair it, then prune again: {}",
+                    refused
+                        .0
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                return Err(match refused.kind() {
+                    crate::preflight::ProblemKind::Schema => crate::config::ConfigError(message).into(),
+                    crate::preflight::ProblemKind::Data => Blocked(message).into(),
+                });
             }
             Some("refused_keys") => {
                 return Err(Blocked(format!(

@@ -103,7 +103,10 @@ pub async fn run(args: ReportArgs) -> Status {
 }
 
 /// The report's rows with the adjustments booked in each, and its title.
-async fn adjusted(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+async fn adjusted(
+    store: &RestStore,
+    args: &ReportArgs,
+) -> anyhow::Result<(String, Label, Vec<Line>)> {
     let (title, label, lines, month) = fetch(store, args).await?;
     let mut lines = with_adjustments(store, args, month, lines).await?;
     let title = match month {
@@ -220,7 +223,14 @@ async fn fetch(
         Some(m) => m,
         None => match store.newest_month().await? {
             Some(m) => m,
-            None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new(), None)),
+            None => {
+                return Ok((
+                    "No usage recorded yet".into(),
+                    Label::Portal,
+                    Vec::new(),
+                    None,
+                ))
+            }
         },
     };
     let rows = store.top_of_month(month, usize::from(args.top)).await?;

@@ -363,6 +363,17 @@ async fn schedule(store: &impl Store) -> Option<CronAnswer> {
 
 /// Closed months, the newest, what prune could delete, what could close,
 /// what was reopened.
+/// Whether the months (YYYY-MM, in order) follow each other with none
+/// missing.
+fn contiguous<'a>(months: impl Iterator<Item = &'a str>) -> bool {
+    let parsed: Vec<crate::aggregation::Month> = months
+        .filter_map(crate::aggregation::Month::parse)
+        .collect();
+    parsed
+        .windows(2)
+        .all(|w| crate::periods::next_month(w[0]) == w[1])
+}
+
 fn render_periods(p: &crate::ledger::PeriodsStatus) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
@@ -370,10 +381,15 @@ fn render_periods(p: &crate::ledger::PeriodsStatus) -> String {
         (Some(first), Some(newest)) => line(
             "Closed months",
             format!(
-                "{} ({} to {newest}); newest closed {newest} (closed {} by {}); adjustments are booked in the \
-                 month after it",
+                "{} ({}); newest closed {newest} (closed {} by {}); adjustments are booked in the month after \
+                 it",
                 p.closed.len(),
-                first.month,
+                // A range only when no month in it is open (one reopened).
+                if p.closed.len() > 3 && contiguous(p.closed.iter().map(|c| c.month.as_str())) {
+                    format!("{} to {newest}", first.month)
+                } else {
+                    p.closed.iter().map(|c| c.month.clone()).collect::<Vec<_>>().join(", ")
+                },
                 p.closed.last().and_then(|c| c.closed_at.as_deref()).map_or("?".into(), crate::output::human_time),
                 p.closed.last().and_then(|c| c.closed_by.as_deref()).unwrap_or("?")
             ),
@@ -458,10 +474,14 @@ fn render(
     line("Migration", "applied".into());
     line(
         "Cursor",
-        s.cursor_id
-            .map_or("none yet: the next run rebuilds every key".into(), |c| {
-                format!("{c} (every row up to this id is counted)")
-            }),
+        s.cursor_id.map_or(
+            "none yet: the next run rebuilds every key".into(),
+            |c| match backlog {
+                Some(_) => format!("{c} (every row up to this id is counted)"),
+                // A data problem stands (a sequence set back, a reset).
+                None => format!("{c} (not to be trusted until the PROBLEM below is repaired)"),
+            },
+        ),
     );
     line(
         "Backlog",

@@ -176,7 +176,7 @@ fn a_run_killed_anywhere_on_the_adjustment_path_leaves_every_row_counted_once_in
     let frozen = closed_rows(&stack);
     let rest_points = ["page", "chunk", "before-cursor", "after-cursor"];
     let mut kills = [0; 2];
-    for iteration in 0..64 {
+    for iteration in 0..40 {
         let engine = ENGINES[iteration % 2];
         let n = 300 + rng.below(1_200) as usize;
         insert_random(&stack, &mut rng, n, 300);
@@ -220,10 +220,10 @@ fn a_run_killed_anywhere_on_the_adjustment_path_leaves_every_row_counted_once_in
         assert_unchanged(&stack, &frozen, &format!("iteration {iteration}"));
     }
     assert!(
-        kills[0] >= 20 && kills[1] >= 20,
-        "only {kills:?} of 32 runs per engine were killed: the failpoints are not being reached"
+        kills[0] >= 12 && kills[1] >= 12,
+        "only {kills:?} of 20 runs per engine were killed: the failpoints are not being reached"
     );
-    assert!(late_rows(&stack) > 5_000);
+    assert!(late_rows(&stack) > 3_000);
     usage_agg(&workdir(), &stack.env(), &["verify", "--env", "dev"]).assert_status(0);
 }
 
@@ -1366,7 +1366,10 @@ fn report_of_a_month_lists_portals_billed_only_through_adjustments() {
     assert_eq!(title, "All 2 portals by requests, 2025-06");
     // --top 1: the portal with requests first, and the title says "Top".
     let (_, portals, title) = billed_in_report(&["--month", "2025-06", "--top", "1"]);
-    assert_eq!((portals, title.as_str()), (1, "Top 1 portal by requests, 2025-06"));
+    assert_eq!(
+        (portals, title.as_str()),
+        (1, "Top 1 portal by requests, 2025-06")
+    );
     // A month billed only through adjustments.
     usage(&stack, &["close", "--month", "2025-06"]).assert_status(0);
     insert_month(&stack, 2, "2025-06", 1);

@@ -410,3 +410,132 @@ fn a_run_that_rewrote_keys_never_ends_with_nothing_to_do() {
         run.stdout
     );
 }
+
+fn insert_month_rows(stack: &Stack, portal: i64, month: &str, n: usize) {
+    let values = vec![format!("({portal}, '{month}-10 10:00:00', true, '{month}')"); n];
+    stack
+        .sql()
+        .batch_execute(&format!(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
+            values.join(",")
+        ))
+        .unwrap();
+}
+
+/// `--auto-close` that leaves a month open (its keys drift) or fails: the
+/// JSON's outcome says why the status is not 0 (it said "ok" with 65 and
+/// 69), the error is there when it failed, and with --quiet the reason is
+/// on stderr (an adversarial pass).
+#[test]
+fn auto_close_that_leaves_a_month_open_or_fails_says_so_in_the_outcome() {
+    use stack::proxy::{Fault, FaultProxy};
+    let stack = migrated_stack();
+    insert_month_rows(&stack, 1, "2025-05", 5);
+    insert_month_rows(&stack, 1, "2025-06", 5);
+    aggregate(&stack, &[]).assert_status(0);
+    stack
+        .sql()
+        .batch_execute(
+            "UPDATE portal_usage_monthly SET request_count = request_count + 1, success_count = success_count + 1
+              WHERE month_year = '2025-05'",
+        )
+        .unwrap();
+    let r = aggregate(&stack, &["--auto-close", "72h", "--json"]);
+    r.assert_status(65);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(
+        (v["exit_status"].as_i64(), v["outcome"].as_str()),
+        (Some(65), Some("auto_close_refused")),
+        "{v}"
+    );
+    let quiet = aggregate(&stack, &["--auto-close", "72h", "--quiet"]);
+    quiet
+        .assert_status(65)
+        .assert_stderr_has("--auto-close left 2025-05 open");
+    assert!(quiet.stdout.is_empty());
+
+    let proxy = FaultProxy::start(&stack.rest_url);
+    proxy.inject(
+        "POST",
+        "/rpc/usage_agg_close_month",
+        Fault::html(502, "502 Bad Gateway"),
+        100,
+    );
+    stack
+        .sql()
+        .batch_execute(
+            "UPDATE portal_usage_monthly SET request_count = request_count - 1, success_count = success_count - 1
+              WHERE month_year = '2025-05'",
+        )
+        .unwrap();
+    let r = usage_agg(
+        &workdir(),
+        &env_via(&stack, &proxy.url),
+        &[
+            "aggregate",
+            "--env",
+            "dev",
+            "--auto-close",
+            "72h",
+            "--json",
+            "--max-retries",
+            "0",
+        ],
+    );
+    assert_ne!(r.status, 0, "{}{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(v["exit_status"].as_i64(), Some(i64::from(r.status)));
+    assert_eq!(v["outcome"], "failed", "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("502")),
+        "{v}"
+    );
+}
+
+/// `--json` prints one JSON object in every outcome, a bad ping URL
+/// before the run included (an adversarial pass); a ping URL whose status
+/// would land in a query or a fragment is refused.
+#[test]
+fn a_bad_ping_url_is_refused_with_json_and_a_query_or_fragment_is_bad() {
+    let stack = migrated_stack();
+    for url in [
+        "not a url",
+        "http://127.0.0.1:9/push/tok?status=up&msg=OK",
+        "http://127.0.0.1:9/hc/uuid#frag",
+    ] {
+        let r = aggregate(&stack, &["--json", "--ping-url", url]);
+        r.assert_status(78);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("no JSON on stdout ({e}): {:?}", r.stdout));
+        assert_eq!(
+            (v["exit_status"].as_i64(), v["outcome"].as_str()),
+            (Some(78), Some("failed"))
+        );
+    }
+}
+
+/// A command line clap refuses prints the failure object too under --json
+/// (exit 64); its error is the first line of clap's message.
+#[test]
+fn a_refused_command_line_prints_one_json_object_under_json() {
+    for args in [
+        &["close", "--env", "dev", "--month", "2025-13", "--json"][..],
+        &["aggregate", "--env", "dev", "--json", "--allow-decrease"],
+        &["status", "--env", "dev", "--json", "--max-age", "-1h"],
+    ] {
+        let r = usage_agg(&workdir(), &[], args);
+        r.assert_status(64);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: no JSON on stdout ({e}): {:?}", r.stdout));
+        assert_eq!(
+            (
+                v["exit_status"].as_i64(),
+                v["outcome"].as_str(),
+                v["command"].as_str()
+            ),
+            (Some(64), Some("failed"), Some(args[0])),
+            "{args:?}: {v}"
+        );
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+}
