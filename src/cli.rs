@@ -483,12 +483,13 @@ fn aggregate_conflict(message: impl std::fmt::Display) -> clap::Error {
 }
 
 impl Cli {
-    /// Whether `name` is one of the subcommands (for a refused command
-    /// line's JSON).
-    pub fn is_command(name: &str) -> bool {
+    /// Whether `name` is a subcommand that takes `--json` (a refused
+    /// command line's JSON is printed for those alone).
+    pub fn takes_json(name: &str) -> bool {
         <Cli as clap::CommandFactory>::command()
             .get_subcommands()
-            .any(|c| c.get_name() == name)
+            .filter(|c| c.get_name() == name)
+            .any(|c| c.get_arguments().any(|a| a.get_long() == Some("json")))
     }
 }
 

@@ -51,11 +51,14 @@ fn usage_error_json(e: &clap::Error) {
     if !args.iter().any(|a| a == "--json") {
         return;
     }
-    let command = args
+    let Some(command) = args
         .iter()
         .find(|a| !a.starts_with('-'))
-        .filter(|a| cli::Cli::is_command(a))
-        .cloned();
+        .filter(|a| cli::Cli::takes_json(a))
+        .cloned()
+    else {
+        return;
+    };
     let rendered = e.render().to_string();
     let first = rendered
         .lines()

@@ -101,20 +101,6 @@ impl serde::Serialize for Verified {
 }
 
 impl Report for Verified {
-    fn quiet_note(&self) -> Option<String> {
-        (!self.clean()).then(|| {
-            format!(
-                "verify: {} from their raw rows, {} no longer adding up to its snapshot (see `usage-agg verify`)",
-                output::count(self.drift.len() as u64, "key differs", "keys differ"),
-                output::count(
-                    self.checks.snapshot_mismatches.len() as u64,
-                    "closed month",
-                    "closed months"
-                )
-            )
-        })
-    }
-
     fn outcome(&self) -> &str {
         if self.clean() {
             "ok"

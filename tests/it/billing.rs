@@ -957,7 +957,7 @@ fn status_and_report_show_closed_months_adjustments_and_the_billed_total() {
 
     let run = usage(&stack, &["status"]);
     run.assert_status(0)
-        .assert_stdout_has("Closed months: 2 (2025-04 to 2025-05); newest closed 2025-05")
+        .assert_stdout_has("Closed months: 2 (2025-04, 2025-05); newest closed 2025-05")
         .assert_stdout_has("Prunable:      14 raw rows of closed months are still there (`usage-agg prune --before 2025-06`)");
     let v: serde_json::Value =
         serde_json::from_str(usage(&stack, &["status", "--json"]).stdout.trim()).unwrap();
