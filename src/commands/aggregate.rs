@@ -31,6 +31,21 @@ pub async fn run(args: AggregateArgs) -> Status {
             return status;
         }
     };
+    // --deliver-alerts: the webhook's settings are checked before the run,
+    // so a bad one counts nothing (exit 78).
+    let hook = if args.deliver_alerts {
+        match super::alerts::webhook(&args.connection) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                let started = chrono::Utc::now();
+                let status = report_error(&e, None);
+                write_metrics(&args, None, None, started, Duration::ZERO, status, None).await;
+                return status;
+            }
+        }
+    } else {
+        None
+    };
     ping.start().await;
     let started = chrono::Utc::now();
     let clock = Instant::now();
@@ -90,6 +105,26 @@ pub async fn run(args: AggregateArgs) -> Status {
         (Some(Ok(a)), _) if !a.refused.is_empty() && status == Status::Ok => Status::DataErr,
         _ => status,
     };
+    // --deliver-alerts: after the run, whatever its verdict (alerts of
+    // earlier runs wait too), once it reached the database.
+    let delivered = match (&connected, &hook, env) {
+        (Ok((_, client)), Some(hook), Some(env)) => Some(
+            super::alerts::deliver_all(client, hook, &crate::cli::Delivery::defaults(), env).await,
+        ),
+        _ => None,
+    };
+    let status = match (&delivered, &connected) {
+        (Some(Err(e)), Ok((config, _))) => {
+            let s = report_error(e, Some(config));
+            if status == Status::Ok {
+                s
+            } else {
+                status
+            }
+        }
+        (Some(Ok(d)), _) if status == Status::Ok => d.status(),
+        _ => status,
+    };
     if let (Ok(outcome), Some(env)) = (&result, env) {
         if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
             text.push_str(&output::nothing_done(style, outcome, env, clock.elapsed()));
@@ -103,6 +138,9 @@ pub async fn run(args: AggregateArgs) -> Status {
         if let Some(Ok(a)) = &auto {
             text.push_str(&a.render());
         }
+    }
+    if let Some(Ok(d)) = &delivered {
+        text.push_str(&d.render());
     }
     if !human {
         for w in &warnings {
@@ -126,6 +164,7 @@ pub async fn run(args: AggregateArgs) -> Status {
             warnings: &warnings,
         },
         auto: auto.as_ref().and_then(|a| a.as_ref().ok()),
+        delivered: delivered.as_ref().and_then(|d| d.as_ref().ok()),
         text,
     };
     printer.report(&ran);
@@ -152,6 +191,7 @@ pub async fn run(args: AggregateArgs) -> Status {
 struct Ran<'a> {
     record: RunRecord<'a>,
     auto: Option<&'a super::close::AutoClosed>,
+    delivered: Option<&'a super::alerts::Delivered>,
     text: String,
 }
 
@@ -162,6 +202,12 @@ impl serde::Serialize for Ran<'_> {
             if let serde_json::Value::Object(extra) = a.json() {
                 o.extend(extra);
             }
+        }
+        if let (Some(d), Some(o)) = (self.delivered, json.as_object_mut()) {
+            o.insert(
+                "alerts_delivery".into(),
+                serde_json::to_value(d).unwrap_or_default(),
+            );
         }
         json.serialize(s)
     }

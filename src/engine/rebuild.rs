@@ -510,6 +510,16 @@ pub async fn run<S: Store>(
                         .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
                 }
             }
+            // The quotas' crossings of the months it wrote: a rebuild writes
+            // outside the rule book, so it records them after its writes
+            // (docs/quotas.md, "Where crossings are recorded").
+            let months = match scope {
+                Scope::Month(m) => Some(vec![m]),
+                Scope::All => None,
+            };
+            outcome
+                .alerts
+                .extend(store.record_crossings(months.as_deref()).await?);
             if let (Scope::All, true) = (scope, outcome.write.lost.is_empty()) {
                 failpoint::hit("before-cursor");
                 let now = if rebase {

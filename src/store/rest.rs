@@ -231,6 +231,13 @@ impl Store for RestStore {
         self.state_fns().restore_deleted_keys().await
     }
 
+    async fn record_crossings(
+        &self,
+        months: Option<&[Month]>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        crate::alerts::record_crossings(&self.client, months).await
+    }
+
     async fn periods(&self) -> anyhow::Result<Periods> {
         ledger::read(&self.client).await
     }

@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS public.portal_usage_alerts (
   attempts          integer NOT NULL DEFAULT 0,
   last_error        text,
   last_attempt_at   timestamptz,
+  -- The webhook-id every delivery of it carries (Standard Webhooks): the
+  -- same across attempts, unique across databases, so a receiver of
+  -- several projects dedups by it alone.
+  webhook_id        uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE,
   CONSTRAINT portal_usage_alerts_once UNIQUE (portal_id, month_year, threshold_percent, request_limit)
 );
 -- What delivery and `status` read: the undelivered, oldest first.
@@ -347,7 +351,7 @@ BEGIN
 END
 $$;
 
--- Sets a portal's quota (p_portal_id), or the default plan's (NULL): the
+-- Sets a portal's quota (p_portal_id), or the default plan's (left out): the
 -- limit of requests a month and the thresholds that fire an alert. Refuses,
 -- writing nothing: a limit below 1 ('bad_limit'), thresholds outside 1 to
 -- 1000 or not strictly ascending ('bad_thresholds'), a portal id below 1
@@ -358,7 +362,7 @@ $$;
 -- thresholds apply from the next booking: a threshold the month's usage
 -- already reached fires then.
 CREATE OR REPLACE FUNCTION public.usage_agg_set_quota(
-  p_portal_id bigint, p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}',
+  p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}', p_portal_id bigint DEFAULT NULL,
   p_by text DEFAULT NULL, p_new_portal boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -616,7 +620,7 @@ BEGIN
   END IF;
   FOREACH obj IN ARRAY ARRAY[
     'public.usage_agg_valid_thresholds(integer[])',
-    'public.usage_agg_set_quota(bigint, bigint, integer[], text, boolean)',
+    'public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean)',
     'public.usage_agg_record_crossings(text[])',
     'public.usage_agg_alert_attempt(bigint, boolean, text)',
     'public.usage_agg_alerts_status()',
@@ -628,7 +632,7 @@ BEGIN
   EXECUTE format('REVOKE ALL ON SEQUENCE public.portal_usage_alerts_id_seq FROM %s', api_roles);
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
     FOREACH obj IN ARRAY ARRAY[
-      'public.usage_agg_set_quota(bigint, bigint, integer[], text, boolean)',
+      'public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean)',
       'public.usage_agg_record_crossings(text[])',
       'public.usage_agg_alert_attempt(bigint, boolean, text)',
       'public.usage_agg_alerts_status()',

@@ -15,6 +15,10 @@ CREATE TABLE public.portal_usage_alerts (
   attempts          integer NOT NULL DEFAULT 0,
   last_error        text,
   last_attempt_at   timestamptz,
+  -- The webhook-id every delivery of it carries (Standard Webhooks): the
+  -- same across attempts, unique across databases, so a receiver of
+  -- several projects dedups by it alone.
+  webhook_id        uuid NOT NULL DEFAULT gen_random_uuid() UNIQUE,
   CONSTRAINT portal_usage_alerts_once UNIQUE (portal_id, month_year, threshold_percent, request_limit)
 );
 -- What delivery and `status` read: the undelivered, oldest first.

@@ -1,7 +1,7 @@
 -- Sets a portal's quota, or the default plan's (`usage-agg quota set`),
 -- refusing bad input and a portal usage-agg has never seen.
 CREATE OR REPLACE FUNCTION public.usage_agg_set_quota(
-  p_portal_id bigint, p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}',
+  p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}', p_portal_id bigint DEFAULT NULL,
   p_by text DEFAULT NULL, p_new_portal boolean DEFAULT false)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -56,5 +56,5 @@ END
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.
-REVOKE ALL ON FUNCTION public.usage_agg_set_quota(bigint, bigint, integer[], text, boolean) FROM PUBLIC, anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION public.usage_agg_set_quota(bigint, bigint, integer[], text, boolean) TO service_role;
+REVOKE ALL ON FUNCTION public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean) TO service_role;
