@@ -289,6 +289,7 @@ pub async fn deliver_all(
             match &result {
                 Ok(status) => {
                     tracing::info!(alert = a.id, status, "alert delivered");
+                    crate::failpoint::hit("posted");
                     alerts::note_attempt(client, a.id, true, None).await?;
                     posted.delivered = true;
                     posted.error = None;
