@@ -33,6 +33,9 @@ pub struct SetAnswer {
     pub refused: Option<String>,
     pub quota: Option<Quota>,
     pub previous: Option<PreviousQuota>,
+    /// Thresholds the portal's open months (every portal's, for the
+    /// default plan) had already reached, recorded with the quota.
+    pub alerts: Vec<Crossing>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -71,7 +74,8 @@ pub async fn set_quota(
 
 /// Every quota: the default plan's first, then the portals' by id.
 pub async fn quotas(client: &Client, portal: Option<i64>) -> anyhow::Result<Vec<Quota>> {
-    const COLUMNS: &str = "portal_id,monthly_request_limit,thresholds_percent,updated_at,updated_by";
+    const COLUMNS: &str =
+        "portal_id,monthly_request_limit,thresholds_percent,updated_at,updated_by";
     let mut out: Vec<Quota> = client
         .select(
             QUOTAS_TABLE,
@@ -220,7 +224,9 @@ pub async fn note_attempt(
         // Not sent twice: each call counts an attempt.
         .rpc("usage_agg_alert_attempt", &args, Idempotent::No)
         .await
-        .with_context(|| format!("recording the delivery attempt of alert {id} (usage_agg_alert_attempt)"))?;
+        .with_context(|| {
+            format!("recording the delivery attempt of alert {id} (usage_agg_alert_attempt)")
+        })?;
     Ok(())
 }
 
@@ -272,6 +278,8 @@ pub async fn record_crossings(
     client: &Client,
     months: Option<&[Month]>,
 ) -> anyhow::Result<Vec<Crossing>> {
+    // NULL arguments are left out ("No JSON null arguments",
+    // docs/postgrest.md): every open month, every portal.
     let args = match months {
         Some(ms) => json!({"p_months": ms.iter().map(|m| m.to_string()).collect::<Vec<_>>()}),
         None => json!({}),
@@ -283,7 +291,8 @@ pub async fn record_crossings(
     {
         Ok(c) => Ok(c),
         Err(e) if e.kind() == Kind::MissingFunction => Ok(Vec::new()),
-        Err(e) => Err(anyhow::Error::new(e)
-            .context("recording the quotas' crossings of the rebuilt months (usage_agg_record_crossings)")),
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "recording the quotas' crossings of the rebuilt months (usage_agg_record_crossings)",
+        )),
     }
 }

@@ -307,9 +307,10 @@ impl Delivery {
     pub fn defaults() -> Delivery {
         match Cli::try_parse_from(["usage-agg", "alerts", "deliver"]) {
             Ok(Cli {
-                command: Command::Alerts(AlertsArgs {
-                    action: AlertsAction::Deliver(a),
-                }),
+                command:
+                    Command::Alerts(AlertsArgs {
+                        action: AlertsAction::Deliver(a),
+                    }),
                 ..
             }) => a.delivery,
             other => unreachable!("`alerts deliver` alone parses: {other:?}"),

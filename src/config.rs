@@ -519,8 +519,9 @@ impl AlertsWebhook {
             "the webhook's signing secret, whsec_ followed by base64 (e.g. `echo whsec_$(openssl rand -base64 32)`), \
              the same as the receiver's",
         )?;
-        let key = crate::signing::WebhookKey::parse(&secret)
-            .map_err(|why| ConfigError(format!("{ALERTS_WEBHOOK_SECRET} (in {secret_from}) {why}")))?;
+        let key = crate::signing::WebhookKey::parse(&secret).map_err(|why| {
+            ConfigError(format!("{ALERTS_WEBHOOK_SECRET} (in {secret_from}) {why}"))
+        })?;
         Ok(AlertsWebhook {
             url,
             url_from,

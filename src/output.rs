@@ -449,13 +449,21 @@ fn alerts_lines(style: Style, o: &Outcome) -> String {
         s,
         "{} Quotas: {} {} (once each per portal, month, threshold and limit){}",
         style.mark(Mark::Info),
-        count(o.alerts.len() as u64, "threshold reached", "thresholds reached"),
+        count(
+            o.alerts.len() as u64,
+            "threshold reached",
+            "thresholds reached"
+        ),
         if o.dry_run {
             "would be recorded as alerts"
         } else {
             "recorded as alerts with the totals"
         },
-        if o.dry_run { "" } else { "; `usage-agg alerts deliver` posts them" }
+        if o.dry_run {
+            ""
+        } else {
+            "; `usage-agg alerts deliver` posts them"
+        }
     );
     for a in o.alerts.iter().take(TABLE_CAP) {
         let _ = writeln!(

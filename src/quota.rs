@@ -76,12 +76,19 @@ mod tests {
     #[test]
     fn thresholds_are_ascending_percentages_from_1_to_1000() {
         assert_eq!(parse_thresholds("80,100"), Ok(vec![80, 100]));
-        assert_eq!(parse_thresholds(" 50, 80%,100 ,150"), Ok(vec![50, 80, 100, 150]));
+        assert_eq!(
+            parse_thresholds(" 50, 80%,100 ,150"),
+            Ok(vec![50, 80, 100, 150])
+        );
         assert_eq!(parse_thresholds("1000"), Ok(vec![1000]));
-        for bad in ["0,100", "80,1001", "100,80", "80,80", "", "80,,100", "x", "-5"] {
+        for bad in [
+            "0,100", "80,1001", "100,80", "80,80", "", "80,,100", "x", "-5",
+        ] {
             assert!(parse_thresholds(bad).is_err(), "{bad:?}");
         }
-        assert!(parse_thresholds("100,80").unwrap_err().contains("ascending"));
+        assert!(parse_thresholds("100,80")
+            .unwrap_err()
+            .contains("ascending"));
         assert!(parse_thresholds("0").unwrap_err().contains("1..1000"));
     }
 
@@ -111,7 +118,8 @@ pub struct QuotaRefused(pub String);
 impl QuotaRefused {
     /// The refusal's code, said for a person.
     pub fn from_code(code: &str, portal: Option<i64>) -> QuotaRefused {
-        let whose = portal.map_or_else(|| "the default plan".to_string(), |p| format!("portal {p}"));
+        let whose =
+            portal.map_or_else(|| "the default plan".to_string(), |p| format!("portal {p}"));
         QuotaRefused(match code {
             "unknown_portal" => format!(
                 "{whose} is unknown: it has no usage counted, no adjustment and no row waiting to be \

@@ -297,7 +297,11 @@ pub async fn deliver_all(
                 }
                 Err(e) => {
                     let line = e.to_string();
-                    tracing::warn!(alert = a.id, attempt = posted.attempts, "alert not delivered: {line}");
+                    tracing::warn!(
+                        alert = a.id,
+                        attempt = posted.attempts,
+                        "alert not delivered: {line}"
+                    );
                     alerts::note_attempt(client, a.id, false, Some(&line)).await?;
                     posted.error = Some(line);
                 }

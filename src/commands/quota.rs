@@ -63,6 +63,8 @@ fn whose(portal: Option<i64>) -> String {
 struct Set {
     quota: Quota,
     previous: Option<PreviousQuota>,
+    /// Thresholds already reached by counted usage, recorded with it.
+    alerts: Vec<alerts::Crossing>,
 }
 
 impl Report for Set {
@@ -97,9 +99,36 @@ impl Report for Set {
             }
             None => s.push_str("  it had none before\n"),
         }
-        s.push_str(
-            "  It applies from the next booking: a threshold this month has already reached fires then, once\n",
-        );
+        if self.alerts.is_empty() {
+            s.push_str(
+                "  No open month has reached a threshold of it yet; each fires, once, with the booking that \
+                 reaches it\n",
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  {} already reached by counted usage, recorded as alerts now:",
+                crate::output::count(self.alerts.len() as u64, "threshold", "thresholds")
+            );
+            for a in self.alerts.iter().take(crate::output::TABLE_CAP) {
+                let _ = writeln!(
+                    s,
+                    "    portal {} {}: {}% of {} ({} counted)",
+                    a.portal_id,
+                    a.month_year,
+                    a.threshold_percent,
+                    grouped(a.request_limit),
+                    grouped(a.request_count)
+                );
+            }
+            if self.alerts.len() > crate::output::TABLE_CAP {
+                let _ = writeln!(
+                    s,
+                    "    ... and {} more (see --json)",
+                    self.alerts.len() - crate::output::TABLE_CAP
+                );
+            }
+        }
         s
     }
 }
@@ -131,6 +160,7 @@ async fn set(args: QuotaSetArgs) -> Status {
         Ok(Set {
             quota,
             previous: a.previous,
+            alerts: a.alerts,
         })
     }
     .await;

@@ -358,9 +358,11 @@ $$;
 -- ('bad_portal'), and a portal usage-agg has never seen ('unknown_portal':
 -- no monthly row, adjustment or pruned rows, and no row no run has counted
 -- yet), unless p_new_portal (a portal whose first request is still to
--- come). Answers what was set and what it replaced. The new limit and
--- thresholds apply from the next booking: a threshold the month's usage
--- already reached fires then.
+-- come). Answers what was set, what it replaced, and the alerts of the
+-- thresholds the portal's open months (every portal's, for the default
+-- plan) have already reached by their stored totals, recorded now, in
+-- the same transaction (usage_agg_record_crossings): a lowered limit
+-- fires at once, not at the next request.
 CREATE OR REPLACE FUNCTION public.usage_agg_set_quota(
   p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}', p_portal_id bigint DEFAULT NULL,
   p_by text DEFAULT NULL, p_new_portal boolean DEFAULT false)
@@ -412,19 +414,21 @@ BEGIN
                                'thresholds_percent', to_jsonb(q.thresholds_percent),
                                'updated_at', q.updated_at, 'updated_by', q.updated_by)
     INTO after;
-  RETURN jsonb_build_object('quota', after, 'previous', before);
+  RETURN jsonb_build_object('quota', after, 'previous', before,
+                            'alerts', public.usage_agg_record_crossings(NULL, p_portal_id));
 END
 $$;
 
 -- The crossings of the months a rebuild wrote (first run, --full, --month,
 -- --rebase): a rebuild writes absolute states over REST, outside the rule
--- book, so the run calls this after its writes. Every open month of
--- p_months (NULL: every open month) is read as stored, and each threshold
--- its usage reached and no alert records is recorded, as the rule book
--- records it. A crossing a killed rebuild left unrecorded is recorded by
+-- book, so the run calls this after its writes; and of a portal whose
+-- quota was just set (usage_agg_set_quota). Every open month of p_months
+-- (NULL: every open month), of p_portal_id (NULL: every portal), is read as
+-- stored, and each threshold its usage reached and no alert records is
+-- recorded, as the rule book records it. A crossing a killed rebuild left unrecorded is recorded by
 -- the next booking of the key, or the next rebuild. Answers the alerts
 -- recorded.
-CREATE OR REPLACE FUNCTION public.usage_agg_record_crossings(p_months text[] DEFAULT NULL)
+CREATE OR REPLACE FUNCTION public.usage_agg_record_crossings(p_months text[] DEFAULT NULL, p_portal_id bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -447,6 +451,7 @@ BEGIN
           FROM public.portal_usage_adjustments a
          WHERE a.portal_id = m.portal_id AND a.month_year = m.month_year AND a.source = 'late') x ON true
      WHERE (p_months IS NULL OR m.month_year = ANY (p_months))
+       AND (p_portal_id IS NULL OR m.portal_id = p_portal_id)
        AND public.usage_agg_valid_key(m.portal_id, m.month_year)
        AND NOT public.usage_agg_is_closed(m.month_year)
   ), reached AS (
@@ -621,7 +626,7 @@ BEGIN
   FOREACH obj IN ARRAY ARRAY[
     'public.usage_agg_valid_thresholds(integer[])',
     'public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean)',
-    'public.usage_agg_record_crossings(text[])',
+    'public.usage_agg_record_crossings(text[], bigint)',
     'public.usage_agg_alert_attempt(bigint, boolean, text)',
     'public.usage_agg_alerts_status()',
     'public.usage_quota_status(bigint, text)'
@@ -633,7 +638,7 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
     FOREACH obj IN ARRAY ARRAY[
       'public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean)',
-      'public.usage_agg_record_crossings(text[])',
+      'public.usage_agg_record_crossings(text[], bigint)',
       'public.usage_agg_alert_attempt(bigint, boolean, text)',
       'public.usage_agg_alerts_status()',
       'public.usage_quota_status(bigint, text)'

@@ -51,7 +51,8 @@ BEGIN
                                'thresholds_percent', to_jsonb(q.thresholds_percent),
                                'updated_at', q.updated_at, 'updated_by', q.updated_by)
     INTO after;
-  RETURN jsonb_build_object('quota', after, 'previous', before);
+  RETURN jsonb_build_object('quota', after, 'previous', before,
+                            'alerts', public.usage_agg_record_crossings(NULL, p_portal_id));
 END
 $$;
 
