@@ -445,19 +445,17 @@ fn alerts_lines(style: Style, o: &Outcome) -> String {
     if o.alerts.is_empty() {
         return s;
     }
+    let n = o.alerts.len() as u64;
     let _ = writeln!(
         s,
-        "{} Quotas: {} {} (once each per portal, month, threshold and limit){}",
+        "{} Quotas: {} reached, {} (once per portal, month, threshold and limit){}",
         style.mark(Mark::Info),
-        count(
-            o.alerts.len() as u64,
-            "threshold reached",
-            "thresholds reached"
-        ),
-        if o.dry_run {
-            "would be recorded as alerts"
-        } else {
-            "recorded as alerts with the totals"
+        count(n, "threshold", "thresholds"),
+        match (o.dry_run, n) {
+            (true, 1) => "which would be recorded as an alert",
+            (true, _) => "which would be recorded as alerts",
+            (false, 1) => "recorded with the totals as an alert",
+            (false, _) => "recorded with the totals as alerts",
         },
         if o.dry_run {
             ""

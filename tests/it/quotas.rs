@@ -20,7 +20,7 @@ use crate::common::*;
 const M: &str = "2025-03";
 
 /// The secret of the tests' webhook (32 random bytes).
-const SECRET: &str = "whsec_7ZbFyqWQKm2CxR5n0x9OMQk8hY6cJ3yL1sVtAeUdGfI=";
+pub(crate) const SECRET: &str = "whsec_7ZbFyqWQKm2CxR5n0x9OMQk8hY6cJ3yL1sVtAeUdGfI=";
 
 fn run(stack: &Stack, args: &[&str]) -> Run {
     let mut all = args.to_vec();
@@ -313,7 +313,7 @@ fn a_dry_run_shows_the_alerts_it_would_record_and_records_none() {
     for engine in ["rest", "rpc"] {
         aggregate(&stack, &["--dry-run", "--engine", engine])
             .assert_status(0)
-            .assert_stdout_has("Quotas: 2 thresholds reached would be recorded as alerts")
+            .assert_stdout_has("Quotas: 2 thresholds reached, which would be recorded as alerts")
             .assert_stdout_has(&format!("portal 3 {M}: 100% of 10 requests (12 counted)"));
         let json = aggregate(&stack, &["--dry-run", "--json", "--engine", engine]);
         let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
@@ -323,7 +323,7 @@ fn a_dry_run_shows_the_alerts_it_would_record_and_records_none() {
     }
     aggregate(&stack, &[])
         .assert_status(0)
-        .assert_stdout_has("Quotas: 2 thresholds reached recorded as alerts with the totals");
+        .assert_stdout_has("Quotas: 2 thresholds reached, recorded with the totals as alerts");
     assert_eq!(alert_rows(&stack), 2);
 }
 
@@ -544,7 +544,7 @@ fn bad_quota_input_gets_a_clear_message_and_nothing_written() {
     );
 }
 
-fn webhook_env(stack: &Stack, url: &str, secret: &str) -> Vec<(String, String)> {
+pub(crate) fn webhook_env(stack: &Stack, url: &str, secret: &str) -> Vec<(String, String)> {
     let mut env = stack.env();
     env.push(("USAGE_AGG_ALERTS_WEBHOOK_URL".into(), url.into()));
     env.push(("USAGE_AGG_ALERTS_WEBHOOK_SECRET".into(), secret.into()));
@@ -554,7 +554,7 @@ fn webhook_env(stack: &Stack, url: &str, secret: &str) -> Vec<(String, String)> 
 /// What the receiver does with one request, in order; after the script,
 /// it answers 200.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answer {
+pub(crate) enum Answer {
     Ok,
     Status(u16),
     /// Reads the request and never answers (the client times out).
@@ -575,13 +575,13 @@ struct Received {
 
 /// A real HTTP receiver on loopback: one request per connection, each
 /// recorded before it is answered as the script says.
-struct Receiver {
+pub(crate) struct Receiver {
     port: u16,
     got: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
-    fn start(script: Vec<Answer>) -> Receiver {
+    pub(crate) fn start(script: Vec<Answer>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
@@ -602,7 +602,7 @@ impl Receiver {
         Receiver { port, got }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hooks/usage?token=abc", self.port)
     }
 
