@@ -277,13 +277,17 @@ pub struct Crossing {
 pub async fn record_crossings(
     client: &Client,
     months: Option<&[Month]>,
+    above: Option<i64>,
 ) -> anyhow::Result<Vec<Crossing>> {
     // NULL arguments are left out ("No JSON null arguments",
-    // docs/postgrest.md): every open month, every portal.
-    let args = match months {
-        Some(ms) => json!({"p_months": ms.iter().map(|m| m.to_string()).collect::<Vec<_>>()}),
-        None => json!({}),
-    };
+    // docs/postgrest.md): every open month, every key.
+    let mut args = json!({});
+    if let Some(ms) = months {
+        args["p_months"] = json!(ms.iter().map(|m| m.to_string()).collect::<Vec<_>>());
+    }
+    if let Some(a) = above {
+        args["p_above"] = json!(a);
+    }
     match client
         // Idempotent: a crossing recorded once is never recorded again.
         .rpc::<_, Vec<Crossing>>("usage_agg_record_crossings", &args, Idempotent::Yes)

@@ -599,6 +599,7 @@ impl Store for MemoryStore {
     async fn record_crossings(
         &self,
         _months: Option<&[Month]>,
+        _above: Option<i64>,
     ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
         self.alive()?;
         Ok(Vec::new())

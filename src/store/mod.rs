@@ -164,10 +164,12 @@ pub trait Store {
     ) -> anyhow::Result<Booked>;
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;
     /// Records the quotas' crossings of months a rebuild wrote (`None`:
-    /// every open month), as the rule book records a booking's.
+    /// every open month), or of keys written above a watermark, as the
+    /// rule book records a booking's.
     async fn record_crossings(
         &self,
         months: Option<&[Month]>,
+        above: Option<i64>,
     ) -> anyhow::Result<Vec<crate::alerts::Crossing>>;
     /// Adds a run's rejected rows to the job's tally (status, verify).
     async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()>;

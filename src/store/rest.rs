@@ -234,8 +234,9 @@ impl Store for RestStore {
     async fn record_crossings(
         &self,
         months: Option<&[Month]>,
+        above: Option<i64>,
     ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
-        crate::alerts::record_crossings(&self.client, months).await
+        crate::alerts::record_crossings(&self.client, months, above).await
     }
 
     async fn periods(&self) -> anyhow::Result<Periods> {

@@ -425,10 +425,13 @@ $$;
 -- quota was just set (usage_agg_set_quota). Every open month of p_months
 -- (NULL: every open month), of p_portal_id (NULL: every portal), is read as
 -- stored, and each threshold its usage reached and no alert records is
--- recorded, as the rule book records it. A crossing a killed rebuild left unrecorded is recorded by
--- the next booking of the key, or the next rebuild. Answers the alerts
--- recorded.
-CREATE OR REPLACE FUNCTION public.usage_agg_record_crossings(p_months text[] DEFAULT NULL, p_portal_id bigint DEFAULT NULL)
+-- recorded, as the rule book records it. With p_above, only the keys
+-- written past that watermark: a CLI run calls it with the cursor before
+-- it counts when a key stands above the cursor, which a rebuild killed
+-- between its writes and this call leaves, so that such a crossing is
+-- recorded by the next run. Answers the alerts recorded.
+CREATE OR REPLACE FUNCTION public.usage_agg_record_crossings(
+  p_months text[] DEFAULT NULL, p_portal_id bigint DEFAULT NULL, p_above bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -452,6 +455,7 @@ BEGIN
          WHERE a.portal_id = m.portal_id AND a.month_year = m.month_year AND a.source = 'late') x ON true
      WHERE (p_months IS NULL OR m.month_year = ANY (p_months))
        AND (p_portal_id IS NULL OR m.portal_id = p_portal_id)
+       AND (p_above IS NULL OR m.last_request_id > p_above)
        AND public.usage_agg_valid_key(m.portal_id, m.month_year)
        AND NOT public.usage_agg_is_closed(m.month_year)
   ), reached AS (
@@ -626,7 +630,7 @@ BEGIN
   FOREACH obj IN ARRAY ARRAY[
     'public.usage_agg_valid_thresholds(integer[])',
     'public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean)',
-    'public.usage_agg_record_crossings(text[], bigint)',
+    'public.usage_agg_record_crossings(text[], bigint, bigint)',
     'public.usage_agg_alert_attempt(bigint, boolean, text)',
     'public.usage_agg_alerts_status()',
     'public.usage_quota_status(bigint, text)'
@@ -638,7 +642,7 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
     FOREACH obj IN ARRAY ARRAY[
       'public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean)',
-      'public.usage_agg_record_crossings(text[], bigint)',
+      'public.usage_agg_record_crossings(text[], bigint, bigint)',
       'public.usage_agg_alert_attempt(bigint, boolean, text)',
       'public.usage_agg_alerts_status()',
       'public.usage_quota_status(bigint, text)'

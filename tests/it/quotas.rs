@@ -304,6 +304,45 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
 }
 
 #[test]
+fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_next_run() {
+    let stack = migrated_stack();
+    insert(&stack, 1, M, 5);
+    aggregate(&stack, &[]).assert_status(0);
+    run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
+    // A rebuild writes totals outside the rule book; it records what they
+    // reached before it moves the cursor.
+    insert(&stack, 1, M, 5);
+    aggregate(&stack, &["--full"])
+        .assert_status(0)
+        .assert_stdout_has("Quotas: 2 thresholds reached");
+    assert_eq!(
+        alerts(&stack),
+        BTreeMap::from([(key(1, M, 80, 10), 10), (key(1, M, 100, 10), 10)])
+    );
+    insert(&stack, 2, M, 4);
+    aggregate(&stack, &["--month", M]).assert_status(0);
+    insert(&stack, 2, M, 5);
+    aggregate(&stack, &["--month", M]).assert_status(0);
+    assert_eq!(alerts(&stack).get(&key(2, M, 80, 10)), Some(&9), "--month too");
+
+    // Killed after its writes, before it recorded their crossings: the
+    // keys stand above the cursor, and the next run (of either engine)
+    // records them before it counts.
+    for (portal, engine) in [(3, "rest"), (4, "rpc")] {
+        insert(&stack, portal, M, 8);
+        let mut env = stack.env();
+        env.push(("USAGE_AGG_FAILPOINTS".into(), "before-cursor=abort@1".into()));
+        assert_eq!(run_with(&env, &["aggregate", "--full"]).status, -1);
+        assert!(alerts(&stack).get(&key(portal, M, 80, 10)).is_none());
+        aggregate(&stack, &["--engine", engine])
+            .assert_status(0)
+            .assert_stdout_has(&format!("portal {portal} {M}: 80% of 10 requests (8 counted)"));
+        assert_eq!(alerts(&stack).get(&key(portal, M, 80, 10)), Some(&8), "{engine}");
+    }
+    assert_eq!(alert_rows(&stack), 5);
+}
+
+#[test]
 fn a_dry_run_shows_the_alerts_it_would_record_and_records_none() {
     let stack = migrated_stack();
     insert(&stack, 9, M, 1);

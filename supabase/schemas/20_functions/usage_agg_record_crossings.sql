@@ -1,6 +1,8 @@
 -- The crossings of the months a rebuild wrote over REST, outside the rule
--- book: recorded as the rule book records them.
-CREATE OR REPLACE FUNCTION public.usage_agg_record_crossings(p_months text[] DEFAULT NULL, p_portal_id bigint DEFAULT NULL)
+-- book, of a portal whose quota was just set, and of keys a killed run left
+-- above the cursor: recorded as the rule book records them.
+CREATE OR REPLACE FUNCTION public.usage_agg_record_crossings(
+  p_months text[] DEFAULT NULL, p_portal_id bigint DEFAULT NULL, p_above bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -24,6 +26,7 @@ BEGIN
          WHERE a.portal_id = m.portal_id AND a.month_year = m.month_year AND a.source = 'late') x ON true
      WHERE (p_months IS NULL OR m.month_year = ANY (p_months))
        AND (p_portal_id IS NULL OR m.portal_id = p_portal_id)
+       AND (p_above IS NULL OR m.last_request_id > p_above)
        AND public.usage_agg_valid_key(m.portal_id, m.month_year)
        AND NOT public.usage_agg_is_closed(m.month_year)
   ), reached AS (
@@ -58,5 +61,5 @@ END
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.
-REVOKE ALL ON FUNCTION public.usage_agg_record_crossings(text[], bigint) FROM PUBLIC, anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION public.usage_agg_record_crossings(text[], bigint) TO service_role;
+REVOKE ALL ON FUNCTION public.usage_agg_record_crossings(text[], bigint, bigint) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_record_crossings(text[], bigint, bigint) TO service_role;
