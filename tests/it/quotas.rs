@@ -333,7 +333,7 @@ fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_nex
         let mut env = stack.env();
         env.push(("USAGE_AGG_FAILPOINTS".into(), "before-cursor=abort@1".into()));
         assert_eq!(run_with(&env, &["aggregate", "--full"]).status, -1);
-        assert!(alerts(&stack).get(&key(portal, M, 80, 10)).is_none());
+        assert!(!alerts(&stack).contains_key(&key(portal, M, 80, 10)));
         aggregate(&stack, &["--engine", engine])
             .assert_status(0)
             .assert_stdout_has(&format!("portal {portal} {M}: 80% of 10 requests (8 counted)"));
