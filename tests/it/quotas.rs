@@ -323,7 +323,11 @@ fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_nex
     aggregate(&stack, &["--month", M]).assert_status(0);
     insert(&stack, 2, M, 5);
     aggregate(&stack, &["--month", M]).assert_status(0);
-    assert_eq!(alerts(&stack).get(&key(2, M, 80, 10)), Some(&9), "--month too");
+    assert_eq!(
+        alerts(&stack).get(&key(2, M, 80, 10)),
+        Some(&9),
+        "--month too"
+    );
 
     // Killed after its writes, before it recorded their crossings: the
     // keys stand above the cursor, and the next run (of either engine)
@@ -331,13 +335,22 @@ fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_nex
     for (portal, engine) in [(3, "rest"), (4, "rpc")] {
         insert(&stack, portal, M, 8);
         let mut env = stack.env();
-        env.push(("USAGE_AGG_FAILPOINTS".into(), "before-cursor=abort@1".into()));
+        env.push((
+            "USAGE_AGG_FAILPOINTS".into(),
+            "before-cursor=abort@1".into(),
+        ));
         assert_eq!(run_with(&env, &["aggregate", "--full"]).status, -1);
         assert!(!alerts(&stack).contains_key(&key(portal, M, 80, 10)));
         aggregate(&stack, &["--engine", engine])
             .assert_status(0)
-            .assert_stdout_has(&format!("portal {portal} {M}: 80% of 10 requests (8 counted)"));
-        assert_eq!(alerts(&stack).get(&key(portal, M, 80, 10)), Some(&8), "{engine}");
+            .assert_stdout_has(&format!(
+                "portal {portal} {M}: 80% of 10 requests (8 counted)"
+            ));
+        assert_eq!(
+            alerts(&stack).get(&key(portal, M, 80, 10)),
+            Some(&8),
+            "{engine}"
+        );
     }
     assert_eq!(alert_rows(&stack), 5);
 }
