@@ -68,6 +68,9 @@ pub struct Booked {
     pub lost: Vec<String>,
     /// With a dry run, each change the booking would make.
     pub changes: Vec<BookedChange>,
+    /// The quotas' thresholds the booked keys' months reached, recorded in
+    /// the same transaction (or, dry, that it would record).
+    pub alerts: Vec<crate::alerts::Crossing>,
 }
 
 /// One change a dry booking would make.

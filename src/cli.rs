@@ -57,6 +57,8 @@ macro_rules! environment_help {
       with --env auto: production or prod chooses PROD
   USAGE_AGG_PING_URL, USAGE_AGG_METRICS_FILE
       aggregate's --ping-url and --metrics-file
+  USAGE_AGG_ALERTS_WEBHOOK_URL, USAGE_AGG_ALERTS_WEBHOOK_SECRET
+      where alerts are posted, and the whsec_ secret that signs them
   USAGE_AGG_ALLOW_INSECURE_HTTP=1
       allow http:// to a host that is not this machine
 
@@ -138,6 +140,208 @@ README.md: \"Run it without a cron host\".\n\n",
         environment_help!()
     ))]
     Schedule(ScheduleArgs),
+    /// Set and show the monthly request limits of portals and of the default plan, and the thresholds (percent
+    /// of the limit) at which an alert fires
+    #[command(after_long_help = concat!(
+        "Examples:
+  usage-agg quota set --env prod --default --limit 10000            every portal without its own: 80% and 100%
+  usage-agg quota set --env prod --portal 42 --limit 250000 --thresholds 50,80,100,150
+  usage-agg quota show --env prod
+  usage-agg quota show --env prod --portal 42     its month so far: used, limit, percent, projection
+
+docs/quotas.md.\n\n",
+        environment_help!()
+    ))]
+    Quota(QuotaArgs),
+    /// List the alerts the quotas' thresholds fired (once per portal, month, threshold and limit), and deliver
+    /// them to the webhook, signed (Standard Webhooks)
+    #[command(after_long_help = concat!(
+        "Examples:
+  usage-agg alerts list --env prod --undelivered
+  usage-agg alerts deliver --env prod             post each undelivered alert, signed; retried with backoff
+
+docs/quotas.md.\n\n",
+        environment_help!()
+    ))]
+    Alerts(AlertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QuotaArgs {
+    #[command(subcommand)]
+    pub action: QuotaAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaAction {
+    /// Set a portal's quota (--portal) or the default plan's (--default); it applies from the next booking,
+    /// where a threshold the month has already reached fires
+    Set(QuotaSetArgs),
+    /// Show the quotas; with --portal, that portal's month against its quota
+    Show(QuotaShowArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("whose").required(true).args(["portal", "default"])))]
+pub struct QuotaSetArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// The portal whose quota this is
+    #[arg(long, value_parser = portal_id, allow_hyphen_values = true)]
+    pub portal: Option<i64>,
+
+    /// The default plan: every portal without a quota of its own
+    #[arg(long)]
+    pub default: bool,
+
+    /// Requests a month, 1 or more
+    #[arg(long, value_parser = quota_limit, allow_hyphen_values = true)]
+    pub limit: i64,
+
+    /// Percentages of the limit at which an alert fires, ascending, each from 1 to 1000
+    #[arg(long, value_parser = thresholds, default_value = "80,100", value_name = "PERCENTS")]
+    pub thresholds: Thresholds,
+
+    /// With --portal: set it even though the portal has no usage yet (its first request is still to come)
+    #[arg(long, requires = "portal")]
+    pub new_portal: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QuotaShowArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// One portal: its quota and its month against it (used right now, percent, projection, alerts fired)
+    #[arg(long, value_parser = portal_id, allow_hyphen_values = true)]
+    pub portal: Option<i64>,
+
+    /// With --portal: this month (YYYY-MM) [default: the current month]
+    #[arg(long, value_parser = month, requires = "portal")]
+    pub month: Option<Month>,
+}
+
+/// A quota's thresholds, as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thresholds(pub Vec<u32>);
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    #[command(subcommand)]
+    pub action: AlertsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsAction {
+    /// List the alerts, oldest first
+    List(AlertsListArgs),
+    /// Post each undelivered alert to USAGE_AGG_ALERTS_WEBHOOK_URL, signed with
+    /// USAGE_AGG_ALERTS_WEBHOOK_SECRET (Standard Webhooks), at least once: the webhook-id stays the same
+    /// across attempts, so a receiver that dedups by it processes each alert once
+    Deliver(AlertsDeliverArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsListArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    /// Only the alerts not yet delivered
+    #[arg(long)]
+    pub undelivered: bool,
+
+    /// Only this portal's
+    #[arg(long, value_parser = portal_id, allow_hyphen_values = true)]
+    pub portal: Option<i64>,
+
+    /// Only this month's (YYYY-MM)
+    #[arg(long, value_parser = month)]
+    pub month: Option<Month>,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsDeliverArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+
+    #[command(flatten)]
+    pub output: Output,
+
+    #[command(flatten)]
+    pub delivery: Delivery,
+}
+
+/// How alerts are posted: `alerts deliver`, and `aggregate --deliver-alerts`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Delivery")]
+pub struct Delivery {
+    /// Attempts per alert in this run; an alert still undelivered after them waits for the next run, and so
+    /// do the alerts after it
+    #[arg(long, default_value_t = DEFAULT_DELIVERY_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub attempts: u32,
+
+    /// How long one attempt may take before it counts as failed
+    #[arg(long, default_value = "10s", value_parser = request_timeout, value_name = "DURATION")]
+    pub attempt_timeout: std::time::Duration,
+
+    /// The wait before the second attempt; each wait after it is twice the one before (with jitter)
+    #[arg(long, default_value = "1s", value_parser = retry_delay, value_name = "DURATION")]
+    pub retry_delay: std::time::Duration,
+}
+
+/// Attempts per alert in one delivery run.
+pub const DEFAULT_DELIVERY_ATTEMPTS: u32 = 4;
+
+impl Delivery {
+    /// `alerts deliver`'s defaults: what `aggregate --deliver-alerts` uses.
+    pub fn defaults() -> Delivery {
+        match Cli::try_parse_from(["usage-agg", "alerts", "deliver"]) {
+            Ok(Cli {
+                command:
+                    Command::Alerts(AlertsArgs {
+                        action: AlertsAction::Deliver(a),
+                    }),
+                ..
+            }) => a.delivery,
+            other => unreachable!("`alerts deliver` alone parses: {other:?}"),
+        }
+    }
+}
+
+fn portal_id(s: &str) -> Result<i64, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a portal id: expected a whole number, 1 or more"
+        )),
+    }
+}
+
+fn quota_limit(s: &str) -> Result<i64, String> {
+    crate::quota::parse_limit(s)
+}
+
+fn thresholds(s: &str) -> Result<Thresholds, String> {
+    crate::quota::parse_thresholds(s).map(Thresholds)
+}
+
+/// A wait between attempts: 0s to 10m.
+fn retry_delay(s: &str) -> Result<std::time::Duration, String> {
+    let d = duration(s)?;
+    if d > std::time::Duration::from_secs(600) {
+        return Err(format!("{s:?} is out of range: from 0s to 10m"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]
@@ -465,6 +669,11 @@ pub struct AggregateArgs {
     #[arg(long, value_name = "GRACE", value_parser = grace, allow_hyphen_values = true,
           conflicts_with_all = ["dry_run", "month", "rebase"])]
     pub auto_close: Option<std::time::Duration>,
+
+    /// After the run, post the undelivered alerts to USAGE_AGG_ALERTS_WEBHOOK_URL as `alerts deliver` does
+    /// (checked before the run: a missing or bad webhook setting is exit 78 and nothing is counted)
+    #[arg(long, conflicts_with = "dry_run")]
+    pub deliver_alerts: bool,
 
     /// Milliseconds to wait for inserts in flight before counting up to the newest id
     #[arg(long, default_value_t = crate::engine::DEFAULT_HORIZON_WAIT.as_millis() as u64,

@@ -315,14 +315,14 @@ impl Config {
         let (rest_url, url_var) = match sources.get(&rest_var) {
             Some((v, from)) if !v.trim().is_empty() => {
                 let url = parse_url(&rest_var, v.trim(), &from)?;
-                refuse_clear_text(&rest_var, &url, &from, sources)?;
+                refuse_clear_text(&rest_var, &url, &from, sources, KEY_IN_CLEAR)?;
                 (url, rest_var)
             }
             _ => {
                 let (v, from) =
                     required(&url_var, "your project URL, e.g. https://abcd.supabase.co")?;
                 let base = parse_url(&url_var, &v, &from)?;
-                refuse_clear_text(&url_var, &base, &from, sources)?;
+                refuse_clear_text(&url_var, &base, &from, sources, KEY_IN_CLEAR)?;
                 // The project URL, or (a common paste) its REST root already.
                 let url = if base.path().ends_with("/rest/v1/") {
                     tracing::debug!(%base, "{url_var} already ends with /rest/v1: used as the REST root");
@@ -417,6 +417,9 @@ fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// What crosses the network with a request to the Supabase URL.
+const KEY_IN_CLEAR: &str = "the service role key";
+
 /// Refuses plain `http://` to a host that is not this machine: every request
 /// carries the service role key, which would cross the network in clear
 /// text. `USAGE_AGG_ALLOW_INSECURE_HTTP=1` allows it, with a warning.
@@ -425,6 +428,7 @@ fn refuse_clear_text(
     url: &Url,
     from: &str,
     sources: &Sources,
+    what: &str,
 ) -> Result<(), ConfigError> {
     if url.scheme() != "http" || is_loopback(url) {
         return Ok(());
@@ -434,7 +438,7 @@ fn refuse_clear_text(
     match &opt_in {
         Some((v, opt_from)) if v.trim() == "1" => {
             tracing::warn!(
-                "{var} (in {from}) is plain http to {host}: the service role key crosses the network in clear text ({ALLOW_INSECURE_HTTP}=1 in {opt_from} allows it)"
+                "{var} (in {from}) is plain http to {host}: {what} will cross the network in clear text ({ALLOW_INSECURE_HTTP}=1 in {opt_from} allows it)"
             );
             Ok(())
         }
@@ -446,9 +450,93 @@ fn refuse_clear_text(
                 None => String::new(),
             };
             Err(ConfigError(format!(
-                "{var} (in {from}) is plain http to {host}, which is not this machine: the service role key would cross the network in clear text; use https, or set {ALLOW_INSECURE_HTTP}=1 to allow it anyway{ignored}"
+                "{var} (in {from}) is plain http to {host}, which is not this machine: {what} would cross the network in clear text; use https, or set {ALLOW_INSECURE_HTTP}=1 to allow it anyway{ignored}"
             )))
         }
+    }
+}
+
+/// Where alerts are posted (`usage-agg alerts deliver`, `aggregate
+/// --deliver-alerts`).
+pub const ALERTS_WEBHOOK_URL: &str = "USAGE_AGG_ALERTS_WEBHOOK_URL";
+/// The alerts webhook's signing secret, `whsec_<base64>` (Standard Webhooks).
+pub const ALERTS_WEBHOOK_SECRET: &str = "USAGE_AGG_ALERTS_WEBHOOK_SECRET";
+
+/// The alerts webhook: where, and the key that signs (docs/quotas.md). Its
+/// URL obeys the Supabase URL's rule (https, or http to this machine only,
+/// unless USAGE_AGG_ALLOW_INSECURE_HTTP=1); the key is never shown.
+#[derive(Debug, Clone)]
+pub struct AlertsWebhook {
+    pub url: Url,
+    pub url_from: String,
+    pub key: crate::signing::WebhookKey,
+    pub secret_from: String,
+}
+
+impl AlertsWebhook {
+    pub fn resolve(sources: &Sources) -> Result<AlertsWebhook, ConfigError> {
+        let get = |name: &str, what: &str| match sources.get(name) {
+            Some((v, from)) if !v.trim().is_empty() => Ok((v.trim().to_string(), from)),
+            Some((_, from)) => Err(ConfigError(format!(
+                "{name} is empty (in {from}); set it to {what}"
+            ))),
+            None => Err(ConfigError(format!(
+                "{name} is not set (looked in {}); set it to {what}",
+                sources.looked_in()
+            ))),
+        };
+        let (raw, url_from) = get(
+            ALERTS_WEBHOOK_URL,
+            "the URL alerts are posted to, e.g. https://app.example.com/hooks/usage",
+        )?;
+        let bad = |why: &str| {
+            ConfigError(format!(
+                "{ALERTS_WEBHOOK_URL} (in {url_from}) is not a usable URL: {why}; expected something like \
+                 https://app.example.com/hooks/usage"
+            ))
+        };
+        let url = Url::parse(&raw).map_err(|e| bad(&e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad("the scheme must be https (or http to this machine)"));
+        }
+        if url.host_str().is_none() {
+            return Err(bad("it has no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                "it carries a user name or password (user:password@); the receiver checks the signature instead",
+            ));
+        }
+        refuse_clear_text(
+            ALERTS_WEBHOOK_URL,
+            &url,
+            &url_from,
+            sources,
+            "the alerts (portals' usage)",
+        )?;
+        let (secret, secret_from) = get(
+            ALERTS_WEBHOOK_SECRET,
+            "the webhook's signing secret, whsec_ followed by base64 (e.g. `echo whsec_$(openssl rand -base64 32)`), \
+             the same as the receiver's",
+        )?;
+        let key = crate::signing::WebhookKey::parse(&secret).map_err(|why| {
+            ConfigError(format!("{ALERTS_WEBHOOK_SECRET} (in {secret_from}) {why}"))
+        })?;
+        Ok(AlertsWebhook {
+            url,
+            url_from,
+            key,
+            secret_from,
+        })
+    }
+
+    /// The URL as messages show it: scheme, host, port and path, never a
+    /// query (which may carry a token).
+    pub fn shown(&self) -> String {
+        let mut u = self.url.clone();
+        u.set_query(None);
+        u.set_fragment(None);
+        u.to_string()
     }
 }
 

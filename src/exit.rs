@@ -104,7 +104,10 @@ pub fn classify(err: &anyhow::Error) -> Status {
         if cause.is::<crate::schedule::CronMissing>() {
             return Status::Config;
         }
-        if cause.is::<crate::engine::UsageError>() || cause.is::<crate::periods::Refusal>() {
+        if cause.is::<crate::engine::UsageError>()
+            || cause.is::<crate::periods::Refusal>()
+            || cause.is::<crate::quota::QuotaRefused>()
+        {
             return Status::Usage;
         }
         if cause.is::<crate::periods::Blocked>() {

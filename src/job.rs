@@ -250,6 +250,16 @@ impl Job {
                     .join(", ")
             ));
         }
+        // Keys above the cursor were written by a run that has not moved
+        // it: one in flight, or a rebuild killed between its writes and
+        // the record of their quotas' crossings. Recorded now, before
+        // counting (docs/quotas.md, "Where crossings are recorded").
+        let caught_up = match (cursor, facts.highest_watermark) {
+            (Some(c), Some(w)) if w > c && !opts.dry_run => {
+                store.record_crossings(None, Some(c)).await?
+            }
+            _ => Vec::new(),
+        };
         let marks = Marks { cursor, horizon };
         let owner = (!opts.dry_run).then_some(self.owner.as_str());
         let incremental = self.scope == Scope::All && !self.full;
@@ -270,6 +280,7 @@ impl Job {
             };
         }
         outcome.restored_keys = restored;
+        outcome.alerts.splice(0..0, caught_up);
         outcome.pace = opts.pace.report();
         Ok(outcome)
     }

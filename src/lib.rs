@@ -14,6 +14,7 @@
 
 pub mod adjustments;
 pub mod aggregation;
+pub mod alerts;
 pub mod booking;
 pub mod cli;
 pub mod commands;
@@ -33,8 +34,11 @@ pub mod postgrest;
 pub mod preflight;
 pub mod printer;
 pub mod progress;
+pub mod quota;
 pub mod schedule;
+pub mod signing;
 pub mod state;
 pub mod stdio;
 pub mod store;
 pub mod tables;
+pub mod webhook;

@@ -261,6 +261,10 @@ pub struct StatusMetrics {
     pub backlog: Option<i64>,
     pub last_run_started: Option<f64>,
     pub last_success: Option<f64>,
+    /// Undelivered alerts and the oldest one's age, with the quotas
+    /// migration.
+    pub alerts_undelivered: Option<u64>,
+    pub alerts_oldest_age: Option<i64>,
 }
 
 impl StatusMetrics {
@@ -282,6 +286,10 @@ impl StatusMetrics {
             backlog: json["backlog_estimate"].as_i64(),
             last_run_started: time("last_run_started_at"),
             last_success: time("last_success_at"),
+            alerts_undelivered: json["alerts"]["undelivered"].as_u64(),
+            alerts_oldest_age: json["alerts"]["undelivered"]
+                .as_u64()
+                .map(|_| json["alerts"]["oldest_age_seconds"].as_i64().unwrap_or(0)),
         }
     }
 
@@ -317,6 +325,18 @@ impl StatusMetrics {
                 name: "usage_agg_status_backlog_rows",
                 help: "Rows waiting when status checked: the newest usage_requests id minus the cursor.",
                 value: b as f64,
+            });
+        }
+        if let Some(n) = self.alerts_undelivered {
+            g.push(Gauge {
+                name: "usage_agg_status_alerts_undelivered",
+                help: "Quota alerts recorded and not yet delivered to the webhook (usage-agg alerts deliver).",
+                value: n as f64,
+            });
+            g.push(Gauge {
+                name: "usage_agg_status_alerts_oldest_undelivered_age_seconds",
+                help: "How long the oldest undelivered quota alert has waited since it was reached (0 when none waits).",
+                value: self.alerts_oldest_age.unwrap_or(0) as f64,
             });
         }
         g

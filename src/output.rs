@@ -108,6 +108,7 @@ pub fn nothing_to_report(o: &Outcome) -> bool {
         && o.late.rows == 0
         && o.late.keys == 0
         && o.closed_left_alone.is_empty()
+        && o.alerts.is_empty()
 }
 
 /// That one line.
@@ -143,6 +144,7 @@ pub fn summary(style: Style, o: &Outcome, env: &str, took: Duration) -> String {
         )
     );
     s.push_str(&periods_lines(style, o));
+    s.push_str(&alerts_lines(style, o));
     if o.bad.count > 0 {
         let ids: Vec<String> = o
             .bad
@@ -436,6 +438,44 @@ fn periods_lines(style: Style, o: &Outcome) -> String {
     s
 }
 
+/// The quotas' thresholds the run's bookings reached (docs/quotas.md):
+/// recorded with the totals, or, dry, that would be.
+fn alerts_lines(style: Style, o: &Outcome) -> String {
+    let mut s = String::new();
+    if o.alerts.is_empty() {
+        return s;
+    }
+    let n = o.alerts.len() as u64;
+    let _ = writeln!(
+        s,
+        "{} Quotas: {} reached, {} (once per portal, month, threshold and limit){}",
+        style.mark(Mark::Info),
+        count(n, "threshold", "thresholds"),
+        match (o.dry_run, n) {
+            (true, 1) => "which would be recorded as an alert",
+            (true, _) => "which would be recorded as alerts",
+            (false, 1) => "recorded with the totals as an alert",
+            (false, _) => "recorded with the totals as alerts",
+        },
+        if o.dry_run {
+            ""
+        } else {
+            "; `usage-agg alerts deliver` posts them"
+        }
+    );
+    for a in o.alerts.iter().take(TABLE_CAP) {
+        let _ = writeln!(
+            s,
+            "  portal {} {}: {}% of {} requests ({} counted)",
+            a.portal_id, a.month_year, a.threshold_percent, a.request_limit, a.request_count
+        );
+    }
+    if o.alerts.len() > TABLE_CAP {
+        let _ = writeln!(s, "  ...{}", more(o.alerts.len()));
+    }
+    s
+}
+
 fn describe_mode(o: &Outcome) -> String {
     match &o.mode {
         Mode::RecomputeWithoutMigration => {
@@ -716,6 +756,8 @@ pub fn run_json(r: &RunRecord) -> serde_json::Value {
                     "stored": c.before.map(|b| b.requests), "new": c.after.requests,
                 })).collect::<Vec<_>>(),
                 "closed_months_left_alone": o.closed_left_alone.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+                "alerts_recorded": if o.dry_run { 0 } else { o.alerts.len() },
+                "alerts": o.alerts,
                 "error": null,
             });
             merge(&mut v, extra);

@@ -19,15 +19,21 @@ const LAYERS: &[(&str, &[&str])] = &[
             "pace",
             "periods",
             "progress",
+            "quota",
             "schedule",
+            "signing",
             "stdio",
         ],
     ),
-    ("transport: the PostgREST client", &["postgrest"]),
+    (
+        "transport: the PostgREST client, the alerts webhook's client",
+        &["postgrest", "webhook"],
+    ),
     (
         "database: one module per family of database calls and answers",
         &[
             "adjustments",
+            "alerts",
             "ledger",
             "booking",
             "preflight",

@@ -31,6 +31,21 @@ pub async fn run(args: AggregateArgs) -> Status {
             return status;
         }
     };
+    // --deliver-alerts: the webhook's settings are checked before the run,
+    // so a bad one counts nothing (exit 78).
+    let hook = if args.deliver_alerts {
+        match super::alerts::webhook(&args.connection) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                let started = chrono::Utc::now();
+                let status = report_error(&e, None);
+                write_metrics(&args, None, None, started, Duration::ZERO, status, None).await;
+                return status;
+            }
+        }
+    } else {
+        None
+    };
     ping.start().await;
     let started = chrono::Utc::now();
     let clock = Instant::now();
@@ -98,6 +113,26 @@ pub async fn run(args: AggregateArgs) -> Status {
             tracing::warn!("--auto-close left {m} open: {why}");
         }
     }
+    // --deliver-alerts: after the run, whatever its verdict (alerts of
+    // earlier runs wait too), once it reached the database.
+    let delivered = match (&connected, &hook, env) {
+        (Ok((_, client)), Some(hook), Some(env)) => Some(
+            super::alerts::deliver_all(client, hook, &crate::cli::Delivery::defaults(), env).await,
+        ),
+        _ => None,
+    };
+    let status = match (&delivered, &connected) {
+        (Some(Err(e)), Ok((config, _))) => {
+            let s = report_error(e, Some(config));
+            if status == Status::Ok {
+                s
+            } else {
+                status
+            }
+        }
+        (Some(Ok(d)), _) if status == Status::Ok => d.status(),
+        _ => status,
+    };
     if let (Ok(outcome), Some(env)) = (&result, env) {
         if !args.verbose && warnings.is_empty() && output::nothing_to_report(outcome) {
             text.push_str(&output::nothing_done(style, outcome, env, clock.elapsed()));
@@ -111,6 +146,9 @@ pub async fn run(args: AggregateArgs) -> Status {
         if let Some(Ok(a)) = &auto {
             text.push_str(&a.render());
         }
+    }
+    if let Some(Ok(d)) = &delivered {
+        text.push_str(&d.render());
     }
     if !human {
         for w in &warnings {
@@ -134,10 +172,11 @@ pub async fn run(args: AggregateArgs) -> Status {
             warnings: &warnings,
         },
         auto: auto.as_ref().and_then(|a| a.as_ref().ok()),
-        auto_error: match &auto {
-            Some(Err(e)) => Some(format!("{e:#}")),
+        after_error: match (&auto, &delivered) {
+            (Some(Err(e)), _) | (_, Some(Err(e))) => Some(format!("{e:#}")),
             _ => None,
         },
+        delivered: delivered.as_ref().and_then(|d| d.as_ref().ok()),
         text,
     };
     printer.report(&ran);
@@ -164,8 +203,9 @@ pub async fn run(args: AggregateArgs) -> Status {
 struct Ran<'a> {
     record: RunRecord<'a>,
     auto: Option<&'a super::close::AutoClosed>,
-    /// `--auto-close` failed after a run that succeeded.
-    auto_error: Option<String>,
+    /// `--auto-close` or `--deliver-alerts` failed after the run.
+    after_error: Option<String>,
+    delivered: Option<&'a super::alerts::Delivered>,
     text: String,
 }
 
@@ -177,10 +217,17 @@ impl serde::Serialize for Ran<'_> {
                 o.extend(extra);
             }
         }
+        if let (Some(d), Some(o)) = (self.delivered, json.as_object_mut()) {
+            o.insert(
+                "alerts_delivery".into(),
+                serde_json::to_value(d).unwrap_or_default(),
+            );
+        }
         // The outcome names why the status is what it is: a month
-        // --auto-close left open, or its failure (before, "ok" with 65).
+        // --auto-close left open, alerts not delivered, or a failure of
+        // either after the run (before, "ok" with 65).
         json["outcome"] = self.outcome().into();
-        if let Some(e) = &self.auto_error {
+        if let Some(e) = &self.after_error {
             json["error"] = e.as_str().into();
         }
         json.serialize(s)
@@ -190,12 +237,18 @@ impl serde::Serialize for Ran<'_> {
 impl Report for Ran<'_> {
     fn outcome(&self) -> &str {
         match self.record.result {
-            Ok(_) if self.auto_error.is_some() => "failed",
+            Ok(_) if self.after_error.is_some() => "failed",
             Ok(o)
                 if o.verdict() == Verdict::Ok
                     && self.auto.is_some_and(|a| !a.refused.is_empty()) =>
             {
                 "auto_close_refused"
+            }
+            Ok(o)
+                if o.verdict() == Verdict::Ok
+                    && self.delivered.is_some_and(|d| d.status() != Status::Ok) =>
+            {
+                "alerts_undelivered"
             }
             Ok(o) => o.verdict().label(),
             Err(_) => "failed",

@@ -256,6 +256,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
             "row level security",
             "grants",
             "statement timeout",
+            "alerts",
         ] {
             out.push(Check::skipped(name, "the migrations are not all applied"));
         }
@@ -367,6 +368,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         .and_then(|j| scheduled_time_limit(&j.command));
     out.push(schedule_check(schedule, config));
     out.extend(supabase_checks(store, time_limit, config).await);
+    out.push(alerts_check(store.client(), config).await);
     if facts.refused_keys > 0 {
         let standing = crate::output::Standing::of(&facts);
         out.push(Check::fail(
@@ -381,6 +383,40 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
         ));
     }
     out
+}
+
+/// The quotas' alerts (docs/quotas.md): the migration that records them,
+/// and whether any waits for delivery.
+async fn alerts_check(client: &crate::postgrest::Client, config: &crate::config::Config) -> Check {
+    match crate::alerts::status(client).await {
+        Err(e) => Check::from_error("alerts", &e, config),
+        Ok(None) => Check::fail(
+            "alerts",
+            "the quotas migration is missing: no quota can be set and no alert is recorded",
+            format!(
+                "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
+                crate::migrations::migration_defining("usage_quota_status")
+            ),
+            Status::Config,
+        ),
+        Ok(Some(a)) if a.quotas == 0 && a.alerts == 0 => {
+            Check::pass("alerts", "no quota set, so no alert fires")
+        }
+        Ok(Some(a)) if a.undelivered == 0 => Check::pass(
+            "alerts",
+            crate::commands::status::alerts_line(&a),
+        ),
+        Ok(Some(a)) => Check::fail(
+            "alerts",
+            crate::commands::status::alerts_line(&a),
+            format!(
+                "`usage-agg alerts deliver` (with {} and {} set), or `aggregate --deliver-alerts` in cron;                  `usage-agg alerts list --undelivered` shows each with its last error",
+                crate::config::ALERTS_WEBHOOK_URL,
+                crate::config::ALERTS_WEBHOOK_SECRET
+            ),
+            Status::TempFail,
+        ),
+    }
 }
 
 /// The job scheduled in the database: optional, so none (or no pg_cron)

@@ -3,9 +3,11 @@
 
 pub mod adjust;
 pub mod aggregate;
+pub mod alerts;
 pub mod close;
 pub mod doctor;
 pub mod prune;
+pub mod quota;
 pub mod reopen;
 pub mod report;
 pub mod schedule;
@@ -36,6 +38,8 @@ pub async fn run(cli: Cli) -> Status {
         Command::Adjust(args) => adjust::run(args).await,
         Command::Prune(args) => prune::run(args).await,
         Command::Schedule(args) => schedule::run(args).await,
+        Command::Quota(args) => quota::run(args).await,
+        Command::Alerts(args) => alerts::run(args).await,
     }
 }
 

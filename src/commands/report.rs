@@ -32,6 +32,9 @@ struct Line {
     /// booked in it. Summed with checked arithmetic as the adjustments are
     /// read: an overflow is refused, never shown wrapped.
     billed: i64,
+    /// The monthly limit of the portal's quota (its own, else the default
+    /// plan's; docs/quotas.md), when one applies.
+    quota_limit: Option<i64>,
 }
 
 impl From<&(Key, Totals)> for Line {
@@ -45,6 +48,7 @@ impl From<&(Key, Totals)> for Line {
             late: 0,
             manual: 0,
             billed: t.requests,
+            quota_limit: None,
         }
     }
 }
@@ -68,6 +72,12 @@ impl Line {
         Ok(())
     }
 
+    /// The month's usage (its monthly row) against the quota, in percent.
+    fn quota_percent(&self) -> Option<f64> {
+        self.quota_limit
+            .map(|l| self.request_count.unwrap_or(0) as f64 * 100.0 / l as f64)
+    }
+
     fn rate(&self) -> Option<f64> {
         let r = self.request_count.unwrap_or(0);
         (r > 0).then(|| self.success_count.unwrap_or(0) as f64 * 100.0 / r as f64)
@@ -89,6 +99,12 @@ pub async fn run(args: ReportArgs) -> Status {
         live(&RestStore::new(client.clone()), &args).await
     } else {
         adjusted(&RestStore::new(client.clone()), &args).await
+    };
+    let fetched = match fetched {
+        Ok((title, label, mut lines)) => with_quotas(&client, &mut lines)
+            .await
+            .map(|()| (title, label, lines)),
+        Err(e) => Err(e),
     };
     match fetched {
         Ok((title, label, lines)) => printer.report(&Reported {
@@ -142,8 +158,33 @@ async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, L
             late: 0,
             manual: 0,
             billed: c.request_count,
+            quota_limit: None,
         }],
     ))
+}
+
+/// Gives each line its portal's quota (its own, else the default plan's):
+/// none without the quotas migration or a quota.
+async fn with_quotas(client: &crate::postgrest::Client, lines: &mut [Line]) -> anyhow::Result<()> {
+    let quotas = match crate::alerts::quotas(client, None).await {
+        Ok(q) => q,
+        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingTable) => {
+            return Ok(())
+        }
+        Err(e) => return Err(e),
+    };
+    let default = quotas
+        .iter()
+        .find(|q| q.portal_id.is_none())
+        .map(|q| q.monthly_request_limit);
+    let own: std::collections::HashMap<i64, i64> = quotas
+        .iter()
+        .filter_map(|q| q.portal_id.map(|p| (p, q.monthly_request_limit)))
+        .collect();
+    for l in lines {
+        l.quota_limit = own.get(&l.portal_id).copied().or(default);
+    }
+    Ok(())
 }
 
 /// Adds to each line the adjustments booked in its month (a portal's
@@ -182,6 +223,7 @@ async fn with_adjustments(
                     late: 0,
                     manual: 0,
                     billed: 0,
+                    quota_limit: None,
                 });
                 lines.last_mut().expect("just pushed")
             }
@@ -272,14 +314,22 @@ fn rows_json(lines: &[Line]) -> Vec<serde_json::Value> {
     lines
         .iter()
         .map(|l| {
-            json!({
+            let mut v = json!({
                 "portal_id": l.portal_id, "month": l.month_year,
                 "requests": l.request_count.unwrap_or(0), "successes": l.success_count.unwrap_or(0),
                 "errors": l.error_count.unwrap_or(0),
                 "success_rate": l.rate().map(|r| (r * 10.0).round() / 10.0),
                 "adjustments": {"late": l.late, "manual": l.manual},
                 "billed": l.billed,
-            })
+            });
+            if let (Some(limit), Some(o)) = (l.quota_limit, v.as_object_mut()) {
+                o.insert("quota_limit".into(), json!(limit));
+                o.insert(
+                    "quota_percent".into(),
+                    json!(l.quota_percent().map(|p| (p * 10.0).round() / 10.0)),
+                );
+            }
+            v
         })
         .collect()
 }
@@ -378,11 +428,16 @@ fn render(
             // The adjustment columns only where something is adjusted; CSV
             // and JSON always carry them.
             let adjusted = lines.iter().any(|l| l.late != 0 || l.manual != 0);
-            let extra_head = if adjusted {
+            let mut extra_head = if adjusted {
                 format!("  {:>8}  {:>8}  {:>10}", "late", "manual", "billed")
             } else {
                 String::new()
             };
+            // The quota column only where a quota applies.
+            let quotas = lines.iter().any(|l| l.quota_limit.is_some());
+            if quotas {
+                extra_head.push_str(&format!("  {:>16}", "of quota"));
+            }
             let _ = writeln!(
                 s,
                 "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}",
@@ -396,7 +451,7 @@ fn render(
                 };
                 let req = l.request_count.unwrap_or(0);
                 let width = ((req as f64 / max as f64) * BAR_WIDTH as f64).round() as usize;
-                let extra = if adjusted {
+                let mut extra = if adjusted {
                     format!(
                         "  {:>8}  {:>8}  {:>10}",
                         format!("{:+}", l.late),
@@ -406,6 +461,16 @@ fn render(
                 } else {
                     String::new()
                 };
+                if quotas {
+                    extra.push_str(&format!(
+                        "  {:>16}",
+                        match (l.quota_percent(), l.quota_limit) {
+                            (Some(p), Some(limit)) =>
+                                format!("{p:.1}% of {}", super::quota::grouped(limit)),
+                            _ => "-".into(),
+                        }
+                    ));
+                }
                 let line = format!(
                     "  {key:>10}  {req:>10}  {:>10}  {:>8}{extra}  {:>7}  {}",
                     l.success_count.unwrap_or(0),
@@ -415,6 +480,13 @@ fn render(
                 );
                 // No bar and no rate leave spaces a diff would show.
                 let _ = writeln!(s, "{}", line.trim_end());
+            }
+            if quotas {
+                let _ = writeln!(
+                    s,
+                    "  of quota = requests against the portal's monthly limit (its own, else the default plan's; \
+                     `usage-agg quota show --portal P` for right now)"
+                );
             }
             if adjusted {
                 let _ = writeln!(
@@ -442,6 +514,7 @@ mod tests {
             late: 0,
             manual: 0,
             billed: r,
+            quota_limit: None,
         }
     }
 

@@ -137,6 +137,9 @@ struct Standing {
     schedule: Option<ScheduleJson>,
     #[serde(flatten)]
     periods: Option<PeriodsJson>,
+    /// The quotas' alerts not yet delivered (quotas migration): how many,
+    /// the oldest's age.
+    alerts: Option<crate::alerts::AlertsStatus>,
     /// What the text shows besides the fields.
     #[serde(skip)]
     text: String,
@@ -173,6 +176,11 @@ async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow:
         }
     } else {
         Ok(None)
+    };
+    let alerts = if installed {
+        crate::alerts::status(client).await?
+    } else {
+        None
     };
     let now = Utc::now();
     let last_success = state.last_success_at.as_deref().and_then(parse_time);
@@ -234,6 +242,9 @@ async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow:
                 f.refused_examples.join(", "),
                 standing.repair()
             );
+        }
+        if let Some(a) = alerts.as_ref().filter(|a| a.quotas > 0 || a.alerts > 0) {
+            let _ = writeln!(text, "  {:<14} {}", "Alerts:", alerts_line(a));
         }
         match &periods {
             Ok(Some(p)) => text.push_str(&render_periods(p)),
@@ -306,8 +317,29 @@ async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow:
             closable_months: p.closable,
             reopened_months: p.reopened,
         }),
+        alerts,
         text,
     })
+}
+
+/// The quotas' alerts in a line: all delivered, or how many wait and for
+/// how long (docs/quotas.md).
+pub fn alerts_line(a: &crate::alerts::AlertsStatus) -> String {
+    if a.undelivered == 0 {
+        return format!(
+            "{} recorded, all delivered ({})",
+            a.alerts,
+            crate::output::count(a.quotas, "quota", "quotas")
+        );
+    }
+    format!(
+        "{} undelivered, the oldest reached {} ago{}; `usage-agg alerts deliver` posts them",
+        a.undelivered,
+        humanize(a.oldest_age_seconds.unwrap_or(0)),
+        a.last_error
+            .as_deref()
+            .map_or(String::new(), |e| format!(" (last error: {e})"))
+    )
 }
 
 type Gathered = (

@@ -128,6 +128,7 @@ fn absorb(outcome: &mut Outcome, b: Booked, dry_run: bool) {
         .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
     outcome.late.rows += b.late_rows;
     outcome.late.keys += b.late_keys;
+    outcome.alerts.extend(b.alerts);
     if b.raced_keys > 0 {
         tracing::info!(
             keys = b.raced_keys,

@@ -181,6 +181,9 @@ pub struct Outcome {
     pub late: Late,
     /// Closed months in a rebuild's scope, left as they are.
     pub closed_left_alone: Vec<Month>,
+    /// The quotas' thresholds this run's bookings reached, recorded with
+    /// the totals (or, dry, that it would record): docs/quotas.md.
+    pub alerts: Vec<crate::alerts::Crossing>,
 }
 
 /// Keys left above their raw rows, as recorded in the database.

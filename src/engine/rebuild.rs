@@ -510,8 +510,20 @@ pub async fn run<S: Store>(
                         .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
                 }
             }
+            // The quotas' crossings of the months it wrote: a rebuild writes
+            // outside the rule book, so it records them after its writes,
+            // before the cursor moves (docs/quotas.md, "Where crossings are
+            // recorded"): a rebuild killed before then leaves its keys above
+            // the cursor, and the next run records them.
+            let months = match scope {
+                Scope::Month(m) => Some(vec![m]),
+                Scope::All => None,
+            };
             if let (Scope::All, true) = (scope, outcome.write.lost.is_empty()) {
                 failpoint::hit("before-cursor");
+                outcome
+                    .alerts
+                    .extend(store.record_crossings(None, None).await?);
                 let now = if rebase {
                     store.finish_rebase(m.horizon).await?
                 } else {
@@ -519,6 +531,10 @@ pub async fn run<S: Store>(
                 };
                 failpoint::hit("after-cursor");
                 outcome.cursor = Some((m.cursor, now));
+            } else {
+                outcome
+                    .alerts
+                    .extend(store.record_crossings(months.as_deref(), None).await?);
             }
         }
     }

@@ -198,6 +198,7 @@ pub async fn run<S: Store>(
             .extend(b.lost.iter().filter_map(|k| crate::booking::parse_key(k)));
         outcome.late.rows += b.late_rows;
         outcome.late.keys += b.late_keys;
+        outcome.alerts.extend(b.alerts);
         outcome.bad.count += b.bad;
         for id in b.bad_ids {
             if outcome.bad.examples.len() < crate::aggregation::BAD_EXAMPLES {

@@ -597,6 +597,16 @@ impl Store for MemoryStore {
         Ok(Vec::new())
     }
 
+    // Quotas are the database's (the rule book): none here.
+    async fn record_crossings(
+        &self,
+        _months: Option<&[Month]>,
+        _above: Option<i64>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        self.alive()?;
+        Ok(Vec::new())
+    }
+
     async fn periods(&self) -> anyhow::Result<Periods> {
         self.alive()?;
         Ok(Self::periods_now(&self.inner.borrow()))

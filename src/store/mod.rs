@@ -67,6 +67,8 @@ pub struct Batch {
     pub late_keys: usize,
     /// Keys whose write did not hold (`portal:month`), recorded.
     pub lost: Vec<String>,
+    /// The quotas' thresholds the batch's keys reached, recorded with it.
+    pub alerts: Vec<crate::alerts::Crossing>,
     pub done: bool,
 }
 
@@ -161,6 +163,14 @@ pub trait Store {
         dry_run: bool,
     ) -> anyhow::Result<Booked>;
     async fn restore_deleted_keys(&self) -> anyhow::Result<Vec<String>>;
+    /// Records the quotas' crossings of months a rebuild wrote (`None`:
+    /// every open month), or of keys written above a watermark, as the
+    /// rule book records a booking's.
+    async fn record_crossings(
+        &self,
+        months: Option<&[Month]>,
+        above: Option<i64>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>>;
     /// Adds a run's rejected rows to the job's tally (status, verify).
     async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()>;
     /// The closed months (docs/semantics.md, "Closed months").

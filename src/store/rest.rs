@@ -231,6 +231,14 @@ impl Store for RestStore {
         self.state_fns().restore_deleted_keys().await
     }
 
+    async fn record_crossings(
+        &self,
+        months: Option<&[Month]>,
+        above: Option<i64>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        crate::alerts::record_crossings(&self.client, months, above).await
+    }
+
     async fn periods(&self) -> anyhow::Result<Periods> {
         ledger::read(&self.client).await
     }

@@ -18,6 +18,7 @@ mod metrics;
 mod model;
 mod operator;
 mod pace;
+mod quotas;
 mod rpc;
 mod schedule;
 mod schemas;

@@ -41,6 +41,16 @@
 //!   of both engines and the procedure count every row exactly once, and
 //!   `verify` and `status` exit 0.
 //!
+//! Quotas (issue 20, docs/quotas.md): every few steps the default plan's
+//! quota changes (its limit and thresholds; from a random stream of its own,
+//! so the fixed seeds' operations are those they were). One alert per
+//! crossing: after every step, every alert was reached when it was recorded
+//! (its request_count at or above its threshold), none is recorded twice
+//! (per portal, month, threshold and limit), and a closed month gains none
+//! while it stays closed; at the end of a seed, every open month never
+//! reopened has an alert for each threshold of the current quota its usage
+//! (monthly row plus late adjustments) reached.
+//!
 //! A failure prints its seed and every step so far; `USAGE_AGG_MODEL_SEED`
 //! replays it. The fixed seeds run in the normal suite; `scripts/test
 //! --soak` (`USAGE_AGG_MODEL_MINUTES`) runs random seeds until time is up.
@@ -579,6 +589,17 @@ struct World<'a> {
     /// Whether the cluster allows PREPARE TRANSACTION (the harness's own
     /// does; an external database may not, and then none is prepared).
     prepared: bool,
+    /// The quota changes' own random stream, so that they leave the
+    /// operations of a seed as they were.
+    quota_rng: Rng,
+    /// The default plan's quota, once set: limit and thresholds.
+    quota: Option<(i64, Vec<i32>)>,
+    /// The alerts of each closed month when it closed: it gains none while
+    /// it stays closed.
+    alerts_at_close: BTreeMap<String, i64>,
+    /// Months reopened in this seed: their usage may have reached a
+    /// threshold while closed, and fires at their next booking.
+    reopened: BTreeSet<String>,
 }
 
 static GIDS: AtomicUsize = AtomicUsize::new(0);
@@ -620,6 +641,10 @@ impl<'a> World<'a> {
             promised_by: Vec::new(),
             adjust_ids: 0,
             prepared,
+            quota_rng: Rng(seed ^ 0x5155_4f54_4153),
+            quota: None,
+            alerts_at_close: BTreeMap::new(),
+            reopened: BTreeSet::new(),
         }
     }
 
@@ -681,12 +706,160 @@ impl<'a> World<'a> {
     }
 
     fn step(&mut self, i: usize) -> Result<(), String> {
+        if i % 5 == 0 && !self.plan.skip.contains("quota") {
+            self.begin(format!("{i:3} quota"));
+            self.set_quota()?;
+            self.end_step()?;
+        }
         let op = self.choose();
         self.begin(format!("{i:3} {}", op.name()));
         self.stats.steps += 1;
         *self.stats.ops.entry(op.name()).or_default() += 1;
         self.perform(op)?;
         self.end_step()
+    }
+
+    /// `quota set --default` with a limit and thresholds of the quota's own
+    /// random stream; it records what the open months already reached.
+    fn set_quota(&mut self) -> Result<(), String> {
+        let limits = [8i64, 15, 30, 60];
+        let sets: [&[i32]; 3] = [&[50, 100], &[25, 50, 100, 200], &[80, 100]];
+        let limit = limits[self.quota_rng.below(limits.len() as u64) as usize];
+        let thresholds = sets[self.quota_rng.below(sets.len() as u64) as usize].to_vec();
+        let list: Vec<String> = thresholds.iter().map(i32::to_string).collect();
+        let args: Vec<String> = [
+            "quota",
+            "set",
+            "--env",
+            "dev",
+            "--default",
+            "--limit",
+            &limit.to_string(),
+            "--thresholds",
+            &list.join(","),
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = self.command(&args, None).output().expect("run usage-agg");
+        let ran = ran_of(
+            format!(
+                "quota set --default --limit {limit} --thresholds {}",
+                list.join(",")
+            ),
+            out,
+        );
+        self.note(&ran.short());
+        if ran.status != 0 {
+            return Err(format!("quota set failed: {}", ran.detail()));
+        }
+        self.quota = Some((limit, thresholds));
+        Ok(())
+    }
+
+    /// One alert per crossing, as far as a step can tell (the module's doc).
+    fn check_alerts(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let unreached: Vec<String> = self
+            .db
+            .query(
+                "SELECT portal_id || ':' || month_year || ' ' || threshold_percent || '% of ' || request_limit
+                        || ' at ' || request_count
+                   FROM portal_usage_alerts
+                  WHERE request_count::numeric * 100 < request_limit::numeric * threshold_percent",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !unreached.is_empty() {
+            problems.push(format!(
+                "ALERT NOT REACHED: alerts recorded below their threshold: {}",
+                unreached.join("; ")
+            ));
+        }
+        let twice: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) - count(DISTINCT (portal_id, month_year, threshold_percent, request_limit))
+                   FROM portal_usage_alerts",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if twice != 0 {
+            problems.push(format!("ALERT TWICE: {twice} alerts repeat a crossing"));
+        }
+        let closed: Vec<(String, i64)> = self
+            .alerts_at_close
+            .iter()
+            .map(|(m, n)| (m.clone(), *n))
+            .collect();
+        for (m, at_close) in closed {
+            let now = self.alerts_of(&m);
+            if now != at_close {
+                problems.push(format!(
+                    "CLOSED MONTH ALERTED: {m} had {at_close} alerts when it closed, {now} now"
+                ));
+            }
+        }
+        problems
+    }
+
+    fn alerts_of(&mut self, month: &str) -> i64 {
+        self.db
+            .query_one(
+                "SELECT count(*) FROM portal_usage_alerts WHERE month_year = $1",
+                &[&month],
+            )
+            .unwrap()
+            .get(0)
+    }
+
+    /// At the end of a seed: every open month never reopened has an alert
+    /// for each threshold of the current quota its usage reached.
+    fn check_alerts_complete(&mut self) -> Result<(), String> {
+        let Some((limit, thresholds)) = self.quota.clone() else {
+            return Ok(());
+        };
+        let skip: Vec<String> = self
+            .reopened
+            .iter()
+            .chain(self.closed.keys())
+            .cloned()
+            .collect();
+        let missing: Vec<String> = self
+            .db
+            .query(
+                "WITH u AS (
+                   SELECT m.portal_id, m.month_year,
+                          m.request_count + coalesce((SELECT sum(a.request_count) FROM portal_usage_adjustments a
+                                                       WHERE a.portal_id = m.portal_id AND a.month_year = m.month_year
+                                                         AND a.source = 'late'), 0) AS n
+                     FROM portal_usage_monthly m WHERE NOT (m.month_year = ANY ($1)))
+                 SELECT u.portal_id || ':' || u.month_year || ' at ' || u.n || ' reached ' || t || '%'
+                   FROM u, unnest($3::int[]) t
+                  WHERE u.n * 100 >= $2::bigint * t
+                    AND NOT EXISTS (SELECT 1 FROM portal_usage_alerts a
+                                     WHERE a.portal_id = u.portal_id AND a.month_year = u.month_year
+                                       AND a.threshold_percent = t AND a.request_limit = $2::bigint)",
+                &[&skip, &limit, &thresholds],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ALERT MISSING: thresholds of the quota ({limit}, {thresholds:?}) reached with no alert: {}{}",
+                missing.join("; "),
+                self.dump()
+            ))
+        }
     }
 
     fn cursor(&mut self) -> Option<i64> {
@@ -1341,6 +1514,7 @@ impl<'a> World<'a> {
         if let Some(p) = self.check_usage_current(&stored, &truth) {
             problems.push(p);
         }
+        problems.extend(self.check_alerts());
         if self.mark_lost {
             self.mark_lost = false;
             for k in &keys {
@@ -1969,6 +2143,8 @@ impl<'a> World<'a> {
             ));
         }
         self.closed.insert(month.to_string(), snap);
+        let alerts = self.alerts_of(month);
+        self.alerts_at_close.insert(month.to_string(), alerts);
         Ok(())
     }
 
@@ -2086,7 +2262,10 @@ impl<'a> World<'a> {
         if ran.status != 0 || ran.outcome != expected {
             return Err(format!("unexpected reopen: {}", ran.detail()));
         }
-        self.closed.remove(month);
+        if self.closed.remove(month).is_some() {
+            self.reopened.insert(month.to_string());
+        }
+        self.alerts_at_close.remove(month);
         Ok(())
     }
 
@@ -2717,6 +2896,7 @@ impl<'a> World<'a> {
             }
         }
         self.check()?;
+        self.check_alerts_complete()?;
         self.verify()?;
         let args: Vec<String> = ["status", "--env", "dev"]
             .iter()

@@ -446,3 +446,96 @@ fn snapshot_billing_months_and_doctor() {
         78,
     );
 }
+
+/// Quotas and alerts (docs/quotas.md): the quotas set and shown, a run
+/// that records alerts, the alerts listed, delivered to a receiver on
+/// loopback, and listed again; report's use of the quota; a portal never
+/// seen.
+#[test]
+fn snapshot_quotas_and_alerts() {
+    let Some(stack) = local_stack() else {
+        return;
+    };
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 1001, '2025-06-10 09:00:00', g % 10 <> 0, '2025-06' FROM generate_series(1, 75) g;
+             INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 1002, '2025-06-11 09:00:00', true, '2025-06' FROM generate_series(1, 30) g",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(0);
+    snap("quota_show_none", Some(&stack), &["quota", "show"], 0);
+    snap(
+        "quota_set_default",
+        Some(&stack),
+        &["quota", "set", "--default", "--limit", "100"],
+        0,
+    );
+    snap(
+        "quota_set_portal_already_reached",
+        Some(&stack),
+        &[
+            "quota",
+            "set",
+            "--portal",
+            "1002",
+            "--limit",
+            "25",
+            "--thresholds",
+            "50,100",
+        ],
+        0,
+    );
+    snap(
+        "quota_set_unknown_portal",
+        Some(&stack),
+        &["quota", "set", "--portal", "4242", "--limit", "25"],
+        64,
+    );
+    snap("quota_show", Some(&stack), &["quota", "show"], 0);
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 1001, '2025-06-20 09:00:00', true, '2025-06' FROM generate_series(1, 10) g",
+        )
+        .unwrap();
+    snap("aggregate_records_alerts", Some(&stack), &["aggregate"], 0);
+    snap(
+        "quota_show_portal",
+        Some(&stack),
+        &["quota", "show", "--portal", "1001", "--month", "2025-06"],
+        0,
+    );
+    snap(
+        "report_with_quotas",
+        Some(&stack),
+        &["report", "--month", "2025-06"],
+        0,
+    );
+    snap(
+        "alerts_list_undelivered",
+        Some(&stack),
+        &["alerts", "list", "--undelivered"],
+        0,
+    );
+    let receiver = crate::quotas::Receiver::start(vec![crate::quotas::Answer::Status(500)]);
+    let mut all = vec!["alerts", "deliver", "--retry-delay", "10ms", "--env", "dev"];
+    let env = {
+        let mut e = env(Some(&stack));
+        e.push(("USAGE_AGG_ALERTS_WEBHOOK_URL".into(), receiver.url()));
+        e.push((
+            "USAGE_AGG_ALERTS_WEBHOOK_SECRET".into(),
+            crate::quotas::SECRET.into(),
+        ));
+        e
+    };
+    let run = usage_agg(&workdir(), &env, &all);
+    let text = shown(&all, &run);
+    settings().bind(|| insta::assert_snapshot!("alerts_deliver", text));
+    run.assert_status(0);
+    all.truncate(0);
+    snap("alerts_list", Some(&stack), &["alerts", "list"], 0);
+}

@@ -29,8 +29,11 @@
 --   * each written target is read back: a row that does not hold what was
 --     written (a trigger, rule or hand edit undid it) is a lost write,
 --     recorded in usage_agg_refused_keys (kind 'lost').
+--   * each threshold of its quota a booked key's open month reached is
+--     recorded in portal_usage_alerts, once per portal, month, threshold
+--     and limit (20261207130000, docs/quotas.md).
 -- Returns a summary; with p_dry_run, nothing is written and the summary
--- lists each change ("changes").
+-- lists each change ("changes") and each alert it would record ("alerts").
 CREATE OR REPLACE FUNCTION public.usage_agg_book_folded(
   p_job text, p_from bigint, p_to bigint, p_dry_run boolean DEFAULT false)
 RETURNS jsonb
@@ -48,6 +51,7 @@ DECLARE
   n_super    bigint;
   lost       jsonb;
   changes    jsonb;
+  alerts     jsonb;
 BEGIN
   IF p_from IS NULL OR p_to IS NULL OR p_to < p_from THEN
     RAISE EXCEPTION 'usage_agg_book: the range (%, %] is not a range', p_from, p_to USING ERRCODE = '22023';
@@ -165,6 +169,53 @@ BEGIN
     INTO n_keys, n_rows, n_late, late_rows, n_redo, n_super
     FROM pg_temp.usage_agg_plan;
 
+
+  -- Quotas (20261207130000, docs/quotas.md): every threshold of the
+  -- portal's quota (its own row of portal_usage_quotas, else the default
+  -- one) that the month's usage has reached, once per portal, month,
+  -- threshold and limit (the UNIQUE of portal_usage_alerts). A month's
+  -- usage is its monthly row plus its late adjustments, as usage_current
+  -- reads it. Only keys of open months booked into their monthly row: a
+  -- closed month fires nothing new. Decided here, in the transaction that
+  -- books the rows, so the alert and the totals commit together or not at
+  -- all; what is reached and not yet recorded fires (a level, not an edge),
+  -- so usage that hovers at a threshold fires it once, and a raised limit
+  -- arms the thresholds of the new one.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_crossed (
+    portal_id bigint, month_year text, threshold_percent integer, request_limit bigint,
+    request_count bigint) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_crossed;
+  IF EXISTS (SELECT 1 FROM public.portal_usage_quotas) THEN
+    INSERT INTO pg_temp.usage_agg_crossed
+    SELECT u.portal_id, u.month_year, t.pct, q.request_limit, u.n
+      FROM (SELECT p.portal_id, p.month_year,
+                   coalesce(p.tgt_c, 0) + p.dc + coalesce(x.late_n, 0) AS n
+              FROM pg_temp.usage_agg_plan p
+              LEFT JOIN LATERAL (
+                SELECT sum(a.request_count) AS late_n
+                  FROM public.portal_usage_adjustments a
+                 WHERE a.portal_id = p.portal_id AND a.month_year = p.month_year AND a.source = 'late') x ON true
+             WHERE NOT p.late AND p.dc > 0) u
+      CROSS JOIN LATERAL (
+        SELECT coalesce(own.monthly_request_limit, dflt.monthly_request_limit) AS request_limit,
+               CASE WHEN own.monthly_request_limit IS NOT NULL THEN own.thresholds_percent
+                    ELSE dflt.thresholds_percent END AS thresholds
+          FROM (SELECT 1) one
+          LEFT JOIN public.portal_usage_quotas own ON coalesce(own.portal_id, 0) = u.portal_id
+          LEFT JOIN public.portal_usage_quotas dflt ON coalesce(dflt.portal_id, 0) = 0) q
+      CROSS JOIN LATERAL unnest(q.thresholds) AS t(pct)
+     WHERE q.request_limit IS NOT NULL
+       AND u.n::numeric * 100 >= q.request_limit::numeric * t.pct
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_alerts al
+                        WHERE al.portal_id = u.portal_id AND al.month_year = u.month_year
+                          AND al.threshold_percent = t.pct AND al.request_limit = q.request_limit);
+  END IF;
+  SELECT coalesce(jsonb_agg(jsonb_build_object(
+           'portal_id', portal_id, 'month_year', month_year, 'threshold_percent', threshold_percent,
+           'request_limit', request_limit, 'request_count', request_count)
+           ORDER BY portal_id, month_year, threshold_percent), '[]')
+    INTO alerts FROM pg_temp.usage_agg_crossed;
+
   IF p_dry_run THEN
     SELECT coalesce(jsonb_agg(jsonb_build_object(
              'portal_id', portal_id, 'month_year', month_year, 'booked_month', booked,
@@ -179,7 +230,7 @@ BEGIN
       INTO changes FROM pg_temp.usage_agg_plan WHERE dc > 0;
     RETURN jsonb_build_object('from', p_from, 'to', p_to, 'rows', n_rows, 'keys', n_keys,
       'late_rows', late_rows, 'late_keys', n_late, 'raced_keys', n_redo, 'superseded_keys', n_super,
-      'lost', '[]'::jsonb, 'changes', changes);
+      'lost', '[]'::jsonb, 'changes', changes, 'alerts', alerts);
   END IF;
 
   UPDATE public.portal_usage_monthly t
@@ -232,9 +283,28 @@ BEGIN
   SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
     INTO lost FROM recorded;
 
+  -- The crossings, recorded with the totals (a key whose write was lost
+  -- records none: its usage is not what was computed). ON CONFLICT: a
+  -- concurrent booking of the key recorded it first.
+  WITH rec AS (
+    INSERT INTO public.portal_usage_alerts AS al
+           (portal_id, month_year, threshold_percent, request_limit, request_count, crossed_at)
+    SELECT c.portal_id, c.month_year, c.threshold_percent, c.request_limit, c.request_count, now()
+      FROM pg_temp.usage_agg_crossed c
+     WHERE NOT lost @> to_jsonb(c.portal_id || ':' || c.month_year)
+     ORDER BY c.portal_id, c.month_year, c.threshold_percent
+    ON CONFLICT (portal_id, month_year, threshold_percent, request_limit) DO NOTHING
+    RETURNING al.id, al.portal_id, al.month_year, al.threshold_percent, al.request_limit, al.request_count
+  )
+  SELECT coalesce(jsonb_agg(jsonb_build_object(
+           'id', id, 'portal_id', portal_id, 'month_year', month_year, 'threshold_percent', threshold_percent,
+           'request_limit', request_limit, 'request_count', request_count)
+           ORDER BY portal_id, month_year, threshold_percent), '[]')
+    INTO alerts FROM rec;
+
   RETURN jsonb_build_object('from', p_from, 'to', p_to, 'rows', n_rows, 'keys', n_keys,
     'late_rows', late_rows, 'late_keys', n_late, 'raced_keys', n_redo, 'superseded_keys', n_super,
-    'lost', lost);
+    'lost', lost, 'alerts', alerts);
 END
 $$;
 

@@ -1,0 +1,61 @@
+-- Sets a portal's quota, or the default plan's (`usage-agg quota set`),
+-- refusing bad input and a portal usage-agg has never seen.
+CREATE OR REPLACE FUNCTION public.usage_agg_set_quota(
+  p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}', p_portal_id bigint DEFAULT NULL,
+  p_by text DEFAULT NULL, p_new_portal boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  c      bigint;
+  before jsonb;
+  after  jsonb;
+BEGIN
+  IF p_portal_id IS NOT NULL AND p_portal_id < 1 THEN
+    RETURN jsonb_build_object('refused', 'bad_portal');
+  END IF;
+  IF p_limit IS NULL OR p_limit < 1 THEN
+    RETURN jsonb_build_object('refused', 'bad_limit');
+  END IF;
+  IF NOT public.usage_agg_valid_thresholds(p_thresholds) THEN
+    RETURN jsonb_build_object('refused', 'bad_thresholds');
+  END IF;
+  IF p_portal_id IS NOT NULL AND NOT coalesce(p_new_portal, false)
+     AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m WHERE m.portal_id = p_portal_id)
+     AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a WHERE a.portal_id = p_portal_id)
+     AND NOT EXISTS (SELECT 1 FROM public.usage_agg_pruned p WHERE p.portal_id = p_portal_id)
+     AND NOT EXISTS (SELECT 1 FROM public.portal_usage_quotas q WHERE q.portal_id = p_portal_id) THEN
+    SELECT coalesce(s.cursor_id, 0) INTO c FROM public.usage_aggregation_state s WHERE s.job = 'default';
+    IF NOT EXISTS (SELECT 1 FROM public.usage_requests r
+                    WHERE r.id > coalesce(c, 0) AND r.portal_id = p_portal_id) THEN
+      RETURN jsonb_build_object('refused', 'unknown_portal');
+    END IF;
+  END IF;
+  SELECT jsonb_build_object('monthly_request_limit', q.monthly_request_limit,
+                            'thresholds_percent', to_jsonb(q.thresholds_percent),
+                            'updated_at', q.updated_at, 'updated_by', q.updated_by)
+    INTO before
+    FROM public.portal_usage_quotas q WHERE coalesce(q.portal_id, 0) = coalesce(p_portal_id, 0)
+   FOR UPDATE;
+  INSERT INTO public.portal_usage_quotas AS q
+         (portal_id, monthly_request_limit, thresholds_percent, updated_at, updated_by)
+  VALUES (p_portal_id, p_limit, p_thresholds, now(), p_by)
+  ON CONFLICT ((coalesce(portal_id, 0))) DO UPDATE
+     SET monthly_request_limit = excluded.monthly_request_limit,
+         thresholds_percent = excluded.thresholds_percent,
+         updated_at = excluded.updated_at, updated_by = excluded.updated_by
+  RETURNING jsonb_build_object('portal_id', q.portal_id, 'monthly_request_limit', q.monthly_request_limit,
+                               'thresholds_percent', to_jsonb(q.thresholds_percent),
+                               'updated_at', q.updated_at, 'updated_by', q.updated_by)
+    INTO after;
+  RETURN jsonb_build_object('quota', after, 'previous', before,
+                            'alerts', public.usage_agg_record_crossings(NULL, p_portal_id));
+END
+$$;
+
+-- service_role alone: the CLI calls it over REST with the service key.
+REVOKE ALL ON FUNCTION public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_set_quota(bigint, integer[], bigint, text, boolean) TO service_role;
