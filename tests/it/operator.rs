@@ -214,7 +214,7 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
 
     let top = report(&[]);
     top.assert_status(0)
-        .assert_stdout_has("Top 10 portals by requests, 2025-07");
+        .assert_stdout_has("All 2 portals by requests, 2025-07");
     let order: Vec<&str> = top
         .stdout
         .lines()
