@@ -18,6 +18,7 @@ pub mod booking;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod exit;
 pub mod failpoint;

@@ -28,6 +28,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "database: one module per family of database calls and answers",
         &[
             "adjustments",
+            "dashboard",
             "ledger",
             "booking",
             "preflight",

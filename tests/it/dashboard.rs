@@ -1,0 +1,588 @@
+//! The dashboard's numbers (issue 21; docs/dashboard.md):
+//! `usage_portal_summary`, the app's one call for a portal's usage page.
+//! Every figure is compared with ground truth computed by SQL on a direct
+//! connection, on a scenario with a closed month, late rows booked in later
+//! months, manual adjustments, rows no run has counted yet, and months on
+//! both sides of the window's edge.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// The portal the scenario is about, and the ones around it.
+const PORTAL: i64 = 7;
+
+/// `month` moved `n` months back (written here, not with the crate's
+/// window, so the test does not share the code it checks).
+fn back(month: &str, n: i32) -> String {
+    let y: i32 = month[..4].parse().unwrap();
+    let m: i32 = month[5..].parse().unwrap();
+    let k = y * 12 + (m - 1) - n;
+    format!("{:04}-{:02}", k.div_euclid(12), k.rem_euclid(12) + 1)
+}
+
+/// The `n` months up to `last`, oldest first.
+fn window(last: &str, n: i32) -> Vec<String> {
+    (0..n).rev().map(|i| back(last, i)).collect()
+}
+
+fn usage(stack: &Stack, args: &[&str]) -> Run {
+    usage_env(stack, &[("NO_COLOR", "1")], args)
+}
+
+/// `usage-agg ARGS --env dev` with more environment.
+fn usage_env(stack: &Stack, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--env", "dev"]);
+    let mut vars = stack.env();
+    vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    usage_agg(&workdir(), &vars, &all)
+}
+
+fn insert(stack: &Stack, portal: i64, month: &str, ok: usize, err: usize, at: &str) {
+    let mut values = vec![format!("({portal}, '{at}', true, '{month}')"); ok];
+    values.extend(vec![format!("({portal}, '{at}', false, '{month}')"); err]);
+    stack
+        .sql()
+        .batch_execute(&format!(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
+            values.join(",")
+        ))
+        .unwrap();
+}
+
+fn close(stack: &Stack, month: &str) {
+    let text: String = stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_close_month('default', $1, 0, 'test')::text",
+            &[&month],
+        )
+        .unwrap()
+        .get(0);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["closed"], true, "{v}");
+}
+
+/// The months the scenario writes in, around the database's current one.
+struct Scenario {
+    now: String,
+    prev: String,
+    prev2: String,
+    /// The first month of the default (12-month) window, and the one
+    /// before it.
+    first: String,
+    before: String,
+}
+
+/// A portal's history with everything billing knows, around the current
+/// month C:
+/// - C-12, just outside the default window: 4 requests;
+/// - C-11, its first month: 3 successes and 2 errors at the month's first
+///   instant;
+/// - C-2: 8 and 2, closed; then 2 late rows (1 error) booked in C-1, and
+///   after C-1 closed, 3 more booked in C;
+/// - C-1: 5 and 1 at the month's last microsecond, closed with its late
+///   rows booked in it;
+/// - C: 6 and 3 counted, a manual adjustment of -2 (for C-1, booked in C),
+///   and 3 + 1 more rows no run has counted yet.
+///
+/// Other portals, with rows and adjustments in the same months, must not
+/// leak into portal 7's numbers (and make the all-portals view's top list
+/// and error rates: 9 and 10 tie at 25%).
+fn scenario(stack: &Stack) -> Scenario {
+    let now: String = stack
+        .sql()
+        .query_one("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM')", &[])
+        .unwrap()
+        .get(0);
+    let s = Scenario {
+        prev: back(&now, 1),
+        prev2: back(&now, 2),
+        first: back(&now, 11),
+        before: back(&now, 12),
+        now,
+    };
+    let last_instant = |m: &str| -> String {
+        stack
+            .sql()
+            .query_one(
+                "SELECT to_char(($1 || '-01')::date + interval '1 month' - interval '1 microsecond',
+                                'YYYY-MM-DD HH24:MI:SS.US')",
+                &[&m],
+            )
+            .unwrap()
+            .get(0)
+    };
+    insert(
+        stack,
+        PORTAL,
+        &s.before,
+        4,
+        0,
+        &format!("{}-15 12:00:00", s.before),
+    );
+    insert(
+        stack,
+        PORTAL,
+        &s.first,
+        3,
+        2,
+        &format!("{}-01 00:00:00", s.first),
+    );
+    insert(
+        stack,
+        PORTAL,
+        &s.prev2,
+        8,
+        2,
+        &format!("{}-10 08:00:00", s.prev2),
+    );
+    insert(stack, PORTAL, &s.prev, 5, 1, &last_instant(&s.prev));
+    insert(
+        stack,
+        PORTAL,
+        &s.now,
+        6,
+        3,
+        &format!("{}-01 00:00:00", s.now),
+    );
+    insert(stack, 8, &s.prev, 11, 0, &format!("{}-02 00:00:00", s.prev));
+    insert(stack, 8, &s.now, 40, 4, &format!("{}-02 00:00:00", s.now));
+    insert(stack, 9, &s.now, 15, 5, &format!("{}-02 00:00:00", s.now));
+    insert(stack, 10, &s.now, 3, 1, &format!("{}-02 00:00:00", s.now));
+    insert(stack, 11, &s.now, 30, 0, &format!("{}-02 00:00:00", s.now));
+    aggregate(stack, &[]).assert_status(0);
+    close(stack, &s.prev2);
+    insert(
+        stack,
+        PORTAL,
+        &s.prev2,
+        1,
+        1,
+        &format!("{}-28 23:00:00", s.prev2),
+    );
+    aggregate(stack, &[]).assert_status(0);
+    close(stack, &s.prev);
+    insert(
+        stack,
+        PORTAL,
+        &s.prev2,
+        3,
+        0,
+        &format!("{}-28 23:30:00", s.prev2),
+    );
+    insert(stack, 8, &s.prev, 2, 0, &format!("{}-28 23:30:00", s.prev));
+    aggregate(stack, &[]).assert_status(0);
+    for (portal, n, id) in [(PORTAL, "-2", "dash-1"), (8, "5", "dash-2")] {
+        usage(
+            stack,
+            &[
+                "adjust",
+                "--portal",
+                &portal.to_string(),
+                "--month",
+                &s.prev,
+                "--requests",
+                n,
+                "--reason",
+                "dashboard test",
+                "--id",
+                id,
+            ],
+        )
+        .assert_status(0);
+    }
+    // The tables are true to the raw rows before the tail arrives.
+    usage(stack, &["verify"]).assert_status(0);
+    insert(
+        stack,
+        PORTAL,
+        &s.now,
+        3,
+        1,
+        &format!("{}-03 09:00:00", s.now),
+    );
+    s
+}
+
+/// One month of a portal as billing reads it, by SQL.
+#[derive(Debug, Clone, PartialEq)]
+struct Truth {
+    month: String,
+    requests: i64,
+    successes: i64,
+    errors: i64,
+    late: i64,
+    manual: i64,
+    billed: i64,
+    closed: bool,
+    /// round(100 * errors / requests, 2) by SQL, when there are requests.
+    error_rate: Option<f64>,
+    success_rate: Option<f64>,
+}
+
+fn truth(stack: &Stack, portal: i64, months: &[String]) -> Vec<Truth> {
+    let mut db = stack.sql();
+    months
+        .iter()
+        .map(|m| {
+            let r = db
+                .query_one(
+                    "SELECT coalesce(t.request_count, 0)::bigint, coalesce(t.success_count, 0)::bigint,
+                            coalesce(t.error_count, 0)::bigint,
+                            (SELECT coalesce(sum(a.request_count), 0)::bigint FROM portal_usage_adjustments a
+                              WHERE a.portal_id = $1 AND a.booked_month = $2 AND a.source = 'late'),
+                            (SELECT coalesce(sum(a.request_count), 0)::bigint FROM portal_usage_adjustments a
+                              WHERE a.portal_id = $1 AND a.booked_month = $2 AND a.source = 'manual'),
+                            EXISTS (SELECT 1 FROM usage_agg_closed_months c WHERE c.month_year = $2 AND c.closed),
+                            CASE WHEN t.request_count > 0
+                                 THEN round(100 * t.error_count::numeric / t.request_count, 2)::float8 END,
+                            CASE WHEN t.request_count > 0
+                                 THEN round(100 * t.success_count::numeric / t.request_count, 2)::float8 END
+                       FROM (SELECT 1) one
+                       LEFT JOIN portal_usage_monthly t ON t.portal_id = $1 AND t.month_year = $2",
+                    &[&portal, m],
+                )
+                .unwrap();
+            let (requests, late, manual): (i64, i64, i64) = (r.get(0), r.get(3), r.get(4));
+            Truth {
+                month: m.clone(),
+                requests,
+                successes: r.get(1),
+                errors: r.get(2),
+                late,
+                manual,
+                billed: requests + late + manual,
+                closed: r.get(5),
+                error_rate: r.get(6),
+                success_rate: r.get(7),
+            }
+        })
+        .collect()
+}
+
+/// A portal's month right now, from its good raw rows alone: (requests,
+/// successes, errors).
+fn raw_truth(stack: &Stack, portal: i64, month: &str) -> (i64, i64, i64) {
+    let r = stack
+        .sql()
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE success), count(*) FILTER (WHERE NOT success)
+               FROM usage_requests WHERE portal_id = $1 AND month_year = $2 AND success IS NOT NULL",
+            &[&portal, &month],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+fn summary(stack: &Stack, portal: i64, months: Option<i32>) -> Value {
+    let text: String = match months {
+        Some(n) => stack
+            .sql()
+            .query_one("SELECT usage_portal_summary($1, $2)::text", &[&portal, &n])
+            .unwrap()
+            .get(0),
+        None => stack
+            .sql()
+            .query_one("SELECT usage_portal_summary($1)::text", &[&portal])
+            .unwrap()
+            .get(0),
+    };
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A summary's month as a [`Truth`], to compare whole.
+fn as_truth(m: &Value) -> Truth {
+    Truth {
+        month: m["month"].as_str().unwrap().into(),
+        requests: m["requests"].as_i64().unwrap(),
+        successes: m["successes"].as_i64().unwrap(),
+        errors: m["errors"].as_i64().unwrap(),
+        late: m["adjustments"]["late"].as_i64().unwrap(),
+        manual: m["adjustments"]["manual"].as_i64().unwrap(),
+        billed: m["billed"].as_i64().unwrap(),
+        closed: m["closed"].as_bool().unwrap(),
+        error_rate: m["error_rate"].as_f64(),
+        success_rate: m["success_rate"].as_f64(),
+    }
+}
+
+#[test]
+fn the_portal_summary_equals_the_truth_across_a_closed_month_adjustments_and_the_tail() {
+    let stack = migrated_stack();
+    let s = scenario(&stack);
+    let v = summary(&stack, PORTAL, None);
+    assert_eq!(
+        v["current"]["month"], s.now,
+        "the month changed during the test (it ran at a month's end): run it again"
+    );
+    assert_eq!(
+        (v["version"].as_i64(), v["portal_id"].as_i64()),
+        (Some(1), Some(PORTAL))
+    );
+
+    // The months: the 12 up to the current one, oldest first, every one
+    // of them, as billing reads them.
+    let months = window(&s.now, 12);
+    let got: Vec<Truth> = v["months"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(as_truth)
+        .collect();
+    let want = truth(&stack, PORTAL, &months);
+    assert_eq!(got, want);
+    assert_eq!(got[0].month, s.first);
+    // What the scenario built, by hand: C-11 first; C-2 closed, its late
+    // rows booked after it; C-1 closed with 2 late rows; C with 3 late rows
+    // and a manual -2, its tail not in the monthly row.
+    let by: BTreeMap<&str, &Truth> = got.iter().map(|t| (t.month.as_str(), t)).collect();
+    let brief = |m: &str| {
+        let t = by[m];
+        (
+            t.requests,
+            t.successes,
+            t.errors,
+            t.late,
+            t.manual,
+            t.billed,
+            t.closed,
+        )
+    };
+    assert_eq!(brief(&s.first), (5, 3, 2, 0, 0, 5, false));
+    assert_eq!(brief(&s.prev2), (10, 8, 2, 0, 0, 10, true));
+    assert_eq!(brief(&s.prev), (6, 5, 1, 2, 0, 8, true));
+    assert_eq!(brief(&s.now), (9, 6, 3, 3, -2, 10, false));
+    assert_eq!(by[s.first.as_str()].error_rate, Some(40.0));
+    assert!(!by.contains_key(s.before.as_str()));
+    assert_eq!(
+        got.iter().map(|t| t.billed).sum::<i64>(),
+        5 + 10 + 8 + 10,
+        "nothing else in the window"
+    );
+
+    // The current month right now: every good raw row of it, the tail
+    // included (the monthly row alone says 9).
+    let c = &v["current"];
+    let (n, ok, err) = raw_truth(&stack, PORTAL, &s.now);
+    assert_eq!((n, ok, err), (13, 9, 4));
+    assert_eq!(
+        (
+            c["requests"].as_i64(),
+            c["successes"].as_i64(),
+            c["errors"].as_i64()
+        ),
+        (Some(n), Some(ok), Some(err))
+    );
+    assert_eq!(c["month_start"], format!("{}-01T00:00:00.000000Z", s.now));
+    assert_eq!(
+        c["month_end"],
+        format!("{}-01T00:00:00.000000Z", back(&s.now, -1))
+    );
+    // Rates, elapsed and the projection, recomputed by SQL from what it
+    // answered (the projection is a straight line from the month's start
+    // through `as_of`).
+    let r = stack
+        .sql()
+        .query_one(
+            &format!(
+                "SELECT round(100 * {err}::numeric / {n}, 2)::float8, round(100 * {ok}::numeric / {n}, 2)::float8,
+                        round(extract(epoch FROM a - s) / extract(epoch FROM e - s), 6)::float8,
+                        round({n} * extract(epoch FROM e - s) / extract(epoch FROM a - s))::bigint,
+                        a <= now() AND a > now() - interval '1 minute'
+                   FROM (SELECT '{}'::timestamptz AS a, '{}'::timestamptz AS s, '{}'::timestamptz AS e) t",
+                v["as_of"].as_str().unwrap(),
+                c["month_start"].as_str().unwrap(),
+                c["month_end"].as_str().unwrap()
+            ),
+            &[],
+        )
+        .unwrap();
+    let (error_rate, success_rate, elapsed, projected, recent): (f64, f64, f64, i64, bool) =
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    assert_eq!(c["error_rate"].as_f64(), Some(error_rate));
+    assert_eq!(c["success_rate"].as_f64(), Some(success_rate));
+    assert_eq!(c["elapsed"].as_f64(), Some(elapsed));
+    assert_eq!(c["projected_requests"].as_i64(), Some(projected));
+    assert!(
+        projected >= n,
+        "a projection never falls below what is used"
+    );
+    assert!(recent, "as_of is the database's time now: {}", v["as_of"]);
+    assert_eq!(v["quota"], Value::Null);
+
+    // Across a year's end: 14 months always cross one.
+    let v14 = summary(&stack, PORTAL, Some(14));
+    let months14 = window(&s.now, 14);
+    let got14: Vec<Truth> = v14["months"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(as_truth)
+        .collect();
+    assert_eq!(got14, truth(&stack, PORTAL, &months14));
+    assert!(
+        months14.iter().any(|m| m.ends_with("-01")) && months14.iter().any(|m| m.ends_with("-12"))
+    );
+    assert_eq!(by_month(&got14, &s.before).requests, 4);
+    // One month: the current one alone.
+    let v1 = summary(&stack, PORTAL, Some(1));
+    assert_eq!(v1["months"].as_array().unwrap().len(), 1);
+    assert_eq!(as_truth(&v1["months"][0]), want[11]);
+    // A portal with no usage: zeros, no rates, no projection above zero.
+    let none = summary(&stack, 999, None);
+    assert!(none["months"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["billed"] == 0 && m["error_rate"].is_null()));
+    assert_eq!(
+        (
+            none["current"]["requests"].as_i64(),
+            none["current"]["error_rate"].is_null()
+        ),
+        (Some(0), true)
+    );
+}
+
+fn by_month<'a>(t: &'a [Truth], month: &str) -> &'a Truth {
+    t.iter().find(|t| t.month == month).unwrap()
+}
+
+#[test]
+fn the_portal_summary_is_service_roles_alone_and_refuses_bad_arguments() {
+    let stack = migrated_stack();
+    stack
+        .sql()
+        .batch_execute("SET ROLE service_role; SELECT usage_portal_summary(1); RESET ROLE")
+        .unwrap();
+    for role in ["anon", "authenticated"] {
+        let refused = stack
+            .sql()
+            .batch_execute(&format!("SET ROLE {role}; SELECT usage_portal_summary(1)"));
+        assert!(
+            format!("{:?}", refused.unwrap_err()).contains("permission denied"),
+            "{role}"
+        );
+    }
+    for (args, says) in [
+        ("0, 12", "the portal id must be a positive bigint"),
+        ("NULL, 12", "the portal id must be a positive bigint"),
+        ("1, 0", "p_months must be from 1 to 240"),
+        ("1, 241", "p_months must be from 1 to 240"),
+        ("1, NULL", "p_months must be from 1 to 240"),
+    ] {
+        let e = stack
+            .sql()
+            .batch_execute(&format!("SELECT usage_portal_summary({args})"))
+            .unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), "22023", "{args}");
+        assert!(db.message().contains(says), "{args}: {}", db.message());
+    }
+    // Applying the migration again changes nothing (idempotent).
+    let mut stack = stack;
+    migrate_file(&mut stack, LATEST_MIGRATION);
+    let grants: String = stack
+        .sql()
+        .query_one(
+            "SELECT array_to_string(proacl, ',') FROM pg_proc WHERE oid = 'usage_portal_summary(bigint,integer)'::regprocedure",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        grants.contains("service_role=X/")
+            && !grants.contains("anon")
+            && !grants.contains("authenticated")
+            && !grants.starts_with("=X"),
+        "{grants}"
+    );
+}
+
+#[test]
+fn the_portal_summary_passes_the_quota_on_once_quotas_exist() {
+    let stack = migrated_stack();
+    insert(&stack, 3, "2025-05", 2, 0, "2025-05-02 00:00:00");
+    aggregate(&stack, &[]).assert_status(0);
+    assert_eq!(summary(&stack, 3, None)["quota"], Value::Null);
+    // Quotas are issue 20's, built apart: a stand-in of each shape the
+    // function may have (rows, or one JSON value), made by the owner of
+    // usage-agg's functions as a migration would be.
+    stack
+        .sql()
+        .batch_execute(
+            "CREATE FUNCTION public.usage_quota_status(p_portal_id bigint, p_month text DEFAULT NULL)
+             RETURNS TABLE (used bigint, \"limit\" bigint, percent numeric, projection bigint, month text)
+             LANGUAGE sql AS $$ SELECT 80::bigint, 100::bigint, 80.0, 120::bigint, p_month $$",
+        )
+        .unwrap();
+    let v = summary(&stack, 3, None);
+    assert_eq!(
+        v["quota"],
+        serde_json::json!({"used": 80, "limit": 100, "percent": 80.0, "projection": 120, "month": v["current"]["month"]}),
+        "its answer for the current month"
+    );
+    stack
+        .sql()
+        .batch_execute(
+            "DROP FUNCTION public.usage_quota_status(bigint, text);
+             CREATE FUNCTION public.usage_quota_status(p_portal_id bigint, p_month text DEFAULT NULL)
+             RETURNS jsonb LANGUAGE sql AS $$ SELECT jsonb_build_object('used', 5, 'limit', NULL) $$",
+        )
+        .unwrap();
+    assert_eq!(
+        summary(&stack, 3, None)["quota"],
+        serde_json::json!({"used": 5, "limit": null})
+    );
+    // Made by another role, it would run with this function's rights:
+    // refused, not called.
+    stack
+        .sql()
+        .batch_execute("DROP FUNCTION public.usage_quota_status(bigint, text)")
+        .unwrap();
+    stack
+        .admin_sql()
+        .batch_execute(
+            "CREATE FUNCTION public.usage_quota_status(p_portal_id bigint, p_month text DEFAULT NULL)
+             RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$",
+        )
+        .unwrap();
+    let e = stack
+        .sql()
+        .query_one("SELECT usage_portal_summary(3)", &[])
+        .unwrap_err();
+    let db = e.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "42501");
+    assert!(
+        db.message().contains("owned by supabase_admin"),
+        "{}",
+        db.message()
+    );
+}
+
+#[test]
+fn without_the_dashboard_migration_doctor_names_it() {
+    let mut stack = Stack::new();
+    for m in MIGRATIONS.iter().filter(|m| **m != LATEST_MIGRATION) {
+        migrate_file(&mut stack, m);
+    }
+    assert!(LATEST_MIGRATION.ends_with("_usage_agg_dashboard.sql"));
+    insert(&stack, 1, "2025-05", 2, 0, "2025-05-02 00:00:00");
+    aggregate(&stack, &[]).assert_status(0);
+    let doctor = usage(&stack, &["doctor"]);
+    doctor.assert_status(78);
+    assert!(
+        doctor
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL migrations")
+                && l.contains("usage_portal_summary is missing")),
+        "{}",
+        doctor.stdout
+    );
+    doctor.assert_stdout_has("20261207140000_usage_agg_dashboard.sql");
+}
