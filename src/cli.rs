@@ -94,12 +94,16 @@ pub enum Command {
         environment_help!()
     ))]
     Status(StatusArgs),
-    /// Show usage from portal_usage_monthly: one portal by month, or the top portals of a month
+    /// Show usage from portal_usage_monthly: one portal's months as a chart, or the top portals of a month
     #[command(after_long_help = concat!(
         "Examples:
   usage-agg report --env prod                    the top portals of the newest month
-  usage-agg report --env prod --portal 12345 --months 6
-  usage-agg report --env prod --month 2025-07 --top 50 --format csv\n\n",
+  usage-agg report --env prod --portal 12345     its last 12 months as bars (successes, errors)
+  usage-agg report --env prod --portal 12345 --months 6 --month 2025-07
+  usage-agg report --env prod --month 2025-07 --top 50 --format csv
+
+Bars: UTF-8 blocks where the locale is UTF-8; plain ASCII otherwise, or with NO_COLOR set;
+none with --json or --format csv.\n\n",
         environment_help!()
     ))]
     Report(ReportArgs),
@@ -279,16 +283,17 @@ pub struct ReportArgs {
     #[command(flatten)]
     pub output: Output,
 
-    /// One portal's usage, month by month
+    /// One portal's usage, month by month: every month of the window, as a bar chart in a table
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub portal: Option<i64>,
 
-    /// How many months back (with --portal)
+    /// How many months: the window's length (with --portal)
     #[arg(long, default_value_t = 12, requires = "portal", value_parser = clap::value_parser!(u16).range(1..=240))]
     pub months: u16,
 
-    /// The month for the top portals (default: the newest month in the table)
-    #[arg(long, value_parser = month, conflicts_with = "portal")]
+    /// The top portals' month (default: the newest month in the table); with --portal, the window's last
+    /// month (default: the current month, by the database's clock)
+    #[arg(long, value_parser = month)]
     pub month: Option<Month>,
 
     /// How many portals in the top list (not with --portal)
@@ -297,7 +302,7 @@ pub struct ReportArgs {
 
     /// With --portal: its current month right now (stored totals, late adjustments and the rows no run has
     /// counted yet), exact between runs
-    #[arg(long, requires = "portal", conflicts_with = "months")]
+    #[arg(long, requires = "portal", conflicts_with_all = ["months", "month"])]
     pub live: bool,
 
     /// Output format (--json is --format json)

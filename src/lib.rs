@@ -15,6 +15,7 @@
 pub mod adjustments;
 pub mod aggregation;
 pub mod booking;
+pub mod charts;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -13,6 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "core: pure, no I/O beyond the environment",
         &[
             "aggregation",
+            "charts",
             "config",
             "failpoint",
             "migrations",

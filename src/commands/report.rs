@@ -1,17 +1,21 @@
 //! `usage-agg report`: the dashboard's view from a terminal, read from
 //! portal_usage_monthly (what billing reads), not recomputed, with the
 //! adjustments booked in each month and the billed total (the monthly row
-//! plus those adjustments: docs/semantics.md, "Closed months").
+//! plus those adjustments: docs/semantics.md, "Closed months"). One
+//! portal's months are every month of a window (zeros included), drawn as
+//! bars of successes and errors beside their numbers (`charts.rs`).
 
 use std::fmt::Write as _;
 
 use serde_json::json;
 
 use super::connect;
-use crate::aggregation::{Key, Totals};
+use crate::aggregation::{Key, Month, Totals};
+use crate::charts::BarStyle;
 use crate::cli::{ReportArgs, ReportFormat};
 use crate::exit::Status;
 use crate::output::Style;
+use crate::postgrest::Client;
 use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
@@ -91,37 +95,61 @@ pub async fn run(args: ReportArgs) -> Status {
         fetch(&RestStore::new(client.clone()), &args).await
     };
     let fetched = match fetched {
-        Ok((title, label, lines)) if !args.live => {
+        Ok(mut table) if !args.live => {
+            let lines = std::mem::take(&mut table.lines);
             with_adjustments(&RestStore::new(client.clone()), &args, lines)
                 .await
-                .map(|lines| (title, label, lines))
+                .map(|lines| {
+                    table.lines = lines;
+                    table
+                })
         }
         other => other,
     };
     match fetched {
-        Ok((title, label, lines)) => printer.report(&Reported {
+        Ok(table) => printer.report(&Reported {
             format: args.format,
             env: config.environment.upper(),
-            title,
-            label,
-            lines,
+            table,
         }),
         Err(e) => printer.fail(&e, Some(&config)),
     }
 }
 
+/// The database's current month (UTC); the local clock's where the
+/// migrations that tell it are not applied (`report` reads the tables
+/// without them).
+async fn this_month(client: &Client) -> anyhow::Result<Month> {
+    match crate::ledger::current_month(client).await {
+        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingFunction) => {
+            let now = chrono::Utc::now().format("%Y-%m").to_string();
+            Ok(Month::parse(&now).expect("the clock's month is YYYY-MM"))
+        }
+        other => other,
+    }
+}
+
+/// What a report shows: its title, what labels its rows, the rows, and a
+/// note under them.
+struct Table {
+    title: String,
+    label: Label,
+    lines: Vec<Line>,
+    note: Option<String>,
+}
+
 /// `--live`: one row, the portal's current month right now
 /// (`usage_current`).
-async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<Table> {
     let portal = args.portal.unwrap_or_default();
     let month = crate::ledger::current_month(store.client()).await?;
     let c = crate::ledger::usage_current(store.client(), portal, month).await?;
-    Ok((
-        format!(
+    Ok(Table {
+        title: format!(
             "Portal {portal}, {month} right now (stored totals, late adjustments, rows not yet counted)"
         ),
-        Label::Month,
-        vec![Line {
+        label: Label::Month,
+        lines: vec![Line {
             portal_id: portal,
             month_year: month.to_string(),
             request_count: Some(c.request_count),
@@ -131,21 +159,28 @@ async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, L
             manual: 0,
             billed: c.request_count,
         }],
-    ))
+        note: None,
+    })
 }
 
 /// Adds to each line the adjustments booked in its month (a portal's
-/// months; or, for the top list, each portal's in that month). A portal's
-/// month with adjustments but no monthly row gets a line of its own.
+/// months, every one of the window a line already; or, for the top list,
+/// each portal's in that month).
 async fn with_adjustments(
     store: &RestStore,
     args: &ReportArgs,
     mut lines: Vec<Line>,
 ) -> anyhow::Result<Vec<Line>> {
     let filters: crate::postgrest::Query = match (args.portal, lines.first()) {
-        (Some(p), _) => vec![("portal_id".into(), format!("eq.{p}"))],
+        (Some(p), Some(_)) => {
+            let months: Vec<&str> = lines.iter().map(|l| l.month_year.as_str()).collect();
+            vec![
+                ("portal_id".into(), format!("eq.{p}")),
+                ("booked_month".into(), format!("in.({})", months.join(","))),
+            ]
+        }
         (None, Some(l)) => vec![("booked_month".into(), format!("eq.{}", l.month_year))],
-        (None, None) => return Ok(lines),
+        (_, None) => return Ok(lines),
     };
     let booked = crate::adjustments::read_booked_where(store.client(), &filters, PAGE).await?;
     for b in booked {
@@ -153,62 +188,71 @@ async fn with_adjustments(
             Some(_) => l.month_year == b.booked_month,
             None => l.portal_id == b.portal_id,
         });
-        let line = match at {
-            Some(i) => &mut lines[i],
-            None if args.portal.is_some() => {
-                lines.push(Line {
-                    portal_id: b.portal_id,
-                    month_year: b.booked_month.clone(),
-                    request_count: Some(0),
-                    success_count: Some(0),
-                    error_count: Some(0),
-                    late: 0,
-                    manual: 0,
-                    billed: 0,
-                });
-                lines.last_mut().expect("just pushed")
-            }
-            None => continue,
-        };
-        line.book(&b)?;
-    }
-    if args.portal.is_some() {
-        lines.sort_by(|a, b| b.month_year.cmp(&a.month_year));
-        lines.truncate(usize::from(args.months));
+        if let Some(i) = at {
+            lines[i].book(&b)?;
+        }
     }
     Ok(lines)
 }
 
-/// The title, which column labels rows (month or portal), and the rows.
-async fn fetch(
-    store: &impl Store,
-    args: &ReportArgs,
-) -> anyhow::Result<(String, Label, Vec<Line>)> {
+/// The rows: one portal's window of months (newest first, every month),
+/// or the top portals of a month.
+async fn fetch(store: &RestStore, args: &ReportArgs) -> anyhow::Result<Table> {
     if let Some(portal) = args.portal {
-        let mut rows: Vec<(Key, Totals)> = store
+        let now = this_month(store.client()).await?;
+        let last = args.month.unwrap_or(now);
+        let window = crate::periods::window(last, args.months);
+        let rows = store
             .stored(StoredFilter::Portal(portal), false, PAGE)
-            .await?
-            .into_iter()
+            .await?;
+        let lines = window
+            .iter()
+            .rev()
+            .map(|m| {
+                let key = Key {
+                    portal_id: portal,
+                    month: *m,
+                };
+                Line::from(&(key, rows.get(&key).copied().unwrap_or_default()))
+            })
             .collect();
-        rows.sort_by_key(|(k, _)| std::cmp::Reverse(k.month));
-        rows.truncate(usize::from(args.months));
-        return Ok((
-            format!("Portal {portal}, last {} months", args.months),
-            Label::Month,
-            rows.iter().map(Line::from).collect(),
-        ));
+        let first = window.first().copied().unwrap_or(last);
+        return Ok(Table {
+            title: if first == last {
+                format!("Portal {portal}, {last}")
+            } else {
+                format!(
+                    "Portal {portal}, {first} to {last} ({} months)",
+                    window.len()
+                )
+            },
+            label: Label::Month,
+            lines,
+            // Read from the monthly rows, the current month is as the last
+            // run left it.
+            note: window.contains(&now).then(|| {
+                format!("{now} is the month so far, as of the last run (`--live`: right now)")
+            }),
+        });
     }
     let month = match args.month {
         Some(m) => m,
         None => match store.newest_month().await? {
             Some(m) => m,
-            None => return Ok(("No usage recorded yet".into(), Label::Portal, Vec::new())),
+            None => {
+                return Ok(Table {
+                    title: "No usage recorded yet".into(),
+                    label: Label::Portal,
+                    lines: Vec::new(),
+                    note: None,
+                })
+            }
         },
     };
     let rows = store.top_of_month(month, usize::from(args.top)).await?;
-    Ok((
+    Ok(Table {
         // "Top 10" of 5 portals reads as if 5 were missing.
-        if rows.len() < usize::from(args.top) {
+        title: if rows.len() < usize::from(args.top) {
             format!(
                 "All {} by requests, {month}",
                 crate::output::count(rows.len() as u64, "portal", "portals")
@@ -216,9 +260,10 @@ async fn fetch(
         } else {
             format!("Top {} portals by requests, {month}", args.top)
         },
-        Label::Portal,
-        rows.iter().map(Line::from).collect(),
-    ))
+        label: Label::Portal,
+        lines: rows.iter().map(Line::from).collect(),
+        note: None,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,18 +289,16 @@ fn rows_json(lines: &[Line]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A report's table, read: its title, what each row is, and the rows.
+/// A report's table, read, in the format asked for.
 struct Reported {
     format: ReportFormat,
     env: &'static str,
-    title: String,
-    label: Label,
-    lines: Vec<Line>,
+    table: Table,
 }
 
 impl serde::Serialize for Reported {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        json!({"title": self.title, "rows": rows_json(&self.lines)}).serialize(s)
+        json!({"title": self.table.title, "rows": rows_json(&self.table.lines)}).serialize(s)
     }
 }
 
@@ -265,25 +308,18 @@ impl Report for Reported {
     }
 
     fn render(&self, style: Style) -> String {
-        render(
-            self.format,
-            style,
-            self.env,
-            &self.title,
-            self.label,
-            &self.lines,
-        )
+        render(self.format, style, self.env, &self.table)
     }
 }
 
-fn render(
-    format: ReportFormat,
-    style: Style,
-    env: &str,
-    title: &str,
-    label: Label,
-    lines: &[Line],
-) -> String {
+fn render(format: ReportFormat, style: Style, env: &str, table: &Table) -> String {
+    let Table {
+        title,
+        label,
+        lines,
+        note,
+    } = table;
+    let label = *label;
     let mut s = String::new();
     match format {
         ReportFormat::Json => {
@@ -329,7 +365,7 @@ fn render(
                 .max()
                 .unwrap_or(0)
                 .max(1);
-            let block = if style.emoji { "█" } else { "#" };
+            let bars = BarStyle::new(style.unicode, style.color);
             let head = if label == Label::Month {
                 "month"
             } else {
@@ -343,10 +379,15 @@ fn render(
             } else {
                 String::new()
             };
+            // The bars' column is headed by what their characters mean.
             let _ = writeln!(
                 s,
-                "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}",
-                "requests", "successes", "errors", "success"
+                "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}  {}",
+                "requests",
+                "successes",
+                "errors",
+                "success",
+                crate::charts::legend(bars)
             );
             for l in lines {
                 let key = if label == Label::Month {
@@ -355,7 +396,6 @@ fn render(
                     l.portal_id.to_string()
                 };
                 let req = l.request_count.unwrap_or(0);
-                let width = ((req as f64 / max as f64) * BAR_WIDTH as f64).round() as usize;
                 let extra = if adjusted {
                     format!(
                         "  {:>8}  {:>8}  {:>10}",
@@ -371,7 +411,13 @@ fn render(
                     l.success_count.unwrap_or(0),
                     l.error_count.unwrap_or(0),
                     l.rate().map_or("-".into(), |r| format!("{r:.1}%")),
-                    block.repeat(width.max(usize::from(req > 0)))
+                    crate::charts::bar(
+                        l.success_count.unwrap_or(0),
+                        l.error_count.unwrap_or(0),
+                        max,
+                        BAR_WIDTH,
+                        bars
+                    )
                 );
                 // No bar and no rate leave spaces a diff would show.
                 let _ = writeln!(s, "{}", line.trim_end());
@@ -382,6 +428,9 @@ fn render(
                     "  billed = requests + adjustments booked in that month (late: rows of closed months counted \
                      after their close; manual: corrections)"
                 );
+            }
+            if let Some(note) = note {
+                let _ = writeln!(s, "  {note}");
             }
         }
     }
@@ -405,24 +454,27 @@ mod tests {
         }
     }
 
+    fn table(lines: &[Line]) -> Table {
+        Table {
+            title: "Portal 42".into(),
+            label: Label::Month,
+            lines: lines.to_vec(),
+            note: None,
+        }
+    }
+
     #[test]
-    fn table_bars_scale_to_the_busiest_row_and_show_the_success_rate() {
+    fn table_bars_scale_to_the_busiest_row_split_into_successes_and_errors() {
         let lines = [
             line("2025-07", 200, 190),
             line("2025-06", 100, 100),
             line("2025-05", 0, 0),
         ];
-        let out = render(
-            ReportFormat::Table,
-            Style { emoji: false },
-            "DEV",
-            "Portal 42",
-            Label::Month,
-            &lines,
-        );
+        let out = render(ReportFormat::Table, Style::plain(), "DEV", &table(&lines));
         let rows: Vec<&str> = out.lines().collect();
+        assert!(rows[1].ends_with("success  # successes  x errors"), "{out}");
         assert!(
-            rows[2].contains("95.0%") && rows[2].ends_with(&"#".repeat(30)),
+            rows[2].contains("95.0%") && rows[2].ends_with(&format!("{}{}", "#".repeat(28), "xx")),
             "{out}"
         );
         assert!(
@@ -430,32 +482,30 @@ mod tests {
             "{out}"
         );
         assert!(rows[4].trim_end().ends_with('-'), "{out}");
+        // UTF-8 blocks where the terminal reads them.
+        let style = Style {
+            unicode: true,
+            ..Style::plain()
+        };
+        let out = render(ReportFormat::Table, style, "DEV", &table(&lines));
+        assert!(
+            out.contains(&format!("{}{}", "█".repeat(28), "░░")),
+            "{out}"
+        );
+        assert!(out.contains("█ successes  ░ errors"), "{out}");
     }
 
     #[test]
-    fn csv_and_json_carry_the_same_numbers() {
+    fn csv_and_json_carry_the_same_numbers_and_no_bars() {
         let lines = [line("2025-07", 200, 190)];
-        let csv = render(
-            ReportFormat::Csv,
-            Style { emoji: false },
-            "DEV",
-            "t",
-            Label::Month,
-            &lines,
-        );
+        let csv = render(ReportFormat::Csv, Style::plain(), "DEV", &table(&lines));
         assert_eq!(
             csv.lines().nth(1),
             Some("42,2025-07,200,190,10,95.0,0,0,200")
         );
-        let json: serde_json::Value = serde_json::from_str(&render(
-            ReportFormat::Json,
-            Style { emoji: false },
-            "DEV",
-            "t",
-            Label::Month,
-            &lines,
-        ))
-        .unwrap();
+        let text = render(ReportFormat::Json, Style::plain(), "DEV", &table(&lines));
+        assert!(!text.contains('#') && !text.contains('█'), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["rows"][0]["errors"], 10);
         for field in [
             "version",

@@ -1,9 +1,10 @@
 //! The dashboard's numbers (issue 21; docs/dashboard.md):
-//! `usage_portal_summary`, the app's one call for a portal's usage page.
-//! Every figure is compared with ground truth computed by SQL on a direct
-//! connection, on a scenario with a closed month, late rows booked in later
-//! months, manual adjustments, rows no run has counted yet, and months on
-//! both sides of the window's edge.
+//! `usage_portal_summary`, the app's one call for a portal's usage page,
+//! and `report --portal`'s window of months drawn as bars. Every figure is
+//! compared with ground truth computed by SQL on a direct connection, on a
+//! scenario with a closed month, late rows booked in later months, manual
+//! adjustments, rows no run has counted yet, and months on both sides of
+//! the window's edge.
 
 use std::collections::BTreeMap;
 
@@ -446,6 +447,123 @@ fn the_portal_summary_equals_the_truth_across_a_closed_month_adjustments_and_the
         ),
         (Some(0), true)
     );
+
+    // `report --portal` shows the same window, newest first, as JSON, CSV
+    // and the table's numbers; `--live` the current month right now.
+    let run = usage(&stack, &["report", "--portal", "7", "--json"]);
+    run.assert_status(0);
+    let j: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 12);
+    for (row, t) in rows.iter().zip(want.iter().rev()) {
+        assert_eq!(
+            (
+                row["month"].as_str().unwrap(),
+                row["requests"].as_i64().unwrap(),
+                row["successes"].as_i64().unwrap(),
+                row["errors"].as_i64().unwrap(),
+                row["adjustments"]["late"].as_i64().unwrap(),
+                row["adjustments"]["manual"].as_i64().unwrap(),
+                row["billed"].as_i64().unwrap(),
+            ),
+            (
+                t.month.as_str(),
+                t.requests,
+                t.successes,
+                t.errors,
+                t.late,
+                t.manual,
+                t.billed
+            ),
+            "{row}"
+        );
+    }
+    let csv = usage(
+        &stack,
+        &[
+            "report", "--portal", "7", "--months", "14", "--format", "csv",
+        ],
+    );
+    csv.assert_status(0);
+    let lines: Vec<&str> = csv.stdout.lines().skip(1).collect();
+    assert_eq!(lines.len(), 14);
+    for (line, t) in lines
+        .iter()
+        .zip(truth(&stack, PORTAL, &months14).iter().rev())
+    {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(
+            (f[1], f[2], f[3], f[4], f[6], f[7], f[8]),
+            (
+                t.month.as_str(),
+                t.requests.to_string().as_str(),
+                t.successes.to_string().as_str(),
+                t.errors.to_string().as_str(),
+                t.late.to_string().as_str(),
+                t.manual.to_string().as_str(),
+                t.billed.to_string().as_str()
+            ),
+            "{line}"
+        );
+    }
+    let text = usage(&stack, &["report", "--portal", "7"]);
+    text.assert_status(0)
+        .assert_stdout_has(&format!("Portal 7, {} to {} (12 months)", s.first, s.now))
+        .assert_stdout_has(&format!(
+            "{} is the month so far, as of the last run",
+            s.now
+        ));
+    for t in &want {
+        let line = text
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&t.month))
+            .unwrap_or_else(|| panic!("no line for {}\n{}", t.month, text.stdout));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            &f[..7],
+            [
+                t.month.clone(),
+                t.requests.to_string(),
+                t.successes.to_string(),
+                t.errors.to_string(),
+                format!("{:+}", t.late),
+                format!("{:+}", t.manual),
+                t.billed.to_string()
+            ],
+            "{line}"
+        );
+        // A bar of successes and errors where the month has requests.
+        let bar = f.get(8).copied().unwrap_or("");
+        assert_eq!(bar.contains('#'), t.successes > 0, "{line}");
+        assert_eq!(bar.contains('x'), t.errors > 0, "{line}");
+    }
+    let live = usage(&stack, &["report", "--portal", "7", "--live", "--json"]);
+    let l: Value = serde_json::from_str(live.assert_status(0).stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            l["rows"][0]["requests"].as_i64(),
+            l["rows"][0]["errors"].as_i64()
+        ),
+        (Some(n), Some(err))
+    );
+    // A window of the past (`--month`) ends there.
+    let past = usage(
+        &stack,
+        &[
+            "report", "--portal", "7", "--month", &s.prev, "--months", "3", "--format", "csv",
+        ],
+    );
+    let months_shown: Vec<&str> = past
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        months_shown,
+        [s.prev.as_str(), s.prev2.as_str(), back(&s.now, 3).as_str()]
+    );
 }
 
 fn by_month<'a>(t: &'a [Truth], month: &str) -> &'a Truth {
@@ -585,4 +703,6 @@ fn without_the_dashboard_migration_doctor_names_it() {
         doctor.stdout
     );
     doctor.assert_stdout_has("20261207140000_usage_agg_dashboard.sql");
+    // The terminal's report reads the tables.
+    usage(&stack, &["report", "--portal", "1", "--month", "2025-05"]).assert_status(0);
 }
