@@ -23,6 +23,7 @@ pub mod dashboard;
 pub mod engine;
 pub mod exit;
 pub mod failpoint;
+pub mod html_report;
 pub mod job;
 pub mod ledger;
 pub mod metrics;

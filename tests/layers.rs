@@ -44,7 +44,16 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("engines", &["engine"]),
     (
         "application: a run, its verdict's status, its output",
-        &["cli", "exit", "job", "metrics", "output", "ping", "printer"],
+        &[
+            "cli",
+            "exit",
+            "html_report",
+            "job",
+            "metrics",
+            "output",
+            "ping",
+            "printer",
+        ],
     ),
     ("commands", &["commands"]),
     ("entry", &["main", "lib"]),

@@ -3,9 +3,12 @@
 //! adjustments booked in each month and the billed total (the monthly row
 //! plus those adjustments: docs/semantics.md, "Closed months"). One
 //! portal's months are every month of a window (zeros included), drawn as
-//! bars of successes and errors beside their numbers (`charts.rs`).
+//! bars of successes and errors beside their numbers (`charts.rs`);
+//! `--html` writes the dashboard's pictures to one file
+//! (`html_report.rs`, docs/dashboard.md).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use serde_json::json;
 
@@ -13,8 +16,10 @@ use super::connect;
 use crate::aggregation::{Key, Month, Totals};
 use crate::charts::BarStyle;
 use crate::cli::{ReportArgs, ReportFormat};
+use crate::config::Config;
 use crate::exit::Status;
 use crate::output::Style;
+use crate::periods::Refusal;
 use crate::postgrest::Client;
 use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
@@ -84,11 +89,36 @@ const BAR_WIDTH: usize = 30;
 
 pub async fn run(args: ReportArgs) -> Status {
     let printer = Printer::new("report", &args.output).json_if(args.format == ReportFormat::Json);
+    if let Some(path) = &args.html {
+        // Refused before anything is read: the HTML page of one portal is
+        // the app's (usage_portal_summary: the months up to now), and a
+        // file is replaced only when asked.
+        if args.portal.is_some() && args.month.is_some() {
+            return printer.fail(
+                &Refusal(
+                    "with --html, a portal's page shows the months up to the current one, as the app's \
+                     usage_portal_summary does: leave out --month (the terminal's `report --portal` takes it)"
+                        .into(),
+                )
+                .into(),
+                None,
+            );
+        }
+        if !args.force && path.symlink_metadata().is_ok() {
+            return printer.fail(&exists(path).into(), None);
+        }
+    }
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
         Err(e) => return printer.fail(&e, None),
     };
     let printer = printer.against(&config);
+    if let Some(path) = &args.html {
+        return match html(&args, path, &config, &client).await {
+            Ok(written) => printer.report(&written),
+            Err(e) => printer.fail(&e, Some(&config)),
+        };
+    }
     let fetched = if args.live {
         live(&RestStore::new(client.clone()), &args).await
     } else {
@@ -127,6 +157,13 @@ async fn this_month(client: &Client) -> anyhow::Result<Month> {
         }
         other => other,
     }
+}
+
+fn exists(path: &Path) -> Refusal {
+    Refusal(format!(
+        "{} exists: the HTML report replaces a file only with --force (or name another file)",
+        path.display()
+    ))
 }
 
 /// What a report shows: its title, what labels its rows, the rows, and a
@@ -435,6 +472,106 @@ fn render(format: ReportFormat, style: Style, env: &str, table: &Table) -> Strin
         }
     }
     s
+}
+
+/// `--html`: the page of one portal (`usage_portal_summary`, what the
+/// app's usage page reads) or of every portal, written atomically.
+async fn html(
+    args: &ReportArgs,
+    path: &Path,
+    config: &Config,
+    client: &Client,
+) -> anyhow::Result<Written> {
+    let meta = crate::html_report::Meta {
+        environment: config.environment.upper().to_string(),
+        as_of: chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let (page, view, portal, months) = if let Some(portal) = args.portal {
+        let summary = crate::dashboard::portal_summary(client, portal, args.months).await?;
+        let months: Vec<String> = summary.months.iter().map(|m| m.month.clone()).collect();
+        (
+            crate::html_report::portal_page(&summary, &meta),
+            "portal",
+            Some(portal),
+            months,
+        )
+    } else {
+        let store = RestStore::new(client.clone());
+        let last = match args.month {
+            Some(m) => m,
+            None => match store.newest_month().await? {
+                Some(m) => m,
+                None => this_month(client).await?,
+            },
+        };
+        let window = crate::periods::window(last, args.months);
+        let overview =
+            crate::dashboard::overview(client, &window, usize::from(args.top), PAGE).await?;
+        (
+            crate::html_report::overview_page(&overview, &meta),
+            "all_portals",
+            None,
+            window.iter().map(ToString::to_string).collect(),
+        )
+    };
+    let existing = if args.force {
+        crate::stdio::Existing::Replace
+    } else {
+        crate::stdio::Existing::Keep
+    };
+    crate::stdio::write_file_atomically(path, &page.html, existing).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            exists(path)
+        } else {
+            Refusal(format!(
+                "could not write the HTML report to {}: {e} (name a file in a directory you can write)",
+                path.display()
+            ))
+        }
+    })?;
+    Ok(Written {
+        file: path.display().to_string(),
+        view,
+        portal_id: portal,
+        from: months.first().cloned().unwrap_or_default(),
+        to: months.last().cloned().unwrap_or_default(),
+        title: page.title,
+        charts: page.charts,
+        bytes: page.html.len(),
+    })
+}
+
+/// What `--html` wrote.
+#[derive(serde::Serialize)]
+struct Written {
+    file: String,
+    /// `portal` or `all_portals`.
+    view: &'static str,
+    portal_id: Option<i64>,
+    from: String,
+    to: String,
+    title: String,
+    charts: Vec<&'static str>,
+    bytes: usize,
+}
+
+impl Report for Written {
+    fn outcome(&self) -> &str {
+        "ok"
+    }
+
+    fn render(&self, _style: Style) -> String {
+        format!(
+            "Wrote {}: {} ({} charts, each with its table; {} kB, viewed without any network)\n",
+            self.file,
+            self.title,
+            self.charts.len(),
+            self.bytes.div_ceil(1024)
+        )
+    }
 }
 
 #[cfg(test)]

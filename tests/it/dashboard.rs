@@ -1,10 +1,10 @@
-//! The dashboard's numbers (issue 21; docs/dashboard.md):
-//! `usage_portal_summary`, the app's one call for a portal's usage page,
-//! and `report --portal`'s window of months drawn as bars. Every figure is
-//! compared with ground truth computed by SQL on a direct connection, on a
-//! scenario with a closed month, late rows booked in later months, manual
-//! adjustments, rows no run has counted yet, and months on both sides of
-//! the window's edge.
+//! The dashboard's numbers and pictures (issue 21; docs/dashboard.md):
+//! `usage_portal_summary`, the app's one call; `report --portal`'s window
+//! of months drawn as bars; `report --html`, checked as a file. Every
+//! figure is compared with ground truth computed by SQL on a direct
+//! connection, on a scenario with a closed month, late rows booked in later
+//! months, manual adjustments, rows no run has counted yet, and months on
+//! both sides of the window's edge.
 
 use std::collections::BTreeMap;
 
@@ -682,8 +682,319 @@ fn the_portal_summary_passes_the_quota_on_once_quotas_exist() {
     );
 }
 
+/// `usage-agg ARGS --env dev` in `dir` (where `--html` writes).
+fn usage_in(stack: &Stack, dir: &std::path::Path, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--env", "dev"]);
+    let mut vars = stack.env();
+    vars.push(("NO_COLOR".into(), "1".into()));
+    usage_agg(dir, &vars, &all)
+}
+
+/// The body rows of the table `table-ID` of an HTML report, each cell's
+/// text (tags dropped, entities read).
+fn html_table(html: &str, id: &str) -> Vec<Vec<String>> {
+    let start = html
+        .find(&format!("<table id=\"table-{id}\""))
+        .unwrap_or_else(|| panic!("no table {id}"));
+    let end = start + html[start..].find("</table>").unwrap();
+    let body = &html[start..end];
+    let body = &body[body.find("<tbody>").unwrap()..];
+    body.split("<tr>")
+        .skip(1)
+        .map(|row| {
+            let row = &row[..row.find("</tr>").unwrap()];
+            // Each cell: `<th ...>text</th>` or `<td ...>text</td>`.
+            row.split("</t")
+                .filter_map(|piece| {
+                    let open = piece.rfind("<t")?;
+                    let text = &piece[open..];
+                    Some(text[text.find('>')? + 1..].to_string())
+                })
+                .map(|c| {
+                    c.replace("&lt;", "<")
+                        .replace("&gt;", ">")
+                        .replace("&quot;", "\"")
+                        .replace("&#39;", "'")
+                        .replace("&amp;", "&")
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A number as the HTML report's tables write it: 1,234; +3; 25.00%.
+fn number(cell: &str) -> f64 {
+    cell.replace([',', '+', '%'], "")
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {cell:?}"))
+}
+
+/// One month of every portal as billing reads it, by SQL: portals,
+/// requests, successes, errors, late, manual, billed.
+fn all_portals_truth(stack: &Stack, month: &str) -> [i64; 7] {
+    let r = stack
+        .sql()
+        .query_one(
+            "SELECT (SELECT count(*) FROM portal_usage_monthly WHERE month_year = $1),
+                    (SELECT coalesce(sum(request_count), 0)::bigint FROM portal_usage_monthly WHERE month_year = $1),
+                    (SELECT coalesce(sum(success_count), 0)::bigint FROM portal_usage_monthly WHERE month_year = $1),
+                    (SELECT coalesce(sum(error_count), 0)::bigint FROM portal_usage_monthly WHERE month_year = $1),
+                    (SELECT coalesce(sum(request_count), 0)::bigint FROM portal_usage_adjustments
+                      WHERE booked_month = $1 AND source = 'late'),
+                    (SELECT coalesce(sum(request_count), 0)::bigint FROM portal_usage_adjustments
+                      WHERE booked_month = $1 AND source = 'manual')",
+            &[&month],
+        )
+        .unwrap();
+    let (late, manual, requests): (i64, i64, i64) = (r.get(4), r.get(5), r.get(1));
+    [
+        r.get(0),
+        requests,
+        r.get(2),
+        r.get(3),
+        late,
+        manual,
+        requests + late + manual,
+    ]
+}
+
+/// The month's portals as the top list and the error rates rank them, by
+/// SQL: (portal, requests, successes, errors, late, manual, billed).
+fn ranked_truth(stack: &Stack, month: &str, order: &str) -> Vec<[i64; 7]> {
+    stack
+        .sql()
+        .query(
+            &format!(
+                "SELECT m.portal_id, m.request_count::bigint, m.success_count::bigint, m.error_count::bigint,
+                        (SELECT coalesce(sum(a.request_count), 0)::bigint FROM portal_usage_adjustments a
+                          WHERE a.portal_id = m.portal_id AND a.booked_month = $1 AND a.source = 'late'),
+                        (SELECT coalesce(sum(a.request_count), 0)::bigint FROM portal_usage_adjustments a
+                          WHERE a.portal_id = m.portal_id AND a.booked_month = $1 AND a.source = 'manual')
+                   FROM portal_usage_monthly m WHERE m.month_year = $1 {order} LIMIT 10"
+            ),
+            &[&month],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (req, late, manual): (i64, i64, i64) = (r.get(1), r.get(4), r.get(5));
+            [r.get(0), req, r.get(2), r.get(3), late, manual, req + late + manual]
+        })
+        .collect()
+}
+
+const TOP_ORDER: &str = "ORDER BY m.request_count DESC, m.portal_id";
+const RATE_ORDER: &str = "AND m.error_count > 0 AND m.request_count > 0
+     ORDER BY m.error_count::numeric / m.request_count DESC, m.error_count DESC, m.portal_id";
+
+/// Checks every number of a portal page's tables against SQL.
+fn check_portal_page(stack: &Stack, html: &str, s: &Scenario) {
+    let want = truth(stack, PORTAL, &window(&s.now, 12));
+    let trend = html_table(html, "trend");
+    assert_eq!(trend.len(), 12);
+    for (row, t) in trend.iter().zip(&want) {
+        assert_eq!(row[0], t.month);
+        let n: Vec<f64> = [1, 2, 3, 5, 6, 7]
+            .iter()
+            .map(|i| number(&row[*i]))
+            .collect();
+        assert_eq!(
+            n,
+            [
+                t.requests,
+                t.successes,
+                t.errors,
+                t.late,
+                t.manual,
+                t.billed
+            ]
+            .map(|v| v as f64),
+            "{row:?}"
+        );
+        assert_eq!(row[4] == "–", t.error_rate.is_none(), "{row:?}");
+        if let Some(r) = t.error_rate {
+            assert_eq!(number(&row[4]), r, "{row:?}");
+        }
+        assert_eq!(row[8], if t.closed { "closed" } else { "open" });
+    }
+    let rates = html_table(html, "error-rate");
+    for (row, t) in rates.iter().zip(&want) {
+        assert_eq!(
+            (row[0].as_str(), number(&row[2]), number(&row[3])),
+            (t.month.as_str(), t.errors as f64, t.requests as f64)
+        );
+        if let Some(r) = t.error_rate {
+            assert_eq!(number(&row[1]), r, "{row:?}");
+        }
+    }
+    let (n, ok, err) = raw_truth(stack, PORTAL, &s.now);
+    let current: BTreeMap<String, String> = html_table(html, "current")
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+    assert_eq!(number(&current["Requests so far"]), n as f64);
+    assert_eq!(number(&current["Successes"]), ok as f64);
+    assert_eq!(number(&current["Errors"]), err as f64);
+    let projected = number(&current["Projected by the month's end"]);
+    assert!(projected >= n as f64, "{current:?}");
+}
+
+/// Checks every number of the all-portals page's tables against SQL.
+fn check_overview_page(stack: &Stack, html: &str, s: &Scenario) {
+    let totals = html_table(html, "totals");
+    let months = window(&s.now, 12);
+    assert_eq!(totals.len(), 12);
+    for (row, m) in totals.iter().zip(&months) {
+        assert_eq!(&row[0], m);
+        let t = all_portals_truth(stack, m);
+        let got: Vec<i64> = [1, 2, 3, 4, 6, 7, 8]
+            .iter()
+            .map(|i| number(&row[*i]) as i64)
+            .collect();
+        assert_eq!(got, t, "{row:?}");
+    }
+    for (id, order) in [("top", TOP_ORDER), ("error-rates", RATE_ORDER)] {
+        let rows = html_table(html, id);
+        let want = ranked_truth(stack, &s.now, order);
+        assert!(!want.is_empty());
+        assert_eq!(rows.len(), want.len(), "{id}");
+        for (row, w) in rows.iter().zip(&want) {
+            if id == "top" {
+                let got: Vec<i64> = [0, 1, 2, 3, 5, 6, 7]
+                    .iter()
+                    .map(|i| number(&row[*i]) as i64)
+                    .collect();
+                assert_eq!(got, w, "{id}: {row:?}");
+            } else {
+                assert_eq!(
+                    (
+                        number(&row[0]) as i64,
+                        number(&row[2]) as i64,
+                        number(&row[3]) as i64
+                    ),
+                    (w[0], w[3], w[1]),
+                    "{id}: {row:?}"
+                );
+            }
+        }
+    }
+    // 7 (3 of 9) first; 9 (5 of 20) and 10 (1 of 4) tie at 25%: more
+    // errors first; then 8 (4 of 44); 11 has none.
+    let order: Vec<String> = html_table(html, "error-rates")
+        .iter()
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(order, ["7", "9", "10", "8"]);
+}
+
 #[test]
-fn without_the_dashboard_migration_doctor_names_it() {
+fn the_html_report_equals_the_truth_and_is_written_atomically_and_replaced_only_with_force() {
+    let stack = migrated_stack();
+    let s = scenario(&stack);
+    let dir = workdir();
+
+    let run = usage_in(
+        &stack,
+        &dir,
+        &["report", "--portal", "7", "--html", "portal.html"],
+    );
+    run.assert_status(0).assert_stdout_has(&format!(
+        "Wrote portal.html: Portal 7 usage, {} to {} (3 charts",
+        s.first, s.now
+    ));
+    let html = std::fs::read_to_string(dir.join("portal.html")).unwrap();
+    check_portal_page(&stack, &html, &s);
+
+    let run = usage_in(
+        &stack,
+        &dir,
+        &["report", "--html", "all.html", "--month", &s.now, "--json"],
+    );
+    run.assert_status(0);
+    let v: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            v["view"].as_str(),
+            v["file"].as_str(),
+            v["from"].as_str(),
+            v["to"].as_str()
+        ),
+        (
+            Some("all_portals"),
+            Some("all.html"),
+            Some(s.first.as_str()),
+            Some(s.now.as_str())
+        )
+    );
+    assert_eq!(
+        v["charts"],
+        serde_json::json!(["totals", "top", "error-rates"])
+    );
+    let all = std::fs::read_to_string(dir.join("all.html")).unwrap();
+    assert_eq!(v["bytes"].as_u64(), Some(all.len() as u64));
+    check_overview_page(&stack, &all, &s);
+    // Without --month: the newest month in the table, the current one.
+    usage_in(&stack, &dir, &["report", "--html", "newest.html"]).assert_status(0);
+    check_overview_page(
+        &stack,
+        &std::fs::read_to_string(dir.join("newest.html")).unwrap(),
+        &s,
+    );
+
+    // An existing file is kept unless --force: refused (64) before any
+    // request, and again if it appears during the run (the write links
+    // the new file to the name, which fails if the name is taken).
+    std::fs::write(dir.join("mine.html"), "a file of mine").unwrap();
+    usage_in(
+        &stack,
+        &dir,
+        &["report", "--portal", "7", "--html", "mine.html"],
+    )
+    .assert_status(64)
+    .assert_stderr_has("mine.html exists: the HTML report replaces a file only with --force");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("mine.html")).unwrap(),
+        "a file of mine"
+    );
+    usage_in(
+        &stack,
+        &dir,
+        &["report", "--portal", "7", "--html", "mine.html", "--force"],
+    )
+    .assert_status(0);
+    assert!(std::fs::read_to_string(dir.join("mine.html"))
+        .unwrap()
+        .starts_with("<!DOCTYPE html>"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["all.html", "mine.html", "newest.html", "portal.html"],
+        "no temporary file left"
+    );
+
+    // Refused before anything is read.
+    usage_in(
+        &stack,
+        &dir,
+        &[
+            "report", "--portal", "7", "--month", &s.prev, "--html", "x.html",
+        ],
+    )
+    .assert_status(64)
+    .assert_stderr_has("leave out --month");
+    usage_in(&stack, &dir, &["report", "--html", "missing/x.html"])
+        .assert_status(64)
+        .assert_stderr_has("could not write the HTML report to missing/x.html");
+    assert!(!dir.join("x.html").exists());
+}
+
+#[test]
+fn without_the_dashboard_migration_doctor_and_the_portal_page_name_it() {
     let mut stack = Stack::new();
     for m in MIGRATIONS.iter().filter(|m| **m != LATEST_MIGRATION) {
         migrate_file(&mut stack, m);
@@ -703,6 +1014,15 @@ fn without_the_dashboard_migration_doctor_names_it() {
         doctor.stdout
     );
     doctor.assert_stdout_has("20261207140000_usage_agg_dashboard.sql");
-    // The terminal's report reads the tables.
+    let dir = workdir();
+    usage_in(
+        &stack,
+        &dir,
+        &["report", "--portal", "1", "--html", "p.html"],
+    )
+    .assert_status(78)
+    .assert_stderr_has("usage_portal_summary");
+    // The terminal's report and the all-portals page read the tables.
+    usage_in(&stack, &dir, &["report", "--html", "all.html"]).assert_status(0);
     usage(&stack, &["report", "--portal", "1", "--month", "2025-05"]).assert_status(0);
 }
