@@ -1,10 +1,10 @@
 //! The dashboard's numbers and pictures (issue 21; docs/dashboard.md):
 //! `usage_portal_summary`, the app's one call; `report --portal`'s window
-//! of months drawn as bars; `report --html`, checked as a file. Every
-//! figure is compared with ground truth computed by SQL on a direct
-//! connection, on a scenario with a closed month, late rows booked in later
-//! months, manual adjustments, rows no run has counted yet, and months on
-//! both sides of the window's edge.
+//! of months drawn as bars; `report --html`, checked as a file here and in
+//! a real browser (`browser_*`). Every figure is compared with ground truth
+//! computed by SQL on a direct connection, on a scenario with a closed
+//! month, late rows booked in later months, manual adjustments, rows no
+//! run has counted yet, and months on both sides of the window's edge.
 
 use std::collections::BTreeMap;
 
@@ -1025,4 +1025,402 @@ fn without_the_dashboard_migration_doctor_and_the_portal_page_name_it() {
     // The terminal's report and the all-portals page read the tables.
     usage_in(&stack, &dir, &["report", "--html", "all.html"]).assert_status(0);
     usage(&stack, &["report", "--portal", "1", "--month", "2025-05"]).assert_status(0);
+}
+
+/// A stand-in for issue 20's quota function: the portal's usage right
+/// now against a limit of [`QUOTA_LIMIT`], no projection of its own (the
+/// page then draws usage_portal_summary's).
+const QUOTA_STAND_IN: &str = "CREATE FUNCTION public.usage_quota_status(p_portal_id bigint, p_month text DEFAULT NULL)
+     RETURNS TABLE (used bigint, \"limit\" bigint, percent numeric, projection bigint)
+     LANGUAGE sql AS $$ SELECT c.request_count, 50::bigint, round(100 * c.request_count / 50.0, 2), NULL::bigint
+                          FROM public.usage_current(p_portal_id, p_month) c $$";
+const QUOTA_LIMIT: i64 = 50;
+
+/// What the browser test reads of a page, through the DOM as rendered:
+/// every chart's title, axis titles, labels and bars (their rendered
+/// boxes, in CSS pixels), its table, and the page's background colour.
+const READ_DOM: &str = r#"(() => {
+  const text = (root, sel) => [...root.querySelectorAll(sel)].map(e => e.textContent);
+  const charts = [...document.querySelectorAll('svg.chart')].map(svg => {
+    const id = svg.id.replace(/^chart-/, '');
+    const section = document.getElementById('section-' + id);
+    const table = document.getElementById('table-' + id);
+    const box = section.getBoundingClientRect();
+    return {
+      id,
+      title: svg.querySelector('title').textContent,
+      heading: section.querySelector('h2').textContent,
+      categoryTitle: text(svg, '.axis-title.category'),
+      valueTitle: text(svg, '.axis-title.value'),
+      categories: text(svg, '.tick.category'),
+      ticks: text(svg, '.tick.value'),
+      bars: [...svg.querySelectorAll('rect.bar')].map(b => {
+        const r = b.getBoundingClientRect();
+        return {category: b.dataset.category, series: b.dataset.series, x: r.x, width: r.width,
+                height: r.height, fill: getComputedStyle(b).fill};
+      }),
+      marker: svg.querySelector('.marker')
+        ? {label: svg.querySelector('.marker-label').textContent,
+           x: svg.querySelector('.marker-line').getBoundingClientRect().x}
+        : null,
+      caption: table.querySelector('caption').textContent,
+      head: text(table, 'thead th'),
+      rows: [...table.querySelectorAll('tbody tr')].map(tr => [...tr.children].map(c => c.textContent)),
+      box: {x: box.x + window.scrollX, y: box.y + window.scrollY, width: box.width, height: box.height},
+    };
+  });
+  return {title: document.title, asOf: document.querySelector('header time').dateTime,
+          background: getComputedStyle(document.body).backgroundColor, charts};
+})()"#;
+
+/// Every bar of `chart` is one of `want` (category, series, value) and
+/// its rendered length (height for columns, width for bars) is its value
+/// times one scale, to a twentieth of a pixel; every category is labelled.
+fn check_bars(chart: &Value, want: &[(String, &str, f64)], horizontal: bool) -> f64 {
+    let id = chart["id"].as_str().unwrap();
+    let bars = chart["bars"].as_array().unwrap();
+    let length = |b: &Value| {
+        b[if horizontal { "width" } else { "height" }]
+            .as_f64()
+            .unwrap()
+    };
+    let found: Vec<(&Value, f64)> = want
+        .iter()
+        .map(|(c, series, v)| {
+            let b = bars
+                .iter()
+                .find(|b| b["category"] == c.as_str() && b["series"] == *series)
+                .unwrap_or_else(|| panic!("{id}: no bar for {c} {series}: {bars:?}"));
+            (b, *v)
+        })
+        .collect();
+    assert_eq!(
+        bars.len(),
+        want.len(),
+        "{id}: bars beyond the truth's: {bars:?}"
+    );
+    let (top, top_value) = found
+        .iter()
+        .map(|(b, v)| (length(b), *v))
+        .fold((0.0, 0.0), |a, x| if x.1 > a.1 { x } else { a });
+    assert!(
+        top_value > 0.0 && top > 50.0,
+        "{id}: the longest bar is {top} px"
+    );
+    let scale = top / top_value;
+    for ((c, series, v), (b, _)) in want.iter().zip(&found) {
+        let got = length(b);
+        assert!(
+            (got - v * scale).abs() <= 0.05,
+            "{id}: {c} {series} is {got} px for {v}, {} at the chart's scale",
+            v * scale
+        );
+    }
+    let labels = chart["categories"].as_array().unwrap();
+    for (c, _, _) in want {
+        assert!(
+            labels.iter().any(|l| l == c.as_str()),
+            "{id}: no label {c}: {labels:?}"
+        );
+    }
+    for key in ["title", "heading", "caption"] {
+        assert!(
+            !chart[key].as_str().unwrap().trim().is_empty(),
+            "{id}: {key}"
+        );
+    }
+    assert_eq!(chart["title"], chart["heading"], "{id}");
+    for key in ["categoryTitle", "valueTitle"] {
+        let t = chart[key].as_array().unwrap();
+        assert!(
+            t.len() == 1 && !t[0].as_str().unwrap().is_empty(),
+            "{id}: {key} {t:?}"
+        );
+    }
+    assert!(
+        chart["ticks"].as_array().unwrap().len() >= 2,
+        "{id}: value ticks"
+    );
+    assert!(
+        !chart["rows"].as_array().unwrap().is_empty(),
+        "{id}: table rows"
+    );
+    scale
+}
+
+/// The page read nothing and said nothing: every request is the page's
+/// own file, and no console message, exception or log entry of level
+/// warning or error.
+fn check_quiet(b: &stack::browser::Browser, session: &str, url: &str) {
+    let requests: Vec<String> = b
+        .events_of(session, "Network.requestWillBeSent")
+        .iter()
+        .map(|e| {
+            e["params"]["request"]["url"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        !requests.is_empty(),
+        "the browser's network events were not seen"
+    );
+    assert!(
+        requests.iter().all(|u| u == url),
+        "network requests: {requests:?}"
+    );
+    for method in [
+        "Runtime.consoleAPICalled",
+        "Runtime.exceptionThrown",
+        "Network.webSocketCreated",
+    ] {
+        let e = b.events_of(session, method);
+        assert!(e.is_empty(), "{method}: {e:?}");
+    }
+    let log: Vec<Value> = b
+        .events_of(session, "Log.entryAdded")
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e["params"]["entry"]["level"].as_str(),
+                Some("error" | "warning")
+            )
+        })
+        .collect();
+    assert!(log.is_empty(), "console: {log:?}");
+}
+
+/// The HTML report in a real browser (Debian's chromium, headless; see
+/// tests/stack/src/browser.rs): both pages load with no console error and
+/// no request beyond the file itself, every bar's rendered length is
+/// proportional to the truth's value, every label and axis title is
+/// there, and each chart is saved as a PNG in the light and the dark
+/// scheme under target/tmp/browser/html_report/ for a person to look at.
+#[test]
+fn browser_renders_the_html_report_offline_with_bars_proportional_to_the_truth() {
+    let started = std::time::Instant::now();
+    let stack = migrated_stack();
+    let s = scenario(&stack);
+    let dir = workdir();
+    usage_in(
+        &stack,
+        &dir,
+        &["report", "--portal", "7", "--html", "portal.html"],
+    )
+    .assert_status(0);
+    usage_in(&stack, &dir, &["report", "--html", "all.html"]).assert_status(0);
+    // Once quotas exist (issue 20's function, a stand-in here), the month
+    // to date is drawn against the portal's limit.
+    stack.sql().batch_execute(QUOTA_STAND_IN).unwrap();
+    usage_in(
+        &stack,
+        &dir,
+        &["report", "--portal", "7", "--html", "portal-quota.html"],
+    )
+    .assert_status(0);
+    let setup = started.elapsed();
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser/html_report");
+    let _ = std::fs::remove_dir_all(&shots);
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let mut b = stack::browser::Browser::launch(&dir);
+    let browser_up = started.elapsed() - setup;
+    let mut saved = Vec::new();
+    for page in ["portal", "all", "portal-quota"] {
+        let path = dir.join(format!("{page}.html"));
+        let url = format!("file://{}", path.display());
+        let session = b.open(&url, 1280, 900);
+        let dom = b.evaluate(&session, READ_DOM);
+        check_quiet(&b, &session, &url);
+        let charts: BTreeMap<String, Value> = dom["charts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["id"].as_str().unwrap().to_string(), c.clone()))
+            .collect();
+        let rate = |errors: i64, requests: i64| errors as f64 * 100.0 / requests as f64;
+        if page != "all" {
+            assert_eq!(
+                charts.keys().collect::<Vec<_>>(),
+                ["current", "error-rate", "trend"]
+            );
+            let months = truth(&stack, PORTAL, &window(&s.now, 12));
+            let mut want = Vec::new();
+            for t in &months {
+                want.push((t.month.clone(), "successes", t.successes as f64));
+                want.push((t.month.clone(), "errors", t.errors as f64));
+            }
+            check_bars(&charts["trend"], &want, false);
+            let want: Vec<_> = months
+                .iter()
+                .filter(|t| t.requests > 0)
+                .map(|t| (t.month.clone(), "error rate", rate(t.errors, t.requests)))
+                .collect();
+            check_bars(&charts["error-rate"], &want, false);
+            // Months without requests have no column, but their label.
+            for t in &months {
+                assert!(charts["error-rate"]["categories"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c == t.month.as_str()));
+            }
+            // The month to date: its raw rows right now, and the straight
+            // line through them at the time the page was read.
+            let (n, ok, err) = raw_truth(&stack, PORTAL, &s.now);
+            let projected: i64 = stack
+                .sql()
+                .query_one(
+                    &format!(
+                        "SELECT round({n} * extract(epoch FROM e - m) / extract(epoch FROM a - m))::bigint
+                           FROM (SELECT '{}'::timestamptz AS a, '{}-01T00:00:00Z'::timestamptz AS m,
+                                        '{}-01T00:00:00Z'::timestamptz AS e) t",
+                        dom["asOf"].as_str().unwrap(),
+                        s.now,
+                        back(&s.now, -1)
+                    ),
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            let current = &charts["current"];
+            let scale = check_bars(
+                current,
+                &[
+                    ("So far".into(), "successes", ok as f64),
+                    ("So far".into(), "errors", err as f64),
+                    (
+                        "Projected".into(),
+                        "projected by the month's end",
+                        projected as f64,
+                    ),
+                ],
+                true,
+            );
+            if page == "portal" {
+                assert_eq!(current["marker"], Value::Null, "no quota, no quota line");
+            } else {
+                // The quota's line at its limit, on the bars' scale.
+                let origin = current["bars"][0]["x"].as_f64().unwrap();
+                let marker = &current["marker"];
+                assert_eq!(marker["label"], format!("quota {QUOTA_LIMIT}"));
+                let at = marker["x"].as_f64().unwrap() - origin;
+                assert!(
+                    (at - QUOTA_LIMIT as f64 * scale).abs() <= 0.1,
+                    "{marker}: {at} from the axis at {origin}, not {}",
+                    QUOTA_LIMIT as f64 * scale
+                );
+                let table: BTreeMap<String, String> = current["rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r[0].as_str().unwrap().into(), r[1].as_str().unwrap().into()))
+                    .collect();
+                assert_eq!(table["Quota"], QUOTA_LIMIT.to_string());
+                assert_eq!(
+                    number(&table["Used of the quota"]),
+                    (n as f64 * 10_000.0 / QUOTA_LIMIT as f64).round() / 100.0
+                );
+            }
+        } else {
+            assert_eq!(
+                charts.keys().collect::<Vec<_>>(),
+                ["error-rates", "top", "totals"]
+            );
+            let mut want = Vec::new();
+            for m in window(&s.now, 12) {
+                let t = all_portals_truth(&stack, &m);
+                want.push((m.clone(), "successes", t[2] as f64));
+                want.push((m, "errors", t[3] as f64));
+            }
+            check_bars(&charts["totals"], &want, false);
+            let mut want = Vec::new();
+            for p in ranked_truth(&stack, &s.now, TOP_ORDER) {
+                want.push((format!("Portal {}", p[0]), "successes", p[2] as f64));
+                want.push((format!("Portal {}", p[0]), "errors", p[3] as f64));
+            }
+            check_bars(&charts["top"], &want, true);
+            let ranked = ranked_truth(&stack, &s.now, RATE_ORDER);
+            let want: Vec<_> = ranked
+                .iter()
+                .map(|p| (format!("Portal {}", p[0]), "error rate", rate(p[3], p[1])))
+                .collect();
+            check_bars(&charts["error-rates"], &want, true);
+            // Listed in the truth's order, top to bottom.
+            let labels: Vec<&str> = charts["error-rates"]["categories"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap())
+                .collect();
+            let order: Vec<String> = ranked.iter().map(|p| format!("Portal {}", p[0])).collect();
+            assert_eq!(labels, order);
+        }
+        // Errors are told apart from successes without colour: striped.
+        for c in charts.values() {
+            for bar in c["bars"].as_array().unwrap() {
+                let striped = bar["fill"].as_str().unwrap().starts_with("url(");
+                assert_eq!(striped, bar["series"] == "errors", "{bar}");
+            }
+        }
+
+        // Both schemes, each chart saved.
+        assert_eq!(dom["background"], "rgb(255, 255, 255)");
+        let mut light = BTreeMap::new();
+        for scheme in ["light", "dark"] {
+            b.color_scheme(&session, scheme);
+            let bg = b.evaluate(&session, "getComputedStyle(document.body).backgroundColor");
+            assert_eq!(
+                bg,
+                if scheme == "light" {
+                    "rgb(255, 255, 255)"
+                } else {
+                    "rgb(13, 17, 23)"
+                },
+                "{scheme}"
+            );
+            let dom = b.evaluate(&session, READ_DOM);
+            for c in dom["charts"].as_array().unwrap() {
+                let bx = &c["box"];
+                let png = b.screenshot(
+                    &session,
+                    bx["x"].as_f64().unwrap(),
+                    bx["y"].as_f64().unwrap(),
+                    bx["width"].as_f64().unwrap(),
+                    bx["height"].as_f64().unwrap(),
+                );
+                assert!(
+                    png.starts_with(b"\x89PNG") && png.len() > 2_000,
+                    "{scheme} {}",
+                    c["id"]
+                );
+                let name = format!("{page}-{}-{scheme}.png", c["id"].as_str().unwrap());
+                std::fs::write(shots.join(&name), &png).unwrap();
+                if scheme == "light" {
+                    light.insert(name.replace("-light", ""), png);
+                } else {
+                    assert_ne!(
+                        light.get(&name.replace("-dark", "")),
+                        Some(&png),
+                        "{name} is as in light"
+                    );
+                }
+                saved.push(name);
+            }
+        }
+        check_quiet(&b, &session, &url);
+    }
+    drop(b);
+    assert_eq!(saved.len(), 18);
+    eprintln!(
+        "browser test: {:.1} s in all: {:.1} s for the stack, the data and the reports, {:.1} s to start \
+         chromium, {:.1} s in it; screenshots in {}: {}",
+        started.elapsed().as_secs_f64(),
+        setup.as_secs_f64(),
+        browser_up.as_secs_f64(),
+        (started.elapsed() - setup - browser_up).as_secs_f64(),
+        shots.display(),
+        saved.join(", ")
+    );
 }
