@@ -96,12 +96,19 @@ pub enum Command {
         environment_help!()
     ))]
     Status(StatusArgs),
-    /// Show usage from portal_usage_monthly: one portal by month, or the top portals of a month
+    /// Show usage from portal_usage_monthly: one portal's months as a chart, or the top portals of a month;
+    /// or write both as one HTML file (--html)
     #[command(after_long_help = concat!(
         "Examples:
   usage-agg report --env prod                    the top portals of the newest month
-  usage-agg report --env prod --portal 12345 --months 6
-  usage-agg report --env prod --month 2025-07 --top 50 --format csv\n\n",
+  usage-agg report --env prod --portal 12345     its last 12 months as bars (successes, errors)
+  usage-agg report --env prod --portal 12345 --months 6 --month 2025-07
+  usage-agg report --env prod --month 2025-07 --top 50 --format csv
+  usage-agg report --env prod --portal 12345 --html portal.html
+  usage-agg report --env prod --html usage.html --force
+
+Bars: UTF-8 blocks where the locale is UTF-8; plain ASCII otherwise, or with NO_COLOR set;
+none with --json or --format csv. The HTML report and usage_portal_summary: docs/dashboard.md.\n\n",
         environment_help!()
     ))]
     Report(ReportArgs),
@@ -476,6 +483,8 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+// --months needs a window: one portal's (--portal), or the HTML report's.
+#[command(group(clap::ArgGroup::new("window").multiple(true).args(["portal", "html"])))]
 pub struct ReportArgs {
     #[command(flatten)]
     pub connection: Connection,
@@ -483,30 +492,40 @@ pub struct ReportArgs {
     #[command(flatten)]
     pub output: Output,
 
-    /// One portal's usage, month by month
+    /// One portal's usage, month by month: every month of the window, as a bar chart in a table
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     pub portal: Option<i64>,
 
-    /// How many months back (with --portal)
-    #[arg(long, default_value_t = 12, requires = "portal", value_parser = clap::value_parser!(u16).range(1..=240))]
+    /// How many months: with --portal, the window's length; with --html, the totals' too
+    #[arg(long, default_value_t = 12, requires = "window", value_parser = clap::value_parser!(u16).range(1..=240))]
     pub months: u16,
 
-    /// The month for the top portals (default: the newest month in the table)
-    #[arg(long, value_parser = month, conflicts_with = "portal")]
+    /// The top portals' month (default: the newest month in the table); with --portal, the window's last
+    /// month (default: the current month, by the database's clock)
+    #[arg(long, value_parser = month)]
     pub month: Option<Month>,
 
-    /// How many portals in the top list (not with --portal)
+    /// How many portals in the top list, and in the HTML report's highest error rates (not with --portal)
     #[arg(long, default_value_t = 10, conflicts_with = "portal", value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
 
     /// With --portal: its current month right now (stored totals, late adjustments and the rows no run has
     /// counted yet), exact between runs
-    #[arg(long, requires = "portal", conflicts_with = "months")]
+    #[arg(long, requires = "portal", conflicts_with_all = ["months", "month", "html"])]
     pub live: bool,
 
     /// Output format (--json is --format json)
-    #[arg(long, value_enum, default_value = "table", conflicts_with_all = ["json", "quiet"])]
+    #[arg(long, value_enum, default_value = "table", conflicts_with_all = ["json", "quiet", "html"])]
     pub format: ReportFormat,
+
+    /// Write the report as one self-contained HTML file (inline SVG charts with their tables, light and dark,
+    /// nothing fetched): with --portal, its trend, error rate and month to date; without, every portal
+    #[arg(long, value_name = "FILE", help_heading = "HTML report")]
+    pub html: Option<std::path::PathBuf>,
+
+    /// With --html: replace FILE if it exists (never otherwise)
+    #[arg(long, requires = "html", help_heading = "HTML report")]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -18,8 +18,7 @@
 //! lists them with alert rules.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -97,38 +96,11 @@ pub fn previous_value(path: &Path, name: &str, environment: &str) -> Option<f64>
         .filter(|v| v.is_finite())
 }
 
-/// Writes `contents` to `path` atomically: `PATH.tmp.<pid>` beside it,
-/// synced, renamed over `path`, then the directory synced so the rename
-/// survives a crash. The temporary file does not end in `.prom`, so the
-/// collector never reads it; it is removed if anything fails.
+/// Writes `contents` to `path` atomically, replacing it
+/// ([`crate::stdio::write_file_atomically`]). The temporary file does not
+/// end in `.prom`, so the collector never reads it.
 pub fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
-    })?;
-    let tmp = path.with_file_name(format!(
-        "{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::stdio::write_file_atomically(path, contents, crate::stdio::Existing::Replace)
 }
 
 /// Writes the file, or warns: a metrics file that cannot be written never

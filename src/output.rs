@@ -14,6 +14,12 @@ use crate::engine::{Change, Mode, Outcome};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Style {
     pub emoji: bool,
+    /// Charts may use UTF-8 block characters: the locale says UTF-8 and
+    /// `NO_COLOR` is not set (plain ASCII otherwise, wherever stdout goes).
+    pub unicode: bool,
+    /// Charts may use ANSI colours: stdout is a terminal, `NO_COLOR` is not
+    /// set and `TERM` is not `dumb`.
+    pub color: bool,
 }
 
 impl Style {
@@ -27,8 +33,24 @@ impl Style {
                 let l = l.to_ascii_lowercase();
                 l.contains("utf-8") || l.contains("utf8")
             });
+        // https://no-color.org: set and not empty.
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let terminal = std::io::stdout().is_terminal();
+        let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
         Style {
-            emoji: utf8 && std::io::stdout().is_terminal(),
+            emoji: utf8 && terminal,
+            unicode: utf8 && !no_color,
+            color: terminal && !no_color && !dumb,
+        }
+    }
+
+    /// Plain ASCII, no emoji, no colour: what a file or a pipe gets
+    /// without a UTF-8 locale (and the unit tests).
+    pub fn plain() -> Style {
+        Style {
+            emoji: false,
+            unicode: false,
+            color: false,
         }
     }
 
@@ -965,12 +987,7 @@ mod tests {
             keys_touched: 1,
             ..Outcome::default()
         };
-        let s = summary(
-            Style { emoji: false },
-            &o,
-            "DEV",
-            Duration::from_millis(1500),
-        );
+        let s = summary(Style::plain(), &o, "DEV", Duration::from_millis(1500));
         assert!(s.is_ascii(), "{s}");
         assert!(s.contains("Total requests processed: 4") && s.contains("Duration: 1.50 seconds"));
     }

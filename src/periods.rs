@@ -84,6 +84,37 @@ pub fn next_month(m: Month) -> Month {
     }
 }
 
+pub fn previous_month(m: Month) -> Month {
+    if m.month == 1 {
+        Month {
+            year: m.year.saturating_sub(1),
+            month: 12,
+        }
+    } else {
+        Month {
+            year: m.year,
+            month: m.month - 1,
+        }
+    }
+}
+
+/// The `n` months that end with `last`, oldest first: a report's window
+/// (`report --portal`, `usage_portal_summary`'s months), every month in it
+/// whether it has usage or not.
+pub fn window(last: Month, n: u16) -> Vec<Month> {
+    let mut months = vec![last];
+    while months.len() < usize::from(n) {
+        let m = previous_month(months[months.len() - 1]);
+        // Before year 0: nothing earlier.
+        if m >= months[months.len() - 1] {
+            break;
+        }
+        months.push(m);
+    }
+    months.reverse();
+    months
+}
+
 /// Totals minus other totals: a key's monthly row is its rows minus its
 /// late adjustments. The time and watermark stay `a`'s.
 pub fn minus(a: Totals, b: Totals) -> Totals {
@@ -193,6 +224,18 @@ mod tests {
 
     fn m(s: &str) -> Month {
         Month::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_window_is_every_month_up_to_its_last_across_years() {
+        let w: Vec<String> = window(m("2025-02"), 4)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(w, ["2024-11", "2024-12", "2025-01", "2025-02"]);
+        assert_eq!(window(m("2025-02"), 1), [m("2025-02")]);
+        assert_eq!(window(m("2025-02"), 24).len(), 24);
+        assert_eq!(previous_month(m("2025-01")), m("2024-12"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "core: pure, no I/O beyond the environment",
         &[
             "aggregation",
+            "charts",
             "config",
             "failpoint",
             "migrations",
@@ -34,6 +35,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "adjustments",
             "alerts",
+            "dashboard",
             "ledger",
             "booking",
             "preflight",
@@ -48,7 +50,16 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("engines", &["engine"]),
     (
         "application: a run, its verdict's status, its output",
-        &["cli", "exit", "job", "metrics", "output", "ping", "printer"],
+        &[
+            "cli",
+            "exit",
+            "html_report",
+            "job",
+            "metrics",
+            "output",
+            "ping",
+            "printer",
+        ],
     ),
     ("commands", &["commands"]),
     ("entry", &["main", "lib"]),

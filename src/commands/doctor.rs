@@ -198,34 +198,44 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                 let schedule = store.schedule_show(1).await;
                 let tally = crate::state::rejected_tally_installed(store.client()).await;
                 let rules = crate::state::adjust_rules_installed(store.client()).await;
+                let dashboard = crate::dashboard::installed(store.client()).await;
                 let apply = |function: &str| {
                     format!(
                         "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
                         crate::migrations::migration_defining(function)
                     )
                 };
-                out.push(match (&schedule, &tally, &rules) {
-                    (Err(e), _, _) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
+                out.push(match (&schedule, &tally, &rules, &dashboard) {
+                    (Err(e), _, _, _) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
                         Check::from_error("migrations", e, config)
                     }
-                    (_, Err(e), _) | (_, _, Err(e)) => Check::from_error("migrations", e, config),
+                    (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
+                        Check::from_error("migrations", e, config)
+                    }
                     _ if f.lost_keys.is_none() => Check::fail(
                         "migrations",
                         "the rule book is missing: no engine can book rows without it",
                         apply("usage_agg_book"),
                         Status::Config,
                     ),
-                    (_, Ok(false), _) => Check::fail(
+                    (_, Ok(false), _, _) => Check::fail(
                         "migrations",
                         "the rejected-rows tally is missing: runs cannot add their rejected rows to it",
                         apply("usage_agg_note_rejected"),
                         Status::Config,
                     ),
-                    (_, _, Ok(false)) => Check::fail(
+                    (_, _, Ok(false), _) => Check::fail(
                         "migrations",
                         "the rules of manual adjustments are missing: any client can book an adjustment of any \
                          amount, whose sums overflow, in a month no invoice shows",
                         apply("usage_agg_adjust_bound"),
+                        Status::Config,
+                    ),
+                    (_, _, _, Ok(false)) => Check::fail(
+                        "migrations",
+                        "usage_portal_summary is missing: the app's usage page cannot read a portal in one call, \
+                         and `report --html --portal` fails",
+                        apply("usage_portal_summary"),
                         Status::Config,
                     ),
                     _ => Check::pass(

@@ -1,17 +1,26 @@
 //! `usage-agg report`: the dashboard's view from a terminal, read from
 //! portal_usage_monthly (what billing reads), not recomputed, with the
 //! adjustments booked in each month and the billed total (the monthly row
-//! plus those adjustments: docs/semantics.md, "Closed months").
+//! plus those adjustments: docs/semantics.md, "Closed months"). One
+//! portal's months are every month of a window (zeros included), drawn as
+//! bars of successes and errors beside their numbers (`charts.rs`);
+//! `--html` writes the dashboard's pictures to one file
+//! (`html_report.rs`, docs/dashboard.md).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use serde_json::json;
 
 use super::connect;
 use crate::aggregation::{Key, Month, Totals};
+use crate::charts::BarStyle;
 use crate::cli::{ReportArgs, ReportFormat};
+use crate::config::Config;
 use crate::exit::Status;
 use crate::output::Style;
+use crate::periods::Refusal;
+use crate::postgrest::Client;
 use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
@@ -90,66 +99,110 @@ const BAR_WIDTH: usize = 30;
 
 pub async fn run(args: ReportArgs) -> Status {
     let printer = Printer::new("report", &args.output).json_if(args.format == ReportFormat::Json);
+    if let Some(path) = &args.html {
+        // Refused before anything is read: the HTML page of one portal is
+        // the app's (usage_portal_summary: the months up to now), and a
+        // file is replaced only when asked.
+        if args.portal.is_some() && args.month.is_some() {
+            return printer.fail(
+                &Refusal(
+                    "with --html, a portal's page shows the months up to the current one, as the app's \
+                     usage_portal_summary does: leave out --month (the terminal's `report --portal` takes it)"
+                        .into(),
+                )
+                .into(),
+                None,
+            );
+        }
+        if !args.force && path.symlink_metadata().is_ok() {
+            return printer.fail(&exists(path).into(), None);
+        }
+    }
     let (config, client) = match connect(&args.connection) {
         Ok(c) => c,
         Err(e) => return printer.fail(&e, None),
     };
     let printer = printer.against(&config);
+    if let Some(path) = &args.html {
+        return match html(&args, path, &config, &client).await {
+            Ok(written) => printer.report(&written),
+            Err(e) => printer.fail(&e, Some(&config)),
+        };
+    }
     let fetched = if args.live {
         live(&RestStore::new(client.clone()), &args).await
     } else {
         adjusted(&RestStore::new(client.clone()), &args).await
     };
     let fetched = match fetched {
-        Ok((title, label, mut lines)) => with_quotas(&client, &mut lines)
-            .await
-            .map(|()| (title, label, lines)),
+        Ok(mut table) => with_quotas(&client, &mut table.lines).await.map(|()| table),
         Err(e) => Err(e),
     };
     match fetched {
-        Ok((title, label, lines)) => printer.report(&Reported {
+        Ok(table) => printer.report(&Reported {
             format: args.format,
             env: config.environment.upper(),
-            title,
-            label,
-            lines,
+            table,
         }),
         Err(e) => printer.fail(&e, Some(&config)),
     }
 }
 
 /// The report's rows with the adjustments booked in each, and its title.
-async fn adjusted(
-    store: &RestStore,
-    args: &ReportArgs,
-) -> anyhow::Result<(String, Label, Vec<Line>)> {
-    let (title, label, lines, month) = fetch(store, args).await?;
-    let mut lines = with_adjustments(store, args, month, lines).await?;
-    let title = match month {
-        Some(m) => {
-            let t = month_title(title == "All", args.top, m, lines.len());
-            if !t.starts_with("All") {
-                lines.truncate(usize::from(args.top));
-            }
-            t
+async fn adjusted(store: &RestStore, args: &ReportArgs) -> anyhow::Result<Table> {
+    let (mut table, month) = fetch(store, args).await?;
+    let lines = std::mem::take(&mut table.lines);
+    table.lines = with_adjustments(store, args, month, lines).await?;
+    if let Some(m) = month {
+        table.title = month_title(table.title == "All", args.top, m, table.lines.len());
+        if !table.title.starts_with("All") {
+            table.lines.truncate(usize::from(args.top));
         }
-        None => title,
-    };
-    Ok((title, label, lines))
+    }
+    Ok(table)
+}
+
+/// The database's current month (UTC); the local clock's where the
+/// migrations that tell it are not applied (`report` reads the tables
+/// without them).
+async fn this_month(client: &Client) -> anyhow::Result<Month> {
+    match crate::ledger::current_month(client).await {
+        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingFunction) => {
+            let now = chrono::Utc::now().format("%Y-%m").to_string();
+            Ok(Month::parse(&now).expect("the clock's month is YYYY-MM"))
+        }
+        other => other,
+    }
+}
+
+fn exists(path: &Path) -> Refusal {
+    Refusal(format!(
+        "{} exists: the HTML report replaces a file only with --force (or name another file)",
+        path.display()
+    ))
+}
+
+/// What a report shows: its title, what labels its rows, the rows, and a
+/// note under them.
+struct Table {
+    title: String,
+    label: Label,
+    lines: Vec<Line>,
+    note: Option<String>,
 }
 
 /// `--live`: one row, the portal's current month right now
 /// (`usage_current`).
-async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, Label, Vec<Line>)> {
+async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<Table> {
     let portal = args.portal.unwrap_or_default();
     let month = crate::ledger::current_month(store.client()).await?;
     let c = crate::ledger::usage_current(store.client(), portal, month).await?;
-    Ok((
-        format!(
+    Ok(Table {
+        title: format!(
             "Portal {portal}, {month} right now (stored totals, late adjustments, rows not yet counted)"
         ),
-        Label::Month,
-        vec![Line {
+        label: Label::Month,
+        lines: vec![Line {
             portal_id: portal,
             month_year: month.to_string(),
             request_count: Some(c.request_count),
@@ -160,7 +213,8 @@ async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(String, L
             billed: c.request_count,
             quota_limit: None,
         }],
-    ))
+        note: None,
+    })
 }
 
 /// Gives each line its portal's quota (its own, else the default plan's):
@@ -188,18 +242,24 @@ async fn with_quotas(client: &crate::postgrest::Client, lines: &mut [Line]) -> a
 }
 
 /// Adds to each line the adjustments booked in its month (a portal's
-/// months; or, for the top list, each portal's in that month). A portal's
-/// month with adjustments but no monthly row gets a line of its own.
+/// months, every one of the window a line already; or, for the top list,
+/// each portal's in that month).
 async fn with_adjustments(
     store: &RestStore,
     args: &ReportArgs,
     month: Option<Month>,
     mut lines: Vec<Line>,
 ) -> anyhow::Result<Vec<Line>> {
-    let filters: crate::postgrest::Query = match (args.portal, month) {
-        (Some(p), _) => vec![("portal_id".into(), format!("eq.{p}"))],
-        (None, Some(m)) => vec![("booked_month".into(), format!("eq.{m}"))],
-        (None, None) => return Ok(lines),
+    let filters: crate::postgrest::Query = match (args.portal, month, lines.first()) {
+        (Some(p), _, Some(_)) => {
+            let months: Vec<&str> = lines.iter().map(|l| l.month_year.as_str()).collect();
+            vec![
+                ("portal_id".into(), format!("eq.{p}")),
+                ("booked_month".into(), format!("in.({})", months.join(","))),
+            ]
+        }
+        (None, Some(m), _) => vec![("booked_month".into(), format!("eq.{m}"))],
+        _ => return Ok(lines),
     };
     let booked = crate::adjustments::read_booked_where(store.client(), &filters, PAGE).await?;
     for b in booked {
@@ -211,8 +271,10 @@ async fn with_adjustments(
         // adjustments gets a line of its own: its invoice has them (before,
         // the top list left such a portal out, and the month's total with
         // it; found by an adversarial pass).
+        // (A portal's window has a line for every month already.)
         let line = match at {
             Some(i) => &mut lines[i],
+            None if args.portal.is_some() => continue,
             None => {
                 lines.push(Line {
                     portal_id: b.portal_id,
@@ -230,10 +292,7 @@ async fn with_adjustments(
         };
         line.book(&b)?;
     }
-    if args.portal.is_some() {
-        lines.sort_by(|a, b| b.month_year.cmp(&a.month_year));
-        lines.truncate(usize::from(args.months));
-    } else {
+    if args.portal.is_none() {
         lines.sort_by(|a, b| {
             (b.request_count.unwrap_or(0), b.billed).cmp(&(a.request_count.unwrap_or(0), a.billed))
         });
@@ -241,23 +300,47 @@ async fn with_adjustments(
     Ok(lines)
 }
 
-/// The title, which column labels rows (month or portal), and the rows.
-async fn fetch(
-    store: &impl Store,
-    args: &ReportArgs,
-) -> anyhow::Result<(String, Label, Vec<Line>, Option<Month>)> {
+/// The rows: one portal's window of months (newest first, every month),
+/// or the top portals of a month (and that month, for its title and its
+/// adjustments).
+async fn fetch(store: &RestStore, args: &ReportArgs) -> anyhow::Result<(Table, Option<Month>)> {
     if let Some(portal) = args.portal {
-        let mut rows: Vec<(Key, Totals)> = store
+        let now = this_month(store.client()).await?;
+        let last = args.month.unwrap_or(now);
+        let window = crate::periods::window(last, args.months);
+        let rows = store
             .stored(StoredFilter::Portal(portal), false, PAGE)
-            .await?
-            .into_iter()
+            .await?;
+        let lines = window
+            .iter()
+            .rev()
+            .map(|m| {
+                let key = Key {
+                    portal_id: portal,
+                    month: *m,
+                };
+                Line::from(&(key, rows.get(&key).copied().unwrap_or_default()))
+            })
             .collect();
-        rows.sort_by_key(|(k, _)| std::cmp::Reverse(k.month));
-        rows.truncate(usize::from(args.months));
+        let first = window.first().copied().unwrap_or(last);
         return Ok((
-            format!("Portal {portal}, last {} months", args.months),
-            Label::Month,
-            rows.iter().map(Line::from).collect(),
+            Table {
+                title: if first == last {
+                    format!("Portal {portal}, {last}")
+                } else {
+                    format!(
+                        "Portal {portal}, {first} to {last} ({} months)",
+                        window.len()
+                    )
+                },
+                label: Label::Month,
+                lines,
+                // Read from the monthly rows, the current month is as the last
+                // run left it.
+                note: window.contains(&now).then(|| {
+                    format!("{now} is the month so far, as of the last run (`--live`: right now)")
+                }),
+            },
             None,
         ));
     }
@@ -267,9 +350,12 @@ async fn fetch(
             Some(m) => m,
             None => {
                 return Ok((
-                    "No usage recorded yet".into(),
-                    Label::Portal,
-                    Vec::new(),
+                    Table {
+                        title: "No usage recorded yet".into(),
+                        label: Label::Portal,
+                        lines: Vec::new(),
+                        note: None,
+                    },
                     None,
                 ))
             }
@@ -277,12 +363,16 @@ async fn fetch(
     };
     let rows = store.top_of_month(month, usize::from(args.top)).await?;
     // Whether every portal with requests is here: the title says "All"
-    // then, once the portals billed only through adjustments are added.
+    // then, once the portals billed only through adjustments are added
+    // (`adjusted` writes it).
     let all = rows.len() < usize::from(args.top);
     Ok((
-        if all { "All" } else { "Top" }.to_string(),
-        Label::Portal,
-        rows.iter().map(Line::from).collect(),
+        Table {
+            title: if all { "All" } else { "Top" }.to_string(),
+            label: Label::Portal,
+            lines: rows.iter().map(Line::from).collect(),
+            note: None,
+        },
         Some(month),
     ))
 }
@@ -334,18 +424,16 @@ fn rows_json(lines: &[Line]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A report's table, read: its title, what each row is, and the rows.
+/// A report's table, read, in the format asked for.
 struct Reported {
     format: ReportFormat,
     env: &'static str,
-    title: String,
-    label: Label,
-    lines: Vec<Line>,
+    table: Table,
 }
 
 impl serde::Serialize for Reported {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        json!({"title": self.title, "rows": rows_json(&self.lines)}).serialize(s)
+        json!({"title": self.table.title, "rows": rows_json(&self.table.lines)}).serialize(s)
     }
 }
 
@@ -355,25 +443,18 @@ impl Report for Reported {
     }
 
     fn render(&self, style: Style) -> String {
-        render(
-            self.format,
-            style,
-            self.env,
-            &self.title,
-            self.label,
-            &self.lines,
-        )
+        render(self.format, style, self.env, &self.table)
     }
 }
 
-fn render(
-    format: ReportFormat,
-    style: Style,
-    env: &str,
-    title: &str,
-    label: Label,
-    lines: &[Line],
-) -> String {
+fn render(format: ReportFormat, style: Style, env: &str, table: &Table) -> String {
+    let Table {
+        title,
+        label,
+        lines,
+        note,
+    } = table;
+    let label = *label;
     let mut s = String::new();
     match format {
         ReportFormat::Json => {
@@ -419,7 +500,7 @@ fn render(
                 .max()
                 .unwrap_or(0)
                 .max(1);
-            let block = if style.emoji { "█" } else { "#" };
+            let bars = BarStyle::new(style.unicode, style.color);
             let head = if label == Label::Month {
                 "month"
             } else {
@@ -438,10 +519,15 @@ fn render(
             if quotas {
                 extra_head.push_str(&format!("  {:>16}", "of quota"));
             }
+            // The bars' column is headed by what their characters mean.
             let _ = writeln!(
                 s,
-                "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}",
-                "requests", "successes", "errors", "success"
+                "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}  {}",
+                "requests",
+                "successes",
+                "errors",
+                "success",
+                crate::charts::legend(bars)
             );
             for l in lines {
                 let key = if label == Label::Month {
@@ -450,7 +536,6 @@ fn render(
                     l.portal_id.to_string()
                 };
                 let req = l.request_count.unwrap_or(0);
-                let width = ((req as f64 / max as f64) * BAR_WIDTH as f64).round() as usize;
                 let mut extra = if adjusted {
                     format!(
                         "  {:>8}  {:>8}  {:>10}",
@@ -476,7 +561,13 @@ fn render(
                     l.success_count.unwrap_or(0),
                     l.error_count.unwrap_or(0),
                     l.rate().map_or("-".into(), |r| format!("{r:.1}%")),
-                    block.repeat(width.max(usize::from(req > 0)))
+                    crate::charts::bar(
+                        l.success_count.unwrap_or(0),
+                        l.error_count.unwrap_or(0),
+                        max,
+                        BAR_WIDTH,
+                        bars
+                    )
                 );
                 // No bar and no rate leave spaces a diff would show.
                 let _ = writeln!(s, "{}", line.trim_end());
@@ -495,9 +586,112 @@ fn render(
                      after their close; manual: corrections)"
                 );
             }
+            if let Some(note) = note {
+                let _ = writeln!(s, "  {note}");
+            }
         }
     }
     s
+}
+
+/// `--html`: the page of one portal (`usage_portal_summary`, what the
+/// app's usage page reads) or of every portal, written atomically.
+async fn html(
+    args: &ReportArgs,
+    path: &Path,
+    config: &Config,
+    client: &Client,
+) -> anyhow::Result<Written> {
+    let meta = crate::html_report::Meta {
+        environment: config.environment.upper().to_string(),
+        as_of: chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let (page, view, portal, months) = if let Some(portal) = args.portal {
+        let summary = crate::dashboard::portal_summary(client, portal, args.months).await?;
+        let months: Vec<String> = summary.months.iter().map(|m| m.month.clone()).collect();
+        (
+            crate::html_report::portal_page(&summary, &meta),
+            "portal",
+            Some(portal),
+            months,
+        )
+    } else {
+        let store = RestStore::new(client.clone());
+        let last = match args.month {
+            Some(m) => m,
+            None => match store.newest_month().await? {
+                Some(m) => m,
+                None => this_month(client).await?,
+            },
+        };
+        let window = crate::periods::window(last, args.months);
+        let overview =
+            crate::dashboard::overview(client, &window, usize::from(args.top), PAGE).await?;
+        (
+            crate::html_report::overview_page(&overview, &meta),
+            "all_portals",
+            None,
+            window.iter().map(ToString::to_string).collect(),
+        )
+    };
+    let existing = if args.force {
+        crate::stdio::Existing::Replace
+    } else {
+        crate::stdio::Existing::Keep
+    };
+    crate::stdio::write_file_atomically(path, &page.html, existing).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            exists(path)
+        } else {
+            Refusal(format!(
+                "could not write the HTML report to {}: {e} (name a file in a directory you can write)",
+                path.display()
+            ))
+        }
+    })?;
+    Ok(Written {
+        file: path.display().to_string(),
+        view,
+        portal_id: portal,
+        from: months.first().cloned().unwrap_or_default(),
+        to: months.last().cloned().unwrap_or_default(),
+        title: page.title,
+        charts: page.charts,
+        bytes: page.html.len(),
+    })
+}
+
+/// What `--html` wrote.
+#[derive(serde::Serialize)]
+struct Written {
+    file: String,
+    /// `portal` or `all_portals`.
+    view: &'static str,
+    portal_id: Option<i64>,
+    from: String,
+    to: String,
+    title: String,
+    charts: Vec<&'static str>,
+    bytes: usize,
+}
+
+impl Report for Written {
+    fn outcome(&self) -> &str {
+        "ok"
+    }
+
+    fn render(&self, _style: Style) -> String {
+        format!(
+            "Wrote {}: {} ({} charts, each with its table; {} kB, viewed without any network)\n",
+            self.file,
+            self.title,
+            self.charts.len(),
+            self.bytes.div_ceil(1024)
+        )
+    }
 }
 
 #[cfg(test)]
@@ -518,24 +712,27 @@ mod tests {
         }
     }
 
+    fn table(lines: &[Line]) -> Table {
+        Table {
+            title: "Portal 42".into(),
+            label: Label::Month,
+            lines: lines.to_vec(),
+            note: None,
+        }
+    }
+
     #[test]
-    fn table_bars_scale_to_the_busiest_row_and_show_the_success_rate() {
+    fn table_bars_scale_to_the_busiest_row_split_into_successes_and_errors() {
         let lines = [
             line("2025-07", 200, 190),
             line("2025-06", 100, 100),
             line("2025-05", 0, 0),
         ];
-        let out = render(
-            ReportFormat::Table,
-            Style { emoji: false },
-            "DEV",
-            "Portal 42",
-            Label::Month,
-            &lines,
-        );
+        let out = render(ReportFormat::Table, Style::plain(), "DEV", &table(&lines));
         let rows: Vec<&str> = out.lines().collect();
+        assert!(rows[1].ends_with("success  # successes  x errors"), "{out}");
         assert!(
-            rows[2].contains("95.0%") && rows[2].ends_with(&"#".repeat(30)),
+            rows[2].contains("95.0%") && rows[2].ends_with(&format!("{}{}", "#".repeat(28), "xx")),
             "{out}"
         );
         assert!(
@@ -543,32 +740,30 @@ mod tests {
             "{out}"
         );
         assert!(rows[4].trim_end().ends_with('-'), "{out}");
+        // UTF-8 blocks where the terminal reads them.
+        let style = Style {
+            unicode: true,
+            ..Style::plain()
+        };
+        let out = render(ReportFormat::Table, style, "DEV", &table(&lines));
+        assert!(
+            out.contains(&format!("{}{}", "█".repeat(28), "░░")),
+            "{out}"
+        );
+        assert!(out.contains("█ successes  ░ errors"), "{out}");
     }
 
     #[test]
-    fn csv_and_json_carry_the_same_numbers() {
+    fn csv_and_json_carry_the_same_numbers_and_no_bars() {
         let lines = [line("2025-07", 200, 190)];
-        let csv = render(
-            ReportFormat::Csv,
-            Style { emoji: false },
-            "DEV",
-            "t",
-            Label::Month,
-            &lines,
-        );
+        let csv = render(ReportFormat::Csv, Style::plain(), "DEV", &table(&lines));
         assert_eq!(
             csv.lines().nth(1),
             Some("42,2025-07,200,190,10,95.0,0,0,200")
         );
-        let json: serde_json::Value = serde_json::from_str(&render(
-            ReportFormat::Json,
-            Style { emoji: false },
-            "DEV",
-            "t",
-            Label::Month,
-            &lines,
-        ))
-        .unwrap();
+        let text = render(ReportFormat::Json, Style::plain(), "DEV", &table(&lines));
+        assert!(!text.contains('#') && !text.contains('█'), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["rows"][0]["errors"], 10);
         for field in [
             "version",

@@ -932,7 +932,12 @@ fn status_and_report_show_closed_months_adjustments_and_the_billed_total() {
     .assert_status(0);
 
     // Booked in 2025-06, the month after the newest closed one.
-    let csv = usage(&stack, &["report", "--portal", "1", "--format", "csv"]);
+    let csv = usage(
+        &stack,
+        &[
+            "report", "--portal", "1", "--month", "2025-06", "--months", "3", "--format", "csv",
+        ],
+    );
     csv.assert_status(0);
     let lines: Vec<&str> = csv.stdout.lines().collect();
     assert_eq!(
@@ -944,7 +949,7 @@ fn status_and_report_show_closed_months_adjustments_and_the_billed_total() {
             "1,2025-04,5,5,0,100.0,0,0,5",
         ]
     );
-    usage(&stack, &["report", "--portal", "1"])
+    usage(&stack, &["report", "--portal", "1", "--month", "2025-06"])
         .assert_status(0)
         .assert_stdout_has("billed = requests + adjustments booked in that month");
     let top: serde_json::Value = serde_json::from_str(
@@ -1494,10 +1499,13 @@ fn adjustment_amounts_are_bounded_and_no_sum_billing_reads_wraps() {
         adjust_cli(&stack, "2025-05", &["--requests", n], id).assert_status(0);
     }
     let v: serde_json::Value = serde_json::from_str(
-        usage(&stack, &["report", "--portal", "1", "--json"])
-            .assert_status(0)
-            .stdout
-            .trim(),
+        usage(
+            &stack,
+            &["report", "--portal", "1", "--month", "2025-05", "--json"],
+        )
+        .assert_status(0)
+        .stdout
+        .trim(),
     )
     .unwrap();
     assert_eq!(v["rows"][0]["billed"], 2_000_000_000_006_i64, "{v}");
@@ -1528,7 +1536,7 @@ fn adjustment_amounts_are_bounded_and_no_sum_billing_reads_wraps() {
     }
     migrate_file(&mut old, RULES_MIGRATION);
     for args in [
-        &["report", "--portal", "1"][..],
+        &["report", "--portal", "1", "--month", "2025-05"][..],
         &["report", "--month", "2025-05"][..],
         &["verify"][..],
     ] {

@@ -54,10 +54,19 @@ fn every_option_a_subcommand_would_ignore_is_refused_with_64() {
             "cannot be used with '--top",
         ),
         (
-            &["report", "--portal", "42", "--month", "2025-07"],
+            &["report", "--portal", "42", "--live", "--month", "2025-07"],
             "cannot be used with '--month",
         ),
         (&["report", "--months", "3"], "--portal <PORTAL>"),
+        (&["report", "--force"], "--html <FILE>"),
+        (
+            &["report", "--html", "r.html", "--format", "csv"],
+            "'--html <FILE>' cannot be used with '--format",
+        ),
+        (
+            &["report", "--portal", "42", "--live", "--html", "r.html"],
+            "cannot be used with '--html",
+        ),
         (
             &["report", "--json", "--format", "csv"],
             "cannot be used with '--format",

@@ -9,6 +9,7 @@ mod aggregate;
 mod billing;
 mod cli_reference;
 mod config;
+mod dashboard;
 mod doctor;
 mod examples;
 mod faults;

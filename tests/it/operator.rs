@@ -200,16 +200,24 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
         all.extend_from_slice(args);
         usage_agg(&workdir(), &stack.env(), &all)
     };
-    let run = report(&["--portal", "42"]);
+    let run = report(&["--portal", "42", "--month", "2025-07"]);
     run.assert_status(0)
-        .assert_stdout_has("Portal 42, last 12 months");
+        .assert_stdout_has("Portal 42, 2024-08 to 2025-07 (12 months)");
     let june = run.stdout.lines().find(|l| l.contains("2025-06")).unwrap();
     assert!(
         june.contains("100")
             && june.contains("90")
             && june.contains("90.0%")
-            && june.ends_with(&"#".repeat(30)),
+            && june.ends_with(&format!("{}{}", "#".repeat(27), "xxx")),
         "{june}"
+    );
+    // Every month of the window is a line, those without usage too.
+    assert_eq!(
+        run.stdout
+            .lines()
+            .filter(|l| l.contains("  2025-0") || l.contains("  2024-"))
+            .count(),
+        12
     );
 
     let top = report(&[]);
@@ -233,8 +241,12 @@ fn report_shows_a_portal_by_month_and_the_top_portals_of_a_month() {
         "portal_id,month,requests,successes,errors,success_rate,late_adjustments,manual_adjustments,billed\n\
          42,2025-06,100,90,10,90.0,0,0,100\n"
     );
-    let json: serde_json::Value =
-        serde_json::from_str(report(&["--portal", "7", "--json"]).stdout.trim()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        report(&["--portal", "7", "--month", "2025-07", "--json"])
+            .stdout
+            .trim(),
+    )
+    .unwrap();
     assert_eq!(json["rows"][0]["requests"], 80);
 }
 

@@ -88,6 +88,38 @@ fn snap(name: &str, stack: Option<&Stack>, args: &[&str], status: i32) -> Run {
     run
 }
 
+/// [`snap`] with the locale and `NO_COLOR` as given (`None`: unset),
+/// for what a terminal draws differently.
+#[track_caller]
+fn snap_in(
+    name: &str,
+    stack: &Stack,
+    lang: &str,
+    no_color: Option<&str>,
+    args: &[&str],
+    status: i32,
+) -> Run {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--env", "dev"]);
+    let mut vars: Vec<(String, String)> = env(Some(stack))
+        .into_iter()
+        .filter(|(k, _)| k != "NO_COLOR")
+        .collect();
+    vars.push(("LANG".into(), lang.into()));
+    if let Some(v) = no_color {
+        vars.push(("NO_COLOR".into(), v.into()));
+    }
+    let run = usage_agg(&workdir(), &vars, &all);
+    let mut shown_env = format!("LANG={lang}");
+    if let Some(v) = no_color {
+        shown_env.push_str(&format!(" NO_COLOR={v}"));
+    }
+    let text = format!("# {shown_env}\n{}", shown(&all, &run));
+    settings().bind(|| insta::assert_snapshot!(name, text));
+    run.assert_status(status);
+    run
+}
+
 /// `s` with the characters a regex gives a meaning to escaped.
 fn literal(s: &str) -> String {
     s.chars()
@@ -281,7 +313,7 @@ fn snapshot_aggregate_status_report_verify() {
     snap(
         "report_one_portal",
         Some(&stack),
-        &["report", "--portal", "1001"],
+        &["report", "--portal", "1001", "--month", "2025-07"],
         0,
     );
     snap(
@@ -435,7 +467,9 @@ fn snapshot_billing_months_and_doctor() {
     snap(
         "report_with_adjustment",
         Some(&stack),
-        &["report", "--portal", "1001"],
+        &[
+            "report", "--portal", "1001", "--month", "2025-07", "--months", "4",
+        ],
         0,
     );
     // Without pg_cron in this database, schedule says how to enable it.
@@ -538,4 +572,78 @@ fn snapshot_quotas_and_alerts() {
     run.assert_status(0);
     all.truncate(0);
     snap("alerts_list", Some(&stack), &["alerts", "list"], 0);
+}
+
+/// `report --portal`'s chart (issue 21): one bar a month, successes and
+/// errors told apart, the numbers beside, every month of the window; in
+/// UTF-8 blocks where the locale is UTF-8, in ASCII where it is not or
+/// `NO_COLOR` is set, and nothing drawn in CSV or JSON.
+#[test]
+fn snapshot_report_charts_in_utf8_and_ascii() {
+    let Some(stack) = local_stack() else {
+        return;
+    };
+    // Fixed months of 2025, errors in some, one month without usage.
+    stack
+        .sql()
+        .batch_execute(
+            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 42, '2025-03-05 10:00:00', g % 10 <> 0, '2025-03' FROM generate_series(1, 120) g;
+             INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 42, '2025-04-05 10:00:00', g % 4 <> 0, '2025-04' FROM generate_series(1, 80) g;
+             INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 42, '2025-06-05 10:00:00', true, '2025-06' FROM generate_series(1, 45) g;
+             INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 42, '2025-07-05 10:00:00', g % 50 <> 0, '2025-07' FROM generate_series(1, 150) g;
+             INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+             SELECT 43, '2025-07-05 10:00:00', g % 3 <> 0, '2025-07' FROM generate_series(1, 60) g;",
+        )
+        .unwrap();
+    aggregate(&stack, &[]).assert_status(0);
+    let portal = [
+        "report", "--portal", "42", "--month", "2025-07", "--months", "6",
+    ];
+    let utf8 = snap_in("report_chart_utf8", &stack, "C.UTF-8", None, &portal, 0);
+    assert!(utf8.stdout.contains('█') && utf8.stdout.contains('░'));
+    let ascii = snap_in("report_chart_ascii", &stack, "C", None, &portal, 0);
+    assert!(ascii.stdout.is_ascii() && ascii.stdout.contains("#x"));
+    // NO_COLOR in a UTF-8 terminal: ASCII too.
+    let no_color = snap_in(
+        "report_chart_no_color",
+        &stack,
+        "C.UTF-8",
+        Some("1"),
+        &portal,
+        0,
+    );
+    assert_eq!(no_color.stdout, ascii.stdout);
+    snap_in(
+        "report_top_chart_utf8",
+        &stack,
+        "C.UTF-8",
+        None,
+        &["report", "--month", "2025-07"],
+        0,
+    );
+    // Nothing drawn for a program.
+    for format in [&["--format", "csv"][..], &["--json"][..]] {
+        let mut args = portal.to_vec();
+        args.extend_from_slice(format);
+        let run = snap_in(
+            &format!(
+                "report_chart_{}",
+                format.last().unwrap().trim_start_matches('-')
+            ),
+            &stack,
+            "C.UTF-8",
+            None,
+            &args,
+            0,
+        );
+        assert!(
+            !run.stdout.contains('█') && !run.stdout.contains('#'),
+            "{}",
+            run.stdout
+        );
+    }
 }

@@ -16,8 +16,11 @@
 //! Between usage-agg and the server, three optional pieces: [`gateway`], a
 //! stand-in for Supabase's API gateway (`/rest/v1/`, the `apikey` header,
 //! `sb_secret_` keys), [`proxy`], which injects faults, and [`latency`],
-//! which adds a round trip to every request (the benchmark's WAN).
+//! which adds a round trip to every request (the benchmark's WAN). Apart
+//! from them, [`browser`] drives a headless Chromium for the HTML report's
+//! browser test.
 
+pub mod browser;
 pub mod gateway;
 pub mod latency;
 pub mod proxy;

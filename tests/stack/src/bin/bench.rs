@@ -5,7 +5,7 @@
 //!
 //!     bench --bin target/release/usage-agg [--rows 1000000] [--wan-rows 1000000]
 //!           [--runs 3] [--concurrency 4] [--wan-delay-ms 20] [--probe-inserts 2000]
-//!           [--big [--big-rows 10000000]]
+//!           [--big [--big-rows 10000000]] [--only-reads]
 //!
 //! Every HTTP scan pages 1000 rows at a time against a server capped at
 //! 1000 rows (Supabase's `max_rows`). What is measured, each against its
@@ -24,7 +24,10 @@
 //!   engine's run against idle;
 //! - the RPC engine on an instance whose role has a 2 s statement timeout;
 //! - the RPC engine against bare SQL, and peak RSS at several sizes;
-//! - `usage_current` against a whole-table count.
+//! - `usage_current` against a whole-table count;
+//! - `usage_portal_summary` (the app's usage page) by months and by rows
+//!   above the cursor, against the same numbers counted from the raw rows.
+//!   `--only-reads` measures these two alone (a minute or two).
 //!
 //! Every run must exit 0, and after every run that writes, the stored
 //! totals are checked against the raw rows by SQL: a fast wrong run fails
@@ -76,7 +79,7 @@ fn migrations() -> Vec<PathBuf> {
 
 const USAGE: &str =
     "usage: bench [--bin PATH] [--rows N] [--wan-rows N] [--runs N] [--concurrency C] \
-                     [--wan-delay-ms D] [--probe-inserts N] [--big] [--big-rows N]";
+                     [--wan-delay-ms D] [--probe-inserts N] [--big] [--big-rows N] [--only-reads]";
 
 struct Args {
     bin: PathBuf,
@@ -88,6 +91,7 @@ struct Args {
     probe_inserts: usize,
     big: bool,
     big_rows: i64,
+    only_reads: bool,
 }
 
 fn args() -> Args {
@@ -101,6 +105,7 @@ fn args() -> Args {
         probe_inserts: 2000,
         big: false,
         big_rows: 10_000_000,
+        only_reads: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -122,6 +127,7 @@ fn args() -> Args {
             "--probe-inserts" => a.probe_inserts = num(&x, val()),
             "--big" => a.big = true,
             "--big-rows" => a.big_rows = num(&x, val()),
+            "--only-reads" => a.only_reads = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -156,6 +162,8 @@ impl Args {
             self.probe_inserts,
             if self.big {
                 format!(" --big --big-rows {}", self.big_rows)
+            } else if self.only_reads {
+                " --only-reads".to_string()
             } else {
                 String::new()
             }
@@ -871,6 +879,83 @@ fn usage_current_cost(stack: &Stack, runs: usize) -> Vec<(i64, Duration, Duratio
     out
 }
 
+/// usage_portal_summary's cost for one portal, by the months asked for
+/// and the good rows above the cursor (`tail`), with every key counted up
+/// to the cursor: it reads the window's monthly rows and adjustments by
+/// index, and usage_current's range of the primary key above the cursor,
+/// so its time should follow months + tail, not history. Baseline: the
+/// same portal's months counted from the raw rows (what an app without it
+/// does). Returns (tail, months, summary, baseline).
+fn portal_summary_cost(stack: &Stack, runs: usize) -> Vec<(i64, i32, Duration, Duration)> {
+    let mut db = stack.sql();
+    let counted = max_id(stack);
+    counted_upto(stack, counted);
+    let mut out = Vec::new();
+    let mut inserted = 0;
+    for tail in [0i64, 1_000, 100_000] {
+        stack::insert_sample_rows(&mut db, tail - inserted, PORTALS, &["2025-07"]);
+        inserted = tail;
+        let time = |db: &mut postgres::Client, sql: &str| {
+            let mut v: Vec<Duration> = (0..runs.max(5))
+                .map(|_| {
+                    let started = Instant::now();
+                    db.query_one(sql, &[]).unwrap();
+                    started.elapsed()
+                })
+                .collect();
+            v.sort();
+            v[v.len() / 2]
+        };
+        let baseline = time(
+            &mut db,
+            "SELECT count(*) FROM (SELECT month_year, count(*), count(*) FILTER (WHERE success)
+                                     FROM usage_requests WHERE portal_id = 1042 GROUP BY 1) m",
+        );
+        for months in [12, 24, 240] {
+            let t = time(
+                &mut db,
+                &format!("SELECT usage_portal_summary(1042, {months})"),
+            );
+            out.push((tail, months, t, baseline));
+        }
+    }
+    // What it answered is what the rows say.
+    let v: serde_json::Value = serde_json::from_str(
+        &db.query_one("SELECT usage_portal_summary(1042, 240)::text", &[])
+            .unwrap()
+            .get::<_, String>(0),
+    )
+    .unwrap();
+    let stored: i64 = v["months"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["requests"].as_i64().unwrap())
+        .sum();
+    let truth: i64 = db
+        .query_one(
+            "SELECT count(*) FROM usage_requests WHERE portal_id = 1042 AND id <= $1::bigint",
+            &[&counted],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored, truth,
+        "usage_portal_summary's months against the raw rows"
+    );
+    out
+}
+
+fn print_summary_cost(rows: &[(i64, i32, Duration, Duration)]) {
+    for (tail, months, t, baseline) in rows {
+        println!(
+            "| usage_portal_summary, one portal, {months} months, {tail} rows above the cursor (its months counted from the raw rows: {:.1} ms) | {:.2} ms |",
+            ms(*baseline),
+            ms(*t)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The machine
 
@@ -1044,6 +1129,33 @@ fn main() {
     let machine = machine(&bin, &cluster);
     let main_ds = dataset(&cluster, a.rows, PORTALS, &MONTHS);
     let rows = a.rows;
+    if a.only_reads {
+        eprintln!("bench: usage_current");
+        let current = usage_current_cost(&main_ds, a.runs);
+        eprintln!("bench: usage_portal_summary");
+        let summary = portal_summary_cost(&main_ds, a.runs);
+        println!("# usage-agg benchmark: the reads an app makes (--only-reads)\n");
+        for line in &machine {
+            println!("{line}");
+        }
+        println!("\nRerun: `{}`", a.rerun());
+        println!(
+            "\n{rows} rows, {PORTALS} portals, months {}; median of {} calls each.\n",
+            MONTHS.join(", "),
+            a.runs.max(5)
+        );
+        println!("| what | time |\n|---|---|");
+        for (tail, t, scan) in &current {
+            println!(
+                "| usage_current, one portal-month, {tail} rows above the cursor (whole-table count of it: {:.1} ms) | {:.2} ms |",
+                ms(*scan),
+                ms(*t)
+            );
+        }
+        print_summary_cost(&summary);
+        discard(&cluster, main_ds);
+        return;
+    }
     let keys = distinct_keys(&main_ds);
 
     // 1-3. The REST engine's full run (from an empty monthly table: the
@@ -1279,9 +1391,12 @@ fn main() {
         discard(&cluster, ds);
     }
 
-    // 11. usage_current, last on this dataset: it leaves rows above the cursor.
+    // 11. usage_current and usage_portal_summary, last on this dataset:
+    // they leave rows above the cursor.
     eprintln!("bench: usage_current");
     let current = usage_current_cost(&main_ds, a.runs);
+    eprintln!("bench: usage_portal_summary");
+    let summary = portal_summary_cost(&main_ds, a.runs);
     discard(&cluster, main_ds);
 
     // 10. Peak RSS at a tenth of the rows (same portals and months: same keys).
@@ -1483,6 +1598,7 @@ fn main() {
             ms(*t)
         );
     }
+    print_summary_cost(&summary);
 
     // The ratios.
     let mut ratios = vec![
