@@ -413,7 +413,9 @@ fn the_portal_summary_equals_the_truth_across_a_closed_month_adjustments_and_the
         "a projection never falls below what is used"
     );
     assert!(recent, "as_of is the database's time now: {}", v["as_of"]);
-    assert_eq!(v["quota"], Value::Null);
+    // No quota is set: the quota function's answer says so.
+    assert_eq!(v["quota"]["quota"], "none", "{}", v["quota"]);
+    assert_eq!(v["quota"]["request_limit"], Value::Null);
 
     // Across a year's end: 14 months always cross one.
     let v14 = summary(&stack, PORTAL, Some(14));
@@ -626,10 +628,35 @@ fn the_portal_summary_passes_the_quota_on_once_quotas_exist() {
     let stack = migrated_stack();
     insert(&stack, 3, "2025-05", 2, 0, "2025-05-02 00:00:00");
     aggregate(&stack, &[]).assert_status(0);
+    // The quotas migration's function, as it answers for the current
+    // month: with no quota, no limit; with one, the limit.
+    let real = |stack: &Stack| -> Value {
+        let text: String = stack
+            .sql()
+            .query_one(
+                "SELECT to_jsonb(q)::text FROM usage_quota_status(3, NULL) q LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        serde_json::from_str(&text).unwrap()
+    };
+    let v = summary(&stack, 3, None);
+    assert_eq!(v["quota"], real(&stack));
+    assert_eq!(v["quota"]["request_limit"], Value::Null);
+    usage(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
+    let v = summary(&stack, 3, None);
+    assert_eq!(v["quota"], real(&stack));
+    assert_eq!(v["quota"]["request_limit"], 100);
+    // A project without the quotas migration: no quota at all.
+    stack
+        .sql()
+        .batch_execute("DROP FUNCTION public.usage_quota_status(bigint, text)")
+        .unwrap();
     assert_eq!(summary(&stack, 3, None)["quota"], Value::Null);
-    // Quotas are issue 20's, built apart: a stand-in of each shape the
-    // function may have (rows, or one JSON value), made by the owner of
-    // usage-agg's functions as a migration would be.
+    // A stand-in of each shape such a function may have (rows, or one
+    // JSON value), made by the owner of usage-agg's functions as a
+    // migration would be.
     stack
         .sql()
         .batch_execute(
@@ -1201,6 +1228,13 @@ fn check_quiet(b: &stack::browser::Browser, session: &str, url: &str) {
 fn browser_renders_the_html_report_offline_with_bars_proportional_to_the_truth() {
     let started = std::time::Instant::now();
     let stack = migrated_stack();
+    // The pages without quotas first, then with the stand-in below (whose
+    // projection is the summary's own, so the page's can be checked): the
+    // quotas migration's function is dropped for that.
+    stack
+        .sql()
+        .batch_execute("DROP FUNCTION public.usage_quota_status(bigint, text)")
+        .unwrap();
     let s = scenario(&stack);
     let dir = workdir();
     usage_in(
