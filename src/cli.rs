@@ -714,10 +714,14 @@ impl Cli {
     /// Whether `name` is a subcommand that takes `--json` (a refused
     /// command line's JSON is printed for those alone).
     pub fn takes_json(name: &str) -> bool {
+        fn takes(c: &clap::Command) -> bool {
+            c.get_arguments().any(|a| a.get_long() == Some("json"))
+                || c.get_subcommands().any(takes)
+        }
         <Cli as clap::CommandFactory>::command()
             .get_subcommands()
             .filter(|c| c.get_name() == name)
-            .any(|c| c.get_arguments().any(|a| a.get_long() == Some("json")))
+            .any(takes)
     }
 }
 

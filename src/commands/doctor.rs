@@ -420,7 +420,7 @@ async fn alerts_check(client: &crate::postgrest::Client, config: &crate::config:
             "alerts",
             crate::commands::status::alerts_line(&a),
             format!(
-                "`usage-agg alerts deliver` (with {} and {} set), or `aggregate --deliver-alerts` in cron;                  `usage-agg alerts list --undelivered` shows each with its last error",
+                "`usage-agg alerts deliver` (with {} and {} set), or `aggregate --deliver-alerts` in cron; `usage-agg alerts list --undelivered` shows each with its last error",
                 crate::config::ALERTS_WEBHOOK_URL,
                 crate::config::ALERTS_WEBHOOK_SECRET
             ),

@@ -73,6 +73,12 @@ pub async fn run(args: ReopenArgs) -> Status {
         if let Some(r) = &a.refused {
             return Err(Refusal(format!("{} was not reopened: {r}", args.month)).into());
         }
+        // Open again, the month fires what its usage has reached (a closed
+        // month fires nothing; its late rows may have crossed meanwhile,
+        // and no new row of it may ever come: an adversarial pass).
+        if a.reopened {
+            store.record_crossings(Some(&[args.month]), None).await?;
+        }
         Ok(a)
     }
     .await;

@@ -303,6 +303,32 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
     assert_eq!(alerts(&stack).get(&key(1, jan, 100, 100)), Some(&172));
 }
 
+/// A closed month fires nothing, even as its late rows push it past a
+/// threshold; reopened, it fires what it has reached at once, since no new
+/// row of it may ever come (an adversarial pass: no alert after every
+/// engine ran, and closing it again made that for good).
+#[test]
+fn a_reopened_month_fires_what_it_reached_while_closed() {
+    let stack = migrated_stack();
+    run(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
+    insert(&stack, 1, "2025-01", 79);
+    insert(&stack, 1, "2025-02", 1);
+    aggregate(&stack, &[]).assert_status(0);
+    run(&stack, &["close", "--month", "2025-01"]).assert_status(0);
+    insert(&stack, 1, "2025-01", 30);
+    aggregate(&stack, &[]).assert_status(0);
+    assert!(alerts(&stack).is_empty(), "a closed month fires nothing");
+    run(
+        &stack,
+        &["reopen", "--month", "2025-01", "--reason", "audit"],
+    )
+    .assert_status(0);
+    let fired: Vec<i32> = alerts(&stack).keys().map(|k| k.2).collect();
+    assert_eq!(fired, reached(109, 100, &[80, 100]));
+    aggregate(&stack, &[]).assert_status(0);
+    assert_eq!(alert_rows(&stack), 2, "once each");
+}
+
 #[test]
 fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_next_run() {
     let stack = migrated_stack();

@@ -541,3 +541,36 @@ fn a_default_from_another_sequence_is_refused() {
     usage_agg(&workdir(), &stack.env(), &["doctor", "--env", "dev"]).assert_status(78);
     status(&stack).assert_status(78);
 }
+
+/// A transaction writing usage_requests in another database of the same
+/// cluster (one cloned from the same template: the table has the same oid
+/// there) held this database's safe horizon back: a prepared one for ever,
+/// every run exiting 75 (found when two tests ran side by side). Only this
+/// database's writers count. (Against an external PostgREST there is no
+/// second database of the harness's own to make.)
+#[test]
+fn a_writer_in_another_database_of_the_cluster_does_not_hold_the_horizon() {
+    let stack = migrated_stack();
+    if stack.is_external() {
+        return;
+    }
+    let other = migrated_stack();
+    insert_rows(&stack, 20, 2);
+    let mut c = other.sql();
+    c.batch_execute(
+        "BEGIN; INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year)
+         VALUES (1, '2025-05-31 23:00:00', true, '2025-05'); PREPARE TRANSACTION 'in-another-database'",
+    )
+    .unwrap();
+    let run = aggregate(&stack, &[]);
+    c.batch_execute("ROLLBACK PREPARED 'in-another-database'")
+        .unwrap();
+    run.assert_status(0);
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT coalesce(sum(request_count), 0)::bigint FROM portal_usage_monthly"
+        ),
+        20
+    );
+}

@@ -31,7 +31,8 @@ BEGIN
     INSERT INTO public.usage_aggregation_state (job) VALUES (p_job) ON CONFLICT (job) DO NOTHING;
     SELECT * INTO s FROM public.usage_aggregation_state WHERE job = p_job FOR UPDATE;
   EXCEPTION WHEN lock_not_available THEN
-    SELECT coalesce(jsonb_agg(x.gid ORDER BY x.prepared), '[]') INTO held FROM pg_catalog.pg_prepared_xacts x;
+    SELECT coalesce(jsonb_agg(x.gid ORDER BY x.prepared), '[]') INTO held FROM pg_catalog.pg_prepared_xacts x
+     WHERE x.database = current_database();
     RETURN jsonb_build_object('acquired', false, 'blocked', true, 'prepared', held, 'now', now());
   END;
   PERFORM set_config('lock_timeout', was, true);

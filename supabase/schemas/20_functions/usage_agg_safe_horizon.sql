@@ -36,6 +36,7 @@ BEGIN
       INTO writers, prepared
       FROM pg_locks
      WHERE locktype = 'relation'
+       AND database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
        AND relation = 'public.usage_requests'::regclass
        AND mode = 'RowExclusiveLock'
        AND (pid IS NULL OR pid <> pg_backend_pid())

@@ -1,5 +1,7 @@
 -- Sets a portal's quota, or the default plan's (`usage-agg quota set`),
--- refusing bad input and a portal usage-agg has never seen.
+-- refusing bad input and a portal usage-agg has never seen. It takes turns
+-- with bookings (the lock on the closed months), so no crossing falls
+-- between a limit changed and rows booked at the same moment.
 CREATE OR REPLACE FUNCTION public.usage_agg_set_quota(
   p_limit bigint, p_thresholds integer[] DEFAULT '{80,100}', p_portal_id bigint DEFAULT NULL,
   p_by text DEFAULT NULL, p_new_portal boolean DEFAULT false)
@@ -14,6 +16,13 @@ DECLARE
   before jsonb;
   after  jsonb;
 BEGIN
+  -- Bookings hold the closed months in SHARE mode for their transaction:
+  -- this waits for those in flight to commit, and those that start after
+  -- wait for this one. A booking then sees the limit in force, and the
+  -- crossings recorded here see every booking committed before (a quota
+  -- set beside a booking recorded neither side's crossing; found by an
+  -- adversarial pass).
+  LOCK TABLE public.usage_agg_closed_months IN SHARE ROW EXCLUSIVE MODE;
   IF p_portal_id IS NOT NULL AND p_portal_id < 1 THEN
     RETURN jsonb_build_object('refused', 'bad_portal');
   END IF;
