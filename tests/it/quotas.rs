@@ -295,12 +295,14 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
     );
     assert_eq!(alerts(&stack).len(), 1, "a closed month fires nothing new");
 
-    // Reopened, January is open again: its next booking fires what its
-    // usage (monthly row plus late adjustments, 171) reached.
+    // Reopened, January is open again: the reopening fires what its usage
+    // (monthly row plus late adjustments, 171) reached, and its next
+    // booking nothing more.
     run(&stack, &["reopen", "--month", jan, "--reason", "test"]).assert_status(0);
+    assert_eq!(alerts(&stack).get(&key(1, jan, 100, 100)), Some(&171));
     insert(&stack, 1, jan, 1);
     aggregate(&stack, &[]).assert_status(0);
-    assert_eq!(alerts(&stack).get(&key(1, jan, 100, 100)), Some(&172));
+    assert_eq!(alerts(&stack).get(&key(1, jan, 100, 100)), Some(&171));
 }
 
 /// A closed month fires nothing, even as its late rows push it past a
