@@ -653,12 +653,13 @@ pub struct AggregateArgs {
     pub batch_size: Option<u64>,
 
     /// With --engine rpc and no --batch-size: size each server-side batch to take about this long (100ms to
-    /// 60s), from how long the last one took, so a small or busy instance stays far from its statement timeout
+    /// 60s) [default: 2s; 4s with --aggressive], from the rows and keys the last one read and what each cost,
+    /// so a small or busy instance stays far from its statement timeout
     #[arg(long, value_parser = batch_seconds, value_name = "DURATION", conflicts_with = "batch_size")]
     pub batch_seconds: Option<std::time::Duration>,
 
-    /// With --engine rpc: rest this long after each server-side batch [default: as long as the batch took,
-    /// so the database is busy with this run at most half the time; 0s with --aggressive]
+    /// With --engine rpc: rest this long after each server-side batch [default: a quarter of what the batch
+    /// took; 0s with --aggressive]
     #[arg(long, value_parser = batch_pause, value_name = "DURATION", conflicts_with = "aggressive", allow_hyphen_values = true)]
     pub batch_pause: Option<std::time::Duration>,
 

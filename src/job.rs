@@ -19,9 +19,10 @@ use crate::progress::Progress;
 use crate::state::{self, LeaseHeld};
 use crate::store::Store;
 
-/// What a server-side batch aims to take when sized by time: far under
-/// Supabase's 8 s statement timeout, long enough to amortise the call.
-const DEFAULT_BATCH_SECONDS: Duration = Duration::from_secs(1);
+/// What a server-side batch aims to take when sized by time: a quarter of
+/// Supabase's 8 s statement timeout, long enough that a batch writes each
+/// key once for many rows (every batch writes its keys again).
+const DEFAULT_BATCH_SECONDS: Duration = Duration::from_secs(2);
 /// With `--aggressive`: half of Supabase's 8 s statement timeout, and the
 /// first batch the fixed default (a million ids) rather than a small one.
 const AGGRESSIVE_BATCH_SECONDS: Duration = Duration::from_secs(4);
@@ -71,7 +72,7 @@ impl Job {
                 progress,
                 pace: crate::pace::Pace::with_deadline(args.scan.pace(args.batch_pause), deadline),
                 // Server-side batches: a fixed --batch-size, or sized by
-                // time (--batch-seconds, about 1 s by default).
+                // time (--batch-seconds, about 2 s by default).
                 batch_target: match args.batch_size {
                     Some(_) => None,
                     None => Some(args.batch_seconds.unwrap_or(if args.scan.aggressive {

@@ -18,54 +18,16 @@ pub const DEFAULT_BATCH_IDS: u64 = 1_000_000;
 /// The smallest batch the engine halves down to after statement timeouts.
 pub const MIN_BATCH_IDS: u64 = 1_000;
 
-/// The first batch when sizing by time: small, so that even on a slow
-/// instance where every row is its own key (the costly case: a batch's
-/// time follows the keys it writes) the first batch stays under the aim;
-/// four times more a batch while far under it. With `--aggressive` the
-/// first batch is the fixed default instead.
-pub const FIRST_TIMED_BATCH_IDS: u64 = 20_000;
+/// The first batch when sizing by time: small enough that even where every
+/// row is its own key (the costly case: a batch's time follows the keys it
+/// writes) it stays under the aim on a slow instance; the database sizes
+/// every batch after it from what this one cost (`usage_agg_next_batch_ids`,
+/// the one sizing rule, which the scheduled run uses too). With
+/// `--aggressive` the first batch is the fixed default instead.
+pub const FIRST_TIMED_BATCH_IDS: u64 = 50_000;
 
-/// The largest batch sizing by time grows to.
+/// The largest batch: what `usage_agg_next_batch_ids` grows to at most.
 pub const MAX_BATCH_IDS: u64 = 50_000_000;
-
-/// A batch's size and how long it took.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample {
-    pub ids: u64,
-    pub took: std::time::Duration,
-}
-
-/// The next batch's ids, so that it takes about `target`. A batch's time
-/// is a part that follows its keys (each written once, however many rows)
-/// plus a part that follows its ids, so a step in proportion to the last
-/// batch alone undershoots: while a batch takes under a quarter of the aim
-/// the size quadruples; past that, a line through the last two batches
-/// says what size takes `target` (in proportion when it cannot). At most
-/// 4x more or fewer at a time (one odd batch must not swing it), within
-/// [`MIN_BATCH_IDS`] and [`MAX_BATCH_IDS`].
-pub fn next_batch_ids(last: Sample, before: Option<Sample>, target: std::time::Duration) -> u64 {
-    let (ids, t, goal) = (
-        last.ids,
-        last.took.as_secs_f64().max(0.001),
-        target.as_secs_f64(),
-    );
-    let proportional = (ids as f64 * goal / t) as u64;
-    let wanted = if t < goal / 4.0 {
-        ids.saturating_mul(4)
-    } else {
-        before
-            .filter(|b| b.ids != ids)
-            .and_then(|b| {
-                let slope = (t - b.took.as_secs_f64()) / (ids as f64 - b.ids as f64);
-                let fixed = t - slope * ids as f64;
-                (slope > 0.0 && fixed < goal).then(|| ((goal - fixed) / slope) as u64)
-            })
-            .unwrap_or(proportional)
-    };
-    wanted
-        .clamp(ids / 4, ids.saturating_mul(4))
-        .clamp(MIN_BATCH_IDS, MAX_BATCH_IDS)
-}
 
 /// How many times the batch lock is asked for again (100 ms apart) right
 /// after our own batch timed out: two seconds for its rollback to finish.
@@ -103,7 +65,6 @@ pub async fn run<S: Store>(
     if opts.batch_target.is_some() && opts.pace.settings().adaptive {
         batch_ids = batch_ids.min(FIRST_TIMED_BATCH_IDS);
     }
-    let mut before: Option<Sample> = None;
     // A size that ran past the statement timeout is never asked for again
     // (an aim longer than the timeout would otherwise grow back into it).
     let mut ceiling = MAX_BATCH_IDS;
@@ -116,7 +77,12 @@ pub async fn run<S: Store>(
     loop {
         let started = std::time::Instant::now();
         let b = match store
-            .rpc_batch(batch_ids, opts.horizon_wait, opts.dry_run)
+            .rpc_batch(
+                batch_ids,
+                opts.horizon_wait,
+                opts.dry_run,
+                opts.batch_target,
+            )
             .await
         {
             Ok(b) => b,
@@ -163,15 +129,10 @@ pub async fn run<S: Store>(
         batches += 1;
         let took = started.elapsed();
         outcome.batch_longest = outcome.batch_longest.max(took);
-        if let Some(target) = opts.batch_target {
-            let last = Sample {
-                ids: batch_ids,
-                took,
-            };
-            let next = next_batch_ids(last, before, target).min(ceiling);
-            before = Some(last);
+        if let Some(next) = b.next_batch_ids {
+            let next = next.min(ceiling).max(MIN_BATCH_IDS);
             if next != batch_ids {
-                tracing::info!(from = batch_ids, to = next, took = ?started.elapsed(), "batch size");
+                tracing::info!(from = batch_ids, to = next, took = ?took, fold_ms = b.fold_ms, book_ms = b.book_ms, "batch size");
             }
             batch_ids = next;
         }
@@ -247,54 +208,4 @@ pub async fn run<S: Store>(
         }
     }
     Ok(outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn at(ids: u64, ms: u64) -> Sample {
-        Sample {
-            ids,
-            took: Duration::from_millis(ms),
-        }
-    }
-
-    #[test]
-    fn batches_are_sized_to_the_target_duration_by_steps_of_at_most_four() {
-        let s = Duration::from_secs;
-        // Far under the aim: four times more.
-        assert_eq!(next_batch_ids(at(20_000, 100), None, s(1)), 80_000);
-        // Under it, with nothing to draw a line through: in proportion.
-        assert_eq!(next_batch_ids(at(1_000_000, 500), None, s(1)), 2_000_000);
-        assert_eq!(next_batch_ids(at(1_000_000, 4_000), None, s(1)), 250_000);
-        assert_eq!(
-            next_batch_ids(at(1_000_000, 30_000), None, s(1)),
-            250_000,
-            "a quarter at most"
-        );
-        assert_eq!(
-            next_batch_ids(at(1_000_000, 1), None, s(1)),
-            4_000_000,
-            "four times at most"
-        );
-        assert_eq!(next_batch_ids(at(2_000, 10_000), None, s(1)), MIN_BATCH_IDS);
-        assert_eq!(
-            next_batch_ids(at(40_000_000, 100), None, s(1)),
-            MAX_BATCH_IDS
-        );
-        assert_eq!(next_batch_ids(at(1_000_000, 1_000), None, s(1)), 1_000_000);
-        // 0.3 s for the keys plus 1 s a million ids, measured at 100k and
-        // 400k: the line finds 700k, where a proportion would say 540k.
-        assert_eq!(
-            next_batch_ids(at(400_000, 700), Some(at(100_000, 400)), s(1)),
-            700_000
-        );
-        // A line that slopes the wrong way (noise) falls back to proportion.
-        assert_eq!(
-            next_batch_ids(at(400_000, 500), Some(at(100_000, 600)), s(1)),
-            800_000
-        );
-    }
 }

@@ -689,6 +689,7 @@ impl Store for MemoryStore {
         _batch_ids: u64,
         _wait: Duration,
         _dry_run: bool,
+        _aim: Option<Duration>,
     ) -> anyhow::Result<Batch> {
         anyhow::bail!("the server-side engine runs SQL: it is tested against the real stack")
     }

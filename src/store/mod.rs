@@ -70,6 +70,12 @@ pub struct Batch {
     /// The quotas' thresholds the batch's keys reached, recorded with it.
     pub alerts: Vec<crate::alerts::Crossing>,
     pub done: bool,
+    /// The next batch's ids to take the aim asked for (the one sizing
+    /// rule, `usage_agg_next_batch_ids`); none with a fixed size.
+    pub next_batch_ids: Option<u64>,
+    /// How long the batch's fold and its booking took in the database.
+    pub fold_ms: f64,
+    pub book_ms: f64,
 }
 
 pub use crate::booking::{Refusal, RefusalKind};
@@ -206,12 +212,14 @@ pub trait Store {
         reason: &str,
         by: &str,
     ) -> anyhow::Result<ReopenAnswer>;
-    /// One server-side batch (`--engine rpc`).
+    /// One server-side batch (`--engine rpc`); with `aim`, it answers the
+    /// size of the next batch to take about that long.
     async fn rpc_batch(
         &self,
         batch_ids: u64,
         wait: Duration,
         dry_run: bool,
+        aim: Option<Duration>,
     ) -> anyhow::Result<Batch>;
 
     /// The job scheduled in the database (pg_cron): installs or updates it

@@ -290,13 +290,19 @@ impl Store for RestStore {
         batch_ids: u64,
         wait: Duration,
         dry_run: bool,
+        aim: Option<Duration>,
     ) -> anyhow::Result<Batch> {
-        let args = json!({
+        let mut args = json!({
             "p_job": JOB,
             "p_batch_ids": batch_ids,
             "p_max_wait_ms": wait.as_millis() as u64,
             "p_dry_run": dry_run,
         });
+        // Sent only when sizing by time: a fixed size leaves it to its
+        // default (NULL), so that it also works before 20261207170000.
+        if let Some(aim) = aim {
+            args["p_aim_ms"] = json!(aim.as_millis() as u64);
+        }
         // Safe to send again: a batch whose answer was lost either did not
         // commit (and is done again) or did (and the cursor moved past it,
         // so the next call starts where it ended).

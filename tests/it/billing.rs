@@ -591,9 +591,9 @@ fn adjust_books_once_per_id_signed_and_verify_shows_it_apart() {
     stack
         .sql()
         .batch_execute(
-            "ALTER TABLE portal_usage_monthly DISABLE TRIGGER usage_agg_closed_month;
+            "ALTER TABLE portal_usage_monthly DISABLE TRIGGER usage_agg_closed_month_update;
              UPDATE portal_usage_monthly SET request_count = 60, success_count = 60 WHERE month_year = '2025-05';
-             ALTER TABLE portal_usage_monthly ENABLE TRIGGER usage_agg_closed_month;",
+             ALTER TABLE portal_usage_monthly ENABLE TRIGGER usage_agg_closed_month_update;",
         )
         .unwrap();
     let run = usage(&stack, &["verify", "--json"]);

@@ -137,7 +137,7 @@ fn server_side_batches_are_sized_by_time_unless_a_size_is_given() {
     insert_rows(&stack, 600, 30);
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 5000, 30);
-    // Sized by time (the sizing itself is a unit test of next_batch_ids):
+    // Sized by time (the rule itself: the test below):
     // the totals are the same whatever the sizes.
     let run = aggregate(
         &stack,
@@ -170,4 +170,71 @@ fn server_side_batches_are_sized_by_time_unless_a_size_is_given() {
     )
     .assert_status(64);
     aggregate(&stack, &["--engine", "rpc", "--batch-seconds", "10ms"]).assert_status(64);
+}
+
+/// The one sizing rule (`usage_agg_next_batch_ids`), on random batches: the
+/// bounds hold, more time to spend never means a smaller batch, a batch
+/// that took exactly the aim is asked for again, rows that are each their
+/// own key grow in proportion to the time, and rows that repeat their keys
+/// grow faster than in proportion (the keys are written once either way).
+#[test]
+fn the_sizing_rule_keeps_its_bounds_and_grows_faster_when_rows_repeat_keys() {
+    let stack = migrated_stack();
+    let mut db = stack.sql();
+    let mut next = |ids: i64,
+                    rows: i64,
+                    keys: i64,
+                    fold: f64,
+                    book: f64,
+                    fixed: f64,
+                    aim: Option<f64>|
+     -> Option<i64> {
+        db.query_one(
+            "SELECT usage_agg_next_batch_ids($1, $2, $3, $4, $5, $6, $7)",
+            &[&ids, &rows, &keys, &fold, &book, &fixed, &aim],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(
+        next(100_000, 100_000, 30_000, 100.0, 600.0, 5.0, None),
+        None,
+        "a fixed size"
+    );
+    let mut rng = Rng(2207);
+    for case in 0..300 {
+        let ids = 1_000 + rng.below(5_000_000) as i64;
+        let rows = (ids as u64 * (1 + rng.below(100)) / 100) as i64;
+        let keys = 1 + rng.below(rows.max(1) as u64) as i64;
+        let fold = 1.0 + rng.below(2_000) as f64;
+        let book = 1.0 + rng.below(5_000) as f64;
+        let fixed = rng.below(20) as f64;
+        let aim = 100.0 + rng.below(10_000) as f64;
+        let what = format!("case {case}: {ids} ids, {rows} rows, {keys} keys, {fold}+{book}+{fixed} ms, aim {aim} ms");
+        let n = next(ids, rows, keys, fold, book, fixed, Some(aim)).expect(&what);
+        let (lo, hi) = (
+            (ids / 4).clamp(1_000, 50_000_000),
+            (ids * 16).clamp(1_000, 50_000_000),
+        );
+        assert!(n >= lo && n <= hi, "{what}: {n} outside [{lo}, {hi}]");
+        let more = next(ids, rows, keys, fold, book, fixed, Some(aim * 2.0)).unwrap();
+        assert!(more >= n, "{what}: twice the time gives {more} < {n}");
+        let took = fold + book + fixed;
+        let again = next(ids, rows, keys, fold, book, fixed, Some(took)).unwrap();
+        if ids / 4 >= 1_000 {
+            assert!(
+                (again - ids).abs() <= ids / 50 + 1,
+                "{what}: a batch that took the aim ({took} ms) is asked for again, not {again}"
+            );
+        }
+    }
+    // Each row its own key: in proportion (the fixed part aside).
+    assert_eq!(
+        next(100_000, 100_000, 100_000, 200.0, 800.0, 0.0, Some(2_000.0)),
+        Some(200_000)
+    );
+    // The same time, but 300,000 rows on 30,000 keys: the keys are already
+    // written by this batch's size, so twice the time is far more rows.
+    let repeated = next(300_000, 300_000, 30_000, 400.0, 600.0, 0.0, Some(2_000.0)).unwrap();
+    assert!(repeated > 600_000, "{repeated}");
 }

@@ -727,7 +727,8 @@ fn a_scheduled_run_cut_by_the_statement_timeout_records_itself_and_halves_its_ba
     assert_eq!(summary["outcome"], "stopped", "{summary}");
     assert!(
         summary["reason"].as_str().is_some_and(
-            |r| r.contains("was cancelled") && r.contains("the next run asks for 500000 ids")
+            // The first batch is 50,000 ids (the sizing rule's first).
+            |r| r.contains("was cancelled") && r.contains("the next run asks for 25000 ids")
         ),
         "{summary}"
     );
@@ -742,7 +743,7 @@ fn a_scheduled_run_cut_by_the_statement_timeout_records_itself_and_halves_its_ba
     );
     assert_eq!(
         state_text(&stack, "scheduled_batch_ids").as_deref(),
-        Some("500000")
+        Some("25000")
     );
     assert_eq!(
         state_text(&stack, "scheduled_statement_timeout_ms").as_deref(),

@@ -13,11 +13,14 @@
 --   * the target is the monthly row of k, or, when k's month is closed, its
 --     late adjustment booked in usage_agg_booking_month(k's month). The
 --     target is created (empty) when missing, then every target is locked,
---     in key order (two bookings never deadlock on each other);
+--     in key order (two bookings never deadlock on each other), and read
+--     by the statement that locks it (a locking read returns the version
+--     it locked);
 --   * E_k, the highest watermark of k over its monthly row and all its late
---     adjustments, is read under those locks. Every other row of k is
---     frozen: the triggers refuse a closed month's monthly row and a late
---     adjustment not booked in the booking month;
+--     adjustments, is the locked target's and those of the other rows of k,
+--     which are frozen: the triggers refuse a closed month's monthly row, a
+--     late adjustment not booked in the booking month, and a late
+--     adjustment of an open month;
 --   * if E_k <= p_from, every folded row is new and the fold is added; if
 --     E_k >= w, another run counted them all; otherwise (another run counted
 --     part of the range, or died midway) the key's rows in (E_k, p_to] are
@@ -32,6 +35,8 @@
 --   * each threshold of its quota a booked key's open month reached is
 --     recorded in portal_usage_alerts, once per portal, month, threshold
 --     and limit (20261207130000, docs/quotas.md).
+-- Each step is one set-based statement over all the keys (a key costs a
+-- few microseconds a step: docs/benchmarks.md, issue 22).
 -- Returns a summary; with p_dry_run, nothing is written and the summary
 -- lists each change ("changes") and each alert it would record ("alerts").
 CREATE OR REPLACE FUNCTION public.usage_agg_book_folded(
@@ -58,13 +63,6 @@ BEGIN
   END IF;
   LOCK TABLE public.usage_agg_closed_months IN SHARE MODE;
 
-  -- Where each key books, and what is wrong with the input.
-  CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
-    portal_id bigint, month_year text, late boolean, booked text,
-    c bigint, s bigint, e bigint, at timestamp, w bigint,
-    tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
-    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean) ON COMMIT DROP;
-  TRUNCATE pg_temp.usage_agg_plan;
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
               WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
                  OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
@@ -77,12 +75,20 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
     RAISE EXCEPTION 'usage_agg_book: a key is folded twice' USING ERRCODE = '22023';
   END IF;
-  INSERT INTO pg_temp.usage_agg_plan (portal_id, month_year, late, booked, c, s, e, at, w)
-  SELECT f.portal_id, f.month_year, cm.month_year IS NOT NULL,
-         CASE WHEN cm.month_year IS NOT NULL THEN public.usage_agg_booking_month(f.month_year) END,
-         f.c, f.s, f.e, f.at, f.w
-    FROM pg_temp.usage_agg_fold f
-    LEFT JOIN public.usage_agg_closed_months cm ON cm.month_year = f.month_year AND cm.closed;
+
+  -- Where each key books: its monthly row, or (its month closed) its late
+  -- adjustment in the booking month, named by its idempotency key.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_where (
+    portal_id bigint, month_year text, late boolean, booked text, ikey text,
+    c bigint, s bigint, e bigint, at timestamp, w bigint) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_where;
+  INSERT INTO pg_temp.usage_agg_where
+  SELECT x.portal_id, x.month_year, x.booked IS NOT NULL, x.booked,
+         'late:' || x.portal_id || ':' || x.month_year || ':' || x.booked,
+         x.c, x.s, x.e, x.at, x.w
+    FROM (SELECT f.*, CASE WHEN cm.month_year IS NOT NULL THEN public.usage_agg_booking_month(f.month_year) END AS booked
+            FROM pg_temp.usage_agg_fold f
+            LEFT JOIN public.usage_agg_closed_months cm ON cm.month_year = f.month_year AND cm.closed) x;
 
   -- Targets that do not exist yet, for keys with rows above what is
   -- counted (read without locks: a key created meanwhile is found below).
@@ -91,7 +97,7 @@ BEGIN
            (portal_id, month_year, request_count, success_count, error_count, last_request_at,
             last_request_id, updated_at)
     SELECT p.portal_id, p.month_year, 0, 0, 0, NULL, 0, now()
-      FROM pg_temp.usage_agg_plan p
+      FROM pg_temp.usage_agg_where p
      WHERE NOT p.late
        AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
                         WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
@@ -100,67 +106,95 @@ BEGIN
     INSERT INTO public.portal_usage_adjustments
            (portal_id, month_year, booked_month, source, request_count, success_count, error_count,
             last_request_at, last_request_id, idempotency_key, counted_from_id)
-    SELECT p.portal_id, p.month_year, p.booked, 'late', 0, 0, 0, NULL, 0,
-           'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked, NULL
-      FROM pg_temp.usage_agg_plan p
+    SELECT p.portal_id, p.month_year, p.booked, 'late', 0, 0, 0, NULL, 0, p.ikey, NULL
+      FROM pg_temp.usage_agg_where p
      WHERE p.late
-       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
-                        WHERE a.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked)
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a WHERE a.idempotency_key = p.ikey)
      ORDER BY p.portal_id, p.month_year
     ON CONFLICT (idempotency_key) DO NOTHING;
-
-    -- Every target locked, in key order.
-    PERFORM 1 FROM public.portal_usage_monthly m JOIN pg_temp.usage_agg_plan p
-        ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
-     ORDER BY m.portal_id, m.month_year FOR UPDATE OF m;
-    PERFORM 1 FROM public.portal_usage_adjustments a JOIN pg_temp.usage_agg_plan p
-        ON a.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked AND p.late
-     ORDER BY a.portal_id, a.month_year FOR UPDATE OF a;
   END IF;
 
-  -- The target's state and E_k, under those locks.
-  UPDATE pg_temp.usage_agg_plan p
-     SET tgt_c = CASE WHEN p.late THEN t.a_c ELSE m.request_count END,
-         tgt_s = CASE WHEN p.late THEN t.a_s ELSE m.success_count END,
-         tgt_e = CASE WHEN p.late THEN t.a_e ELSE m.error_count END,
-         tgt_at = CASE WHEN p.late THEN t.a_at ELSE m.last_request_at END,
-         tgt_w = CASE WHEN p.late THEN t.a_w ELSE m.last_request_id END,
-         e_k = greatest(coalesce(m.last_request_id, 0), coalesce(x.all_w, 0))
-    FROM pg_temp.usage_agg_plan k
-    LEFT JOIN public.portal_usage_monthly m ON m.portal_id = k.portal_id AND m.month_year = k.month_year
-    LEFT JOIN LATERAL (
-      SELECT max(a.last_request_id) AS all_w
-        FROM public.portal_usage_adjustments a
-       WHERE a.portal_id = k.portal_id AND a.month_year = k.month_year AND a.source = 'late') x ON true
-    LEFT JOIN LATERAL (
-      SELECT a.request_count AS a_c, a.success_count AS a_s, a.error_count AS a_e,
-             a.last_request_at AS a_at, a.last_request_id AS a_w
-        FROM public.portal_usage_adjustments a
-       WHERE k.late AND a.idempotency_key = 'late:' || k.portal_id || ':' || k.month_year || ':' || k.booked) t ON true
-   WHERE p.portal_id = k.portal_id AND p.month_year = k.month_year;
+  -- Every target locked, in key order, and read under its lock; E_k, the
+  -- highest watermark of k over its monthly row and all its late
+  -- adjustments, from the locked target and the rows of k that are frozen
+  -- while it is (a closed month's monthly row, late adjustments not booked
+  -- in the booking month, every late adjustment of an open month). One
+  -- statement: the locking reads return the row versions they locked.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
+    portal_id bigint, month_year text, late boolean, booked text, ikey text,
+    c bigint, s bigint, e bigint, at timestamp, w bigint,
+    tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
+    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_plan;
+  WITH lm AS (
+    SELECT m.portal_id, m.month_year, m.request_count, m.success_count, m.error_count,
+           m.last_request_at, m.last_request_id
+      FROM public.portal_usage_monthly m
+      JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
+     ORDER BY m.portal_id, m.month_year
+       FOR UPDATE OF m
+  ), la AS (
+    SELECT a.idempotency_key, a.request_count, a.success_count, a.error_count,
+           a.last_request_at, a.last_request_id
+      FROM public.portal_usage_adjustments a
+      JOIN pg_temp.usage_agg_where p ON a.idempotency_key = p.ikey AND p.late
+     ORDER BY a.portal_id, a.month_year
+       FOR UPDATE OF a
+  ), frozen AS (
+    SELECT a.portal_id, a.month_year, max(a.last_request_id) AS w
+      FROM public.portal_usage_adjustments a
+      JOIN pg_temp.usage_agg_where p ON a.portal_id = p.portal_id AND a.month_year = p.month_year
+     WHERE a.source = 'late' AND a.idempotency_key IS DISTINCT FROM p.ikey
+     GROUP BY 1, 2
+  ), frozen_m AS (
+    SELECT m.portal_id, m.month_year, m.last_request_id AS w
+      FROM public.portal_usage_monthly m
+      JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND p.late
+  ), k AS (
+    SELECT p.*,
+           coalesce(la.request_count, lm.request_count) AS tgt_c,
+           coalesce(la.success_count, lm.success_count) AS tgt_s,
+           coalesce(la.error_count, lm.error_count) AS tgt_e,
+           CASE WHEN p.late THEN la.last_request_at ELSE lm.last_request_at END AS tgt_at,
+           coalesce(la.last_request_id, lm.last_request_id) AS tgt_w,
+           greatest(coalesce(lm.last_request_id, 0), coalesce(fm.w, 0), coalesce(la.last_request_id, 0),
+                    coalesce(fz.w, 0)) AS e_k
+      FROM pg_temp.usage_agg_where p
+      LEFT JOIN lm ON lm.portal_id = p.portal_id AND lm.month_year = p.month_year
+      LEFT JOIN la ON la.idempotency_key = p.ikey
+      LEFT JOIN frozen_m fm ON fm.portal_id = p.portal_id AND fm.month_year = p.month_year
+      LEFT JOIN frozen fz ON fz.portal_id = p.portal_id AND fz.month_year = p.month_year
+  )
+  INSERT INTO pg_temp.usage_agg_plan
+  SELECT k.portal_id, k.month_year, k.late, k.booked, k.ikey, k.c, k.s, k.e, k.at, k.w,
+         k.tgt_c, k.tgt_s, k.tgt_e, k.tgt_at, k.tgt_w, k.e_k,
+         -- What is new: all of the fold (nothing above p_from counted),
+         -- nothing (another run counted it all), or (counted in part)
+         -- counted again below.
+         CASE WHEN k.e_k <= p_from THEN k.c WHEN k.e_k >= k.w THEN 0 END,
+         CASE WHEN k.e_k <= p_from THEN k.s WHEN k.e_k >= k.w THEN 0 END,
+         CASE WHEN k.e_k <= p_from THEN k.e WHEN k.e_k >= k.w THEN 0 END,
+         CASE WHEN k.e_k <= p_from THEN k.at END,
+         CASE WHEN k.e_k <= p_from THEN k.w END,
+         k.e_k > p_from AND k.e_k < k.w
+    FROM k;
 
-  -- What is new for each key.
-  UPDATE pg_temp.usage_agg_plan
-     SET dc = c, ds = s, de = e, dat = at, dw = w, redo = false
-   WHERE e_k <= p_from;
-  UPDATE pg_temp.usage_agg_plan
-     SET dc = 0, ds = 0, de = 0, dat = NULL, dw = NULL, redo = false
-   WHERE e_k >= w;
-  UPDATE pg_temp.usage_agg_plan
-     SET redo = true
-   WHERE e_k > p_from AND e_k < w;
+  -- Keys another run counted in part: their rows in (E_k, p_to] counted
+  -- again from usage_requests, in one scan for all such keys.
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_plan WHERE redo) THEN
     UPDATE pg_temp.usage_agg_plan p
        SET dc = coalesce(x.c, 0), ds = coalesce(x.s, 0), de = coalesce(x.e, 0), dat = x.at, dw = x.w
-      FROM pg_temp.usage_agg_plan k
-      LEFT JOIN LATERAL (
-        SELECT count(*) AS c, count(*) FILTER (WHERE r.success) AS s,
-               count(*) FILTER (WHERE NOT r.success) AS e, max(r.request_timestamp) AS at, max(r.id) AS w
-          FROM public.usage_requests r
-         WHERE r.id > k.e_k AND r.id <= p_to
-           AND r.portal_id = k.portal_id AND r.month_year = k.month_year
-           AND r.success IS NOT NULL AND public.usage_agg_valid_time(r.request_timestamp)) x ON true
-     WHERE k.redo AND p.portal_id = k.portal_id AND p.month_year = k.month_year;
+      FROM (SELECT k.portal_id, k.month_year, r.c, r.s, r.e, r.at, r.w
+              FROM pg_temp.usage_agg_plan k
+              LEFT JOIN LATERAL (
+                SELECT count(*) AS c, count(*) FILTER (WHERE u.success) AS s,
+                       count(*) FILTER (WHERE NOT u.success) AS e, max(u.request_timestamp) AS at, max(u.id) AS w
+                  FROM public.usage_requests u
+                 WHERE u.id > k.e_k AND u.id <= p_to
+                   AND u.portal_id = k.portal_id AND u.month_year = k.month_year
+                   AND u.success IS NOT NULL AND public.usage_agg_valid_time(u.request_timestamp)) r ON true
+             WHERE k.redo) x
+     WHERE p.redo AND p.portal_id = x.portal_id AND p.month_year = x.month_year;
   END IF;
 
   SELECT count(*) FILTER (WHERE dc > 0), coalesce(sum(dc), 0),
@@ -251,7 +285,7 @@ BEGIN
          counted_from_id = greatest(p.e_k, p_from)
     FROM pg_temp.usage_agg_plan p
    WHERE p.late AND p.dc > 0
-     AND t.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked;
+     AND t.idempotency_key = p.ikey;
 
   -- Every write read back: it holds what was written, or it is lost.
   WITH now_ AS (
@@ -266,7 +300,7 @@ BEGIN
       LEFT JOIN public.portal_usage_monthly m
         ON NOT p.late AND m.portal_id = p.portal_id AND m.month_year = p.month_year
       LEFT JOIN public.portal_usage_adjustments a
-        ON p.late AND a.idempotency_key = 'late:' || p.portal_id || ':' || p.month_year || ':' || p.booked
+        ON p.late AND a.idempotency_key = p.ikey
      WHERE p.dc > 0
   ), gone AS (
     SELECT * FROM now_
@@ -307,6 +341,9 @@ BEGIN
     'lost', lost, 'alerts', alerts);
 END
 $$;
+
+-- Its owner alone: usage-agg's own functions call it, never the API.
+REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;
 
 -- Its owner alone: usage-agg's own functions call it, never the API.
 REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;

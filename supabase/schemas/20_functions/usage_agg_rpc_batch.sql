@@ -4,12 +4,17 @@
 -- p_batch_ids)] are folded by key in SQL, bad rows counted (the first ids
 -- named), then booked by the same rules as every engine
 -- (usage_agg_book_folded), and the cursor moved. One batch at a time per
--- job. The caller calls it until it reports done.
+-- job. The caller calls it until it reports done. With p_aim_ms, it also
+-- answers next_batch_ids, the size of the next batch to take about that
+-- long (usage_agg_next_batch_ids, from this batch's rows, keys, and the
+-- time its fold and its booking took, measured here, without the wait for
+-- the horizon and the round trip).
 CREATE OR REPLACE FUNCTION public.usage_agg_rpc_batch(
   p_job text DEFAULT 'default',
   p_batch_ids bigint DEFAULT 1000000,
   p_max_wait_ms integer DEFAULT 2000,
-  p_dry_run boolean DEFAULT false)
+  p_dry_run boolean DEFAULT false,
+  p_aim_ms integer DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -24,6 +29,11 @@ DECLARE
   n_bad   bigint;
   bad_ids bigint[];
   booked  jsonb;
+  n_keys  bigint;
+  n_good  bigint;
+  t_start timestamptz;
+  t_fold  timestamptz;
+  t_book  timestamptz;
 BEGIN
   IF NOT pg_try_advisory_xact_lock(hashtext('usage_agg_rpc_batch:' || p_job)) THEN
     RETURN jsonb_build_object('busy', true);
@@ -39,6 +49,7 @@ BEGIN
                               'prepared_in_flight', hz->'prepared_in_flight');
   END IF;
   hi := greatest(lo, least(horizon, lo + p_batch_ids));
+  t_start := clock_timestamp();
 
   CREATE TEMP TABLE IF NOT EXISTS usage_agg_fold (
     portal_id bigint, month_year text, c bigint, s bigint, e bigint, at timestamp, w bigint) ON COMMIT DROP;
@@ -72,8 +83,11 @@ BEGIN
               OR NOT public.usage_agg_valid_time(request_timestamp))
        ORDER BY id LIMIT 5) x;
   END IF;
+  SELECT count(*), coalesce(sum(c), 0) INTO n_keys, n_good FROM pg_temp.usage_agg_fold;
+  t_fold := clock_timestamp();
 
   booked := public.usage_agg_book_folded(p_job, lo, hi, p_dry_run);
+  t_book := clock_timestamp();
   IF NOT p_dry_run THEN
     UPDATE public.usage_aggregation_state
        SET cursor_id = greatest(cursor_id, hi), updated_at = now()
@@ -84,12 +98,18 @@ BEGIN
     END IF;
   END IF;
   RETURN (booked - 'changes') || jsonb_build_object('horizon', horizon, 'bad', n_bad,
-    'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon, 'dry_run', p_dry_run);
+    'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon, 'dry_run', p_dry_run,
+    'fold_ms', round((extract(epoch FROM t_fold - t_start) * 1000)::numeric, 1),
+    'book_ms', round((extract(epoch FROM t_book - t_fold) * 1000)::numeric, 1),
+    'next_batch_ids', public.usage_agg_next_batch_ids(
+      hi - lo, n_good + n_bad, n_keys,
+      extract(epoch FROM t_fold - t_start) * 1000, extract(epoch FROM t_book - t_fold) * 1000,
+      extract(epoch FROM clock_timestamp() - t_book) * 1000, p_aim_ms));
 END
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.
 -- Supabase's default privileges give every new function to anon,
 -- authenticated and service_role: all of it is revoked first.
-REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean) FROM PUBLIC, anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean) TO service_role;
+REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer) TO service_role;

@@ -38,8 +38,12 @@
 -- COMMITs (on Supabase the global is 2 minutes): the run keeps its time
 -- bound inside 80% of the timeout less 5 s, catches a cancel during a
 -- batch, records the run ('stopped', with why) and lets the lease go, and
--- halves the batch for the next runs (growing it back while batches are
--- quick: usage_aggregation_state.scheduled_batch_ids). It records the
+-- halves the batch for the next runs. Batches are sized as the CLI's
+-- (usage_agg_next_batch_ids, answered by each batch): each aims at a fifth
+-- of the time bound (1 to 10 s, never past what is left of it), starting
+-- from the size the last batch left in
+-- usage_aggregation_state.scheduled_batch_ids (50,000 ids the first
+-- time), never above p_batch_ids. It records the
 -- timeout it ran under (scheduled_statement_timeout_ms), which `schedule`
 -- and `doctor` check the time limit against.
 --
@@ -96,7 +100,6 @@ DECLARE
   lost      jsonb := '[]';
   budget    numeric;
   batch     bigint;
-  b_start   timestamptz;
 BEGIN
   IF p_max_seconds IS NULL OR p_max_seconds < 0 OR p_batch_ids IS NULL OR p_batch_ids < 1
      OR p_max_wait_ms IS NULL OR p_max_wait_ms < 0 OR p_max_wait_ms > 7000 THEN
@@ -140,9 +143,9 @@ BEGIN
   END IF;
   -- A batch halved after running into the timeout stays halved for the
   -- next runs, and grows back while batches are quick.
-  SELECT least(p_batch_ids, coalesce(s.scheduled_batch_ids, p_batch_ids)) INTO batch
+  SELECT least(p_batch_ids, coalesce(s.scheduled_batch_ids, 50000)) INTO batch
     FROM public.usage_aggregation_state s WHERE s.job = job;
-  batch := coalesce(batch, p_batch_ids);
+  batch := coalesce(batch, least(p_batch_ids, 50000));
   UPDATE public.usage_aggregation_state SET scheduled_statement_timeout_ms = tmo_ms WHERE usage_aggregation_state.job = job;
   COMMIT; -- the lease, for everyone to see
 
@@ -202,9 +205,11 @@ BEGIN
         EXIT;
       END IF;
     END IF;
-    b_start := clock_timestamp();
     BEGIN
-      b := public.usage_agg_rpc_batch(job, batch, p_max_wait_ms, false);
+      b := public.usage_agg_rpc_batch(job, batch, p_max_wait_ms, false,
+             greatest(500, least(10000, budget * 200,
+                                 date_part('epoch', started + make_interval(secs => budget) - clock_timestamp()) * 1000
+                                ))::integer);
     EXCEPTION WHEN query_canceled THEN
       -- The statement timeout (or a cancel) cut the batch, which rolled
       -- back whole. It fires once: the run can still record itself. The
@@ -243,9 +248,9 @@ BEGIN
       lost := lost || coalesce(b->'lost', '[]');
       bad_ids := (bad_ids || ARRAY(SELECT jsonb_array_elements_text(b->'bad_ids')::bigint))[1:5];
       c_after := (b->>'to')::bigint;
-      -- A quick batch lets a halved size grow back, up to p_batch_ids.
-      IF batch < p_batch_ids AND clock_timestamp() - b_start < interval '2 seconds' THEN
-        batch := least(p_batch_ids, batch * 2);
+      -- The next batch as the sizing rule says, for this run and the next.
+      IF (b->>'next_batch_ids') IS NOT NULL THEN
+        batch := least(p_batch_ids, greatest(1000, (b->>'next_batch_ids')::bigint));
         UPDATE public.usage_aggregation_state SET scheduled_batch_ids = batch WHERE usage_aggregation_state.job = job;
       END IF;
       COMMIT;
