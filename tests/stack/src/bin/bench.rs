@@ -643,7 +643,7 @@ impl Data {
     fn describe(&self) -> String {
         format!(
             "**{}**: {} raw rows, {}; {} portals with rows, {} portal-months ({:.1} rows a key); the busiest portal \
-             {:.1}% of the rows, the busiest 1% of portals {:.1}%; {:.1}% of the rows in another month than the \
+             {:.2}% of the rows, the busiest 1% of portals {:.1}%; {:.1}% of the rows in another month than the \
              newest row's; about 5% errors",
             self.shape.name(),
             self.rows,
@@ -1258,16 +1258,6 @@ fn ratio(name: impl Into<String>, value: f64, target: f64) -> Ratio {
     }
 }
 
-fn reference(name: impl Into<String>, value: f64) -> Ratio {
-    Ratio {
-        name: name.into(),
-        value: Some(value),
-        target: "(for reference)".into(),
-        met: None,
-        digits: 3,
-    }
-}
-
 fn not_run(name: impl Into<String>, target: &str, why: &str) -> Ratio {
     Ratio {
         name: name.into(),
@@ -1641,12 +1631,12 @@ impl Bench {
             ],
             ratios: vec![
                 ratio(
-                    format!("REST full run, {fl} / transport alone, {c} streams (median / median)"),
+                    format!("REST full run (first rebuild: --full from an empty table), {fl} / transport alone, {c} streams (median / median)"),
                     fast.median() / fetch.median(),
                     1.2,
                 ),
                 ratio(
-                    format!("REST full run, {fl} / transport alone, {c} streams (best / best)"),
+                    format!("REST full run (first rebuild), {fl} / transport alone, {c} streams (best / best)"),
                     fast.min() / fetch.min(),
                     1.2,
                 ),
@@ -1747,12 +1737,14 @@ impl Bench {
                 ),
             ],
             ratios: vec![
-                reference(
+                ratio(
                     format!(
-                        "REST --full (keys already right) / transport alone, concurrency {} (median / median)",
+                        "REST --full (keys already right), {} / transport alone, {} streams (median / median)",
+                        self.fast_label(),
                         self.a.concurrency
                     ),
                     full.median() / rest.transport.median(),
+                    1.2,
                 ),
                 ratio(
                     format!("incremental catch-up of {backlog} rows / --full over a table of {backlog} rows"),
@@ -1946,6 +1938,16 @@ impl Bench {
             calls.push(n.to_string());
             check_totals(s, d.upto, "the scheduled procedure's catch-up");
         }
+        // The statement timeout the calls ran under, as the run records it
+        // for `schedule` and `doctor`: it covers the whole CALL.
+        let timeout_ms: Option<i64> = s
+            .sql()
+            .query_one(
+                "SELECT scheduled_statement_timeout_ms::bigint FROM usage_aggregation_state WHERE job = 'default'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
         let outcomes: Vec<String> = outcomes.iter().map(|(k, n)| format!("{k} {n}")).collect();
         Rows {
             figures: vec![figure(
@@ -1953,10 +1955,11 @@ impl Bench {
                     "scheduled procedure, catch-up of every row: `{SCHEDULED_CALL}` as pg_cron calls it, again until caught up"
                 ),
                 format!(
-                    "{} (calls a catch-up: {}; outcomes: {}; longest call {longest:.3} s)",
+                    "{} (calls a catch-up: {}; outcomes: {}; longest call {longest:.3} s; statement_timeout {})",
                     total.show(),
                     calls.join(", "),
-                    outcomes.join(", ")
+                    outcomes.join(", "),
+                    timeout_ms.map_or("not recorded".into(), |t| format!("{t} ms"))
                 ),
             )],
             ratios: vec![
