@@ -1631,7 +1631,7 @@ impl Bench {
             ],
             ratios: vec![
                 ratio(
-                    format!("REST full run (first rebuild: --full from an empty table), {fl} / transport alone, {c} streams (median / median)"),
+                    format!("REST full run from an empty monthly table (first rebuild), {fl} / transport alone, {c} streams (median / median)"),
                     fast.median() / fetch.median(),
                     1.2,
                 ),
