@@ -672,3 +672,49 @@ pub fn insert_sample_rows(db: &mut postgres::Client, n: i64, portals: i64, month
     ))
     .unwrap();
 }
+
+/// The webhook-shaped rows' law: portals drawn from a Zipf-like law of this
+/// exponent (a few portals make most of the calls).
+pub const WEBHOOK_ZIPF_S: f64 = 1.1;
+/// The share of webhook-shaped rows that arrive late, for the previous month.
+pub const WEBHOOK_LATE_SHARE: f64 = 0.02;
+
+/// Inserts rows `offset + 1 ..= offset + n` of a webhook-shaped table of
+/// `total` rows, as a webhook writes them: the current month (`month`)
+/// active, ids in time order (`request_timestamp` rises with the id, from
+/// the month's start to its end over the `total` rows), portals `1000 ..
+/// 1000 + portals` drawn from a Zipf-like law ([`WEBHOOK_ZIPF_S`]: the
+/// inverse of the continuous power law's distribution over `[1, portals +
+/// 1)`, floored, so rank k is drawn about as often as k^-s; rank 1 is portal
+/// 1000), and a trickle ([`WEBHOOK_LATE_SHARE`]) of late rows for
+/// `previous_month`, timed in it. Otherwise as [`insert_sample_rows`]: the
+/// same columns, about 5% errors. Deterministic: the draws follow
+/// `setseed`, seeded by `offset`, so the same arguments give the same rows.
+pub fn insert_webhook_rows(
+    db: &mut postgres::Client,
+    offset: i64,
+    n: i64,
+    total: i64,
+    portals: i64,
+    month: &str,
+    previous_month: &str,
+) {
+    let s = WEBHOOK_ZIPF_S;
+    let late = WEBHOOK_LATE_SHARE;
+    let seed = (offset % 1_000_003) as f64 / 1_000_003.0;
+    db.batch_execute(&format!(
+        "SELECT setseed({seed});
+         INSERT INTO usage_requests (portal_id, request_timestamp, source_date, source_format, target_format, success, error_message, month_year)
+         SELECT 999 + least({portals}, floor(power(1 - x.u * (1 - power({portals} + 1.0::float8, 1 - {s}::float8)), 1 / (1 - {s}::float8)))::bigint),
+                CASE WHEN x.late
+                     THEN '{previous_month}-01'::timestamp + random() * ('{month}-01'::timestamp - '{previous_month}-01'::timestamp)
+                     ELSE '{month}-01'::timestamp + ((x.g - 1)::float8 / {total}) * interval '1 month' END,
+                '2025-01-01', 'YYYY-MM-DD', 'DD/MM/YYYY',
+                x.g % 20 <> 0,
+                CASE WHEN x.g % 20 = 0 THEN 'unparseable date' END,
+                CASE WHEN x.late THEN '{previous_month}' ELSE '{month}' END
+         FROM (SELECT g, random() AS u, random() < {late} AS late
+                 FROM generate_series({offset} + 1, {offset} + {n}) g) x"
+    ))
+    .unwrap();
+}
