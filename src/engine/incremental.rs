@@ -13,6 +13,8 @@
 
 use std::collections::BTreeSet;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
 use super::{Change, LateChange, Mode, Options, Outcome};
 use crate::aggregation::{Fold, Key, Totals};
 use crate::booking::{Booked, KEYS_PER_CALL};
@@ -76,30 +78,44 @@ pub async fn run<S: Store>(
         outcome.bad.merge(std::mem::take(&mut fold.bad));
         let keys: Vec<(Key, Totals)> = fold.groups.into_iter().collect();
         // At least one call, so that a batch with no good rows still moves
-        // the cursor; the last call moves it.
-        let calls: Vec<&[(Key, Totals)]> = if keys.is_empty() {
+        // the cursor; the last call moves it, after every other call of the
+        // batch is booked. The others hold disjoint keys, so they go
+        // `--concurrency` at a time: each is a transaction of its own and
+        // its keys' locks, and a run killed between them leaves keys
+        // counted past the cursor, which the next booking counts again
+        // from their watermarks.
+        let mut calls: Vec<&[(Key, Totals)]> = if keys.is_empty() {
             vec![&[]]
         } else {
             keys.chunks(KEYS_PER_CALL).collect()
         };
-        let last = calls.len() - 1;
-        for (i, chunk) in calls.into_iter().enumerate() {
-            failpoint::hit("chunk");
-            if i == last {
-                failpoint::hit("before-cursor");
+        let last_call = calls.pop().expect("at least one call");
+        let mut waiting = calls.into_iter();
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while in_flight.len() < opts.pace.settings().max_concurrency {
+                let Some(chunk) = waiting.next() else { break };
+                failpoint::hit("chunk");
+                in_flight.push(store.book(start, end, chunk, None, opts.dry_run));
             }
-            let b = store
-                .book(
-                    start,
-                    end,
-                    chunk,
-                    (i == last && !opts.dry_run).then_some(good_rows),
-                    opts.dry_run,
-                )
-                .await?;
+            let Some(b) = in_flight.next().await else { break };
+            let b = b?;
             superseded += b.superseded_keys;
             absorb(&mut outcome, b, opts.dry_run);
         }
+        failpoint::hit("chunk");
+        failpoint::hit("before-cursor");
+        let b = store
+            .book(
+                start,
+                end,
+                last_call,
+                (!opts.dry_run).then_some(good_rows),
+                opts.dry_run,
+            )
+            .await?;
+        superseded += b.superseded_keys;
+        absorb(&mut outcome, b, opts.dry_run);
         if opts.dry_run {
             start = end;
             continue;
