@@ -54,8 +54,8 @@ pub struct PaceSettings {
     /// A ceiling on rows read per second, over the whole run.
     pub max_rows_per_second: Option<u64>,
     /// Each place in the window rests as long as its last page took before
-    /// the next request may take it: the server spends at most half its
-    /// time on any place.
+    /// the next request may take it, unless it is the only one running: the
+    /// server spends at most half its time on any place but one.
     pub rest_between_pages: bool,
     /// Rest after each server-side batch: `None` for as long as the batch
     /// took, `Some(ZERO)` for none.
@@ -75,7 +75,8 @@ impl PaceSettings {
         }
     }
 
-    /// The default: adaptive, up to `concurrency` in flight, resting
+    /// The default: adaptive, up to `concurrency` in flight, each page but
+    /// the one running alone followed by a rest as long as it took, and
     /// after each server-side batch a quarter of what it took.
     pub fn neighbourly(concurrency: usize) -> PaceSettings {
         PaceSettings {
@@ -117,7 +118,9 @@ struct Inner {
 struct Window {
     /// Requests allowed in flight (fractional: it grows by 1/size a page).
     size: f64,
+    /// Places taken: requests running, and places resting after theirs.
     in_flight: usize,
+    resting: usize,
     /// The fastest full page seen: the server's latency unloaded.
     fastest: Option<Duration>,
     /// The most rows a page has brought (short pages say little of load).
@@ -213,19 +216,24 @@ impl Pace {
     /// A request finished: `rows` read, `ok` unless it failed. If resting
     /// is on, its place in the window stays taken as long again, then is
     /// freed: the rest belongs to the place, not to the stream, or another
-    /// stream would take the place at once and nothing would rest.
+    /// stream would take the place at once and nothing would rest. The one
+    /// place left running never rests (see [`Window::take_rest`]).
     pub async fn done(&self, permit: Permit, rows: u64, ok: bool) {
         let took = permit.started.elapsed();
-        {
+        // No rest past the deadline: the next request stops the run there.
+        let may_rest =
+            self.inner.settings.rest_between_pages && !self.past_deadline(Instant::now() + took);
+        let rest = {
             let mut w = self.inner.state.lock().expect("pace lock");
             w.rows += rows;
             if self.inner.settings.adaptive {
                 w.judge(took, rows, ok, self.inner.settings.max_concurrency);
             }
-        }
-        // No rest past the deadline: the next request stops the run there.
-        if self.inner.settings.rest_between_pages && !self.past_deadline(Instant::now() + took) {
+            may_rest && w.take_rest()
+        };
+        if rest {
             tokio::time::sleep(took).await;
+            self.inner.state.lock().expect("pace lock").resting -= 1;
         }
         self.release();
     }
@@ -277,6 +285,7 @@ impl Window {
         Window {
             size,
             in_flight: 0,
+            resting: 0,
             fastest: None,
             fullest: 0,
             smoothed: None,
@@ -286,6 +295,20 @@ impl Window {
             largest: size,
             cuts: 0,
         }
+    }
+
+    /// Whether a request that just finished rests in its place: only while
+    /// another request is running. The last one running goes on at once,
+    /// so a run always moves at least as fast as one plain stream of
+    /// requests one after another (the floor of the default pace, never its
+    /// ceiling), and every request beyond that one costs the server at most
+    /// half its time.
+    fn take_rest(&mut self) -> bool {
+        let others_running = self.in_flight - self.resting - 1;
+        if others_running > 0 {
+            self.resting += 1;
+        }
+        others_running > 0
     }
 
     /// Additive increase, multiplicative decrease, judged on latency.
@@ -330,6 +353,19 @@ mod tests {
     }
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_finished_request_rests_only_while_another_is_running() {
+        let mut w = window();
+        w.in_flight = 3;
+        assert!(w.take_rest(), "two others running");
+        assert!(w.take_rest(), "one other running, one resting");
+        assert!(!w.take_rest(), "the last one running goes on at once");
+        assert_eq!(w.resting, 2);
+        w.in_flight = 1;
+        w.resting = 0;
+        assert!(!w.take_rest(), "alone: a plain stream never rests");
+    }
 
     #[test]
     fn the_window_grows_while_latency_stays_near_the_fastest() {
@@ -423,20 +459,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn a_neighbourly_place_rests_as_long_as_its_page_took() {
+    async fn a_neighbourly_place_rests_as_long_as_its_page_took_unless_it_runs_alone() {
+        // Alone: a plain stream, one request after another, no rest.
         let pace = Pace::new(PaceSettings::neighbourly(1));
         let start = tokio::time::Instant::now();
         let p = pace.acquire().await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
-        // Another stream waiting for the one place gets it only after the rest.
-        let other = pace.clone();
-        let waiting = tokio::spawn(async move {
-            let _p = other.acquire().await.unwrap();
-            tokio::time::Instant::now()
-        });
         pace.done(p, 1000, true).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        // Two places: the first to finish rests while the other runs, and
+        // a stream waiting for a place gets it only after that rest.
+        let two = Pace::new(PaceSettings {
+            adaptive: false,
+            ..PaceSettings::neighbourly(2)
+        });
+        let start = tokio::time::Instant::now();
+        let p1 = two.acquire().await.unwrap();
+        let p2 = two.acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let other = two.clone();
+        let waiting = tokio::spawn(async move {
+            let p = other.acquire().await.unwrap();
+            let at = tokio::time::Instant::now();
+            other.done(p, 0, true).await;
+            at
+        });
+        two.done(p1, 1000, true).await;
         assert_eq!(start.elapsed(), Duration::from_millis(60));
         assert!(waiting.await.unwrap() >= start + Duration::from_millis(60));
+        // The other, now running alone, goes on at once.
+        two.done(p2, 1000, true).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(60));
         let flat = Pace::new(PaceSettings::flat_out(1));
         let start = tokio::time::Instant::now();
         let p = flat.acquire().await.unwrap();
