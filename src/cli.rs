@@ -210,11 +210,21 @@ pub struct QuotaSetArgs {
     pub limit: i64,
 
     /// Percentages of the limit at which an alert fires, ascending, each from 1 to 1000
-    #[arg(long, value_parser = thresholds, default_value = "80,100", value_name = "PERCENTS")]
+    // allow_hyphen_values: `--thresholds -5` is a bad threshold, refused
+    // by its own message, not an unknown flag.
+    #[arg(
+        long,
+        value_parser = thresholds,
+        default_value = "80,100",
+        value_name = "PERCENTS",
+        allow_hyphen_values = true
+    )]
     pub thresholds: Thresholds,
 
     /// With --portal: set it even though the portal has no usage yet (its first request is still to come)
-    #[arg(long, requires = "portal")]
+    // conflicts_with: `requires` alone let `--default --new-portal` through
+    // (the group names --portal), and the flag did nothing there.
+    #[arg(long, requires = "portal", conflicts_with = "default")]
     pub new_portal: bool,
 }
 

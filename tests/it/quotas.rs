@@ -716,6 +716,14 @@ fn bad_quota_input_gets_a_clear_message_and_nothing_written() {
             "outside 1..1000",
         ),
         (
+            &["--default", "--limit", "10", "--thresholds", "-5"][..],
+            "-5 is outside 1..1000",
+        ),
+        (
+            &["--default", "--limit", "10", "--thresholds", "-5,80"][..],
+            "-5 is outside 1..1000",
+        ),
+        (
             &["--default", "--limit", "10", "--thresholds", "100,80"][..],
             "not ascending",
         ),
@@ -728,6 +736,12 @@ fn bad_quota_input_gets_a_clear_message_and_nothing_written() {
         (
             &["--portal", "1", "--default", "--limit", "10"][..],
             "cannot be used with",
+        ),
+        // --new-portal is a portal's: with the default plan it meant
+        // nothing, and was ignored.
+        (
+            &["--default", "--limit", "10", "--new-portal"][..],
+            "'--default' cannot be used with '--new-portal'",
         ),
     ] {
         let mut all = vec!["quota", "set"];
