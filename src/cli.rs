@@ -311,7 +311,8 @@ pub struct Delivery {
     #[arg(long, default_value = "10s", value_parser = request_timeout, value_name = "DURATION")]
     pub attempt_timeout: std::time::Duration,
 
-    /// The wait before the second attempt; each wait after it is twice the one before (with jitter)
+    /// The wait before the second attempt; each wait after it is twice the one before (with jitter), at most
+    /// 10m. A 429 or 503 answer with Retry-After waits at least what it asks, at most 10m too
     #[arg(long, default_value = "1s", value_parser = retry_delay, value_name = "DURATION")]
     pub retry_delay: std::time::Duration,
 }

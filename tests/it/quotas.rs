@@ -824,6 +824,10 @@ pub(crate) enum Answer {
     Reset,
     /// 307 to another port on loopback, which records whatever reaches it.
     Redirect(u16),
+    /// This status with `Retry-After: N` (seconds).
+    RetryAfter(u16, u32),
+    /// This status with `Retry-After:` an HTTP date N seconds from now.
+    RetryAt(u16, u32),
 }
 
 /// One request the receiver read.
@@ -832,6 +836,8 @@ struct Received {
     headers: BTreeMap<String, String>,
     body: String,
     answered: Answer,
+    /// When it was read.
+    at: Instant,
 }
 
 /// A real HTTP receiver on loopback: one request per connection, each
@@ -902,6 +908,7 @@ fn serve(stream: TcpStream, answer: Answer, seen: &Arc<Mutex<Vec<Received>>>) ->
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
         answered: answer,
+        at: Instant::now(),
     });
     let mut stream = stream;
     let reply = |status: &str, extra: &str| {
@@ -921,6 +928,18 @@ fn serve(stream: TcpStream, answer: Answer, seen: &Arc<Mutex<Vec<Received>>>) ->
                     &format!("Location: http://127.0.0.1:{port}/elsewhere\r\n"),
                 )
                 .as_bytes(),
+            );
+        }
+        Answer::RetryAfter(s, secs) => {
+            let _ = stream.write_all(
+                reply(&format!("{s} Busy"), &format!("Retry-After: {secs}\r\n")).as_bytes(),
+            );
+        }
+        Answer::RetryAt(s, secs) => {
+            let at = chrono::Utc::now() + chrono::Duration::seconds(i64::from(secs));
+            let date = at.format("%a, %d %b %Y %H:%M:%S GMT");
+            let _ = stream.write_all(
+                reply(&format!("{s} Busy"), &format!("Retry-After: {date}\r\n")).as_bytes(),
             );
         }
         Answer::Reset => {
@@ -997,6 +1016,87 @@ print(len(requests), "verified")
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("{} verified", received.len())
     );
+}
+
+/// A receiver that asks to be left alone for a while (429 or 503 with
+/// `Retry-After`, in seconds or as an HTTP date) is given that long before
+/// the next attempt, whatever the backoff says; a 304 is neither delivered
+/// nor a redirect: the alert is tried again, and the run says what it was.
+#[test]
+fn delivery_honours_retry_after_and_a_304_is_not_called_a_redirect() {
+    let stack = migrated_stack();
+    insert(&stack, 9, M, 1);
+    aggregate(&stack, &[]).assert_status(0);
+    run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
+    insert(&stack, 1, M, 8);
+    aggregate(&stack, &[]).assert_status(0);
+    assert_eq!(alert_rows(&stack), 1);
+
+    let receiver = Receiver::start(vec![
+        Answer::RetryAfter(503, 2),
+        Answer::RetryAt(429, 3),
+        Answer::Ok,
+    ]);
+    run_with(
+        &webhook_env(&stack, &receiver.url(), SECRET),
+        &[
+            "alerts",
+            "deliver",
+            "--retry-delay",
+            "10ms",
+            "--attempts",
+            "3",
+        ],
+    )
+    .assert_status(0)
+    .assert_stdout_has("delivered at attempt 3 of this run");
+    let got = receiver.received();
+    assert_eq!(got.len(), 3);
+    let waited = |i: usize| got[i + 1].at.duration_since(got[i].at);
+    // The backoff alone waits about 10 ms, then 20 ms.
+    assert!(
+        waited(0) >= Duration::from_millis(1950),
+        "Retry-After: 2 waited {:?}",
+        waited(0)
+    );
+    // An HTTP date has whole seconds: three from now is two at least.
+    assert!(
+        waited(1) >= Duration::from_millis(1950),
+        "Retry-After: <date 3 s on> waited {:?}",
+        waited(1)
+    );
+    verify_independently(&got);
+
+    // 304 Not Modified: not delivered, not a redirect (which would stop the
+    // run with 78); tried again, and left for the next run (75).
+    insert(&stack, 2, M, 8);
+    aggregate(&stack, &[]).assert_status(0);
+    let receiver = Receiver::start(vec![Answer::Status(304), Answer::Status(304)]);
+    let r = run_with(
+        &webhook_env(&stack, &receiver.url(), SECRET),
+        &[
+            "alerts",
+            "deliver",
+            "--retry-delay",
+            "10ms",
+            "--attempts",
+            "2",
+        ],
+    );
+    r.assert_status(75).assert_stdout_has(
+        "the receiver answered 304 Not Modified, which is neither a 2xx (delivered) nor a redirect",
+    );
+    assert!(!r.stdout.contains("redirects"), "{}", r.stdout);
+    assert_eq!(receiver.received().len(), 2, "tried again");
+    let last_error: String = stack
+        .sql()
+        .query_one(
+            "SELECT last_error FROM portal_usage_alerts WHERE portal_id = 2",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(last_error.contains("304 Not Modified"), "{last_error}");
 }
 
 #[test]
