@@ -1018,6 +1018,54 @@ print(len(requests), "verified")
     );
 }
 
+/// report's "of quota" counts a month's usage as the crossings do (and
+/// `quota show`, `usage_current`): its monthly row plus its own rows
+/// counted after its close (late adjustments, booked in the next month).
+#[test]
+fn report_of_quota_counts_a_months_late_rows_as_its_alerts_do() {
+    let stack = migrated_stack();
+    let (jan, feb) = ("2025-01", "2025-02");
+    run(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
+    insert(&stack, 1, jan, 79);
+    insert(&stack, 1, feb, 1);
+    aggregate(&stack, &[]).assert_status(0);
+    run(&stack, &["close", "--month", jan]).assert_status(0);
+    insert(&stack, 1, jan, 30);
+    aggregate(&stack, &[]).assert_status(0);
+    let used: i64 = stack
+        .sql()
+        .query_one(
+            &format!("SELECT used FROM usage_quota_status(1, '{jan}')"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 109, "79 in its monthly row, 30 late");
+    // The top list of the month, and the portal's window of months.
+    for args in [
+        &["report", "--month", jan][..],
+        &["report", "--portal", "1", "--month", feb][..],
+    ] {
+        run(&stack, args)
+            .assert_status(0)
+            .assert_stdout_has("109.0% of 100");
+        let mut json = args.to_vec();
+        json.extend_from_slice(&["--format", "json"]);
+        let r = run(&stack, &json);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let row = v["rows"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .find(|l| l["month"] == jan && l["portal_id"] == 1)
+            .unwrap_or_else(|| panic!("{v}"))
+            .clone();
+        assert_eq!(row["requests"], 79, "{row}");
+        assert_eq!(row["quota_used"], used, "{row}");
+        assert_eq!(row["quota_percent"], 109.0, "{row}");
+    }
+}
+
 /// A receiver that asks to be left alone for a while (429 or 503 with
 /// `Retry-After`, in seconds or as an HTTP date) is given that long before
 /// the next attempt, whatever the backoff says; a 304 is neither delivered
