@@ -351,6 +351,25 @@ pub async fn preview_crossings(
     }
 }
 
+/// Whether the quota gaps migration is applied (its read-only
+/// `usage_agg_preview_crossings` answers): `doctor`'s migrations check.
+pub async fn quota_gaps_installed(client: &Client) -> anyhow::Result<bool> {
+    match client
+        // Idempotent: it only reads.
+        .rpc::<_, Vec<Crossing>>(
+            "usage_agg_preview_crossings",
+            &json!({"p_job": crate::config::JOB}),
+            Idempotent::Yes,
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == Kind::MissingFunction => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context("reading the alerts a run would record (usage_agg_preview_crossings)")),
+    }
+}
+
 /// The crossings of months a rebuild wrote (`usage_agg_record_crossings`);
 /// nothing when the quotas migration is not applied.
 pub async fn record_crossings(

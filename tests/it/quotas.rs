@@ -493,6 +493,44 @@ fn a_rebuild_killed_between_its_writes_and_their_crossings_at_the_cursor_loses_n
     assert_eq!(alert_rows(&stack), 3);
 }
 
+/// Before the quota gaps migration, a rebuild records its months'
+/// crossings as it did (usage_agg_record_crossings), and doctor names the
+/// migration that is missing.
+#[test]
+fn without_the_quota_gaps_migration_rebuilds_record_as_before_and_doctor_names_it() {
+    let mut stack = Stack::new();
+    let gaps = *MIGRATIONS
+        .iter()
+        .find(|m| m.ends_with("_usage_agg_quota_gaps.sql"))
+        .expect("the quota gaps migration");
+    for m in MIGRATIONS.iter().filter(|m| **m != gaps) {
+        migrate_file(&mut stack, m);
+    }
+    run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
+    insert(&stack, 1, M, 9);
+    aggregate(&stack, &[])
+        .assert_status(0)
+        .assert_stdout_has(&format!("portal 1 {M}: 80% of 10 requests (9 counted)"));
+    insert(&stack, 1, M, 1);
+    aggregate(&stack, &["--full"]).assert_status(0);
+    assert_eq!(
+        alerts(&stack),
+        BTreeMap::from([(key(1, M, 80, 10), 9), (key(1, M, 100, 10), 10)])
+    );
+    let doctor = run(&stack, &["doctor"]);
+    doctor.assert_status(78);
+    assert!(
+        doctor
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL migrations")
+                && l.contains("the pending crossings are missing")),
+        "{}",
+        doctor.stdout
+    );
+    doctor.assert_stdout_has("20261207160000_usage_agg_quota_gaps.sql");
+}
+
 /// `--dry-run` of a rebuild (the first run, `--full`, `--month`) shows the
 /// alerts the run would record, and records none.
 #[test]
