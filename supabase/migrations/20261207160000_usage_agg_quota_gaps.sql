@@ -12,7 +12,7 @@
 -- pending in the job's state before its first write
 -- (usage_agg_mark_crossings_pending), and clears them in the transaction
 -- that records their crossings (usage_agg_sweep_pending_crossings), which
--- every run calls before it counts: exact, and it costs the keys of the
+-- every CLI run calls before it counts: exact, and it costs the keys of the
 -- pending months (a month_year index on portal_usage_monthly).
 --
 -- `--dry-run` of a rebuild showed no alerts: usage_agg_preview_crossings
@@ -37,8 +37,8 @@ CREATE INDEX IF NOT EXISTS portal_usage_alerts_crossed_at_idx
 -- monthly rows over REST, outside the rule book, so it notes their months
 -- here before its first write, and usage_agg_sweep_pending_crossings
 -- records their crossings and clears them once it is done. A rebuild
--- killed in between leaves them here, where the next run (CLI or
--- scheduled) finds them, whatever the cursor did.
+-- killed in between leaves them here, where the next CLI run finds them,
+-- whatever the cursor did.
 CREATE OR REPLACE FUNCTION public.usage_agg_mark_crossings_pending(p_job text, p_months text[])
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -72,9 +72,10 @@ GRANT EXECUTE ON FUNCTION public.usage_agg_mark_crossings_pending(text, text[]) 
 
 -- Records the quotas' crossings of the months a rebuild noted as pending
 -- (usage_agg_mark_crossings_pending) and clears them, in one transaction:
--- a rebuild calls it after its writes, and every run calls it before it
--- counts, so the crossings of a rebuild killed between its writes and
--- their record are recorded by the next run, once (the alerts' UNIQUE).
+-- a rebuild calls it after its writes, and every CLI run calls it before
+-- it counts (the scheduled run is to call it before its batches), so the
+-- crossings of a rebuild killed between its writes and their record are
+-- recorded by the next run, once (the alerts' UNIQUE).
 -- It costs the keys of the pending months (the month_year index), nothing
 -- when none is pending. Returns the alerts recorded, as
 -- usage_agg_record_crossings does.

@@ -3,8 +3,8 @@
 -- monthly rows over REST, outside the rule book, so it notes their months
 -- here before its first write, and usage_agg_sweep_pending_crossings
 -- records their crossings and clears them once it is done. A rebuild
--- killed in between leaves them here, where the next run (CLI or
--- scheduled) finds them, whatever the cursor did.
+-- killed in between leaves them here, where the next CLI run finds them,
+-- whatever the cursor did.
 CREATE OR REPLACE FUNCTION public.usage_agg_mark_crossings_pending(p_job text, p_months text[])
 RETURNS jsonb
 LANGUAGE plpgsql
