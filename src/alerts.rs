@@ -272,6 +272,104 @@ pub struct Crossing {
     pub request_count: i64,
 }
 
+/// Notes `months` as months whose crossings are pending
+/// (`usage_agg_mark_crossings_pending`), before a rebuild writes them over
+/// REST: a rebuild killed before it records their crossings leaves them
+/// for the next run to sweep. False without the quota gaps migration (the
+/// rebuild then records its months' crossings as before it).
+pub async fn mark_crossings_pending(client: &Client, months: &[Month]) -> anyhow::Result<bool> {
+    let args = json!({
+        "p_job": crate::config::JOB,
+        "p_months": months.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+    });
+    match client
+        // Idempotent: a month noted twice is noted once.
+        .rpc::<_, serde_json::Value>("usage_agg_mark_crossings_pending", &args, Idempotent::Yes)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == Kind::MissingFunction => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "noting the rebuilt months whose quotas' crossings are pending (usage_agg_mark_crossings_pending)",
+        )),
+    }
+}
+
+/// Records the crossings of the pending months and clears them, in one
+/// transaction (`usage_agg_sweep_pending_crossings`); nothing without the
+/// quota gaps migration.
+pub async fn sweep_pending_crossings(client: &Client) -> anyhow::Result<Vec<Crossing>> {
+    match client
+        // Idempotent: a crossing recorded once is never recorded again.
+        .rpc::<_, Vec<Crossing>>(
+            "usage_agg_sweep_pending_crossings",
+            &json!({"p_job": crate::config::JOB}),
+            Idempotent::Yes,
+        )
+        .await
+    {
+        Ok(c) => Ok(c),
+        Err(e) if e.kind() == Kind::MissingFunction => Ok(Vec::new()),
+        Err(e) => Err(anyhow::Error::new(e).context(
+            "recording the quotas' crossings of a rebuild's pending months (usage_agg_sweep_pending_crossings)",
+        )),
+    }
+}
+
+/// The alerts a run would record, recording none
+/// (`usage_agg_preview_crossings`): those of the pending months, of keys
+/// above `above`, and of a rebuild writing `planned` (each key's monthly
+/// request count) and recording `months`' crossings. Nothing without the
+/// quota gaps migration.
+pub async fn preview_crossings(
+    client: &Client,
+    planned: &[(crate::aggregation::Key, i64)],
+    months: &[Month],
+    above: Option<i64>,
+) -> anyhow::Result<Vec<Crossing>> {
+    let keys: Vec<serde_json::Value> = planned
+        .iter()
+        .map(|(k, c)| json!({"portal_id": k.portal_id, "month_year": k.month.to_string(), "c": c}))
+        .collect();
+    let mut args = json!({
+        "p_job": crate::config::JOB,
+        "p_keys": keys,
+        "p_months": months.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+    });
+    if let Some(a) = above {
+        args["p_above"] = json!(a);
+    }
+    match client
+        // Idempotent: it only reads.
+        .rpc::<_, Vec<Crossing>>("usage_agg_preview_crossings", &args, Idempotent::Yes)
+        .await
+    {
+        Ok(c) => Ok(c),
+        Err(e) if e.kind() == Kind::MissingFunction => Ok(Vec::new()),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context("reading the alerts a run would record (usage_agg_preview_crossings)")),
+    }
+}
+
+/// Whether the quota gaps migration is applied (its read-only
+/// `usage_agg_preview_crossings` answers): `doctor`'s migrations check.
+pub async fn quota_gaps_installed(client: &Client) -> anyhow::Result<bool> {
+    match client
+        // Idempotent: it only reads.
+        .rpc::<_, Vec<Crossing>>(
+            "usage_agg_preview_crossings",
+            &json!({"p_job": crate::config::JOB}),
+            Idempotent::Yes,
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == Kind::MissingFunction => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context("reading the alerts a run would record (usage_agg_preview_crossings)")),
+    }
+}
+
 /// The crossings of months a rebuild wrote (`usage_agg_record_crossings`);
 /// nothing when the quotas migration is not applied.
 pub async fn record_crossings(

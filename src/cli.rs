@@ -210,11 +210,21 @@ pub struct QuotaSetArgs {
     pub limit: i64,
 
     /// Percentages of the limit at which an alert fires, ascending, each from 1 to 1000
-    #[arg(long, value_parser = thresholds, default_value = "80,100", value_name = "PERCENTS")]
+    // allow_hyphen_values: `--thresholds -5` is a bad threshold, refused
+    // by its own message, not an unknown flag.
+    #[arg(
+        long,
+        value_parser = thresholds,
+        default_value = "80,100",
+        value_name = "PERCENTS",
+        allow_hyphen_values = true
+    )]
     pub thresholds: Thresholds,
 
     /// With --portal: set it even though the portal has no usage yet (its first request is still to come)
-    #[arg(long, requires = "portal")]
+    // conflicts_with: `requires` alone let `--default --new-portal` through
+    // (the group names --portal), and the flag did nothing there.
+    #[arg(long, requires = "portal", conflicts_with = "default")]
     pub new_portal: bool,
 }
 
@@ -301,7 +311,8 @@ pub struct Delivery {
     #[arg(long, default_value = "10s", value_parser = request_timeout, value_name = "DURATION")]
     pub attempt_timeout: std::time::Duration,
 
-    /// The wait before the second attempt; each wait after it is twice the one before (with jitter)
+    /// The wait before the second attempt; each wait after it is twice the one before (with jitter), at most
+    /// 10m. A 429 or 503 answer with Retry-After waits at least what it asks, at most 10m too
     #[arg(long, default_value = "1s", value_parser = retry_delay, value_name = "DURATION")]
     pub retry_delay: std::time::Duration,
 }

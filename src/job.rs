@@ -177,6 +177,14 @@ impl Job {
         warnings: &mut Vec<String>,
     ) -> anyhow::Result<Outcome> {
         let opts = &self.opts;
+        // The months a rebuild killed between its writes and the record of
+        // their quotas' crossings left pending: recorded first, whatever
+        // the cursor did (docs/quotas.md, "Where crossings are recorded").
+        let swept = if opts.dry_run {
+            Vec::new()
+        } else {
+            store.sweep_pending_crossings().await?
+        };
         let horizon = store.safe_horizon(opts.horizon_wait).await?;
         // Read once: a close or a reopening during the run makes the
         // database refuse what no longer fits, and the run stop (exit 75).
@@ -231,7 +239,10 @@ impl Job {
                 cursor: None,
                 horizon,
             };
-            return rebuild::run(store, Scope::All, Some(marks), &periods, true, opts).await;
+            let mut outcome =
+                rebuild::run(store, Scope::All, Some(marks), &periods, true, opts).await?;
+            outcome.alerts = once_each(swept.into_iter().chain(outcome.alerts).collect());
+            return Ok(outcome);
         }
         let restored = if facts.deleted_keys > 0 && !opts.dry_run {
             store.restore_deleted_keys().await?
@@ -255,12 +266,22 @@ impl Job {
         // it: one in flight, or a rebuild killed between its writes and
         // the record of their quotas' crossings. Recorded now, before
         // counting (docs/quotas.md, "Where crossings are recorded").
-        let caught_up = match (cursor, facts.highest_watermark) {
+        let mut caught_up = swept;
+        match (cursor, facts.highest_watermark) {
             (Some(c), Some(w)) if w > c && !opts.dry_run => {
-                store.record_crossings(None, Some(c)).await?
+                caught_up.extend(store.record_crossings(None, Some(c)).await?)
             }
-            _ => Vec::new(),
-        };
+            _ => {}
+        }
+        if opts.dry_run {
+            // What those two would record: the pending months', and the
+            // crossings of keys above the cursor.
+            let above = match (cursor, facts.highest_watermark) {
+                (Some(c), Some(w)) if w > c => Some(c),
+                _ => None,
+            };
+            caught_up.extend(store.preview_crossings(&[], &[], above).await?);
+        }
         let marks = Marks { cursor, horizon };
         let owner = (!opts.dry_run).then_some(self.owner.as_str());
         let incremental = self.scope == Scope::All && !self.full;
@@ -282,9 +303,29 @@ impl Job {
         }
         outcome.restored_keys = restored;
         outcome.alerts.splice(0..0, caught_up);
+        // A dry run's previews overlap (a pending month's key, booked
+        // again): each alert once, as the run would record it, first.
+        outcome.alerts = once_each(std::mem::take(&mut outcome.alerts));
         outcome.pace = opts.pace.report();
         Ok(outcome)
     }
+}
+
+/// Each alert once (by portal, month, threshold and limit, the alerts'
+/// UNIQUE), the first kept: the one a run records first.
+fn once_each(alerts: Vec<crate::alerts::Crossing>) -> Vec<crate::alerts::Crossing> {
+    let mut seen = std::collections::HashSet::new();
+    alerts
+        .into_iter()
+        .filter(|a| {
+            seen.insert((
+                a.portal_id,
+                a.month_year.clone(),
+                a.threshold_percent,
+                a.request_limit,
+            ))
+        })
+        .collect()
 }
 
 /// The live lease of another run, if there is one (read, never taken: a

@@ -19,18 +19,22 @@ pub fn parse_thresholds(s: &str) -> Result<Vec<u32>, String> {
     let mut out: Vec<u32> = Vec::new();
     for part in s.split(',') {
         let p = part.trim().trim_end_matches('%');
-        let n: u32 = p.parse().map_err(|_| {
+        // Read wide, so that -5 or 0 is out of range rather than not a number.
+        let wide: i64 = p.parse().map_err(|_| {
             format!(
                 "{:?} is not a threshold: expected percentages of the limit separated by commas, e.g. 80,100",
                 part.trim()
             )
         })?;
-        if !(1..=MAX_THRESHOLD).contains(&n) {
-            return Err(format!(
-                "{n} is outside 1..{MAX_THRESHOLD}: a threshold is a percentage of the limit, from 1 to \
-                 {MAX_THRESHOLD} (ten times the limit)"
-            ));
-        }
+        let n = match u32::try_from(wide) {
+            Ok(n) if (1..=MAX_THRESHOLD).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "{wide} is outside 1..{MAX_THRESHOLD}: a threshold is a percentage of the limit, from 1 \
+                     to {MAX_THRESHOLD} (ten times the limit)"
+                ))
+            }
+        };
         if let Some(&last) = out.last() {
             if n <= last {
                 return Err(format!(

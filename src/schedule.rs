@@ -119,6 +119,12 @@ pub struct CronRun {
     pub return_message: Option<String>,
     pub start_time: Option<String>,
     pub end_time: Option<String>,
+    /// Alerts recorded between its start and its end (the quota gaps
+    /// migration): the scheduled run's, and any another writer recorded
+    /// meanwhile (`quota set`, `reopen`, a CLI run it stood aside for).
+    /// None without that migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts_recorded: Option<i64>,
 }
 
 /// What `usage_agg_schedule`, `usage_agg_unschedule` and

@@ -11,7 +11,6 @@
 //! receiver that dedups by it processes each alert once.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use backon::BackoffBuilder;
 use serde::Serialize;
@@ -266,7 +265,7 @@ pub async fn deliver_all(
         let body = payload(a, environment);
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(delivery.retry_delay)
-            .with_max_delay(Duration::from_secs(600))
+            .with_max_delay(crate::webhook::MAX_RETRY_DELAY)
             .with_factor(2.0)
             .with_jitter()
             .with_max_times(delivery.attempts.saturating_sub(1) as usize)
@@ -312,7 +311,18 @@ pub async fn deliver_all(
                 break;
             }
             match delays.next() {
-                Some(wait) => tokio::time::sleep(wait).await,
+                Some(wait) => {
+                    // A receiver that said how long to wait (429, 503) is
+                    // given at least that (capped as the backoff is).
+                    let wait = match &result {
+                        Err(AttemptFailed::Status {
+                            retry_after: Some(asked),
+                            ..
+                        }) => wait.max(*asked),
+                        _ => wait,
+                    };
+                    tokio::time::sleep(wait).await
+                }
                 None => break,
             }
         }

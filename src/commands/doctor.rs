@@ -199,6 +199,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                 let tally = crate::state::rejected_tally_installed(store.client()).await;
                 let rules = crate::state::adjust_rules_installed(store.client()).await;
                 let dashboard = crate::dashboard::installed(store.client()).await;
+                let gaps = crate::alerts::quota_gaps_installed(store.client()).await;
                 let apply = |function: &str| {
                     format!(
                         "apply {} (`usage-agg sql | psql`, or `supabase db push`)",
@@ -212,6 +213,11 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                     (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
                         Check::from_error("migrations", e, config)
                     }
+                    _ if gaps.is_err() => Check::from_error(
+                        "migrations",
+                        gaps.as_ref().expect_err("an error"),
+                        config,
+                    ),
                     _ if f.lost_keys.is_none() => Check::fail(
                         "migrations",
                         "the rule book is missing: no engine can book rows without it",
@@ -236,6 +242,13 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                         "usage_portal_summary is missing: the app's usage page cannot read a portal in one call, \
                          and `report --html --portal` fails",
                         apply("usage_portal_summary"),
+                        Status::Config,
+                    ),
+                    _ if matches!(gaps, Ok(false)) => Check::fail(
+                        "migrations",
+                        "the pending crossings are missing: a rebuild killed between its writes and the record of \
+                         their quotas' crossings can lose an alert, and a dry run of a rebuild shows none",
+                        apply("usage_agg_sweep_pending_crossings"),
                         Status::Config,
                     ),
                     _ => Check::pass(

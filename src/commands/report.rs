@@ -44,6 +44,10 @@ struct Line {
     /// The monthly limit of the portal's quota (its own, else the default
     /// plan's; docs/quotas.md), when one applies.
     quota_limit: Option<i64>,
+    /// The month's own rows counted after its close (its late adjustments,
+    /// whatever month they are booked in): part of its usage, as the
+    /// quotas' crossings count it (docs/quotas.md).
+    late_usage: i64,
 }
 
 impl From<&(Key, Totals)> for Line {
@@ -58,6 +62,7 @@ impl From<&(Key, Totals)> for Line {
             manual: 0,
             billed: t.requests,
             quota_limit: None,
+            late_usage: 0,
         }
     }
 }
@@ -81,10 +86,18 @@ impl Line {
         Ok(())
     }
 
-    /// The month's usage (its monthly row) against the quota, in percent.
+    /// The month's usage as the quotas count it: its monthly row plus its
+    /// late adjustments (docs/quotas.md; `usage_current`).
+    fn quota_used(&self) -> i64 {
+        self.request_count
+            .unwrap_or(0)
+            .saturating_add(self.late_usage)
+    }
+
+    /// The month's usage against the quota, in percent.
     fn quota_percent(&self) -> Option<f64> {
         self.quota_limit
-            .map(|l| self.request_count.unwrap_or(0) as f64 * 100.0 / l as f64)
+            .map(|l| self.quota_used() as f64 * 100.0 / l as f64)
     }
 
     fn rate(&self) -> Option<f64> {
@@ -135,7 +148,9 @@ pub async fn run(args: ReportArgs) -> Status {
         adjusted(&RestStore::new(client.clone()), &args).await
     };
     let fetched = match fetched {
-        Ok(mut table) => with_quotas(&client, &mut table.lines).await.map(|()| table),
+        Ok(mut table) => with_quotas(&client, &mut table.lines, !args.live)
+            .await
+            .map(|()| table),
         Err(e) => Err(e),
     };
     match fetched {
@@ -212,14 +227,21 @@ async fn live(store: &RestStore, args: &ReportArgs) -> anyhow::Result<Table> {
             manual: 0,
             billed: c.request_count,
             quota_limit: None,
+            late_usage: 0,
         }],
         note: None,
     })
 }
 
 /// Gives each line its portal's quota (its own, else the default plan's):
-/// none without the quotas migration or a quota.
-async fn with_quotas(client: &crate::postgrest::Client, lines: &mut [Line]) -> anyhow::Result<()> {
+/// none without the quotas migration or a quota. With `late`, also each
+/// line's late adjustments of its own month, which its usage of the quota
+/// counts (`--live` reads `usage_current`, which has them already).
+async fn with_quotas(
+    client: &crate::postgrest::Client,
+    lines: &mut [Line],
+    late: bool,
+) -> anyhow::Result<()> {
     let quotas = match crate::alerts::quotas(client, None).await {
         Ok(q) => q,
         Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingTable) => {
@@ -235,8 +257,35 @@ async fn with_quotas(client: &crate::postgrest::Client, lines: &mut [Line]) -> a
         .iter()
         .filter_map(|q| q.portal_id.map(|p| (p, q.monthly_request_limit)))
         .collect();
-    for l in lines {
+    for l in lines.iter_mut() {
         l.quota_limit = own.get(&l.portal_id).copied().or(default);
+    }
+    if !late || lines.iter().all(|l| l.quota_limit.is_none()) {
+        return Ok(());
+    }
+    // The lines' usage months' late adjustments: one portal's window, or
+    // one month's portals.
+    let months: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l.month_year.as_str()).collect();
+    let portals: std::collections::BTreeSet<i64> = lines.iter().map(|l| l.portal_id).collect();
+    let mut filters: crate::postgrest::Query = vec![
+        ("source".into(), "eq.late".into()),
+        (
+            "month_year".into(),
+            format!("in.({})", months.into_iter().collect::<Vec<_>>().join(",")),
+        ),
+    ];
+    if let [p] = portals.into_iter().collect::<Vec<_>>()[..] {
+        filters.push(("portal_id".into(), format!("eq.{p}")));
+    }
+    let late = crate::adjustments::read_booked_where(client, &filters, PAGE).await?;
+    for l in lines.iter_mut() {
+        for a in late
+            .iter()
+            .filter(|a| a.portal_id == l.portal_id && a.month_year == l.month_year)
+        {
+            l.late_usage = l.late_usage.saturating_add(a.request_count);
+        }
     }
     Ok(())
 }
@@ -286,6 +335,7 @@ async fn with_adjustments(
                     manual: 0,
                     billed: 0,
                     quota_limit: None,
+                    late_usage: 0,
                 });
                 lines.last_mut().expect("just pushed")
             }
@@ -414,6 +464,7 @@ fn rows_json(lines: &[Line]) -> Vec<serde_json::Value> {
             });
             if let (Some(limit), Some(o)) = (l.quota_limit, v.as_object_mut()) {
                 o.insert("quota_limit".into(), json!(limit));
+                o.insert("quota_used".into(), json!(l.quota_used()));
                 o.insert(
                     "quota_percent".into(),
                     json!(l.quota_percent().map(|p| (p * 10.0).round() / 10.0)),
@@ -575,8 +626,9 @@ fn render(format: ReportFormat, style: Style, env: &str, table: &Table) -> Strin
             if quotas {
                 let _ = writeln!(
                     s,
-                    "  of quota = requests against the portal's monthly limit (its own, else the default plan's; \
-                     `usage-agg quota show --portal P` for right now)"
+                    "  of quota = the month's usage (its requests, and its own rows counted after its close) \
+                     against the portal's monthly limit (its own, else the default plan's; `usage-agg quota show \
+                     --portal P` for right now)"
                 );
             }
             if adjusted {
@@ -709,6 +761,7 @@ mod tests {
             manual: 0,
             billed: r,
             quota_limit: None,
+            late_usage: 0,
         }
     }
 

@@ -251,7 +251,17 @@ pub(crate) fn run_text(r: &CronRun, now: DateTime<Utc>) -> String {
             .map_or(String::new(), |m| format!(": {m}")),
         _ => String::new(),
     };
-    format!("{} {status}{took}{why}", when(r.start_time.as_deref(), now))
+    let alerts = match r.alerts_recorded {
+        Some(n) if n > 0 => format!(
+            "; {} recorded while it ran",
+            crate::output::count(n as u64, "alert", "alerts")
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{} {status}{took}{alerts}{why}",
+        when(r.start_time.as_deref(), now)
+    )
 }
 
 /// A failed run's message on one line, without PostgreSQL's "ERROR:  ".
@@ -291,6 +301,7 @@ mod tests {
                 ),
                 start_time: Some("2026-12-01T10:05:00.01+00:00".into()),
                 end_time: Some("2026-12-01T10:05:00.03+00:00".into()),
+                alerts_recorded: Some(0),
             },
             CronRun {
                 runid: 8,
@@ -298,6 +309,7 @@ mod tests {
                 return_message: Some("1 row".into()),
                 start_time: Some("2026-12-01T10:00:00+00:00".into()),
                 end_time: Some("2026-12-01T10:00:00.4+00:00".into()),
+                alerts_recorded: Some(2),
             },
         ];
         let text = render(
@@ -315,7 +327,8 @@ mod tests {
             "Command:       CALL public.usage_agg_run_scheduled(50)\n",
             "Cron runs:     2026-12-01 10:05:00 UTC (0 seconds ago) failed in 0.0 s: \
              usage_agg_run_scheduled (refused): refused to count: the sequence ...\n",
-            "                 2026-12-01 10:00:00 UTC (5 minutes ago) succeeded in 0.4 s\n",
+            "                 2026-12-01 10:00:00 UTC (5 minutes ago) succeeded in 0.4 s; 2 alerts recorded \
+             while it ran\n",
         ] {
             assert!(text.contains(needle), "{needle:?} not in\n{text}");
         }

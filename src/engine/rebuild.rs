@@ -456,7 +456,35 @@ pub async fn run<S: Store>(
         ..Outcome::default()
     };
     outcome.keys_changed = plan.writes.len();
+    // The months whose quotas' crossings the writes may reach (closed
+    // months are never written).
+    let months: Vec<Month> = plan
+        .writes
+        .iter()
+        .map(|c| c.key.month)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if opts.dry_run && marks.is_some() {
+        // What the run would record (docs/quotas.md, "`--dry-run`"): the
+        // database judges the planned totals as it would the written ones.
+        let planned: Vec<(Key, i64)> = plan
+            .writes
+            .iter()
+            .map(|c| (c.key, c.after.requests))
+            .collect();
+        outcome.alerts = store.preview_crossings(&planned, &months, None).await?;
+    }
     if !opts.dry_run {
+        // Before the first write, the months whose crossings are pending:
+        // a rebuild writes outside the rule book, and one killed between
+        // its writes and their record leaves them noted, for the next run
+        // to record whatever the cursor did (docs/quotas.md, "Where
+        // crossings are recorded").
+        let pending = match marks {
+            Some(_) if !months.is_empty() => store.mark_crossings_pending(&months).await?,
+            _ => false,
+        };
         if !plan.writes.is_empty() {
             let states: Vec<_> = plan.writes.iter().map(|c| (c.key, c.after)).collect();
             let w = store.write(&states, marks.is_some()).await;
@@ -512,18 +540,24 @@ pub async fn run<S: Store>(
             }
             // The quotas' crossings of the months it wrote: a rebuild writes
             // outside the rule book, so it records them after its writes,
-            // before the cursor moves (docs/quotas.md, "Where crossings are
-            // recorded"): a rebuild killed before then leaves its keys above
-            // the cursor, and the next run records them.
-            let months = match scope {
-                Scope::Month(m) => Some(vec![m]),
-                Scope::All => None,
+            // before the cursor moves, and clears the months it noted
+            // pending, in one transaction (docs/quotas.md, "Where crossings
+            // are recorded"). Without the migration that notes them, as
+            // before it: every open month (a full rebuild) or its month.
+            let record = || async {
+                if pending {
+                    store.sweep_pending_crossings().await
+                } else {
+                    let scoped = match scope {
+                        Scope::Month(m) => Some(vec![m]),
+                        Scope::All => None,
+                    };
+                    store.record_crossings(scoped.as_deref(), None).await
+                }
             };
             if let (Scope::All, true) = (scope, outcome.write.lost.is_empty()) {
                 failpoint::hit("before-cursor");
-                outcome
-                    .alerts
-                    .extend(store.record_crossings(None, None).await?);
+                outcome.alerts.extend(record().await?);
                 let now = if rebase {
                     store.finish_rebase(m.horizon).await?
                 } else {
@@ -532,9 +566,7 @@ pub async fn run<S: Store>(
                 failpoint::hit("after-cursor");
                 outcome.cursor = Some((m.cursor, now));
             } else {
-                outcome
-                    .alerts
-                    .extend(store.record_crossings(months.as_deref(), None).await?);
+                outcome.alerts.extend(record().await?);
             }
         }
     }

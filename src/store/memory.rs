@@ -607,6 +607,26 @@ impl Store for MemoryStore {
         Ok(Vec::new())
     }
 
+    async fn mark_crossings_pending(&self, _months: &[Month]) -> anyhow::Result<bool> {
+        self.alive()?;
+        Ok(true)
+    }
+
+    async fn sweep_pending_crossings(&self) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        self.alive()?;
+        Ok(Vec::new())
+    }
+
+    async fn preview_crossings(
+        &self,
+        _planned: &[(Key, i64)],
+        _months: &[Month],
+        _above: Option<i64>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        self.alive()?;
+        Ok(Vec::new())
+    }
+
     async fn periods(&self) -> anyhow::Result<Periods> {
         self.alive()?;
         Ok(Self::periods_now(&self.inner.borrow()))

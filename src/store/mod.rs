@@ -177,6 +177,21 @@ pub trait Store {
         months: Option<&[Month]>,
         above: Option<i64>,
     ) -> anyhow::Result<Vec<crate::alerts::Crossing>>;
+    /// Notes months a rebuild is about to write as months whose crossings
+    /// are pending; false when the database cannot (no quota gaps
+    /// migration).
+    async fn mark_crossings_pending(&self, months: &[Month]) -> anyhow::Result<bool>;
+    /// Records the pending months' crossings and clears them, at once.
+    async fn sweep_pending_crossings(&self) -> anyhow::Result<Vec<crate::alerts::Crossing>>;
+    /// The alerts a run would record, recording none (a dry run): the
+    /// pending months', those of keys above `above`, and those of a
+    /// rebuild writing `planned` (monthly request counts) over `months`.
+    async fn preview_crossings(
+        &self,
+        planned: &[(Key, i64)],
+        months: &[Month],
+        above: Option<i64>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>>;
     /// Adds a run's rejected rows to the job's tally (status, verify).
     async fn note_rejected(&self, count: u64, ids: &[i64]) -> anyhow::Result<()>;
     /// The closed months (docs/semantics.md, "Closed months").

@@ -239,6 +239,23 @@ impl Store for RestStore {
         crate::alerts::record_crossings(&self.client, months, above).await
     }
 
+    async fn mark_crossings_pending(&self, months: &[Month]) -> anyhow::Result<bool> {
+        crate::alerts::mark_crossings_pending(&self.client, months).await
+    }
+
+    async fn sweep_pending_crossings(&self) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        crate::alerts::sweep_pending_crossings(&self.client).await
+    }
+
+    async fn preview_crossings(
+        &self,
+        planned: &[(Key, i64)],
+        months: &[Month],
+        above: Option<i64>,
+    ) -> anyhow::Result<Vec<crate::alerts::Crossing>> {
+        crate::alerts::preview_crossings(&self.client, planned, months, above).await
+    }
+
     async fn periods(&self) -> anyhow::Result<Periods> {
         ledger::read(&self.client).await
     }

@@ -673,6 +673,44 @@ fn a_job_scheduled_with_pg_cron_runs_beside_cli_runs_of_both_engines_with_no_dri
             .any(|r| r["status"] == "succeeded"),
         "{json}"
     );
+    // Each cron run with the alerts recorded while it ran, as the alerts
+    // table has them by time (an alert recorded, and delivered, inside the
+    // newest succeeded run shows there; the runs above booked whatever
+    // they booked).
+    let newest: i64 = count(
+        &stack,
+        "SELECT max(runid) FROM cron.job_run_details WHERE status = 'succeeded'",
+    );
+    stack
+        .sql()
+        .batch_execute(&format!(
+            "INSERT INTO portal_usage_alerts
+                    (portal_id, month_year, threshold_percent, request_limit, request_count, crossed_at,
+                     delivered_at)
+             SELECT 987654, '2025-03', 80, 10, 8, start_time + (end_time - start_time) / 2, now()
+               FROM cron.job_run_details WHERE runid = {newest}"
+        ))
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&schedule(&stack, &["--show", "--json"]).stdout).unwrap();
+    for r in json["runs"].as_array().unwrap() {
+        let runid = r["runid"].as_i64().unwrap();
+        let truth = count(
+            &stack,
+            &format!(
+                "SELECT count(*) FROM portal_usage_alerts al, cron.job_run_details d
+                  WHERE d.runid = {runid} AND al.crossed_at >= d.start_time
+                    AND al.crossed_at <= coalesce(d.end_time, now())"
+            ),
+        );
+        assert_eq!(r["alerts_recorded"].as_i64(), Some(truth), "{r}");
+        if runid == newest {
+            assert!(truth >= 1, "{r}");
+        }
+    }
+    schedule(&stack, &["--show"])
+        .assert_status(0)
+        .assert_stdout_has("recorded while it ran");
     status(&stack)
         .assert_status(0)
         .assert_stdout_has("Schedule:      every minute (* * * * *), pg_cron job")

@@ -24,6 +24,10 @@ CREATE TABLE public.portal_usage_alerts (
 -- What delivery and `status` read: the undelivered, oldest first.
 CREATE INDEX portal_usage_alerts_undelivered_idx
   ON public.portal_usage_alerts (id) WHERE delivered_at IS NULL;
+-- The alerts a scheduled run recorded, by its time
+-- (usage_agg_schedule_show).
+CREATE INDEX portal_usage_alerts_crossed_at_idx
+  ON public.portal_usage_alerts (crossed_at);
 ALTER TABLE public.portal_usage_alerts ENABLE ROW LEVEL SECURITY;
 
 -- Read by service_role, written only by the rule book and

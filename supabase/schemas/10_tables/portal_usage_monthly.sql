@@ -15,6 +15,11 @@ ALTER TABLE public.portal_usage_monthly
 CREATE INDEX portal_usage_monthly_last_request_id_idx
   ON public.portal_usage_monthly (last_request_id);
 
+-- A month's keys: the crossings of a rebuild's months
+-- (usage_agg_sweep_pending_crossings) read those keys alone.
+CREATE INDEX portal_usage_monthly_month_year_idx
+  ON public.portal_usage_monthly (month_year);
+
 -- The REST engine writes here with the service key. (On Supabase the
 -- default privileges already give the app's tables to every API role; the
 -- app's row level security keeps anon and authenticated out.)

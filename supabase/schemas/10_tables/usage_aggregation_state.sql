@@ -30,7 +30,12 @@ CREATE TABLE public.usage_aggregation_state (
   -- The scheduled run's batch, halved after the statement timeout cut one,
   -- and the timeout it last ran under (usage_agg_run_scheduled).
   scheduled_batch_ids  bigint,
-  scheduled_statement_timeout_ms bigint
+  scheduled_statement_timeout_ms bigint,
+  -- Months a rebuild wrote (or is writing) over REST, outside the rule
+  -- book, whose quotas' crossings are not yet recorded: set before its
+  -- writes, cleared once they are recorded
+  -- (usage_agg_sweep_pending_crossings, which every CLI run calls first).
+  crossings_pending    text[] NOT NULL DEFAULT '{}'
 );
 ALTER TABLE public.usage_aggregation_state ENABLE ROW LEVEL SECURITY;
 
