@@ -412,7 +412,7 @@ fn crossings_pending(stack: &Stack) -> Vec<String> {
 /// writes stand at the cursor, not above it. Killed after its writes and
 /// before it records their crossings (the `chunk` failpoint, after the
 /// write), the month is left noted as pending, and the next run of either
-/// engine (or the sweep the scheduled run calls) records the crossing,
+/// engine (or the scheduled run, which sweeps first) records the crossing,
 /// once. Before the pending months, no later run looked at those keys.
 #[test]
 fn a_rebuild_killed_between_its_writes_and_their_crossings_at_the_cursor_loses_no_crossing() {
@@ -459,16 +459,28 @@ fn a_rebuild_killed_between_its_writes_and_their_crossings_at_the_cursor_loses_n
         assert!(!alerts(&stack).contains_key(&key(portal, M, 80, 10)));
         match next {
             "sweep" => {
-                // What usage_agg_run_scheduled calls before its batches.
-                let swept: String = stack
+                // The scheduled run sweeps before its batches, and counts
+                // the alert in its summary. (The killed run's lease stands
+                // until its TTL: expired here, as ten minutes would.)
+                stack
                     .sql()
-                    .query_one(
-                        "SELECT public.usage_agg_sweep_pending_crossings('default')::text",
-                        &[],
-                    )
-                    .unwrap()
-                    .get(0);
-                assert!(swept.contains("\"threshold_percent\": 80"), "{swept}");
+                    .batch_execute("UPDATE usage_aggregation_state SET lease_expires_at = now() WHERE job = 'default'")
+                    .unwrap();
+                let messages = stack
+                    .sql()
+                    .simple_query("CALL public.usage_agg_run_scheduled(30)")
+                    .unwrap();
+                let summary: serde_json::Value = messages
+                    .iter()
+                    .find_map(|m| match m {
+                        postgres::SimpleQueryMessage::Row(r) => {
+                            serde_json::from_str(r.get(0).unwrap()).ok()
+                        }
+                        _ => None,
+                    })
+                    .expect("CALL returns its summary");
+                assert_eq!(summary["outcome"], "ok", "{summary}");
+                assert_eq!(summary["alerts"], 1, "{summary}");
             }
             engine => {
                 aggregate(&stack, &["--engine", engine])
@@ -528,7 +540,7 @@ fn without_the_quota_gaps_migration_rebuilds_record_as_before_and_doctor_names_i
         "{}",
         doctor.stdout
     );
-    doctor.assert_stdout_has("20261207160000_usage_agg_quota_gaps.sql");
+    doctor.assert_stdout_has("20261207175000_usage_agg_quota_gaps.sql");
 }
 
 /// `--dry-run` of a rebuild (the first run, `--full`, `--month`) shows the

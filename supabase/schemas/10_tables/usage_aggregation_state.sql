@@ -34,7 +34,7 @@ CREATE TABLE public.usage_aggregation_state (
   -- Months a rebuild wrote (or is writing) over REST, outside the rule
   -- book, whose quotas' crossings are not yet recorded: set before its
   -- writes, cleared once they are recorded
-  -- (usage_agg_sweep_pending_crossings, which every CLI run calls first).
+  -- (usage_agg_sweep_pending_crossings, which every run calls first).
   crossings_pending    text[] NOT NULL DEFAULT '{}'
 );
 ALTER TABLE public.usage_aggregation_state ENABLE ROW LEVEL SECURITY;

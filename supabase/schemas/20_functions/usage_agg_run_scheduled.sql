@@ -16,6 +16,8 @@
 --      rows and reports drift key by key, which only the CLI does;
 --   4. keys whose monthly row was deleted are rebuilt first
 --      (usage_agg_restore_deleted_keys), as the CLI does;
+--   4b. the crossings a killed rebuild left pending are recorded
+--      (usage_agg_sweep_pending_crossings), as every CLI run does first;
 --   5. usage_agg_rpc_batch until caught up, or until the time bound has
 --      passed (checked between batches: a run may overrun it by one batch),
 --      the lease renewed before every batch after the first;
@@ -26,7 +28,8 @@
 --      lost, inserts still in flight, another batch running, a cancel: the
 --      next run goes on), 'failed' (an error in a step), and the two a
 --      scheduled run alone records, 'refused' and 'needs_rebuild'.
--- It returns a jsonb summary in `summary` (`CALL` shows it). Where the CLI
+-- It returns a jsonb summary in `summary` (`CALL` shows it), with the
+-- alerts it recorded ('alerts'). Where the CLI
 -- would exit 65, 70 or 78 (refused, needs_rebuild, failed, bad_rows,
 -- decreases_refused, writes_lost, and a stopped run that rejected rows,
 -- which no later run will name), it then raises an error carrying the
@@ -98,6 +101,8 @@ DECLARE
   reason    text;
   tmo_ms    bigint;
   lost      jsonb := '[]';
+  swept     jsonb := '[]';
+  n_alerts  bigint := 0;
   budget    numeric;
   batch     bigint;
 BEGIN
@@ -190,6 +195,25 @@ BEGIN
   END IF;
 
   -- 5. Batches, one transaction each.
+  -- The crossings a rebuild killed between its writes and their record
+  -- left pending (20261207175000): recorded before counting goes on, as
+  -- every CLI run does.
+  IF outcome IS NULL THEN
+    BEGIN
+      swept := public.usage_agg_sweep_pending_crossings(job);
+      n_alerts := n_alerts + jsonb_array_length(swept);
+    EXCEPTION WHEN query_canceled THEN
+      outcome := 'stopped';
+      reason := format('cancelled while recording the crossings a rebuild left pending (%s); the next run goes on',
+                       SQLERRM);
+    WHEN OTHERS THEN
+      outcome := 'failed';
+      reason := format('recording the crossings a rebuild left pending (usage_agg_sweep_pending_crossings): %s '
+                       '(SQLSTATE %s)', SQLERRM, SQLSTATE);
+    END;
+    COMMIT;
+  END IF;
+
   WHILE outcome IS NULL LOOP
     IF n_batches > 0 THEN
       IF clock_timestamp() >= started + make_interval(secs => budget) THEN
@@ -244,6 +268,7 @@ BEGIN
       n_bad := n_bad + (b->>'bad')::bigint;
       -- Rows of closed months, booked as adjustments (periods migration).
       n_late := n_late + coalesce((b->>'late_rows')::bigint, 0);
+      n_alerts := n_alerts + coalesce(jsonb_array_length(b->'alerts'), 0);
       -- Writes the rule book found undone: recorded there; this run says so.
       lost := lost || coalesce(b->'lost', '[]');
       bad_ids := (bad_ids || ARRAY(SELECT jsonb_array_elements_text(b->'bad_ids')::bigint))[1:5];
@@ -290,7 +315,7 @@ BEGIN
   PERFORM public.usage_agg_finish_run(job, me, outcome, n_rows);
   summary := jsonb_build_object(
     'outcome', outcome, 'reason', reason, 'owner', me, 'batches', n_batches, 'rows', n_rows,
-    'keys', n_keys, 'late_rows', n_late, 'bad', n_bad, 'bad_ids', to_jsonb(bad_ids),
+    'keys', n_keys, 'late_rows', n_late, 'alerts', n_alerts, 'bad', n_bad, 'bad_ids', to_jsonb(bad_ids),
     'cursor_before', c_before, 'cursor_after', c_after, 'restored_keys', restored,
     'seconds', round(date_part('epoch', clock_timestamp() - started)::numeric, 3));
   COMMIT;

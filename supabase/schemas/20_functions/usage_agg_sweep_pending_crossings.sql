@@ -1,7 +1,7 @@
 -- Records the quotas' crossings of the months a rebuild noted as pending
 -- (usage_agg_mark_crossings_pending) and clears them, in one transaction:
--- a rebuild calls it after its writes, and every CLI run calls it before
--- it counts (the scheduled run is to call it before its batches), so the
+-- a rebuild calls it after its writes, and every run (CLI or scheduled)
+-- calls it before it counts, so the
 -- crossings of a rebuild killed between its writes and their record are
 -- recorded by the next run, once (the alerts' UNIQUE).
 -- It costs the keys of the pending months (the month_year index), nothing
