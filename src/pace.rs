@@ -9,9 +9,11 @@
 //! Latency rising is the server queueing: our own requests, or the
 //! product's, waiting for the same cores and pool connections. Each place
 //! in the window also rests as long as its page took before the next
-//! request may take it, so the server spends at most half its time on any
-//! place. Between server-side batches the engine rests as long as the
-//! batch took. `--max-rows-per-second` caps the pace outright;
+//! request may take it, unless no other request is running: one stream
+//! never rests (a default run is never slower than one plain stream of
+//! requests one after another), and the server spends at most half its
+//! time on each place beyond it. Between server-side batches the engine
+//! rests a quarter of what the batch took. `--max-rows-per-second` caps the pace outright;
 //! `--aggressive` lifts all of it, for a catch-up at night.
 //!
 //! None of this changes what is counted: it only decides when the next

@@ -92,7 +92,31 @@ BEGIN
 
   -- Targets that do not exist yet, for keys with rows above what is
   -- counted (read without locks: a key created meanwhile is found below).
+  -- A key of an open month with no monthly row and no late adjustment
+  -- counted past p_from (those are frozen while the month is open) has
+  -- nothing counted in (p_from, p_to]: its row is written whole, once
+  -- (usage_agg_fresh), rather than created empty and then updated; the
+  -- insert's own row lock holds it. The others are created empty.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_fresh (portal_id bigint, month_year text) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_fresh;
   IF NOT p_dry_run THEN
+    WITH ins AS (
+      INSERT INTO public.portal_usage_monthly
+             (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+              last_request_id, updated_at)
+      SELECT p.portal_id, p.month_year, p.c, p.s, p.e, p.at, p.w, now()
+        FROM pg_temp.usage_agg_where p
+       WHERE NOT p.late
+         AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                          WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
+         AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
+                          WHERE a.portal_id = p.portal_id AND a.month_year = p.month_year
+                            AND a.source = 'late' AND a.last_request_id > p_from)
+       ORDER BY p.portal_id, p.month_year
+      ON CONFLICT (portal_id, month_year) DO NOTHING
+      RETURNING portal_id, month_year
+    )
+    INSERT INTO pg_temp.usage_agg_fresh SELECT ins.portal_id, ins.month_year FROM ins;
     INSERT INTO public.portal_usage_monthly
            (portal_id, month_year, request_count, success_count, error_count, last_request_at,
             last_request_id, updated_at)
@@ -124,13 +148,15 @@ BEGIN
     portal_id bigint, month_year text, late boolean, booked text, ikey text,
     c bigint, s bigint, e bigint, at timestamp, w bigint,
     tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
-    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean) ON COMMIT DROP;
+    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean, fresh boolean) ON COMMIT DROP;
   TRUNCATE pg_temp.usage_agg_plan;
   WITH lm AS (
     SELECT m.portal_id, m.month_year, m.request_count, m.success_count, m.error_count,
            m.last_request_at, m.last_request_id
       FROM public.portal_usage_monthly m
       JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
+     WHERE NOT EXISTS (SELECT 1 FROM pg_temp.usage_agg_fresh n
+                        WHERE n.portal_id = m.portal_id AND n.month_year = m.month_year)
      ORDER BY m.portal_id, m.month_year
        FOR UPDATE OF m
   ), la AS (
@@ -158,8 +184,10 @@ BEGIN
            CASE WHEN p.late THEN la.last_request_at ELSE lm.last_request_at END AS tgt_at,
            coalesce(la.last_request_id, lm.last_request_id) AS tgt_w,
            greatest(coalesce(lm.last_request_id, 0), coalesce(fm.w, 0), coalesce(la.last_request_id, 0),
-                    coalesce(fz.w, 0)) AS e_k
+                    coalesce(fz.w, 0)) AS e_k,
+           n.portal_id IS NOT NULL AS fresh
       FROM pg_temp.usage_agg_where p
+      LEFT JOIN pg_temp.usage_agg_fresh n ON n.portal_id = p.portal_id AND n.month_year = p.month_year
       LEFT JOIN lm ON lm.portal_id = p.portal_id AND lm.month_year = p.month_year
       LEFT JOIN la ON la.idempotency_key = p.ikey
       LEFT JOIN frozen_m fm ON fm.portal_id = p.portal_id AND fm.month_year = p.month_year
@@ -176,7 +204,8 @@ BEGIN
          CASE WHEN k.e_k <= p_from THEN k.e WHEN k.e_k >= k.w THEN 0 END,
          CASE WHEN k.e_k <= p_from THEN k.at END,
          CASE WHEN k.e_k <= p_from THEN k.w END,
-         k.e_k > p_from AND k.e_k < k.w
+         k.e_k > p_from AND k.e_k < k.w,
+         k.fresh
     FROM k;
 
   -- Keys another run counted in part: their rows in (E_k, p_to] counted
@@ -275,7 +304,7 @@ BEGIN
          last_request_id = p.dw,
          updated_at = now()
     FROM pg_temp.usage_agg_plan p
-   WHERE NOT p.late AND p.dc > 0 AND t.portal_id = p.portal_id AND t.month_year = p.month_year;
+   WHERE NOT p.late AND NOT p.fresh AND p.dc > 0 AND t.portal_id = p.portal_id AND t.month_year = p.month_year;
   UPDATE public.portal_usage_adjustments t
      SET request_count = t.request_count + p.dc,
          success_count = t.success_count + p.ds,
