@@ -30,38 +30,43 @@ pub async fn run(args: StatusArgs) -> Status {
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
         Err(e) => {
-            let e = e.into();
-            let status = printer.fail(&e, None);
-            write_metrics(&args, status, &printer.failure_json(status, &e));
+            let status = printer.fail(&e.into(), None);
+            write_metrics(&args, None, status, None);
             return status;
         }
     };
     ping.start().await;
-    let (status, json) = match connect(&args.connection) {
+    let (status, json, env, standing) = match connect(&args.connection) {
         Err(e) => {
             let status = printer.fail(&e, None);
-            (status, printer.failure_json(status, &e))
+            (status, printer.failure_json(status, &e), None, None)
         }
         Ok((config, client)) => {
             let printer = printer.against(&config);
-            match check(&args, &client, config.environment.upper()).await {
-                Ok(r) => (printer.report(&r), printer.json_of(&r)),
+            let env = config.environment.upper();
+            match check(&args, &client, env).await {
+                Ok(r) => (printer.report(&r), printer.json_of(&r), Some(env), Some(r)),
                 Err(e) => {
                     let status = printer.fail(&e, Some(&config));
-                    (status, printer.failure_json(status, &e))
+                    (status, printer.failure_json(status, &e), Some(env), None)
                 }
             }
         }
     };
-    write_metrics(&args, status, &json);
+    write_metrics(&args, env, status, standing.as_ref());
     ping.finish(status, &json).await;
     status
 }
 
 /// `--metrics-file`: what this check found, as `usage_agg_status_*`
-/// gauges. When the database could not be read, the last success it
-/// recorded is carried over from the previous file.
-fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
+/// gauges, from its report. When the check failed (no report), the last
+/// success the database recorded is carried over from the previous file.
+fn write_metrics(
+    args: &StatusArgs,
+    env: Option<&str>,
+    status: Status,
+    standing: Option<&Standing>,
+) {
     let Some(path) = args
         .metrics_file
         .as_deref()
@@ -70,14 +75,19 @@ fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
         return;
     };
     let environment = metrics::environment_label(
-        json["environment"].as_str(),
+        env,
         args.connection.env,
         args.connection.env_file.as_deref(),
     );
-    let mut m = StatusMetrics::from_json(Utc::now(), status.code(), json);
-    if json["outcome"] == "failed" {
-        m.last_success = metrics::previous_value(path, metrics::STATUS_LAST_SUCCESS, &environment);
-    }
+    let checked_at = Utc::now();
+    let m = match standing {
+        Some(s) => s.metrics(checked_at),
+        None => StatusMetrics::failed(
+            checked_at,
+            status.code(),
+            metrics::previous_value(path, metrics::STATUS_LAST_SUCCESS, &environment),
+        ),
+    };
     metrics::write_or_warn(path, &metrics::render(&environment, &m.gauges()));
 }
 
@@ -156,6 +166,27 @@ impl Report for Standing {
 
     fn render(&self, _: Style) -> String {
         self.text.clone()
+    }
+}
+
+impl Standing {
+    /// The gauges of this check: the same facts its JSON carries (times as
+    /// the database wrote them; one that does not parse is left out).
+    fn metrics(&self, checked_at: DateTime<Utc>) -> StatusMetrics {
+        let time =
+            |t: &Option<String>| t.as_deref().and_then(parse_time).map(metrics::unix_seconds);
+        StatusMetrics {
+            checked_at,
+            exit_status: self.status.code(),
+            backlog: self.backlog_estimate,
+            last_run_started: time(&self.last_run_started_at),
+            last_success: time(&self.last_success_at),
+            alerts_undelivered: self.alerts.as_ref().map(|a| a.undelivered),
+            alerts_oldest_age: self
+                .alerts
+                .as_ref()
+                .map(|a| a.oldest_age_seconds.unwrap_or(0)),
+        }
     }
 }
 
@@ -617,6 +648,64 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn standing() -> Standing {
+        Standing {
+            status: Status::Ok,
+            outcome: "ok",
+            migration_installed: true,
+            cursor: Some(100),
+            newest_id: Some(142),
+            backlog_estimate: Some(42),
+            lease_owner: None,
+            lease_taken_at: None,
+            lease_expires_at: None,
+            last_run_started_at: Some("2026-11-27T21:31:14.210+00:00".into()),
+            last_run_finished_at: None,
+            last_run_outcome: None,
+            last_run_rows: None,
+            last_run_seconds: None,
+            last_success_at: Some("2026-11-27T21:31:15+00:00".into()),
+            stale: false,
+            problems: Vec::new(),
+            refused_keys: 0,
+            rejected_rows: 0,
+            rejected_ids: Vec::new(),
+            refused_since: None,
+            refused_examples: Vec::new(),
+            last_run_by: None,
+            schedule: None,
+            periods: None,
+            alerts: None,
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn metrics_come_from_the_report_as_its_json_says_it() {
+        let checked = parse_time("2026-11-27T22:00:00+00:00").unwrap();
+        let m = standing().metrics(checked);
+        assert_eq!(
+            (m.exit_status, m.backlog, m.last_run_started, m.last_success),
+            (0, Some(42), Some(1795815074.21), Some(1795815075.0))
+        );
+        assert_eq!((m.alerts_undelivered, m.alerts_oldest_age), (None, None));
+        // With the quotas migration: undelivered alerts, and an age of 0
+        // when none waits.
+        let s = Standing {
+            status: Status::TempFail,
+            alerts: Some(crate::alerts::AlertsStatus::default()),
+            last_success_at: Some("not a time".into()),
+            ..standing()
+        };
+        let m = s.metrics(checked);
+        assert_eq!(m.exit_status, 75);
+        assert_eq!(
+            (m.alerts_undelivered, m.alerts_oldest_age),
+            (Some(0), Some(0))
+        );
+        assert_eq!(m.last_success, None);
+    }
 
     #[test]
     fn renders_a_held_lease_and_the_last_run() {

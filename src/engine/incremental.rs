@@ -98,7 +98,9 @@ pub async fn run<S: Store>(
                 failpoint::hit("chunk");
                 in_flight.push(store.book(start, end, chunk, None, opts.dry_run));
             }
-            let Some(b) = in_flight.next().await else { break };
+            let Some(b) = in_flight.next().await else {
+                break;
+            };
             let b = b?;
             superseded += b.superseded_keys;
             absorb(&mut outcome, b, opts.dry_run);
