@@ -22,6 +22,7 @@ use crate::schedule::CronAnswer;
 use crate::state::StateRow;
 use crate::store::rest::RestStore;
 use crate::store::Store;
+use crate::text_table::fields;
 
 pub async fn run(args: StatusArgs) -> Status {
     let printer = Printer::new("status", &args.output);
@@ -247,56 +248,57 @@ async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow:
     } else {
         (Status::Ok, "ok")
     };
-    let mut text = String::new();
-    {
-        use std::fmt::Write as _;
-        let gone_in_db = facts.as_ref().and_then(|f| f.lease_holder_gone) == Some(true);
-        text.push_str(&render(
-            env, installed, &state, newest, backlog, now, gone_in_db,
+    // The state's lines, then the schedule's, the problems, the alerts,
+    // the closed months, staleness: one column of labels.
+    let gone_in_db = facts.as_ref().and_then(|f| f.lease_holder_gone) == Some(true);
+    let mut lines = state_lines(installed, &state, newest, backlog, now, gone_in_db);
+    if let Some(s) = &schedule {
+        lines.extend(crate::commands::schedule::job_lines(
+            s.job.as_ref(),
+            &s.runs,
+            now,
+            false,
         ));
-        if let Some(s) = &schedule {
-            for (k, v) in crate::commands::schedule::job_lines(s.job.as_ref(), &s.runs, now, false)
-            {
-                let _ = writeln!(text, "  {k:<14} {v}");
-            }
-        }
-        for p in &problems {
-            let _ = writeln!(text, "  PROBLEM:       {p}");
-        }
-        if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
-            let standing = crate::output::Standing::of(f);
-            let _ = writeln!(
-                text,
-                "  REFUSED:       {} since {} ({}); {}",
+    }
+    for p in &problems {
+        lines.push(("PROBLEM:".into(), p.to_string()));
+    }
+    if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
+        let standing = crate::output::Standing::of(f);
+        lines.push((
+            "REFUSED:".into(),
+            format!(
+                "{} since {} ({}); {}",
                 standing.what(),
                 f.refused_since.as_deref().unwrap_or("?"),
                 f.refused_examples.join(", "),
                 standing.repair()
-            );
-        }
-        if let Some(a) = alerts.as_ref().filter(|a| a.quotas > 0 || a.alerts > 0) {
-            let _ = writeln!(text, "  {:<14} {}", "Alerts:", alerts_line(a));
-        }
-        match &periods {
-            Ok(Some(p)) => text.push_str(&render_periods(p)),
-            Ok(None) => {}
-            Err(problem) => {
-                let _ = writeln!(text, "  PROBLEM:       {problem}");
-            }
-        }
-        if stale {
-            let _ = writeln!(
-                text,
-                "  STALE:         no successful run in the last {}{}",
+            ),
+        ));
+    }
+    if let Some(a) = alerts.as_ref().filter(|a| a.quotas > 0 || a.alerts > 0) {
+        lines.push(("Alerts:".into(), alerts_line(a)));
+    }
+    match &periods {
+        Ok(Some(p)) => lines.extend(periods_lines(p)),
+        Ok(None) => {}
+        Err(problem) => lines.push(("PROBLEM:".into(), problem.clone())),
+    }
+    if stale {
+        lines.push((
+            "STALE:".into(),
+            format!(
+                "no successful run in the last {}{}",
                 humanize(args.max_age.unwrap_or_default().as_secs() as i64),
                 if installed {
                     ""
                 } else {
                     " (none is recorded: runs keep their record in the migrations' state table, which is not there)"
                 }
-            );
-        }
+            ),
+        ));
     }
+    let text = format!("usage-agg status ({env})\n{}", fields(&lines));
     let mut problem_json: Vec<ProblemJson> = problems
         .iter()
         .map(|p| ProblemJson {
@@ -424,8 +426,6 @@ async fn schedule(store: &impl Store) -> Option<CronAnswer> {
     }
 }
 
-/// Closed months, the newest, what prune could delete, what could close,
-/// what was reopened.
 /// Whether the months (YYYY-MM, in order) follow each other with none
 /// missing.
 fn contiguous<'a>(months: impl Iterator<Item = &'a str>) -> bool {
@@ -437,9 +437,11 @@ fn contiguous<'a>(months: impl Iterator<Item = &'a str>) -> bool {
         .all(|w| crate::periods::next_month(w[0]) == w[1])
 }
 
-fn render_periods(p: &crate::ledger::PeriodsStatus) -> String {
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+/// Closed months, the newest, what prune could delete, what could close,
+/// what was reopened.
+fn periods_lines(p: &crate::ledger::PeriodsStatus) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut line = |k: &str, v: String| out.push((format!("{k}:"), v));
     match (p.closed.first(), p.newest_closed.as_deref()) {
         (Some(first), Some(newest)) => line(
             "Closed months",
@@ -512,17 +514,16 @@ fn run_seconds(s: &StateRow) -> Option<f64> {
     (end >= start).then(|| (end - start).num_milliseconds() as f64 / 1000.0)
 }
 
-fn render(
-    env: &str,
+fn state_lines(
     installed: bool,
     s: &StateRow,
     newest: Option<i64>,
     backlog: Option<i64>,
     now: DateTime<Utc>,
     holder_gone_in_db: bool,
-) -> String {
-    let mut out = format!("usage-agg status ({env})\n");
-    let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut line = |k: &str, v: String| out.push((format!("{k}:"), v));
     if !installed {
         line(
             "Migration",
@@ -724,7 +725,7 @@ mod tests {
             rejected_ids: Some(vec![7, 9, 12]),
             last_run_by: Some("usage-agg@cron:41".into()),
         };
-        let text = render("PROD", true, &s, Some(150), Some(50), now, false);
+        let text = fields(&state_lines(true, &s, Some(150), Some(50), now, false));
         assert!(
             text.contains("Rejected:      3 rows as bad data so far (first ids 7, 9, 12)"),
             "{text}"
