@@ -44,4 +44,5 @@ pub mod state;
 pub mod stdio;
 pub mod store;
 pub mod tables;
+pub mod text_table;
 pub mod webhook;

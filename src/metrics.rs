@@ -240,28 +240,22 @@ pub struct StatusMetrics {
 }
 
 impl StatusMetrics {
-    /// From what `status --json` prints (or its error object).
-    pub fn from_json(
+    /// A check that ended in an error: only when it ran and how it ended
+    /// are known, and the last success is carried over (`previous_value`)
+    /// rather than lost.
+    pub fn failed(
         checked_at: DateTime<Utc>,
         exit_status: i32,
-        json: &serde_json::Value,
+        last_success: Option<f64>,
     ) -> StatusMetrics {
-        let time = |field: &str| {
-            json[field]
-                .as_str()
-                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                .map(|t| unix_seconds(t.with_timezone(&Utc)))
-        };
         StatusMetrics {
             checked_at,
             exit_status,
-            backlog: json["backlog_estimate"].as_i64(),
-            last_run_started: time("last_run_started_at"),
-            last_success: time("last_success_at"),
-            alerts_undelivered: json["alerts"]["undelivered"].as_u64(),
-            alerts_oldest_age: json["alerts"]["undelivered"]
-                .as_u64()
-                .map(|_| json["alerts"]["oldest_age_seconds"].as_i64().unwrap_or(0)),
+            backlog: None,
+            last_run_started: None,
+            last_success,
+            alerts_undelivered: None,
+            alerts_oldest_age: None,
         }
     }
 
@@ -490,14 +484,16 @@ usage_agg_last_run_timestamp_seconds{environment=\"PROD\"} 1795815074.21
     }
 
     #[test]
-    fn status_metrics_come_from_its_json() {
-        let json = serde_json::json!({
-            "environment": "PROD",
-            "backlog_estimate": 42,
-            "last_run_started_at": "2026-11-27T21:31:14.210+00:00",
-            "last_success_at": "2026-11-27T21:31:15+00:00",
-        });
-        let m = StatusMetrics::from_json(at("2026-11-27T22:00:00Z"), 0, &json);
+    fn status_metrics_render_what_is_known() {
+        let m = StatusMetrics {
+            checked_at: at("2026-11-27T22:00:00Z"),
+            exit_status: 0,
+            backlog: Some(42),
+            last_run_started: Some(1795815074.21),
+            last_success: Some(1795815075.0),
+            alerts_undelivered: None,
+            alerts_oldest_age: None,
+        };
         let text = render("PROD", &m.gauges());
         for line in [
             "usage_agg_status_timestamp_seconds{environment=\"PROD\"} 1795816800\n",
@@ -508,9 +504,11 @@ usage_agg_last_run_timestamp_seconds{environment=\"PROD\"} 1795815074.21
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
-        // An error object: only what is known.
-        let err = serde_json::json!({"outcome": "failed", "exit_status": 69});
-        let m = StatusMetrics::from_json(at("2026-11-27T22:00:00Z"), 69, &err);
+        assert!(!text.contains("alerts"), "{text}");
+        // A failed check: only what is known.
+        let m = StatusMetrics::failed(at("2026-11-27T22:00:00Z"), 69, None);
         assert_eq!(m.gauges().len(), 2);
+        let m = StatusMetrics::failed(at("2026-11-27T22:00:00Z"), 69, Some(1.0));
+        assert!(m.gauges().iter().any(|g| g.name == STATUS_LAST_SUCCESS));
     }
 }

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::aggregation::Totals;
 use crate::engine::{Change, Mode, Outcome};
+use crate::text_table::{Align, Table, Width};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Style {
@@ -636,48 +637,24 @@ pub fn dry_run_table(changes: &[Change]) -> String {
         Some(b) if b != after => format!("{after} (was {b})"),
         _ => after.to_string(),
     };
-    let rows: Vec<[String; 5]> = changes
-        .iter()
-        .map(|c| {
-            let b: Option<&Totals> = c.before.as_ref();
-            [
-                c.key.portal_id.to_string(),
-                c.key.month.to_string(),
-                cell(b.map(|t| t.requests), c.after.requests),
-                cell(b.map(|t| t.successes), c.after.successes),
-                cell(b.map(|t| t.errors), c.after.errors),
-            ]
-        })
-        .collect();
-    let head = ["portal", "month", "requests", "successes", "errors"];
-    let mut widths = head.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
+    let mut t = Table::new("  ", "  ")
+        .column(Align::Right, Width::Fit)
+        .column(Align::Left, Width::Fit)
+        .column(Align::Right, Width::Fit)
+        .column(Align::Right, Width::Fit)
+        .column(Align::Right, Width::Fit);
+    t.row(["portal", "month", "requests", "successes", "errors"]);
+    for c in changes {
+        let b: Option<&Totals> = c.before.as_ref();
+        t.row([
+            c.key.portal_id.to_string(),
+            c.key.month.to_string(),
+            cell(b.map(|t| t.requests), c.after.requests),
+            cell(b.map(|t| t.successes), c.after.successes),
+            cell(b.map(|t| t.errors), c.after.errors),
+        ]);
     }
-    let mut s = String::new();
-    let line = |s: &mut String, cells: [&str; 5]| {
-        let _ = writeln!(
-            s,
-            "  {:>w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}",
-            cells[0],
-            cells[1],
-            cells[2],
-            cells[3],
-            cells[4],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3],
-            w4 = widths[4]
-        );
-    };
-    line(&mut s, head);
-    for r in &rows {
-        line(&mut s, [&r[0], &r[1], &r[2], &r[3], &r[4]]);
-    }
-    s
+    t.render()
 }
 
 /// The run as one JSON object: for `--json`, log shippers and the ping's

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "schedule",
             "signing",
             "stdio",
+            "text_table",
         ],
     ),
     (

@@ -24,6 +24,7 @@ use crate::exit::Status;
 use crate::output::{human_time, Style};
 use crate::postgrest::Client;
 use crate::printer::{Printer, Report};
+use crate::text_table::{Align, Table, Width};
 use crate::webhook::{AttemptFailed, Sender};
 
 pub async fn run(args: AlertsArgs) -> Status {
@@ -53,12 +54,25 @@ impl Report for Listed {
                 "No alerts: no portal's month has reached a threshold of its quota\n".into()
             };
         }
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{:>6}  {:<8}  {:<7}  {:>9}  {:>11}  {:>11}  {:<23}  DELIVERED",
-            "ID", "PORTAL", "MONTH", "THRESHOLD", "LIMIT", "AT CROSSING", "CROSSED"
-        );
+        let mut t = Table::new("", "  ")
+            .column(Align::Right, Width::AtLeast(6))
+            .column(Align::Left, Width::AtLeast(8))
+            .column(Align::Left, Width::AtLeast(7))
+            .column(Align::Right, Width::AtLeast(9))
+            .column(Align::Right, Width::AtLeast(11))
+            .column(Align::Right, Width::AtLeast(11))
+            .column(Align::Left, Width::AtLeast(23))
+            .column(Align::Left, Width::Fit);
+        t.row([
+            "ID",
+            "PORTAL",
+            "MONTH",
+            "THRESHOLD",
+            "LIMIT",
+            "AT CROSSING",
+            "CROSSED",
+            "DELIVERED",
+        ]);
         for a in &self.alerts {
             let delivered = match (&a.delivered_at, a.attempts) {
                 (Some(t), n) => format!(
@@ -79,19 +93,18 @@ impl Report for Listed {
                         .map_or(String::new(), |e| format!(": {e}"))
                 ),
             };
-            let _ = writeln!(
-                s,
-                "{:>6}  {:<8}  {:<7}  {:>8}%  {:>11}  {:>11}  {:<23}  {delivered}",
-                a.id,
-                a.portal_id,
-                a.month_year,
-                a.threshold_percent,
+            t.row([
+                a.id.to_string(),
+                a.portal_id.to_string(),
+                a.month_year.clone(),
+                format!("{}%", a.threshold_percent),
                 grouped(a.request_limit),
                 grouped(a.request_count),
                 human_time(&a.crossed_at),
-            );
+                delivered,
+            ]);
         }
-        s
+        t.render()
     }
 }
 

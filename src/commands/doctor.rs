@@ -17,6 +17,7 @@ use crate::schedule::CronAnswer;
 use crate::state::owner_is_dead_here;
 use crate::store::rest::RestStore;
 use crate::store::Store;
+use crate::text_table::{Align, Table, Width};
 
 /// One check's result.
 struct Check {
@@ -747,10 +748,18 @@ impl Report for Diagnosis {
     fn render(&self, style: Style) -> String {
         use std::fmt::Write as _;
         // The names' column fits the longest; a detail of several lines
-        // goes on under its first.
-        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        // goes on under its first, as the plain marks (four wide) place it.
+        let width = self
+            .checks
+            .iter()
+            .map(|c| c.name.chars().count())
+            .max()
+            .unwrap_or(0);
         let indent = " ".repeat(5 + width + 1);
-        let mut s = String::new();
+        let mut t = Table::new("", " ")
+            .column(Align::Left, Width::AtLeast(0))
+            .column(Align::Left, Width::AtLeast(width))
+            .column(Align::Left, Width::Fit);
         for c in &self.checks {
             let mark = match (c.pass, style.emoji) {
                 (Some(true), true) => "✅",
@@ -760,12 +769,16 @@ impl Report for Diagnosis {
                 (Some(false), false) => "FAIL",
                 (None, false) => "skip",
             };
-            let detail = c.detail.replace('\n', &format!("\n{indent}"));
-            let _ = writeln!(s, "{mark} {:<width$} {detail}", c.name);
+            t.row([
+                mark,
+                c.name,
+                &c.detail.replace('\n', &format!("\n{indent}")),
+            ]);
             if let Some(fix) = &c.fix {
-                let _ = writeln!(s, "     {:<width$} fix: {fix}", "");
+                t.row(["    ", "", &format!("fix: {fix}")]);
             }
         }
+        let mut s = t.render();
         let failed = self.failed();
         if failed.is_empty() {
             s.push_str("All checks passed.\n");

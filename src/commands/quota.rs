@@ -15,6 +15,7 @@ use crate::exit::Status;
 use crate::output::{human_time, Style};
 use crate::printer::{Printer, Report};
 use crate::quota::{threshold_count, QuotaRefused};
+use crate::text_table::{Align, Table, Width};
 
 pub async fn run(args: QuotaArgs) -> Status {
     match args.action {
@@ -247,22 +248,14 @@ impl Report for Shown {
                     --limit N`, a portal's with --portal P\n"
                 .into();
         }
-        let width = self
-            .quotas
-            .iter()
-            .map(|q| grouped(q.monthly_request_limit).len())
-            .max()
-            .unwrap_or(0)
-            .max("LIMIT/MONTH".len());
-        let _ = writeln!(
-            s,
-            "{:<10}  {:>width$}  {:<24}  UPDATED",
-            "PORTAL", "LIMIT/MONTH", "ALERTS AT"
-        );
+        let mut t = Table::new("", "  ")
+            .column(Align::Left, Width::AtLeast(10))
+            .column(Align::Right, Width::Fit)
+            .column(Align::Left, Width::AtLeast(24))
+            .column(Align::Left, Width::Fit);
+        t.row(["PORTAL", "LIMIT/MONTH", "ALERTS AT", "UPDATED"]);
         for q in &self.quotas {
-            let _ = writeln!(
-                s,
-                "{:<10}  {:>width$}  {:<24}  {}",
+            t.row([
                 q.portal_id.map_or("default".into(), |p| p.to_string()),
                 grouped(q.monthly_request_limit),
                 q.thresholds_percent
@@ -273,9 +266,10 @@ impl Report for Shown {
                 q.updated_at.as_deref().map_or("?".into(), human_time)
                     + &q.updated_by
                         .as_deref()
-                        .map_or(String::new(), |b| format!(" by {b}"))
-            );
+                        .map_or(String::new(), |b| format!(" by {b}")),
+            ]);
         }
+        s.push_str(&t.render());
         if !self.quotas.iter().any(|q| q.portal_id.is_none()) {
             s.push_str("No default plan: portals without a quota of their own fire no alert\n");
         }

@@ -24,6 +24,7 @@ use crate::postgrest::Client;
 use crate::printer::{Printer, Report};
 use crate::store::rest::RestStore;
 use crate::store::{Store, StoredFilter};
+use crate::text_table::{Align, Table as TextTable, Width};
 
 /// One row of the report.
 #[derive(Debug, Clone)]
@@ -558,27 +559,36 @@ fn render(format: ReportFormat, style: Style, env: &str, table: &Table) -> Strin
                 "portal"
             };
             // The adjustment columns only where something is adjusted; CSV
-            // and JSON always carry them.
+            // and JSON always carry them. The quota column only where a
+            // quota applies.
             let adjusted = lines.iter().any(|l| l.late != 0 || l.manual != 0);
-            let mut extra_head = if adjusted {
-                format!("  {:>8}  {:>8}  {:>10}", "late", "manual", "billed")
-            } else {
-                String::new()
-            };
-            // The quota column only where a quota applies.
             let quotas = lines.iter().any(|l| l.quota_limit.is_some());
-            if quotas {
-                extra_head.push_str(&format!("  {:>16}", "of quota"));
+            // Each number's heading and least width; the bars' column last,
+            // headed by what their characters mean.
+            let mut columns = vec![
+                (head, 10),
+                ("requests", 10),
+                ("successes", 10),
+                ("errors", 8),
+            ];
+            if adjusted {
+                columns.extend([("late", 8), ("manual", 8), ("billed", 10)]);
             }
-            // The bars' column is headed by what their characters mean.
-            let _ = writeln!(
-                s,
-                "  {head:>10}  {:>10}  {:>10}  {:>8}{extra_head}  {:>7}  {}",
-                "requests",
-                "successes",
-                "errors",
-                "success",
-                crate::charts::legend(bars)
+            if quotas {
+                columns.push(("of quota", 16));
+            }
+            columns.push(("success", 7));
+            let mut t = columns
+                .iter()
+                .fold(TextTable::new("  ", "  "), |t, (_, n)| {
+                    t.column(Align::Right, Width::AtLeast(*n))
+                })
+                .column(Align::Left, Width::Fit);
+            t.row(
+                columns
+                    .iter()
+                    .map(|(h, _)| h.to_string())
+                    .chain([crate::charts::legend(bars)]),
             );
             for l in lines {
                 let key = if label == Label::Month {
@@ -586,43 +596,41 @@ fn render(format: ReportFormat, style: Style, env: &str, table: &Table) -> Strin
                 } else {
                     l.portal_id.to_string()
                 };
-                let req = l.request_count.unwrap_or(0);
-                let mut extra = if adjusted {
-                    format!(
-                        "  {:>8}  {:>8}  {:>10}",
+                let mut row = vec![
+                    key,
+                    l.request_count.unwrap_or(0).to_string(),
+                    l.success_count.unwrap_or(0).to_string(),
+                    l.error_count.unwrap_or(0).to_string(),
+                ];
+                if adjusted {
+                    row.extend([
                         format!("{:+}", l.late),
                         format!("{:+}", l.manual),
-                        l.billed
-                    )
-                } else {
-                    String::new()
-                };
-                if quotas {
-                    extra.push_str(&format!(
-                        "  {:>16}",
-                        match (l.quota_percent(), l.quota_limit) {
-                            (Some(p), Some(limit)) =>
-                                format!("{p:.1}% of {}", super::quota::grouped(limit)),
-                            _ => "-".into(),
-                        }
-                    ));
+                        l.billed.to_string(),
+                    ]);
                 }
-                let line = format!(
-                    "  {key:>10}  {req:>10}  {:>10}  {:>8}{extra}  {:>7}  {}",
-                    l.success_count.unwrap_or(0),
-                    l.error_count.unwrap_or(0),
+                if quotas {
+                    row.push(match (l.quota_percent(), l.quota_limit) {
+                        (Some(p), Some(limit)) => {
+                            format!("{p:.1}% of {}", super::quota::grouped(limit))
+                        }
+                        _ => "-".into(),
+                    });
+                }
+                // No bar and no rate leave no spaces (the table trims them).
+                row.extend([
                     l.rate().map_or("-".into(), |r| format!("{r:.1}%")),
                     crate::charts::bar(
                         l.success_count.unwrap_or(0),
                         l.error_count.unwrap_or(0),
                         max,
                         BAR_WIDTH,
-                        bars
-                    )
-                );
-                // No bar and no rate leave spaces a diff would show.
-                let _ = writeln!(s, "{}", line.trim_end());
+                        bars,
+                    ),
+                ]);
+                t.row(row);
             }
+            s.push_str(&t.render());
             if quotas {
                 let _ = writeln!(
                     s,

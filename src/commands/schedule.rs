@@ -182,11 +182,10 @@ fn every_text(cron: &str) -> String {
 
 /// `--show`: the job and its last runs.
 fn render(env: &str, a: &CronAnswer, now: DateTime<Utc>) -> String {
-    let mut out = format!("usage-agg schedule ({env})\n");
-    for (k, v) in job_lines(a.job.as_ref(), &a.runs, now, true) {
-        out.push_str(&format!("  {k:<14} {v}\n"));
-    }
-    out
+    format!(
+        "usage-agg schedule ({env})\n{}",
+        crate::text_table::fields(&job_lines(a.job.as_ref(), &a.runs, now, true))
+    )
 }
 
 /// The lines `--show` and `status` print about the job: (label with its

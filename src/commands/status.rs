@@ -22,6 +22,7 @@ use crate::schedule::CronAnswer;
 use crate::state::StateRow;
 use crate::store::rest::RestStore;
 use crate::store::Store;
+use crate::text_table::fields;
 
 pub async fn run(args: StatusArgs) -> Status {
     let printer = Printer::new("status", &args.output);
@@ -30,38 +31,43 @@ pub async fn run(args: StatusArgs) -> Status {
     let ping = match Ping::new(args.ping_url.as_deref()) {
         Ok(p) => p,
         Err(e) => {
-            let e = e.into();
-            let status = printer.fail(&e, None);
-            write_metrics(&args, status, &printer.failure_json(status, &e));
+            let status = printer.fail(&e.into(), None);
+            write_metrics(&args, None, status, None);
             return status;
         }
     };
     ping.start().await;
-    let (status, json) = match connect(&args.connection) {
+    let (status, json, env, standing) = match connect(&args.connection) {
         Err(e) => {
             let status = printer.fail(&e, None);
-            (status, printer.failure_json(status, &e))
+            (status, printer.failure_json(status, &e), None, None)
         }
         Ok((config, client)) => {
             let printer = printer.against(&config);
-            match check(&args, &client, config.environment.upper()).await {
-                Ok(r) => (printer.report(&r), printer.json_of(&r)),
+            let env = config.environment.upper();
+            match check(&args, &client, env).await {
+                Ok(r) => (printer.report(&r), printer.json_of(&r), Some(env), Some(r)),
                 Err(e) => {
                     let status = printer.fail(&e, Some(&config));
-                    (status, printer.failure_json(status, &e))
+                    (status, printer.failure_json(status, &e), Some(env), None)
                 }
             }
         }
     };
-    write_metrics(&args, status, &json);
+    write_metrics(&args, env, status, standing.as_ref());
     ping.finish(status, &json).await;
     status
 }
 
 /// `--metrics-file`: what this check found, as `usage_agg_status_*`
-/// gauges. When the database could not be read, the last success it
-/// recorded is carried over from the previous file.
-fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
+/// gauges, from its report. When the check failed (no report), the last
+/// success the database recorded is carried over from the previous file.
+fn write_metrics(
+    args: &StatusArgs,
+    env: Option<&str>,
+    status: Status,
+    standing: Option<&Standing>,
+) {
     let Some(path) = args
         .metrics_file
         .as_deref()
@@ -70,14 +76,19 @@ fn write_metrics(args: &StatusArgs, status: Status, json: &serde_json::Value) {
         return;
     };
     let environment = metrics::environment_label(
-        json["environment"].as_str(),
+        env,
         args.connection.env,
         args.connection.env_file.as_deref(),
     );
-    let mut m = StatusMetrics::from_json(Utc::now(), status.code(), json);
-    if json["outcome"] == "failed" {
-        m.last_success = metrics::previous_value(path, metrics::STATUS_LAST_SUCCESS, &environment);
-    }
+    let checked_at = Utc::now();
+    let m = match standing {
+        Some(s) => s.metrics(checked_at),
+        None => StatusMetrics::failed(
+            checked_at,
+            status.code(),
+            metrics::previous_value(path, metrics::STATUS_LAST_SUCCESS, &environment),
+        ),
+    };
     metrics::write_or_warn(path, &metrics::render(&environment, &m.gauges()));
 }
 
@@ -159,6 +170,27 @@ impl Report for Standing {
     }
 }
 
+impl Standing {
+    /// The gauges of this check: the same facts its JSON carries (times as
+    /// the database wrote them; one that does not parse is left out).
+    fn metrics(&self, checked_at: DateTime<Utc>) -> StatusMetrics {
+        let time =
+            |t: &Option<String>| t.as_deref().and_then(parse_time).map(metrics::unix_seconds);
+        StatusMetrics {
+            checked_at,
+            exit_status: self.status.code(),
+            backlog: self.backlog_estimate,
+            last_run_started: time(&self.last_run_started_at),
+            last_success: time(&self.last_success_at),
+            alerts_undelivered: self.alerts.as_ref().map(|a| a.undelivered),
+            alerts_oldest_age: self
+                .alerts
+                .as_ref()
+                .map(|a| a.oldest_age_seconds.unwrap_or(0)),
+        }
+    }
+}
+
 /// The status: its verdict, JSON fields and text.
 async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow::Result<Standing> {
     let (installed, state, newest, facts, schedule) =
@@ -216,56 +248,57 @@ async fn check(args: &StatusArgs, client: &Client, env: &'static str) -> anyhow:
     } else {
         (Status::Ok, "ok")
     };
-    let mut text = String::new();
-    {
-        use std::fmt::Write as _;
-        let gone_in_db = facts.as_ref().and_then(|f| f.lease_holder_gone) == Some(true);
-        text.push_str(&render(
-            env, installed, &state, newest, backlog, now, gone_in_db,
+    // The state's lines, then the schedule's, the problems, the alerts,
+    // the closed months, staleness: one column of labels.
+    let gone_in_db = facts.as_ref().and_then(|f| f.lease_holder_gone) == Some(true);
+    let mut lines = state_lines(installed, &state, newest, backlog, now, gone_in_db);
+    if let Some(s) = &schedule {
+        lines.extend(crate::commands::schedule::job_lines(
+            s.job.as_ref(),
+            &s.runs,
+            now,
+            false,
         ));
-        if let Some(s) = &schedule {
-            for (k, v) in crate::commands::schedule::job_lines(s.job.as_ref(), &s.runs, now, false)
-            {
-                let _ = writeln!(text, "  {k:<14} {v}");
-            }
-        }
-        for p in &problems {
-            let _ = writeln!(text, "  PROBLEM:       {p}");
-        }
-        if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
-            let standing = crate::output::Standing::of(f);
-            let _ = writeln!(
-                text,
-                "  REFUSED:       {} since {} ({}); {}",
+    }
+    for p in &problems {
+        lines.push(("PROBLEM:".into(), p.to_string()));
+    }
+    if let Some(f) = facts.as_ref().filter(|f| f.refused_keys > 0) {
+        let standing = crate::output::Standing::of(f);
+        lines.push((
+            "REFUSED:".into(),
+            format!(
+                "{} since {} ({}); {}",
                 standing.what(),
                 f.refused_since.as_deref().unwrap_or("?"),
                 f.refused_examples.join(", "),
                 standing.repair()
-            );
-        }
-        if let Some(a) = alerts.as_ref().filter(|a| a.quotas > 0 || a.alerts > 0) {
-            let _ = writeln!(text, "  {:<14} {}", "Alerts:", alerts_line(a));
-        }
-        match &periods {
-            Ok(Some(p)) => text.push_str(&render_periods(p)),
-            Ok(None) => {}
-            Err(problem) => {
-                let _ = writeln!(text, "  PROBLEM:       {problem}");
-            }
-        }
-        if stale {
-            let _ = writeln!(
-                text,
-                "  STALE:         no successful run in the last {}{}",
+            ),
+        ));
+    }
+    if let Some(a) = alerts.as_ref().filter(|a| a.quotas > 0 || a.alerts > 0) {
+        lines.push(("Alerts:".into(), alerts_line(a)));
+    }
+    match &periods {
+        Ok(Some(p)) => lines.extend(periods_lines(p)),
+        Ok(None) => {}
+        Err(problem) => lines.push(("PROBLEM:".into(), problem.clone())),
+    }
+    if stale {
+        lines.push((
+            "STALE:".into(),
+            format!(
+                "no successful run in the last {}{}",
                 humanize(args.max_age.unwrap_or_default().as_secs() as i64),
                 if installed {
                     ""
                 } else {
                     " (none is recorded: runs keep their record in the migrations' state table, which is not there)"
                 }
-            );
-        }
+            ),
+        ));
     }
+    let text = format!("usage-agg status ({env})\n{}", fields(&lines));
     let mut problem_json: Vec<ProblemJson> = problems
         .iter()
         .map(|p| ProblemJson {
@@ -393,8 +426,6 @@ async fn schedule(store: &impl Store) -> Option<CronAnswer> {
     }
 }
 
-/// Closed months, the newest, what prune could delete, what could close,
-/// what was reopened.
 /// Whether the months (YYYY-MM, in order) follow each other with none
 /// missing.
 fn contiguous<'a>(months: impl Iterator<Item = &'a str>) -> bool {
@@ -406,9 +437,11 @@ fn contiguous<'a>(months: impl Iterator<Item = &'a str>) -> bool {
         .all(|w| crate::periods::next_month(w[0]) == w[1])
 }
 
-fn render_periods(p: &crate::ledger::PeriodsStatus) -> String {
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+/// Closed months, the newest, what prune could delete, what could close,
+/// what was reopened.
+fn periods_lines(p: &crate::ledger::PeriodsStatus) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut line = |k: &str, v: String| out.push((format!("{k}:"), v));
     match (p.closed.first(), p.newest_closed.as_deref()) {
         (Some(first), Some(newest)) => line(
             "Closed months",
@@ -481,17 +514,16 @@ fn run_seconds(s: &StateRow) -> Option<f64> {
     (end >= start).then(|| (end - start).num_milliseconds() as f64 / 1000.0)
 }
 
-fn render(
-    env: &str,
+fn state_lines(
     installed: bool,
     s: &StateRow,
     newest: Option<i64>,
     backlog: Option<i64>,
     now: DateTime<Utc>,
     holder_gone_in_db: bool,
-) -> String {
-    let mut out = format!("usage-agg status ({env})\n");
-    let mut line = |k: &str, v: String| out.push_str(&format!("  {:<14} {v}\n", format!("{k}:")));
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut line = |k: &str, v: String| out.push((format!("{k}:"), v));
     if !installed {
         line(
             "Migration",
@@ -618,6 +650,64 @@ fn render(
 mod tests {
     use super::*;
 
+    fn standing() -> Standing {
+        Standing {
+            status: Status::Ok,
+            outcome: "ok",
+            migration_installed: true,
+            cursor: Some(100),
+            newest_id: Some(142),
+            backlog_estimate: Some(42),
+            lease_owner: None,
+            lease_taken_at: None,
+            lease_expires_at: None,
+            last_run_started_at: Some("2026-11-27T21:31:14.210+00:00".into()),
+            last_run_finished_at: None,
+            last_run_outcome: None,
+            last_run_rows: None,
+            last_run_seconds: None,
+            last_success_at: Some("2026-11-27T21:31:15+00:00".into()),
+            stale: false,
+            problems: Vec::new(),
+            refused_keys: 0,
+            rejected_rows: 0,
+            rejected_ids: Vec::new(),
+            refused_since: None,
+            refused_examples: Vec::new(),
+            last_run_by: None,
+            schedule: None,
+            periods: None,
+            alerts: None,
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn metrics_come_from_the_report_as_its_json_says_it() {
+        let checked = parse_time("2026-11-27T22:00:00+00:00").unwrap();
+        let m = standing().metrics(checked);
+        assert_eq!(
+            (m.exit_status, m.backlog, m.last_run_started, m.last_success),
+            (0, Some(42), Some(1795815074.21), Some(1795815075.0))
+        );
+        assert_eq!((m.alerts_undelivered, m.alerts_oldest_age), (None, None));
+        // With the quotas migration: undelivered alerts, and an age of 0
+        // when none waits.
+        let s = Standing {
+            status: Status::TempFail,
+            alerts: Some(crate::alerts::AlertsStatus::default()),
+            last_success_at: Some("not a time".into()),
+            ..standing()
+        };
+        let m = s.metrics(checked);
+        assert_eq!(m.exit_status, 75);
+        assert_eq!(
+            (m.alerts_undelivered, m.alerts_oldest_age),
+            (Some(0), Some(0))
+        );
+        assert_eq!(m.last_success, None);
+    }
+
     #[test]
     fn renders_a_held_lease_and_the_last_run() {
         let now = parse_time("2026-11-27T12:00:00+00:00").unwrap();
@@ -635,7 +725,7 @@ mod tests {
             rejected_ids: Some(vec![7, 9, 12]),
             last_run_by: Some("usage-agg@cron:41".into()),
         };
-        let text = render("PROD", true, &s, Some(150), Some(50), now, false);
+        let text = fields(&state_lines(true, &s, Some(150), Some(50), now, false));
         assert!(
             text.contains("Rejected:      3 rows as bad data so far (first ids 7, 9, 12)"),
             "{text}"

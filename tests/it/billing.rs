@@ -7,24 +7,6 @@ use crate::common::*;
 
 const ENGINES: [&str; 2] = ["rest", "rpc"];
 
-/// Closes `month` in the database as `usage-agg close` finally does (the
-/// command's own checks are tested below), grace 0.
-fn close_sql(stack: &Stack, month: &str) {
-    let text: String = stack
-        .sql()
-        .query_one(
-            "SELECT usage_agg_close_month('default', $1, 0, 'test')::text",
-            &[&month],
-        )
-        .unwrap()
-        .get(0);
-    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert!(
-        answer["closed"] == true || answer["already_closed"] == true,
-        "{answer}"
-    );
-}
-
 /// The invariant `verify` checks, by SQL: for every key, its monthly row
 /// plus its late adjustments equals its good raw rows plus those prune
 /// deleted. Returns the keys that differ.
@@ -186,15 +168,10 @@ fn a_run_killed_anywhere_on_the_adjustment_path_leaves_every_row_counted_once_in
             // The server-side engine: killed between its batches.
             ("page", 1 + rng.below(3))
         };
-        let mut env = stack.env();
-        env.push(("USAGE_AGG_FAILPOINTS".into(), format!("{point}=abort@{at}")));
-        let killed = usage_agg(
-            &workdir(),
-            &env,
+        let killed = aggregate_failing(
+            &stack,
+            &format!("{point}=abort@{at}"),
             &[
-                "aggregate",
-                "--env",
-                "dev",
                 "--engine",
                 engine,
                 "--page-size",
@@ -258,17 +235,6 @@ fn this_and_last_month(stack: &Stack) -> (String, String) {
         )
         .unwrap();
     (r.get(0), r.get(1))
-}
-
-fn insert_month(stack: &Stack, portal: i64, month: &str, n: usize) {
-    let values = vec![format!("({portal}, '{month}-03 10:00:00', true, '{month}')"); n];
-    stack
-        .sql()
-        .batch_execute(&format!(
-            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
-            values.join(",")
-        ))
-        .unwrap();
 }
 
 #[test]
@@ -766,11 +732,9 @@ fn prune_keeps_closed_months_checkable_resumes_after_a_kill_and_full_leaves_them
 
     // Killed after its second batch: what it deleted is booked, verify
     // agrees, and the next prune resumes where it stopped.
-    let mut env = stack.env();
-    env.push(("USAGE_AGG_FAILPOINTS".into(), "page=abort@2".into()));
     let killed = usage_agg(
         &workdir(),
-        &env,
+        &failing(&stack, "page=abort@2"),
         &[
             "prune",
             "--env",
@@ -1260,12 +1224,7 @@ fn a_restored_key_counts_the_late_rows_a_killed_run_booked_above_the_cursor() {
     usage(&stack, &["close", "--month", "2025-05"]).assert_status(0);
     insert_month(&stack, 1, "2025-05", 2);
     insert_month(&stack, 2, "2025-06", 1);
-    let mut env = stack.env();
-    env.push((
-        "USAGE_AGG_FAILPOINTS".into(),
-        "before-cursor=abort@1".into(),
-    ));
-    let killed = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev", "--full"]);
+    let killed = aggregate_failing(&stack, "before-cursor=abort@1", &["--full"]);
     assert_eq!(killed.status, -1, "{}{}", killed.stdout, killed.stderr);
     assert_eq!(
         late_rows(&stack),
@@ -1524,10 +1483,7 @@ fn adjustment_amounts_are_bounded_and_no_sum_billing_reads_wraps() {
     // A database where such amounts were booked before the bound: they stay
     // (history is never edited), and `report` and `verify` refuse to show a
     // wrapped total (65, naming why) instead of printing a negative one.
-    let mut old = Stack::new();
-    for m in MIGRATIONS.iter().filter(|m| **m != RULES_MIGRATION) {
-        migrate_file(&mut old, m);
-    }
+    let mut old = stack_without(&[RULES_MIGRATION]);
     insert_month(&old, 1, "2025-05", 6);
     aggregate(&old, &[]).assert_status(0);
     for (key, n) in [("huge-1", i64::MAX), ("huge-2", 6)] {

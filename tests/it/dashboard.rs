@@ -14,6 +14,8 @@ use crate::common::*;
 
 /// The portal the scenario is about, and the ones around it.
 const PORTAL: i64 = 7;
+/// The dashboard's migration, by the end of its file name.
+const DASHBOARD: &str = "_usage_agg_dashboard.sql";
 
 /// `month` moved `n` months back (written here, not with the crate's
 /// window, so the test does not share the code it checks).
@@ -40,31 +42,6 @@ fn usage_env(stack: &Stack, env: &[(&str, &str)], args: &[&str]) -> Run {
     let mut vars = stack.env();
     vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     usage_agg(&workdir(), &vars, &all)
-}
-
-fn insert(stack: &Stack, portal: i64, month: &str, ok: usize, err: usize, at: &str) {
-    let mut values = vec![format!("({portal}, '{at}', true, '{month}')"); ok];
-    values.extend(vec![format!("({portal}, '{at}', false, '{month}')"); err]);
-    stack
-        .sql()
-        .batch_execute(&format!(
-            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
-            values.join(",")
-        ))
-        .unwrap();
-}
-
-fn close(stack: &Stack, month: &str) {
-    let text: String = stack
-        .sql()
-        .query_one(
-            "SELECT usage_agg_close_month('default', $1, 0, 'test')::text",
-            &[&month],
-        )
-        .unwrap()
-        .get(0);
-    let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["closed"], true, "{v}");
 }
 
 /// The months the scenario writes in, around the database's current one.
@@ -117,7 +94,7 @@ fn scenario(stack: &Stack) -> Scenario {
             .unwrap()
             .get(0)
     };
-    insert(
+    insert_requests(
         stack,
         PORTAL,
         &s.before,
@@ -125,7 +102,7 @@ fn scenario(stack: &Stack) -> Scenario {
         0,
         &format!("{}-15 12:00:00", s.before),
     );
-    insert(
+    insert_requests(
         stack,
         PORTAL,
         &s.first,
@@ -133,7 +110,7 @@ fn scenario(stack: &Stack) -> Scenario {
         2,
         &format!("{}-01 00:00:00", s.first),
     );
-    insert(
+    insert_requests(
         stack,
         PORTAL,
         &s.prev2,
@@ -141,8 +118,8 @@ fn scenario(stack: &Stack) -> Scenario {
         2,
         &format!("{}-10 08:00:00", s.prev2),
     );
-    insert(stack, PORTAL, &s.prev, 5, 1, &last_instant(&s.prev));
-    insert(
+    insert_requests(stack, PORTAL, &s.prev, 5, 1, &last_instant(&s.prev));
+    insert_requests(
         stack,
         PORTAL,
         &s.now,
@@ -150,14 +127,14 @@ fn scenario(stack: &Stack) -> Scenario {
         3,
         &format!("{}-01 00:00:00", s.now),
     );
-    insert(stack, 8, &s.prev, 11, 0, &format!("{}-02 00:00:00", s.prev));
-    insert(stack, 8, &s.now, 40, 4, &format!("{}-02 00:00:00", s.now));
-    insert(stack, 9, &s.now, 15, 5, &format!("{}-02 00:00:00", s.now));
-    insert(stack, 10, &s.now, 3, 1, &format!("{}-02 00:00:00", s.now));
-    insert(stack, 11, &s.now, 30, 0, &format!("{}-02 00:00:00", s.now));
+    insert_requests(stack, 8, &s.prev, 11, 0, &format!("{}-02 00:00:00", s.prev));
+    insert_requests(stack, 8, &s.now, 40, 4, &format!("{}-02 00:00:00", s.now));
+    insert_requests(stack, 9, &s.now, 15, 5, &format!("{}-02 00:00:00", s.now));
+    insert_requests(stack, 10, &s.now, 3, 1, &format!("{}-02 00:00:00", s.now));
+    insert_requests(stack, 11, &s.now, 30, 0, &format!("{}-02 00:00:00", s.now));
     aggregate(stack, &[]).assert_status(0);
-    close(stack, &s.prev2);
-    insert(
+    close_sql(stack, &s.prev2);
+    insert_requests(
         stack,
         PORTAL,
         &s.prev2,
@@ -166,8 +143,8 @@ fn scenario(stack: &Stack) -> Scenario {
         &format!("{}-28 23:00:00", s.prev2),
     );
     aggregate(stack, &[]).assert_status(0);
-    close(stack, &s.prev);
-    insert(
+    close_sql(stack, &s.prev);
+    insert_requests(
         stack,
         PORTAL,
         &s.prev2,
@@ -175,7 +152,7 @@ fn scenario(stack: &Stack) -> Scenario {
         0,
         &format!("{}-28 23:30:00", s.prev2),
     );
-    insert(stack, 8, &s.prev, 2, 0, &format!("{}-28 23:30:00", s.prev));
+    insert_requests(stack, 8, &s.prev, 2, 0, &format!("{}-28 23:30:00", s.prev));
     aggregate(stack, &[]).assert_status(0);
     for (portal, n, id) in [(PORTAL, "-2", "dash-1"), (8, "5", "dash-2")] {
         usage(
@@ -198,7 +175,7 @@ fn scenario(stack: &Stack) -> Scenario {
     }
     // The tables are true to the raw rows before the tail arrives.
     usage(stack, &["verify"]).assert_status(0);
-    insert(
+    insert_requests(
         stack,
         PORTAL,
         &s.now,
@@ -605,11 +582,7 @@ fn the_portal_summary_is_service_roles_alone_and_refuses_bad_arguments() {
     }
     // Applying the migration again changes nothing (idempotent).
     let mut stack = stack;
-    let dashboard = *MIGRATIONS
-        .iter()
-        .find(|m| m.ends_with("_usage_agg_dashboard.sql"))
-        .expect("the dashboard migration");
-    migrate_file(&mut stack, dashboard);
+    migrate_file(&mut stack, migration(DASHBOARD));
     let grants: String = stack
         .sql()
         .query_one(
@@ -630,7 +603,7 @@ fn the_portal_summary_is_service_roles_alone_and_refuses_bad_arguments() {
 #[test]
 fn the_portal_summary_passes_the_quota_on_once_quotas_exist() {
     let stack = migrated_stack();
-    insert(&stack, 3, "2025-05", 2, 0, "2025-05-02 00:00:00");
+    insert_requests(&stack, 3, "2025-05", 2, 0, "2025-05-02 00:00:00");
     aggregate(&stack, &[]).assert_status(0);
     // The quotas migration's function, as it answers for the current
     // month: with no quota, no limit; with one, the limit.
@@ -1026,15 +999,8 @@ fn the_html_report_equals_the_truth_and_is_written_atomically_and_replaced_only_
 
 #[test]
 fn without_the_dashboard_migration_doctor_and_the_portal_page_name_it() {
-    let mut stack = Stack::new();
-    let dashboard = *MIGRATIONS
-        .iter()
-        .find(|m| m.ends_with("_usage_agg_dashboard.sql"))
-        .expect("the dashboard migration");
-    for m in MIGRATIONS.iter().filter(|m| **m != dashboard) {
-        migrate_file(&mut stack, m);
-    }
-    insert(&stack, 1, "2025-05", 2, 0, "2025-05-02 00:00:00");
+    let stack = stack_without(&[migration(DASHBOARD)]);
+    insert_requests(&stack, 1, "2025-05", 2, 0, "2025-05-02 00:00:00");
     aggregate(&stack, &[]).assert_status(0);
     let doctor = usage(&stack, &["doctor"]);
     doctor.assert_status(78);

@@ -295,7 +295,7 @@ fn first_batch(stack: &Stack, engine: &str, args: &[&str]) -> i64 {
     } else {
         "after-cursor"
     };
-    let env = env_with(stack, "USAGE_AGG_FAILPOINTS", &format!("{point}=abort@1"));
+    let env = failing(stack, &format!("{point}=abort@1"));
     let mut all = vec!["aggregate", "--env", "dev", "--engine", engine];
     all.extend_from_slice(args);
     let killed = usage_agg(&workdir(), &env, &all);

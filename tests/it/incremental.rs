@@ -130,21 +130,11 @@ fn a_run_killed_anywhere_is_finished_by_the_next_with_every_row_counted_once() {
         insert_random(&stack, &mut rng, n, 400);
         let point = points[rng.below(points.len() as u64) as usize];
         let at = 1 + rng.below(3);
-        let mut env = stack.env();
-        env.push(("USAGE_AGG_FAILPOINTS".into(), format!("{point}=abort@{at}")));
         // Small pages and batches: many places to die in one run.
-        let killed = usage_agg(
-            &workdir(),
-            &env,
-            &[
-                "aggregate",
-                "--env",
-                "dev",
-                "--page-size",
-                "200",
-                "--batch-rows",
-                "400",
-            ],
+        let killed = aggregate_failing(
+            &stack,
+            &format!("{point}=abort@{at}"),
+            &["--page-size", "200", "--batch-rows", "400"],
         );
         assert!(
             killed.status == -1 || killed.status == 0,

@@ -423,17 +423,6 @@ fn a_run_that_rewrote_keys_never_ends_with_nothing_to_do() {
     );
 }
 
-fn insert_month_rows(stack: &Stack, portal: i64, month: &str, n: usize) {
-    let values = vec![format!("({portal}, '{month}-10 10:00:00', true, '{month}')"); n];
-    stack
-        .sql()
-        .batch_execute(&format!(
-            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
-            values.join(",")
-        ))
-        .unwrap();
-}
-
 /// `--auto-close` that leaves a month open (its keys drift) or fails: the
 /// JSON's outcome says why the status is not 0 (it said "ok" with 65 and
 /// 69), the error is there when it failed, and with --quiet the reason is
@@ -442,8 +431,8 @@ fn insert_month_rows(stack: &Stack, portal: i64, month: &str, n: usize) {
 fn auto_close_that_leaves_a_month_open_or_fails_says_so_in_the_outcome() {
     use stack::proxy::{Fault, FaultProxy};
     let stack = migrated_stack();
-    insert_month_rows(&stack, 1, "2025-05", 5);
-    insert_month_rows(&stack, 1, "2025-06", 5);
+    insert_month(&stack, 1, "2025-05", 5);
+    insert_month(&stack, 1, "2025-06", 5);
     aggregate(&stack, &[]).assert_status(0);
     stack
         .sql()

@@ -55,11 +55,7 @@ fn survives_kills_and_inserts(pace: &[&str], seed: u64) {
         let n = 500 + rng.below(1_000) as usize;
         insert_random(&stack, &mut rng, n, 200);
         let point = points[rng.below(points.len() as u64) as usize];
-        let mut env = stack.env();
-        env.push((
-            "USAGE_AGG_FAILPOINTS".into(),
-            format!("{point}=abort@{}", 1 + rng.below(3)),
-        ));
+        let env = failing(&stack, &format!("{point}=abort@{}", 1 + rng.below(3)));
         let args = with(&["--batch-size", "700"]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let killed = run_while_inserting(&stack, &mut rng, &env, &args);
@@ -109,11 +105,7 @@ fn server_side_batches_sized_by_time_and_rested_between_change_no_total() {
     for round in 0..6 {
         let n = 3_000 + rng.below(3_000) as usize;
         insert_random(&stack, &mut rng, n, 200);
-        let mut env = stack.env();
-        env.push((
-            "USAGE_AGG_FAILPOINTS".into(),
-            format!("page=abort@{}", 1 + rng.below(2)),
-        ));
+        let env = failing(&stack, &format!("page=abort@{}", 1 + rng.below(2)));
         // Alternately a fixed small batch with a fixed rest, and batches
         // sized by time with the default rest (as long as each batch took).
         let args: &[&str] = if round % 2 == 0 {

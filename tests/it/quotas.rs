@@ -34,20 +34,6 @@ fn run_with(env: &[(String, String)], args: &[&str]) -> Run {
     usage_agg(&workdir(), env, &all)
 }
 
-fn insert(stack: &Stack, portal: i64, month: &str, n: usize) {
-    if n == 0 {
-        return;
-    }
-    let values = vec![format!("({portal}, '{month}-03 10:00:00', true, '{month}')"); n];
-    stack
-        .sql()
-        .batch_execute(&format!(
-            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
-            values.join(",")
-        ))
-        .unwrap();
-}
-
 /// The alerts recorded: (portal, month, threshold, limit) -> request_count.
 fn alerts(stack: &Stack) -> BTreeMap<(i64, String, i32, i64), i64> {
     stack
@@ -101,7 +87,7 @@ fn reached(usage: i64, limit: i64, thresholds: &[i32]) -> Vec<i32> {
 fn a_threshold_fires_once_per_portal_month_threshold_and_limit_in_every_engine() {
     for engine in ["rest", "rpc", "scheduled"] {
         let stack = migrated_stack();
-        insert(&stack, 9, M, 1);
+        insert_month(&stack, 9, M, 1);
         aggregate(&stack, &[]).assert_status(0); // the first run sets the cursor
         run(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
         run(
@@ -119,14 +105,14 @@ fn a_threshold_fires_once_per_portal_month_threshold_and_limit_in_every_engine()
         .assert_status(0);
 
         // Under the first threshold: nothing.
-        insert(&stack, 1, M, 79);
-        insert(&stack, 2, M, 150);
+        insert_month(&stack, 1, M, 79);
+        insert_month(&stack, 2, M, 150);
         count_with(&stack, engine);
         assert_eq!(alert_rows(&stack), 0, "{engine}: 79 of 100 fires nothing");
 
         // Hovering: one row at a time across 80, in runs of their own.
         for _ in 0..3 {
-            insert(&stack, 1, M, 1);
+            insert_month(&stack, 1, M, 1);
             count_with(&stack, engine);
         }
         assert_eq!(
@@ -145,7 +131,7 @@ fn a_threshold_fires_once_per_portal_month_threshold_and_limit_in_every_engine()
             ))
             .unwrap();
         aggregate(&stack, &["--month", M, "--allow-decrease"]).assert_status(0);
-        insert(&stack, 1, M, 12);
+        insert_month(&stack, 1, M, 12);
         count_with(&stack, engine);
         assert_eq!(
             alerts(&stack).len(),
@@ -155,8 +141,8 @@ fn a_threshold_fires_once_per_portal_month_threshold_and_limit_in_every_engine()
 
         // Several thresholds in one booking, the portal's own quota over
         // the default plan's.
-        insert(&stack, 1, M, 30);
-        insert(&stack, 2, M, 700);
+        insert_month(&stack, 1, M, 30);
+        insert_month(&stack, 2, M, 700);
         count_with(&stack, engine);
         assert_eq!(
             alerts(&stack),
@@ -174,7 +160,7 @@ fn a_threshold_fires_once_per_portal_month_threshold_and_limit_in_every_engine()
 #[test]
 fn raising_the_limit_arms_the_thresholds_of_the_new_one() {
     let stack = migrated_stack();
-    insert(&stack, 9, M, 1);
+    insert_month(&stack, 9, M, 1);
     aggregate(&stack, &[]).assert_status(0);
     run(
         &stack,
@@ -189,7 +175,7 @@ fn raising_the_limit_arms_the_thresholds_of_the_new_one() {
         ],
     )
     .assert_status(0);
-    insert(&stack, 1, M, 120);
+    insert_month(&stack, 1, M, 120);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(alerts(&stack).len(), 2, "80% and 100% of 100");
 
@@ -197,10 +183,10 @@ fn raising_the_limit_arms_the_thresholds_of_the_new_one() {
     run(&stack, &["quota", "set", "--portal", "1", "--limit", "200"])
         .assert_status(0)
         .assert_stdout_has("was 100 requests a month");
-    insert(&stack, 1, M, 10);
+    insert_month(&stack, 1, M, 10);
     aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
     assert_eq!(alerts(&stack).len(), 2, "130 of 200 reaches nothing");
-    insert(&stack, 1, M, 40);
+    insert_month(&stack, 1, M, 40);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(
         alerts(&stack).get(&key(1, M, 80, 200)),
@@ -210,7 +196,7 @@ fn raising_the_limit_arms_the_thresholds_of_the_new_one() {
 
     // Back to the old limit: its thresholds fired this month already.
     run(&stack, &["quota", "set", "--portal", "1", "--limit", "100"]).assert_status(0);
-    insert(&stack, 1, M, 1);
+    insert_month(&stack, 1, M, 1);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(
         alerts(&stack).len(),
@@ -241,7 +227,7 @@ fn raising_the_limit_arms_the_thresholds_of_the_new_one() {
     assert_eq!(a.len(), 5, "{a:?}");
     assert_eq!(a.get(&key(1, M, 50, 100)), Some(&171));
     assert_eq!(a.get(&key(1, M, 150, 100)), Some(&171));
-    insert(&stack, 1, M, 29);
+    insert_month(&stack, 1, M, 29);
     aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
     assert_eq!(alerts(&stack).get(&key(1, M, 200, 100)), Some(&200));
     assert_eq!(alert_rows(&stack), 6);
@@ -252,17 +238,17 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
     let stack = migrated_stack();
     let (jan, feb) = ("2025-01", "2025-02");
     run(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
-    insert(&stack, 1, jan, 79);
-    insert(&stack, 1, feb, 10);
+    insert_month(&stack, 1, jan, 79);
+    insert_month(&stack, 1, feb, 10);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(alert_rows(&stack), 0);
 
     // A late row of January, after February's: January's 80% fires, once,
     // in January.
-    insert(&stack, 1, feb, 5);
-    insert(&stack, 1, jan, 1);
+    insert_month(&stack, 1, feb, 5);
+    insert_month(&stack, 1, jan, 1);
     aggregate(&stack, &[]).assert_status(0);
-    insert(&stack, 1, jan, 1);
+    insert_month(&stack, 1, jan, 1);
     aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
     assert_eq!(alerts(&stack), BTreeMap::from([(key(1, jan, 80, 100), 80)]));
 
@@ -275,11 +261,11 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
             &[&jan],
         )
         .unwrap();
-    insert(&stack, 1, jan, 30);
+    insert_month(&stack, 1, jan, 30);
     aggregate(&stack, &[]).assert_status(0);
-    insert(&stack, 1, jan, 30);
+    insert_month(&stack, 1, jan, 30);
     aggregate(&stack, &["--engine", "rpc"]).assert_status(0);
-    insert(&stack, 1, jan, 30);
+    insert_month(&stack, 1, jan, 30);
     stack
         .sql()
         .batch_execute("CALL public.usage_agg_run_scheduled(30)")
@@ -300,7 +286,7 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
     // booking nothing more.
     run(&stack, &["reopen", "--month", jan, "--reason", "test"]).assert_status(0);
     assert_eq!(alerts(&stack).get(&key(1, jan, 100, 100)), Some(&171));
-    insert(&stack, 1, jan, 1);
+    insert_month(&stack, 1, jan, 1);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(alerts(&stack).get(&key(1, jan, 100, 100)), Some(&171));
 }
@@ -313,11 +299,11 @@ fn a_late_row_fires_once_in_its_month_and_a_closed_month_fires_nothing() {
 fn a_reopened_month_fires_what_it_reached_while_closed() {
     let stack = migrated_stack();
     run(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
-    insert(&stack, 1, "2025-01", 79);
-    insert(&stack, 1, "2025-02", 1);
+    insert_month(&stack, 1, "2025-01", 79);
+    insert_month(&stack, 1, "2025-02", 1);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["close", "--month", "2025-01"]).assert_status(0);
-    insert(&stack, 1, "2025-01", 30);
+    insert_month(&stack, 1, "2025-01", 30);
     aggregate(&stack, &[]).assert_status(0);
     assert!(alerts(&stack).is_empty(), "a closed month fires nothing");
     run(
@@ -334,12 +320,12 @@ fn a_reopened_month_fires_what_it_reached_while_closed() {
 #[test]
 fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_next_run() {
     let stack = migrated_stack();
-    insert(&stack, 1, M, 5);
+    insert_month(&stack, 1, M, 5);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
     // A rebuild writes totals outside the rule book; it records what they
     // reached before it moves the cursor.
-    insert(&stack, 1, M, 5);
+    insert_month(&stack, 1, M, 5);
     aggregate(&stack, &["--full"])
         .assert_status(0)
         .assert_stdout_has("Quotas: 2 thresholds reached");
@@ -347,9 +333,9 @@ fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_nex
         alerts(&stack),
         BTreeMap::from([(key(1, M, 80, 10), 10), (key(1, M, 100, 10), 10)])
     );
-    insert(&stack, 2, M, 4);
+    insert_month(&stack, 2, M, 4);
     aggregate(&stack, &["--month", M]).assert_status(0);
-    insert(&stack, 2, M, 5);
+    insert_month(&stack, 2, M, 5);
     aggregate(&stack, &["--month", M]).assert_status(0);
     assert_eq!(
         alerts(&stack).get(&key(2, M, 80, 10)),
@@ -361,13 +347,9 @@ fn a_rebuild_records_its_crossings_and_one_killed_before_is_caught_up_by_the_nex
     // keys stand above the cursor, and the next run (of either engine)
     // records them before it counts.
     for (portal, engine) in [(3, "rest"), (4, "rpc")] {
-        insert(&stack, portal, M, 8);
-        let mut env = stack.env();
-        env.push((
-            "USAGE_AGG_FAILPOINTS".into(),
-            "before-cursor=abort@1".into(),
-        ));
-        assert_eq!(run_with(&env, &["aggregate", "--full"]).status, -1);
+        insert_month(&stack, portal, M, 8);
+        let killed = aggregate_failing(&stack, "before-cursor=abort@1", &["--full"]);
+        assert_eq!(killed.status, -1);
         assert!(!alerts(&stack).contains_key(&key(portal, M, 80, 10)));
         aggregate(&stack, &["--engine", engine])
             .assert_status(0)
@@ -603,10 +585,10 @@ fn a_dry_run_of_a_rebuild_shows_the_alerts_the_rebuild_would_record() {
 #[test]
 fn a_dry_run_shows_the_alerts_it_would_record_and_records_none() {
     let stack = migrated_stack();
-    insert(&stack, 9, M, 1);
+    insert_month(&stack, 9, M, 1);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
-    insert(&stack, 3, M, 12);
+    insert_month(&stack, 3, M, 12);
     for engine in ["rest", "rpc"] {
         aggregate(&stack, &["--dry-run", "--engine", engine])
             .assert_status(0)
@@ -666,18 +648,10 @@ fn killed_and_concurrent_runs_leave_exactly_one_alert_per_crossing() {
         } else {
             ("rest", points[rng.below(4) as usize])
         };
-        let mut env = stack.env();
-        env.push((
-            "USAGE_AGG_FAILPOINTS".into(),
-            format!("{point}=abort@{}", 1 + rng.below(2)),
-        ));
-        let killed = usage_agg(
-            &workdir(),
-            &env,
+        let killed = aggregate_failing(
+            &stack,
+            &format!("{point}=abort@{}", 1 + rng.below(2)),
             &[
-                "aggregate",
-                "--env",
-                "dev",
                 "--engine",
                 engine,
                 "--page-size",
@@ -751,7 +725,7 @@ fn killed_and_concurrent_runs_leave_exactly_one_alert_per_crossing() {
 #[test]
 fn bad_quota_input_gets_a_clear_message_and_nothing_written() {
     let stack = migrated_stack();
-    insert(&stack, 1, M, 3);
+    insert_month(&stack, 1, M, 3);
     aggregate(&stack, &[]).assert_status(0);
     for (args, needle) in [
         (&["--default", "--limit", "0"][..], "1 request or more"),
@@ -807,7 +781,7 @@ fn bad_quota_input_gets_a_clear_message_and_nothing_written() {
         .assert_stderr_has("--new-portal");
     assert_eq!(count(&stack, "SELECT count(*) FROM portal_usage_quotas"), 0);
     // A portal whose rows no run has counted yet is known.
-    insert(&stack, 78, M, 1);
+    insert_month(&stack, 78, M, 1);
     run(&stack, &["quota", "set", "--portal", "78", "--limit", "10"]).assert_status(0);
     // The database refuses bad input from any client too.
     for sql in [
@@ -1200,11 +1174,11 @@ fn delivery_honours_retry_after_and_a_304_is_not_called_a_redirect() {
 #[test]
 fn delivery_retries_with_backoff_and_is_at_least_once_with_a_stable_webhook_id() {
     let stack = migrated_stack();
-    insert(&stack, 9, M, 1);
+    insert_month(&stack, 9, M, 1);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
-    insert(&stack, 1, M, 8);
-    insert(&stack, 2, M, 11);
+    insert_month(&stack, 1, M, 8);
+    insert_month(&stack, 2, M, 11);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(alert_rows(&stack), 3);
 
@@ -1339,7 +1313,7 @@ fn delivery_retries_with_backoff_and_is_at_least_once_with_a_stable_webhook_id()
     // A deliverer killed after the receiver's 2xx, before it recorded it:
     // the next posts it again, with the same webhook-id (at least once),
     // and a receiver that dedups by it processes it once.
-    insert(&stack, 2, M, 1);
+    insert_month(&stack, 2, M, 1);
     run(
         &stack,
         &[
@@ -1376,8 +1350,8 @@ fn delivery_retries_with_backoff_and_is_at_least_once_with_a_stable_webhook_id()
 
     // A receiver that stays down: the run stops at the first alert (75),
     // records its attempts and leaves the rest.
-    insert(&stack, 3, M, 10);
-    insert(&stack, 4, M, 10);
+    insert_month(&stack, 3, M, 10);
+    insert_month(&stack, 4, M, 10);
     aggregate(&stack, &[]).assert_status(0);
     let down = Receiver::start(vec![Answer::Status(503); 10]);
     let r = run_with(
@@ -1443,10 +1417,10 @@ fn quota_show_gives_the_month_right_now_and_a_straight_line_projection() {
         .query_one("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM')", &[])
         .unwrap()
         .get(0);
-    insert(&stack, 5, &month, 40);
+    insert_month(&stack, 5, &month, 40);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["quota", "set", "--portal", "5", "--limit", "100"]).assert_status(0);
-    insert(&stack, 5, &month, 5); // not yet counted: right now counts it
+    insert_month(&stack, 5, &month, 5); // not yet counted: right now counts it
     let r = run(&stack, &["quota", "show", "--portal", "5", "--json"]);
     r.assert_status(0);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();

@@ -62,9 +62,7 @@ fn it_finishes_what_a_killed_rest_run_left_half_written() {
     insert_random(&stack, &mut rng, 1_000, 700);
     aggregate(&stack, &[]).assert_status(0);
     insert_random(&stack, &mut rng, 5_000, 700);
-    let mut env = stack.env();
-    env.push(("USAGE_AGG_FAILPOINTS".into(), "chunk=abort@1".into()));
-    let killed = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev"]);
+    let killed = aggregate_failing(&stack, "chunk=abort@1", &[]);
     assert_eq!(killed.status, -1, "{}", killed.stderr);
     assert_consistent(&stack);
     rpc(&stack, &[]).assert_status(0);

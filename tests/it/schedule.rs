@@ -476,10 +476,7 @@ fn without_pg_cron_schedule_says_how_to_enable_it() {
     }
 
     // The migration that schedules is not applied: named.
-    let mut stack = Stack::new();
-    for m in MIGRATIONS.iter().filter(|m| **m != SCHEDULE_MIGRATION) {
-        migrate_file(&mut stack, m);
-    }
+    let stack = stack_without(&[SCHEDULE_MIGRATION]);
     schedule(&stack, &["--show"])
         .assert_status(78)
         .assert_stderr_has("usage_agg_schedule_show is missing")
@@ -513,10 +510,7 @@ fn without_pg_cron_or_its_migration_status_shows_no_schedule_and_doctor_says_wha
 
     // The migration that schedules is not applied: status does not mind,
     // doctor names it.
-    let mut stack = Stack::new();
-    for m in MIGRATIONS.iter().filter(|m| **m != SCHEDULE_MIGRATION) {
-        migrate_file(&mut stack, m);
-    }
+    let stack = stack_without(&[SCHEDULE_MIGRATION]);
     status(&stack).assert_status(0);
     let run = doctor(&stack);
     run.assert_status(78);

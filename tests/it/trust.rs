@@ -31,17 +31,6 @@ fn status(stack: &Stack) -> Run {
     usage_agg(&workdir(), &stack.env(), &["status", "--env", "dev"])
 }
 
-fn insert(stack: &Stack, portal: i64, month: &str, n: usize) {
-    let values = vec![format!("({portal}, '{month}-03 10:00:00', true, '{month}')"); n];
-    stack
-        .sql()
-        .batch_execute(&format!(
-            "INSERT INTO usage_requests (portal_id, request_timestamp, success, month_year) VALUES {}",
-            values.join(",")
-        ))
-        .unwrap();
-}
-
 fn stored_requests(stack: &Stack, portal: i64, month: &str) -> i64 {
     count(
         stack,
@@ -138,7 +127,7 @@ fn a_sequence_set_back_and_refilled_past_the_cursor_is_caught_by_the_insert_trig
         stack.sql().batch_execute(burn).unwrap();
         aggregate(&stack, &["--engine", engine]).assert_status(0);
         stack.sql().batch_execute(reset).unwrap();
-        insert(&stack, 4242, "2025-06", 800);
+        insert_month(&stack, 4242, "2025-06", 800);
         let before = table(&stack);
         aggregate(&stack, &["--engine", engine])
             .assert_status(65)
@@ -190,9 +179,7 @@ fn a_truncate_restart_identity_refilled_past_the_cursor_is_caught_by_the_trigger
     assert_eq!(table(&stack), before);
     // A rebase that dies after the reset is redone, never taken for a
     // normal first run (which would refuse to lower the counts).
-    let mut env = stack.env();
-    env.push(("USAGE_AGG_FAILPOINTS".into(), "page=abort@1".into()));
-    let killed = usage_agg(&workdir(), &env, &["aggregate", "--env", "dev", "--rebase"]);
+    let killed = aggregate_failing(&stack, "page=abort@1", &["--rebase"]);
     assert_eq!(killed.status, -1, "{}", killed.stderr);
     expire_lease(&stack);
     aggregate(&stack, &[])
@@ -219,7 +206,7 @@ fn a_refused_decrease_keeps_counting_the_keys_new_rows_and_is_not_a_success() {
         )
         .unwrap();
     let stored = stored_requests(&stack, 1000, "2025-05");
-    insert(&stack, 1000, "2025-05", 10);
+    insert_month(&stack, 1000, "2025-05", 10);
 
     let full = aggregate(&stack, &["--full"]);
     full.assert_status(65)
@@ -246,7 +233,7 @@ fn a_refused_decrease_keeps_counting_the_keys_new_rows_and_is_not_a_success() {
         .assert_stdout_has("1000:2025-05");
 
     // Later runs keep counting it and keep saying so.
-    insert(&stack, 1000, "2025-05", 5);
+    insert_month(&stack, 1000, "2025-05", 5);
     for engine in ENGINES {
         aggregate(&stack, &["--engine", engine])
             .assert_status(65)
@@ -300,7 +287,7 @@ fn a_rebuild_beside_an_incremental_run_never_zeroes_a_newer_key() {
     let rebuild = paused_run_with(&stack, "recount", &["--full", "--allow-decrease"]);
     // It outlives its lease; an incremental run takes over and creates a key.
     expire_lease(&stack);
-    insert(&stack, 4242, "2025-08", 7);
+    insert_month(&stack, 4242, "2025-08", 7);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(stored_requests(&stack, 4242, "2025-08"), 7);
     resume(rebuild);
@@ -394,7 +381,7 @@ fn a_deleted_monthly_row_is_rebuilt_from_all_its_rows() {
                  DELETE FROM portal_usage_monthly WHERE portal_id = 1002 AND month_year = '2025-06';",
             )
             .unwrap();
-        insert(&stack, 1000, "2025-05", 1);
+        insert_month(&stack, 1000, "2025-05", 1);
         let run = aggregate(&stack, &["--engine", engine]);
         run.assert_status(0).assert_stdout_has(
             "2 keys had their portal_usage_monthly row deleted; rebuilt from all their rows",

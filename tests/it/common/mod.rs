@@ -89,9 +89,25 @@ pub fn usage_agg(dir: &std::path::Path, env: &[(String, String)], args: &[&str])
 
 /// `usage-agg aggregate --env dev ARGS` against the stack.
 pub fn aggregate(stack: &Stack, args: &[&str]) -> Run {
+    aggregate_in(&stack.env(), args)
+}
+
+/// The same run, killed (or paused) where `failpoints` says
+/// (`USAGE_AGG_FAILPOINTS`, such as `page=abort@2`).
+pub fn aggregate_failing(stack: &Stack, failpoints: &str, args: &[&str]) -> Run {
+    aggregate_in(&failing(stack, failpoints), args)
+}
+
+fn aggregate_in(env: &[(String, String)], args: &[&str]) -> Run {
     let mut all = vec!["aggregate", "--env", "dev"];
     all.extend_from_slice(args);
-    usage_agg(&workdir(), &stack.env(), &all)
+    usage_agg(&workdir(), env, &all)
+}
+
+/// The stack's environment with `USAGE_AGG_FAILPOINTS` set: a run of any
+/// command killed (or paused) where a test says.
+pub fn failing(stack: &Stack, failpoints: &str) -> Vec<(String, String)> {
+    env_with(stack, "USAGE_AGG_FAILPOINTS", failpoints)
 }
 
 /// One key's values, as compared between ground truth and the table.
@@ -191,6 +207,26 @@ pub fn migrate(stack: &mut Stack) {
     }
 }
 
+/// The migration whose file name ends in `suffix`
+/// (`"_usage_agg_dashboard.sql"`), so that a test names it by what it adds.
+#[track_caller]
+pub fn migration(suffix: &str) -> &'static str {
+    MIGRATIONS
+        .iter()
+        .find(|m| m.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no migration ends in {suffix}"))
+}
+
+/// A stack with every migration but `skipped` applied, in order: a
+/// project that has not applied those yet.
+pub fn stack_without(skipped: &[&str]) -> Stack {
+    let mut stack = Stack::new();
+    for m in MIGRATIONS.iter().filter(|m| !skipped.contains(m)) {
+        migrate_file(&mut stack, m);
+    }
+    stack
+}
+
 /// A stack with the migration applied.
 pub fn migrated_stack() -> Stack {
     let mut stack = Stack::new();
@@ -263,6 +299,12 @@ pub fn insert_random(stack: &Stack, rng: &mut Rng, n: usize, portals: u64) {
             format!("({portal}, '{month}-{day:02} 12:00:00'::timestamp + {} * interval '1 second', {ok}, '{month}')", rng.below(80_000))
         })
         .collect();
+    insert_values(stack, &values);
+}
+
+/// Inserts rows given as SQL tuples `(portal_id, request_timestamp,
+/// success, month_year)`, in one statement.
+pub fn insert_values(stack: &Stack, values: &[String]) {
     stack
         .sql()
         .batch_execute(&format!(
@@ -270,6 +312,43 @@ pub fn insert_random(stack: &Stack, rng: &mut Rng, n: usize, portals: u64) {
             values.join(",")
         ))
         .unwrap();
+}
+
+/// Inserts `ok` successful and `err` failed rows of `portal` in `month`,
+/// all requested at `at` (a timestamp without zone).
+pub fn insert_requests(stack: &Stack, portal: i64, month: &str, ok: usize, err: usize, at: &str) {
+    if ok + err == 0 {
+        return;
+    }
+    let mut values = vec![format!("({portal}, '{at}', true, '{month}')"); ok];
+    values.extend(vec![format!("({portal}, '{at}', false, '{month}')"); err]);
+    insert_values(stack, &values);
+}
+
+/// Inserts `n` successful rows of `portal` in `month`, on its 3rd: a
+/// month's totals, closes and quotas do not look at the day (a test whose
+/// rows' times matter says them with [`insert_requests`]).
+pub fn insert_month(stack: &Stack, portal: i64, month: &str, n: usize) {
+    insert_requests(stack, portal, month, n, 0, &format!("{month}-03 10:00:00"));
+}
+
+/// Closes `month` in the database as `usage-agg close` finally does (the
+/// command's own checks are tested in billing.rs), grace 0; a month closed
+/// already stays so.
+pub fn close_sql(stack: &Stack, month: &str) {
+    let text: String = stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_close_month('default', $1, 0, 'test')::text",
+            &[&month],
+        )
+        .unwrap()
+        .get(0);
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        answer["closed"] == true || answer["already_closed"] == true,
+        "{answer}"
+    );
 }
 
 /// What is stored is true at each key's own watermark (docs/semantics.md's
