@@ -161,7 +161,7 @@ fn a_project_without_the_rejected_rows_tally_is_told_to_apply_its_migration() {
     // Applied out of order here, the grants migration revoked what the
     // later ones granted; the quota gaps migration, whose function doctor
     // calls, applied again grants it back (each migration is idempotent).
-    migrate_file(&mut stack, named("_usage_agg_quota_gaps.sql"));
+    migrate_file(&mut stack, migration("_usage_agg_quota_gaps.sql"));
     let run = doctor(&stack.env(), &[]);
     assert!(
         run.stdout

@@ -401,7 +401,7 @@ fn a_rebuild_killed_between_its_writes_and_their_crossings_at_the_cursor_loses_n
     let stack = migrated_stack();
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
     for (portal, next) in [(1, "rest"), (2, "rpc"), (3, "sweep")] {
-        insert(&stack, portal, M, 7);
+        insert_month(&stack, portal, M, 7);
         insert_bad(&stack, portal);
         aggregate(&stack, &[]).assert_status(65);
         assert!(
@@ -501,11 +501,11 @@ fn without_the_quota_gaps_migration_rebuilds_record_as_before_and_doctor_names_i
         migrate_file(&mut stack, m);
     }
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
-    insert(&stack, 1, M, 9);
+    insert_month(&stack, 1, M, 9);
     aggregate(&stack, &[])
         .assert_status(0)
         .assert_stdout_has(&format!("portal 1 {M}: 80% of 10 requests (9 counted)"));
-    insert(&stack, 1, M, 1);
+    insert_month(&stack, 1, M, 1);
     aggregate(&stack, &["--full"]).assert_status(0);
     assert_eq!(
         alerts(&stack),
@@ -531,8 +531,8 @@ fn without_the_quota_gaps_migration_rebuilds_record_as_before_and_doctor_names_i
 fn a_dry_run_of_a_rebuild_shows_the_alerts_the_rebuild_would_record() {
     let stack = migrated_stack();
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
-    insert(&stack, 1, M, 12);
-    insert(&stack, 2, M, 8);
+    insert_month(&stack, 1, M, 12);
+    insert_month(&stack, 2, M, 8);
     let shown = |args: &[&str]| -> BTreeMap<(i64, String, i32, i64), i64> {
         let mut all = args.to_vec();
         all.push("--json");
@@ -566,7 +566,7 @@ fn a_dry_run_of_a_rebuild_shows_the_alerts_the_rebuild_would_record() {
     assert_eq!(real, alerts(&stack));
     // --full and --month, each with a key their rebuild writes.
     for (portal, args) in [(3, &["--full"][..]), (4, &["--month", M][..])] {
-        insert(&stack, portal, M, 9);
+        insert_month(&stack, portal, M, 9);
         let mut dry_args = args.to_vec();
         dry_args.push("--dry-run");
         let dry = shown(&dry_args);
@@ -1050,11 +1050,11 @@ fn report_of_quota_counts_a_months_late_rows_as_its_alerts_do() {
     let stack = migrated_stack();
     let (jan, feb) = ("2025-01", "2025-02");
     run(&stack, &["quota", "set", "--default", "--limit", "100"]).assert_status(0);
-    insert(&stack, 1, jan, 79);
-    insert(&stack, 1, feb, 1);
+    insert_month(&stack, 1, jan, 79);
+    insert_month(&stack, 1, feb, 1);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["close", "--month", jan]).assert_status(0);
-    insert(&stack, 1, jan, 30);
+    insert_month(&stack, 1, jan, 30);
     aggregate(&stack, &[]).assert_status(0);
     let used: i64 = stack
         .sql()
@@ -1097,10 +1097,10 @@ fn report_of_quota_counts_a_months_late_rows_as_its_alerts_do() {
 #[test]
 fn delivery_honours_retry_after_and_a_304_is_not_called_a_redirect() {
     let stack = migrated_stack();
-    insert(&stack, 9, M, 1);
+    insert_month(&stack, 9, M, 1);
     aggregate(&stack, &[]).assert_status(0);
     run(&stack, &["quota", "set", "--default", "--limit", "10"]).assert_status(0);
-    insert(&stack, 1, M, 8);
+    insert_month(&stack, 1, M, 8);
     aggregate(&stack, &[]).assert_status(0);
     assert_eq!(alert_rows(&stack), 1);
 
@@ -1141,7 +1141,7 @@ fn delivery_honours_retry_after_and_a_304_is_not_called_a_redirect() {
 
     // 304 Not Modified: not delivered, not a redirect (which would stop the
     // run with 78); tried again, and left for the next run (75).
-    insert(&stack, 2, M, 8);
+    insert_month(&stack, 2, M, 8);
     aggregate(&stack, &[]).assert_status(0);
     let receiver = Receiver::start(vec![Answer::Status(304), Answer::Status(304)]);
     let r = run_with(
