@@ -212,7 +212,7 @@ fn the_sizing_rule_keeps_its_bounds_and_grows_faster_when_rows_repeat_keys() {
         let n = next(ids, rows, keys, fold, book, fixed, Some(aim)).expect(&what);
         let (lo, hi) = (
             (ids / 4).clamp(1_000, 50_000_000),
-            (ids * 16).clamp(1_000, 50_000_000),
+            (ids * 64).clamp(1_000, 50_000_000),
         );
         assert!(n >= lo && n <= hi, "{what}: {n} outside [{lo}, {hi}]");
         let more = next(ids, rows, keys, fold, book, fixed, Some(aim * 2.0)).unwrap();

@@ -14,7 +14,9 @@
 -- portals) batches grow fast; where every row is its own key they grow in
 -- proportion. The prediction is exact for rows spread at random and
 -- overestimates keys (so undersizes) when rows come in runs of one key.
--- At most 16 times more and 4 times fewer ids than the batch just run,
+-- At most 64 times more and 4 times fewer ids than the batch just run
+-- (the first batch is small, a guard: one step should reach the size the
+-- model finds, or every key is written once more for nothing),
 -- within [1000, 50,000,000]. NULL when p_aim_ms is NULL (a fixed size).
 CREATE OR REPLACE FUNCTION public.usage_agg_next_batch_ids(
   p_ids bigint, p_rows bigint, p_keys bigint,
@@ -34,7 +36,7 @@ DECLARE
   fixed   constant double precision := greatest(coalesce(p_fixed_ms, 0), 0);
   density constant double precision := r / ids;
   lo_n    constant double precision := greatest(1000, least(50000000, floor(ids / 4)));
-  hi_n    constant double precision := least(50000000, greatest(1000, ids * 16));
+  hi_n    constant double precision := least(50000000, greatest(1000, ids * 64));
   big_k   double precision;
   lo      double precision;
   hi      double precision;

@@ -1055,6 +1055,32 @@ fn probe_during(bin: &Path, stack: &Stack, args: &[String], what: &str) -> (Run,
     (run, during)
 }
 
+/// The probe beside one plain sequential stream of pages over the dataset
+/// (keyset pages one after another, no sleep, nothing parsed): the floor a
+/// default run may not go below (it is never slower than this stream), so
+/// what this stream alone costs the webhook is the least a default run can
+/// cost it on this machine.
+fn probe_beside_one_stream(stack: &Stack, upto: i64) -> Vec<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let handle = {
+        let (url, key, stop) = (stack.rest_url.clone(), stack.key.clone(), stop.clone());
+        std::thread::spawn(move || insert_loop(&url, &key, &stop, None, Some(tx)))
+    };
+    rx.recv().expect("the webhook probe's first insert");
+    let started = Instant::now();
+    transport(&stack.rest_url, &stack.key, 0, upto, 1);
+    let ended = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    let samples = handle.join().expect("the webhook probe");
+    remove_probe_rows(stack);
+    samples
+        .into_iter()
+        .filter(|(s, d)| *s >= started && *s + *d <= ended)
+        .map(|(_, d)| d)
+        .collect()
+}
+
 /// The probe's rows out of the table again: the next measurements see the
 /// dataset alone.
 fn remove_probe_rows(stack: &Stack) {
@@ -1987,6 +2013,8 @@ impl Bench {
         let idle = probe_idle(s, n);
         eprintln!("bench: {name}: webhook probe beside one busy core (the control)");
         let busy_core = probe_beside_a_busy_core(s, n);
+        eprintln!("bench: {name}: webhook probe beside one plain sequential stream of pages");
+        let one_stream = probe_beside_one_stream(s, d.upto);
         eprintln!("bench: {name}: webhook probe during a full REST run, default flags");
         reset(s, None);
         let (_, during_rest) = probe_during(
@@ -2058,6 +2086,11 @@ impl Bench {
                 line(
                     "one CPU kept busy by a spinning thread, nothing else (the control: what keeping one core busy costs here)".into(),
                     busy_core,
+                    None,
+                ),
+                line(
+                    "one plain sequential stream of the pages, nothing parsed (the floor of a default run, which is never slower)".into(),
+                    one_stream,
                     None,
                 ),
                 line("a full REST run, default flags".into(), during_rest, Some(2.5)),
