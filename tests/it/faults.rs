@@ -295,12 +295,13 @@ fn a_batch_size_that_ran_past_the_statement_timeout_is_not_grown_back_into() {
     let stack = migrated_stack();
     insert_rows(&stack, 600, 5);
     aggregate(&stack, &[]).assert_status(0);
-    insert_rows(&stack, 30_000, 5);
+    insert_rows(&stack, 60_000, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
     proxy.inject("POST", "/rpc/usage_agg_rpc_batch", statement_timeout(), 1);
-    // Sized by time with a long aim, the first batch (20,000 ids) times
-    // out and is halved; the quick batches after it would grow fourfold,
-    // but not past the size that worked.
+    // Sized by time with a long aim, the first batch (50,000 ids) times
+    // out and is halved; the quick batches after it would grow to take
+    // the rest at once, but not past the size that worked: 25,000, 25,000
+    // and the last 10,000.
     let run = run_via(
         &stack,
         &proxy,
