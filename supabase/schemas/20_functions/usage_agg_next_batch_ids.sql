@@ -2,10 +2,13 @@
 -- one sizing rule of `aggregate --engine rpc` and of the scheduled run
 -- (usage_agg_rpc_batch answers it as next_batch_ids).
 --
--- A batch's time is a part that follows the rows it reads (the fold) and a
--- part that follows the keys it books (each key written once, however many
--- rows it has), both measured on the batch just run, plus a small fixed
--- part. Sizing by time alone undershoots: twice the ids is not twice the
+-- A batch's time is its fold, which follows the rows it reads and the
+-- keys they fold into (each group's checks and its line in the fold: the
+-- fold is costed per row and per key alike), and its booking, which
+-- follows the keys it books (each key written once, however many rows it
+-- has), both measured on the batch just run, plus a small fixed part.
+-- (Costing the fold per row alone made the small first batch, where keys
+-- are many for its rows, look three times costlier a row than it is.) Sizing by time alone undershoots: twice the ids is not twice the
 -- time when the rows fall on keys already in the batch, and every extra
 -- batch writes those keys again (issue 22). So the keys a bigger batch
 -- would touch are predicted as if its rows fell at random on K keys,
@@ -31,7 +34,7 @@ DECLARE
   ids     constant double precision := greatest(coalesce(p_ids, 0), 1);
   r       constant double precision := greatest(coalesce(p_rows, 0), 0);
   k       constant double precision := least(greatest(coalesce(p_keys, 0), 0), r);
-  per_row constant double precision := greatest(coalesce(p_fold_ms, 0), 0) / greatest(r, 1);
+  per_row constant double precision := greatest(coalesce(p_fold_ms, 0), 0) / greatest(r + k, 1);
   per_key constant double precision := greatest(coalesce(p_book_ms, 0), 0) / greatest(k, 1);
   fixed   constant double precision := greatest(coalesce(p_fixed_ms, 0), 0);
   density constant double precision := r / ids;
@@ -73,7 +76,7 @@ BEGIN
     n := CASE i WHEN 0 THEN hi_n WHEN 1 THEN lo_n ELSE (lo + hi) / 2 END;
     keys_n := CASE WHEN big_k IS NULL THEN density * n
                    ELSE big_k * (1 - exp(-least(density * n / big_k, 700))) END;
-    t := fixed + per_row * density * n + per_key * keys_n;
+    t := fixed + per_row * (density * n + keys_n) + per_key * keys_n;
     IF i = 0 THEN
       IF t <= p_aim_ms THEN RETURN hi_n::bigint; END IF;
     ELSIF i = 1 THEN
