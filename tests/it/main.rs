@@ -20,6 +20,7 @@ mod model;
 mod operator;
 mod pace;
 mod quotas;
+mod rebooked;
 mod rpc;
 mod schedule;
 mod schemas;

@@ -211,18 +211,27 @@ BEGIN
   -- Keys another run counted in part: their rows in (E_k, p_to] counted
   -- again from usage_requests, in one scan for all such keys.
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_plan WHERE redo) THEN
+    -- One scan of the ids above the lowest such E_k, joined to the keys
+    -- by hash: a scan per key (the table has no index by key) cost keys
+    -- times ids, and a catch-up after a killed run timed out on it.
     UPDATE pg_temp.usage_agg_plan p
-       SET dc = coalesce(x.c, 0), ds = coalesce(x.s, 0), de = coalesce(x.e, 0), dat = x.at, dw = x.w
-      FROM (SELECT k.portal_id, k.month_year, r.c, r.s, r.e, r.at, r.w
+       SET dc = x.c, ds = x.s, de = x.e, dat = x.at, dw = x.w
+      FROM (WITH lo AS (
+              SELECT min(e_k) AS id FROM pg_temp.usage_agg_plan WHERE redo
+            ), scanned AS MATERIALIZED (
+              SELECT u.id, u.portal_id, u.month_year, u.success, u.request_timestamp
+                FROM public.usage_requests u, lo
+               WHERE u.id > lo.id AND u.id <= p_to
+                 AND u.success IS NOT NULL AND public.usage_agg_valid_time(u.request_timestamp)
+            )
+            SELECT k.portal_id, k.month_year, count(r.id) AS c, count(r.id) FILTER (WHERE r.success) AS s,
+                   count(r.id) FILTER (WHERE NOT r.success) AS e, max(r.request_timestamp) AS at,
+                   max(r.id) AS w
               FROM pg_temp.usage_agg_plan k
-              LEFT JOIN LATERAL (
-                SELECT count(*) AS c, count(*) FILTER (WHERE u.success) AS s,
-                       count(*) FILTER (WHERE NOT u.success) AS e, max(u.request_timestamp) AS at, max(u.id) AS w
-                  FROM public.usage_requests u
-                 WHERE u.id > k.e_k AND u.id <= p_to
-                   AND u.portal_id = k.portal_id AND u.month_year = k.month_year
-                   AND u.success IS NOT NULL AND public.usage_agg_valid_time(u.request_timestamp)) r ON true
-             WHERE k.redo) x
+              LEFT JOIN scanned r
+                ON r.portal_id = k.portal_id AND r.month_year = k.month_year AND r.id > k.e_k
+             WHERE k.redo
+             GROUP BY 1, 2) x
      WHERE p.redo AND p.portal_id = x.portal_id AND p.month_year = x.month_year;
   END IF;
 

@@ -1,10 +1,13 @@
 -- Rebuilds the keys whose monthly row was deleted (usage_agg_deleted_keys),
 -- so that no key is left counting only its newer rows: each from all its
--- rows up to its highest watermark (the cursor, or its late adjustments'
--- where a run booked them and died before it moved the cursor), with that
--- as its watermark; its rows are its raw rows and its pruned rows, less
--- what its late adjustments hold. A key some run already counted past that
--- is left to that run; a closed
+-- rows up to its highest watermark (the cursor, its late adjustments'
+-- where a run booked them and died before it moved the cursor, or the
+-- watermark of a monthly row a booking made again after the delete, which
+-- holds only the rows of that booking), with that as its watermark; its
+-- rows are its raw rows and its pruned rows, less what its late
+-- adjustments hold. The keys' existing rows are locked first, so no
+-- booking moves them meanwhile; a key a booking still wrote past that
+-- (created meanwhile) goes back to the log for the next run. A closed
 -- month is left alone (its rows cannot be deleted; a key logged before its
 -- close is dropped). A restored key's refusals (a lost write, a refused
 -- decrease) no longer stand, and are cleared. The log is taken with
@@ -32,6 +35,9 @@ BEGIN
   )
   INSERT INTO usage_agg_restore SELECT portal_id, month_year FROM taken
    WHERE NOT public.usage_agg_is_closed(month_year);
+  PERFORM 1 FROM public.portal_usage_monthly m JOIN usage_agg_restore k
+      ON m.portal_id = k.portal_id AND m.month_year = k.month_year
+   ORDER BY m.portal_id, m.month_year FOR UPDATE OF m;
   WITH bound AS (
     -- Each key's rows are counted up to its highest watermark: the cursor,
     -- or above it where a late adjustment of the key counts rows a run
@@ -39,7 +45,9 @@ BEGIN
     SELECT k.portal_id, k.month_year,
            greatest(c, coalesce((SELECT max(a.last_request_id) FROM public.portal_usage_adjustments a
                                   WHERE a.portal_id = k.portal_id AND a.month_year = k.month_year
-                                    AND a.source = 'late'), 0)) AS upto
+                                    AND a.source = 'late'), 0),
+                       coalesce((SELECT m.last_request_id FROM public.portal_usage_monthly m
+                                  WHERE m.portal_id = k.portal_id AND m.month_year = k.month_year), 0)) AS upto
       FROM usage_agg_restore k
   ), raw AS (
     SELECT k.portal_id, k.month_year, k.upto,
@@ -76,9 +84,21 @@ BEGIN
            last_request_id = excluded.last_request_id, updated_at = now()
      WHERE t.last_request_id <= excluded.last_request_id
     RETURNING t.portal_id, t.month_year
+  ), relogged AS (
+    -- A key with rows that was not written: a booking created its row
+    -- past the bound meanwhile (after the lock above), from its own rows
+    -- alone. Logged again, so the next run restores it from that row's
+    -- watermark.
+    INSERT INTO public.usage_agg_deleted_keys (portal_id, month_year)
+    SELECT tr.portal_id, tr.month_year FROM truth tr
+     WHERE tr.n > 0
+       AND NOT EXISTS (SELECT 1 FROM written w WHERE w.portal_id = tr.portal_id AND w.month_year = tr.month_year)
+    ON CONFLICT (portal_id, month_year) DO NOTHING
+    RETURNING 1
   )
   SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
     INTO restored FROM written;
+
   -- A restored key holds its rows now: a refusal of it (a lost write, a
   -- refused decrease) no longer stands (found by the model-based soak: a
   -- lost write stood after the key was rebuilt whole).

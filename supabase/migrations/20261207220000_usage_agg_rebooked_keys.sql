@@ -1,0 +1,519 @@
+-- Two findings of an adversarial pass (issue 22's review):
+--   * a monthly row deleted while a run was under way was made again by
+--     that run's booking from the batch's rows alone, with a watermark
+--     above the cursor; the restore then left it as "counted further by
+--     another run" and took it off the log: billed short, exit 0. The
+--     restore now counts each key up to its row's own watermark too, with
+--     the keys' rows locked, and logs again a key a booking wrote past it
+--     meanwhile;
+--   * keys another run counted in part were counted again with one scan of
+--     usage_requests per key (no index by key): a catch-up after a killed
+--     run with thousands of such keys ran past the statement timeout every
+--     time. One scan of the ids above the lowest watermark, joined by hash.
+-- Both functions are redefined whole; their current definitions are in
+-- supabase/schemas/20_functions/.
+
+-- Rebuilds the keys whose monthly row was deleted (usage_agg_deleted_keys),
+-- so that no key is left counting only its newer rows: each from all its
+-- rows up to its highest watermark (the cursor, its late adjustments'
+-- where a run booked them and died before it moved the cursor, or the
+-- watermark of a monthly row a booking made again after the delete, which
+-- holds only the rows of that booking), with that as its watermark; its
+-- rows are its raw rows and its pruned rows, less what its late
+-- adjustments hold. The keys' existing rows are locked first, so no
+-- booking moves them meanwhile; a key a booking still wrote past that
+-- (created meanwhile) goes back to the log for the next run. A closed
+-- month is left alone (its rows cannot be deleted; a key logged before its
+-- close is dropped). A restored key's refusals (a lost write, a refused
+-- decrease) no longer stand, and are cleared. The log is taken with
+-- `WHERE true` (Supabase's safeupdate refuses a DELETE without a WHERE in a
+-- PostgREST session). Returns the keys rebuilt.
+CREATE OR REPLACE FUNCTION public.usage_agg_restore_deleted_keys(p_job text DEFAULT 'default')
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  c        bigint;
+  restored jsonb;
+BEGIN
+  SELECT cursor_id INTO c FROM public.usage_aggregation_state WHERE job = p_job;
+  IF c IS NULL THEN
+    RETURN '[]'::jsonb;
+  END IF;
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_restore (portal_id bigint, month_year text) ON COMMIT DROP;
+  TRUNCATE usage_agg_restore;
+  WITH taken AS (
+    DELETE FROM public.usage_agg_deleted_keys WHERE true RETURNING portal_id, month_year
+  )
+  INSERT INTO usage_agg_restore SELECT portal_id, month_year FROM taken
+   WHERE NOT public.usage_agg_is_closed(month_year);
+  PERFORM 1 FROM public.portal_usage_monthly m JOIN usage_agg_restore k
+      ON m.portal_id = k.portal_id AND m.month_year = k.month_year
+   ORDER BY m.portal_id, m.month_year FOR UPDATE OF m;
+  WITH bound AS (
+    -- Each key's rows are counted up to its highest watermark: the cursor,
+    -- or above it where a late adjustment of the key counts rows a run
+    -- booked before it moved the cursor (it died between the two).
+    SELECT k.portal_id, k.month_year,
+           greatest(c, coalesce((SELECT max(a.last_request_id) FROM public.portal_usage_adjustments a
+                                  WHERE a.portal_id = k.portal_id AND a.month_year = k.month_year
+                                    AND a.source = 'late'), 0),
+                       coalesce((SELECT m.last_request_id FROM public.portal_usage_monthly m
+                                  WHERE m.portal_id = k.portal_id AND m.month_year = k.month_year), 0)) AS upto
+      FROM usage_agg_restore k
+  ), raw AS (
+    SELECT k.portal_id, k.month_year, k.upto,
+           count(r.id) AS n,
+           count(r.id) FILTER (WHERE r.success) AS s,
+           count(r.id) FILTER (WHERE NOT r.success) AS e,
+           max(r.request_timestamp) AS at
+      FROM bound k
+      LEFT JOIN public.usage_requests r
+        ON r.portal_id = k.portal_id AND r.month_year = k.month_year AND r.id <= k.upto
+       AND r.success IS NOT NULL AND public.usage_agg_valid_time(r.request_timestamp)
+     WHERE public.usage_agg_valid_key(k.portal_id, k.month_year)
+     GROUP BY 1, 2, 3
+  ), truth AS (
+    SELECT raw.portal_id, raw.month_year, raw.upto,
+           raw.n + coalesce(p.request_count, 0) - coalesce(l.n, 0) AS n,
+           raw.s + coalesce(p.success_count, 0) - coalesce(l.s, 0) AS s,
+           raw.e + coalesce(p.error_count, 0) - coalesce(l.e, 0) AS e,
+           greatest(raw.at, p.last_request_at) AS at
+      FROM raw
+      LEFT JOIN public.usage_agg_pruned p USING (portal_id, month_year)
+      LEFT JOIN (SELECT portal_id, month_year, sum(request_count) AS n, sum(success_count) AS s,
+                        sum(error_count) AS e
+                   FROM public.portal_usage_adjustments WHERE source = 'late' GROUP BY 1, 2) l
+        USING (portal_id, month_year)
+  ), written AS (
+    INSERT INTO public.portal_usage_monthly AS t
+           (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+            last_request_id, updated_at)
+    SELECT portal_id, month_year, n, s, e, at, upto, now() FROM truth WHERE n > 0
+    ON CONFLICT (portal_id, month_year) DO UPDATE
+       SET request_count = excluded.request_count, success_count = excluded.success_count,
+           error_count = excluded.error_count, last_request_at = excluded.last_request_at,
+           last_request_id = excluded.last_request_id, updated_at = now()
+     WHERE t.last_request_id <= excluded.last_request_id
+    RETURNING t.portal_id, t.month_year
+  ), relogged AS (
+    -- A key with rows that was not written: a booking created its row
+    -- past the bound meanwhile (after the lock above), from its own rows
+    -- alone. Logged again, so the next run restores it from that row's
+    -- watermark.
+    INSERT INTO public.usage_agg_deleted_keys (portal_id, month_year)
+    SELECT tr.portal_id, tr.month_year FROM truth tr
+     WHERE tr.n > 0
+       AND NOT EXISTS (SELECT 1 FROM written w WHERE w.portal_id = tr.portal_id AND w.month_year = tr.month_year)
+    ON CONFLICT (portal_id, month_year) DO NOTHING
+    RETURNING 1
+  )
+  SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
+    INTO restored FROM written;
+
+  -- A restored key holds its rows now: a refusal of it (a lost write, a
+  -- refused decrease) no longer stands (found by the model-based soak: a
+  -- lost write stood after the key was rebuilt whole).
+  DELETE FROM public.usage_agg_refused_keys r
+   WHERE r.job = p_job AND r.kind <> 'closed'
+     AND (r.portal_id || ':' || r.month_year) IN (SELECT jsonb_array_elements_text(restored));
+  RETURN restored;
+END
+$$;
+
+-- service_role alone: the CLI calls it over REST with the service key.
+-- Supabase's default privileges give every new function to anon,
+-- authenticated and service_role: all of it is revoked first.
+REVOKE ALL ON FUNCTION public.usage_agg_restore_deleted_keys(text) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_restore_deleted_keys(text) TO service_role;
+
+-- The one rule book (docs/semantics.md, "Booking a row"): every engine books
+-- counted rows here (the REST engine through usage_agg_book, the server-side
+-- batch and the scheduled run through usage_agg_rpc_batch), so they cannot
+-- disagree. Input: pg_temp.usage_agg_fold, one row per key with the good
+-- rows of that key in (p_from, p_to] folded: c (rows), s, e, at (latest
+-- request_timestamp), w (highest id). Every row of (p_from, p_to] of a key
+-- must be in its fold: the caller read them all.
+--
+-- For each key k, under locks that fix where it books:
+--   * the closed months are read in SHARE mode for the transaction, so a
+--     close or a reopening waits for the booking and the booking for it;
+--     the booking month cannot change under it;
+--   * the target is the monthly row of k, or, when k's month is closed, its
+--     late adjustment booked in usage_agg_booking_month(k's month). The
+--     target is created (empty) when missing, then every target is locked,
+--     in key order (two bookings never deadlock on each other), and read
+--     by the statement that locks it (a locking read returns the version
+--     it locked);
+--   * E_k, the highest watermark of k over its monthly row and all its late
+--     adjustments, is the locked target's and those of the other rows of k,
+--     which are frozen: the triggers refuse a closed month's monthly row, a
+--     late adjustment not booked in the booking month, and a late
+--     adjustment of an open month;
+--   * if E_k <= p_from, every folded row is new and the fold is added; if
+--     E_k >= w, another run counted them all; otherwise (another run counted
+--     part of the range, or died midway) the key's rows in (E_k, p_to] are
+--     counted again from usage_requests, in one scan for all such keys;
+--   * the target is written: counts plus the new rows, watermark = the
+--     newest new row, and for a late adjustment counted_from_id = the
+--     watermark its rows are counted above (so the guard of
+--     usage_agg_guard_adjustment always compares the current value);
+--   * each written target is read back: a row that does not hold what was
+--     written (a trigger, rule or hand edit undid it) is a lost write,
+--     recorded in usage_agg_refused_keys (kind 'lost').
+--   * each threshold of its quota a booked key's open month reached is
+--     recorded in portal_usage_alerts, once per portal, month, threshold
+--     and limit (20261207130000, docs/quotas.md).
+-- Each step is one set-based statement over all the keys (a key costs a
+-- few microseconds a step: docs/benchmarks.md, issue 22).
+-- Returns a summary; with p_dry_run, nothing is written and the summary
+-- lists each change ("changes") and each alert it would record ("alerts").
+CREATE OR REPLACE FUNCTION public.usage_agg_book_folded(
+  p_job text, p_from bigint, p_to bigint, p_dry_run boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  n_keys     bigint;
+  n_rows     bigint;
+  n_late     bigint;
+  late_rows  bigint;
+  n_redo     bigint;
+  n_super    bigint;
+  lost       jsonb;
+  changes    jsonb;
+  alerts     jsonb;
+BEGIN
+  IF p_from IS NULL OR p_to IS NULL OR p_to < p_from THEN
+    RAISE EXCEPTION 'usage_agg_book: the range (%, %] is not a range', p_from, p_to USING ERRCODE = '22023';
+  END IF;
+  LOCK TABLE public.usage_agg_closed_months IN SHARE MODE;
+
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
+              WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
+                 OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
+                 OR NOT public.usage_agg_valid_time(f.at)) THEN
+    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
+      USING ERRCODE = '22023';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
+    RAISE EXCEPTION 'usage_agg_book: a key is folded twice' USING ERRCODE = '22023';
+  END IF;
+
+  -- Where each key books: its monthly row, or (its month closed) its late
+  -- adjustment in the booking month, named by its idempotency key.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_where (
+    portal_id bigint, month_year text, late boolean, booked text, ikey text,
+    c bigint, s bigint, e bigint, at timestamp, w bigint) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_where;
+  INSERT INTO pg_temp.usage_agg_where
+  SELECT x.portal_id, x.month_year, x.booked IS NOT NULL, x.booked,
+         'late:' || x.portal_id || ':' || x.month_year || ':' || x.booked,
+         x.c, x.s, x.e, x.at, x.w
+    FROM (SELECT f.*, CASE WHEN cm.month_year IS NOT NULL THEN public.usage_agg_booking_month(f.month_year) END AS booked
+            FROM pg_temp.usage_agg_fold f
+            LEFT JOIN public.usage_agg_closed_months cm ON cm.month_year = f.month_year AND cm.closed) x;
+
+  -- Targets that do not exist yet, for keys with rows above what is
+  -- counted (read without locks: a key created meanwhile is found below).
+  -- A key of an open month with no monthly row and no late adjustment
+  -- counted past p_from (those are frozen while the month is open) has
+  -- nothing counted in (p_from, p_to]: its row is written whole, once
+  -- (usage_agg_fresh), rather than created empty and then updated; the
+  -- insert's own row lock holds it. The others are created empty.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_fresh (portal_id bigint, month_year text) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_fresh;
+  IF NOT p_dry_run THEN
+    WITH ins AS (
+      INSERT INTO public.portal_usage_monthly
+             (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+              last_request_id, updated_at)
+      SELECT p.portal_id, p.month_year, p.c, p.s, p.e, p.at, p.w, now()
+        FROM pg_temp.usage_agg_where p
+       WHERE NOT p.late
+         AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                          WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
+         AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
+                          WHERE a.portal_id = p.portal_id AND a.month_year = p.month_year
+                            AND a.source = 'late' AND a.last_request_id > p_from)
+       ORDER BY p.portal_id, p.month_year
+      ON CONFLICT (portal_id, month_year) DO NOTHING
+      RETURNING portal_id, month_year
+    )
+    INSERT INTO pg_temp.usage_agg_fresh SELECT ins.portal_id, ins.month_year FROM ins;
+    INSERT INTO public.portal_usage_monthly
+           (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+            last_request_id, updated_at)
+    SELECT p.portal_id, p.month_year, 0, 0, 0, NULL, 0, now()
+      FROM pg_temp.usage_agg_where p
+     WHERE NOT p.late
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                        WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
+     ORDER BY p.portal_id, p.month_year
+    ON CONFLICT (portal_id, month_year) DO NOTHING;
+    INSERT INTO public.portal_usage_adjustments
+           (portal_id, month_year, booked_month, source, request_count, success_count, error_count,
+            last_request_at, last_request_id, idempotency_key, counted_from_id)
+    SELECT p.portal_id, p.month_year, p.booked, 'late', 0, 0, 0, NULL, 0, p.ikey, NULL
+      FROM pg_temp.usage_agg_where p
+     WHERE p.late
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a WHERE a.idempotency_key = p.ikey)
+     ORDER BY p.portal_id, p.month_year
+    ON CONFLICT (idempotency_key) DO NOTHING;
+  END IF;
+
+  -- Every target locked, in key order, and read under its lock; E_k, the
+  -- highest watermark of k over its monthly row and all its late
+  -- adjustments, from the locked target and the rows of k that are frozen
+  -- while it is (a closed month's monthly row, late adjustments not booked
+  -- in the booking month, every late adjustment of an open month). One
+  -- statement: the locking reads return the row versions they locked.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
+    portal_id bigint, month_year text, late boolean, booked text, ikey text,
+    c bigint, s bigint, e bigint, at timestamp, w bigint,
+    tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
+    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean, fresh boolean) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_plan;
+  WITH lm AS (
+    SELECT m.portal_id, m.month_year, m.request_count, m.success_count, m.error_count,
+           m.last_request_at, m.last_request_id
+      FROM public.portal_usage_monthly m
+      JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
+     WHERE NOT EXISTS (SELECT 1 FROM pg_temp.usage_agg_fresh n
+                        WHERE n.portal_id = m.portal_id AND n.month_year = m.month_year)
+     ORDER BY m.portal_id, m.month_year
+       FOR UPDATE OF m
+  ), la AS (
+    SELECT a.idempotency_key, a.request_count, a.success_count, a.error_count,
+           a.last_request_at, a.last_request_id
+      FROM public.portal_usage_adjustments a
+      JOIN pg_temp.usage_agg_where p ON a.idempotency_key = p.ikey AND p.late
+     ORDER BY a.portal_id, a.month_year
+       FOR UPDATE OF a
+  ), frozen AS (
+    SELECT a.portal_id, a.month_year, max(a.last_request_id) AS w
+      FROM public.portal_usage_adjustments a
+      JOIN pg_temp.usage_agg_where p ON a.portal_id = p.portal_id AND a.month_year = p.month_year
+     WHERE a.source = 'late' AND a.idempotency_key IS DISTINCT FROM p.ikey
+     GROUP BY 1, 2
+  ), frozen_m AS (
+    SELECT m.portal_id, m.month_year, m.last_request_id AS w
+      FROM public.portal_usage_monthly m
+      JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND p.late
+  ), k AS (
+    SELECT p.*,
+           coalesce(la.request_count, lm.request_count) AS tgt_c,
+           coalesce(la.success_count, lm.success_count) AS tgt_s,
+           coalesce(la.error_count, lm.error_count) AS tgt_e,
+           CASE WHEN p.late THEN la.last_request_at ELSE lm.last_request_at END AS tgt_at,
+           coalesce(la.last_request_id, lm.last_request_id) AS tgt_w,
+           greatest(coalesce(lm.last_request_id, 0), coalesce(fm.w, 0), coalesce(la.last_request_id, 0),
+                    coalesce(fz.w, 0)) AS e_k,
+           n.portal_id IS NOT NULL AS fresh
+      FROM pg_temp.usage_agg_where p
+      LEFT JOIN pg_temp.usage_agg_fresh n ON n.portal_id = p.portal_id AND n.month_year = p.month_year
+      LEFT JOIN lm ON lm.portal_id = p.portal_id AND lm.month_year = p.month_year
+      LEFT JOIN la ON la.idempotency_key = p.ikey
+      LEFT JOIN frozen_m fm ON fm.portal_id = p.portal_id AND fm.month_year = p.month_year
+      LEFT JOIN frozen fz ON fz.portal_id = p.portal_id AND fz.month_year = p.month_year
+  )
+  INSERT INTO pg_temp.usage_agg_plan
+  SELECT k.portal_id, k.month_year, k.late, k.booked, k.ikey, k.c, k.s, k.e, k.at, k.w,
+         k.tgt_c, k.tgt_s, k.tgt_e, k.tgt_at, k.tgt_w, k.e_k,
+         -- What is new: all of the fold (nothing above p_from counted),
+         -- nothing (another run counted it all), or (counted in part)
+         -- counted again below.
+         CASE WHEN k.e_k <= p_from THEN k.c WHEN k.e_k >= k.w THEN 0 END,
+         CASE WHEN k.e_k <= p_from THEN k.s WHEN k.e_k >= k.w THEN 0 END,
+         CASE WHEN k.e_k <= p_from THEN k.e WHEN k.e_k >= k.w THEN 0 END,
+         CASE WHEN k.e_k <= p_from THEN k.at END,
+         CASE WHEN k.e_k <= p_from THEN k.w END,
+         k.e_k > p_from AND k.e_k < k.w,
+         k.fresh
+    FROM k;
+
+  -- Keys another run counted in part: their rows in (E_k, p_to] counted
+  -- again from usage_requests, in one scan for all such keys.
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_plan WHERE redo) THEN
+    -- One scan of the ids above the lowest such E_k, joined to the keys
+    -- by hash: a scan per key (the table has no index by key) cost keys
+    -- times ids, and a catch-up after a killed run timed out on it.
+    UPDATE pg_temp.usage_agg_plan p
+       SET dc = x.c, ds = x.s, de = x.e, dat = x.at, dw = x.w
+      FROM (WITH lo AS (
+              SELECT min(e_k) AS id FROM pg_temp.usage_agg_plan WHERE redo
+            ), scanned AS MATERIALIZED (
+              SELECT u.id, u.portal_id, u.month_year, u.success, u.request_timestamp
+                FROM public.usage_requests u, lo
+               WHERE u.id > lo.id AND u.id <= p_to
+                 AND u.success IS NOT NULL AND public.usage_agg_valid_time(u.request_timestamp)
+            )
+            SELECT k.portal_id, k.month_year, count(r.id) AS c, count(r.id) FILTER (WHERE r.success) AS s,
+                   count(r.id) FILTER (WHERE NOT r.success) AS e, max(r.request_timestamp) AS at,
+                   max(r.id) AS w
+              FROM pg_temp.usage_agg_plan k
+              LEFT JOIN scanned r
+                ON r.portal_id = k.portal_id AND r.month_year = k.month_year AND r.id > k.e_k
+             WHERE k.redo
+             GROUP BY 1, 2) x
+     WHERE p.redo AND p.portal_id = x.portal_id AND p.month_year = x.month_year;
+  END IF;
+
+  SELECT count(*) FILTER (WHERE dc > 0), coalesce(sum(dc), 0),
+         count(*) FILTER (WHERE dc > 0 AND late), coalesce(sum(dc) FILTER (WHERE late), 0),
+         count(*) FILTER (WHERE redo), count(*) FILTER (WHERE dc = 0)
+    INTO n_keys, n_rows, n_late, late_rows, n_redo, n_super
+    FROM pg_temp.usage_agg_plan;
+
+
+  -- Quotas (20261207130000, docs/quotas.md): every threshold of the
+  -- portal's quota (its own row of portal_usage_quotas, else the default
+  -- one) that the month's usage has reached, once per portal, month,
+  -- threshold and limit (the UNIQUE of portal_usage_alerts). A month's
+  -- usage is its monthly row plus its late adjustments, as usage_current
+  -- reads it. Only keys of open months booked into their monthly row: a
+  -- closed month fires nothing new. Decided here, in the transaction that
+  -- books the rows, so the alert and the totals commit together or not at
+  -- all; what is reached and not yet recorded fires (a level, not an edge),
+  -- so usage that hovers at a threshold fires it once, and a raised limit
+  -- arms the thresholds of the new one.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_crossed (
+    portal_id bigint, month_year text, threshold_percent integer, request_limit bigint,
+    request_count bigint) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_crossed;
+  IF EXISTS (SELECT 1 FROM public.portal_usage_quotas) THEN
+    INSERT INTO pg_temp.usage_agg_crossed
+    SELECT u.portal_id, u.month_year, t.pct, q.request_limit, u.n
+      FROM (SELECT p.portal_id, p.month_year,
+                   coalesce(p.tgt_c, 0) + p.dc + coalesce(x.late_n, 0) AS n
+              FROM pg_temp.usage_agg_plan p
+              LEFT JOIN LATERAL (
+                SELECT sum(a.request_count) AS late_n
+                  FROM public.portal_usage_adjustments a
+                 WHERE a.portal_id = p.portal_id AND a.month_year = p.month_year AND a.source = 'late') x ON true
+             WHERE NOT p.late AND p.dc > 0) u
+      CROSS JOIN LATERAL (
+        SELECT coalesce(own.monthly_request_limit, dflt.monthly_request_limit) AS request_limit,
+               CASE WHEN own.monthly_request_limit IS NOT NULL THEN own.thresholds_percent
+                    ELSE dflt.thresholds_percent END AS thresholds
+          FROM (SELECT 1) one
+          LEFT JOIN public.portal_usage_quotas own ON coalesce(own.portal_id, 0) = u.portal_id
+          LEFT JOIN public.portal_usage_quotas dflt ON coalesce(dflt.portal_id, 0) = 0) q
+      CROSS JOIN LATERAL unnest(q.thresholds) AS t(pct)
+     WHERE q.request_limit IS NOT NULL
+       AND u.n::numeric * 100 >= q.request_limit::numeric * t.pct
+       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_alerts al
+                        WHERE al.portal_id = u.portal_id AND al.month_year = u.month_year
+                          AND al.threshold_percent = t.pct AND al.request_limit = q.request_limit);
+  END IF;
+  SELECT coalesce(jsonb_agg(jsonb_build_object(
+           'portal_id', portal_id, 'month_year', month_year, 'threshold_percent', threshold_percent,
+           'request_limit', request_limit, 'request_count', request_count)
+           ORDER BY portal_id, month_year, threshold_percent), '[]')
+    INTO alerts FROM pg_temp.usage_agg_crossed;
+
+  IF p_dry_run THEN
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+             'portal_id', portal_id, 'month_year', month_year, 'booked_month', booked,
+             'before', CASE WHEN tgt_w IS NULL THEN NULL ELSE jsonb_build_object(
+                 'request_count', tgt_c, 'success_count', tgt_s, 'error_count', tgt_e,
+                 'last_request_at', tgt_at, 'last_request_id', tgt_w) END,
+             'after', jsonb_build_object(
+                 'request_count', coalesce(tgt_c, 0) + dc, 'success_count', coalesce(tgt_s, 0) + ds,
+                 'error_count', coalesce(tgt_e, 0) + de,
+                 'last_request_at', greatest(tgt_at, dat), 'last_request_id', dw),
+             'counted_from', greatest(e_k, p_from)) ORDER BY portal_id, month_year), '[]')
+      INTO changes FROM pg_temp.usage_agg_plan WHERE dc > 0;
+    RETURN jsonb_build_object('from', p_from, 'to', p_to, 'rows', n_rows, 'keys', n_keys,
+      'late_rows', late_rows, 'late_keys', n_late, 'raced_keys', n_redo, 'superseded_keys', n_super,
+      'lost', '[]'::jsonb, 'changes', changes, 'alerts', alerts);
+  END IF;
+
+  UPDATE public.portal_usage_monthly t
+     SET request_count = t.request_count + p.dc,
+         success_count = t.success_count + p.ds,
+         error_count = t.error_count + p.de,
+         last_request_at = greatest(t.last_request_at, p.dat),
+         last_request_id = p.dw,
+         updated_at = now()
+    FROM pg_temp.usage_agg_plan p
+   WHERE NOT p.late AND NOT p.fresh AND p.dc > 0 AND t.portal_id = p.portal_id AND t.month_year = p.month_year;
+  UPDATE public.portal_usage_adjustments t
+     SET request_count = t.request_count + p.dc,
+         success_count = t.success_count + p.ds,
+         error_count = t.error_count + p.de,
+         last_request_at = greatest(t.last_request_at, p.dat),
+         last_request_id = p.dw,
+         counted_from_id = greatest(p.e_k, p_from)
+    FROM pg_temp.usage_agg_plan p
+   WHERE p.late AND p.dc > 0
+     AND t.idempotency_key = p.ikey;
+
+  -- Every write read back: it holds what was written, or it is lost.
+  WITH now_ AS (
+    SELECT p.portal_id, p.month_year, p.late,
+           coalesce(p.tgt_c, 0) + p.dc AS want_c, coalesce(p.tgt_s, 0) + p.ds AS want_s,
+           coalesce(p.tgt_e, 0) + p.de AS want_e, p.dw AS want_w,
+           CASE WHEN p.late THEN a.request_count ELSE m.request_count END AS c,
+           CASE WHEN p.late THEN a.success_count ELSE m.success_count END AS s,
+           CASE WHEN p.late THEN a.error_count ELSE m.error_count END AS e,
+           CASE WHEN p.late THEN a.last_request_id ELSE m.last_request_id END AS w
+      FROM pg_temp.usage_agg_plan p
+      LEFT JOIN public.portal_usage_monthly m
+        ON NOT p.late AND m.portal_id = p.portal_id AND m.month_year = p.month_year
+      LEFT JOIN public.portal_usage_adjustments a
+        ON p.late AND a.idempotency_key = p.ikey
+     WHERE p.dc > 0
+  ), gone AS (
+    SELECT * FROM now_
+     WHERE (c, s, e, w) IS DISTINCT FROM (want_c, want_s, want_e, want_w)
+  ), recorded AS (
+    INSERT INTO public.usage_agg_refused_keys AS r
+           (job, portal_id, month_year, stored_requests, raw_requests, kind)
+    SELECT p_job, portal_id, month_year, coalesce(c, 0), want_c, 'lost' FROM gone
+    ON CONFLICT (job, portal_id, month_year) DO UPDATE
+       SET stored_requests = excluded.stored_requests, raw_requests = excluded.raw_requests,
+           kind = 'lost', found_at = now()
+    RETURNING r.portal_id, r.month_year
+  )
+  SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
+    INTO lost FROM recorded;
+
+  -- The crossings, recorded with the totals (a key whose write was lost
+  -- records none: its usage is not what was computed). ON CONFLICT: a
+  -- concurrent booking of the key recorded it first.
+  WITH rec AS (
+    INSERT INTO public.portal_usage_alerts AS al
+           (portal_id, month_year, threshold_percent, request_limit, request_count, crossed_at)
+    SELECT c.portal_id, c.month_year, c.threshold_percent, c.request_limit, c.request_count, now()
+      FROM pg_temp.usage_agg_crossed c
+     WHERE NOT lost @> to_jsonb(c.portal_id || ':' || c.month_year)
+     ORDER BY c.portal_id, c.month_year, c.threshold_percent
+    ON CONFLICT (portal_id, month_year, threshold_percent, request_limit) DO NOTHING
+    RETURNING al.id, al.portal_id, al.month_year, al.threshold_percent, al.request_limit, al.request_count
+  )
+  SELECT coalesce(jsonb_agg(jsonb_build_object(
+           'id', id, 'portal_id', portal_id, 'month_year', month_year, 'threshold_percent', threshold_percent,
+           'request_limit', request_limit, 'request_count', request_count)
+           ORDER BY portal_id, month_year, threshold_percent), '[]')
+    INTO alerts FROM rec;
+
+  RETURN jsonb_build_object('from', p_from, 'to', p_to, 'rows', n_rows, 'keys', n_keys,
+    'late_rows', late_rows, 'late_keys', n_late, 'raced_keys', n_redo, 'superseded_keys', n_super,
+    'lost', lost, 'alerts', alerts);
+END
+$$;
+
+-- Its owner alone: usage-agg's own functions call it, never the API.
+REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;
+
+-- Its owner alone: usage-agg's own functions call it, never the API.
+REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;
