@@ -267,20 +267,16 @@ impl Job {
         // the record of their quotas' crossings. Recorded now, before
         // counting (docs/quotas.md, "Where crossings are recorded").
         let mut caught_up = swept;
-        match (cursor, facts.highest_watermark) {
-            (Some(c), Some(w)) if w > c && !opts.dry_run => {
-                caught_up.extend(store.record_crossings(None, Some(c)).await?)
-            }
-            _ => {}
-        }
+        let above = match (cursor, facts.highest_watermark) {
+            (Some(c), Some(w)) if w > c => Some(c),
+            _ => None,
+        };
         if opts.dry_run {
             // What those two would record: the pending months', and the
             // crossings of keys above the cursor.
-            let above = match (cursor, facts.highest_watermark) {
-                (Some(c), Some(w)) if w > c => Some(c),
-                _ => None,
-            };
             caught_up.extend(store.preview_crossings(&[], &[], above).await?);
+        } else if let Some(c) = above {
+            caught_up.extend(store.record_crossings(None, Some(c)).await?);
         }
         let marks = Marks { cursor, horizon };
         let owner = (!opts.dry_run).then_some(self.owner.as_str());
