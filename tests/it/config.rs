@@ -158,8 +158,7 @@ fn a_missing_column_is_named_with_its_table() {
 
 #[test]
 fn a_missing_migration_function_names_the_migration() {
-    let mut stack = Stack::new();
-    migrate(&mut stack);
+    let mut stack = migrated_stack();
     stack.ddl("DROP FUNCTION usage_agg_safe_horizon(integer)");
     aggregate(&stack, &[])
         .assert_status(78)

@@ -65,8 +65,7 @@ const COUNTED: &str = "usage_agg_last_run_rows_counted";
 
 #[test]
 fn every_run_writes_the_file_and_a_failed_one_keeps_the_last_success() {
-    let mut stack = Stack::new();
-    migrate(&mut stack);
+    let stack = migrated_stack();
     insert_rows(&stack, 2_500, 40);
     let dir = workdir();
     let path = dir.join("usage_agg.prom");
@@ -155,8 +154,7 @@ fn every_run_writes_the_file_and_a_failed_one_keeps_the_last_success() {
 
 #[test]
 fn status_writes_what_the_database_records_under_its_own_names() {
-    let mut stack = Stack::new();
-    migrate(&mut stack);
+    let stack = migrated_stack();
     insert_rows(&stack, 1_000, 20);
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 150, 20);

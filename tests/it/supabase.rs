@@ -55,8 +55,7 @@ fn a_legacy_jwt_key_pages_past_the_cap_under_rest_v1_with_its_own_authorization(
 
 #[test]
 fn an_sb_secret_key_runs_every_engine_status_and_verify_as_the_service_role() {
-    let mut stack = Stack::new();
-    migrate(&mut stack);
+    let stack = migrated_stack();
     insert_rows(&stack, 2_500, 40);
     let gw = stack.gateway();
     let key = gw.secret_key.clone();
@@ -232,8 +231,7 @@ fn the_stack_is_supabases_roles_limits_and_guards() {
 /// back and grant exactly what each role needs (issue 18, item 4).
 #[test]
 fn a_service_key_reads_the_jobs_state_but_cannot_write_it_and_anon_gets_nothing() {
-    let mut stack = Stack::new();
-    migrate(&mut stack);
+    let stack = migrated_stack();
     insert_rows(&stack, 50, 2);
     aggregate(&stack, &[]).assert_status(0);
     let key = stack.key.clone();

@@ -202,9 +202,13 @@ pub fn migrate_file(stack: &mut Stack, file: &str) {
 
 /// Applies every migration in order.
 pub fn migrate(stack: &mut Stack) {
-    for m in MIGRATIONS.iter() {
-        migrate_file(stack, m);
-    }
+    let files = files(MIGRATIONS.iter());
+    stack.psql_files(&files).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The migrations' paths from the repository's root.
+fn files<'a>(names: impl Iterator<Item = &'a &'static str>) -> Vec<std::path::PathBuf> {
+    names.map(|m| stack::repo_root().join(m)).collect()
 }
 
 /// The migration whose file name ends in `suffix`
@@ -220,18 +224,12 @@ pub fn migration(suffix: &str) -> &'static str {
 /// A stack with every migration but `skipped` applied, in order: a
 /// project that has not applied those yet.
 pub fn stack_without(skipped: &[&str]) -> Stack {
-    let mut stack = Stack::new();
-    for m in MIGRATIONS.iter().filter(|m| !skipped.contains(m)) {
-        migrate_file(&mut stack, m);
-    }
-    stack
+    Stack::with_files(&files(MIGRATIONS.iter().filter(|m| !skipped.contains(m))))
 }
 
-/// A stack with the migration applied.
+/// A stack with every migration applied.
 pub fn migrated_stack() -> Stack {
-    let mut stack = Stack::new();
-    migrate(&mut stack);
-    stack
+    Stack::with_files(&files(MIGRATIONS.iter()))
 }
 
 /// Every key's watermark covers the newest good row it counts, and no more
