@@ -18,13 +18,28 @@ pub const DEFAULT_BATCH_IDS: u64 = 1_000_000;
 /// The smallest batch the engine halves down to after statement timeouts.
 pub const MIN_BATCH_IDS: u64 = 1_000;
 
-/// The first batch when sizing by time: small enough that even where every
-/// row is its own key (the costly case: a batch's time follows the keys it
-/// writes) it stays under the aim on a slow instance; the database sizes
-/// every batch after it from what this one cost (`usage_agg_next_batch_ids`,
-/// the one sizing rule, which the scheduled run uses too). With
+/// The first batch when sizing by time: it books 1,000 ids, which gives
+/// the cost of a key even on a slow instance where every row is its own
+/// key (a batch's time follows the keys it writes), and the database folds
+/// the first [`SIZING_SAMPLE_IDS`] read only, which gives how rows fall on
+/// keys and what folding them costs; it sizes every batch after it from
+/// those (`usage_agg_next_batch_ids`, the one sizing rule, which the
+/// scheduled run uses too). A first batch of 50,000 ids booked every key of
+/// a uniform table, and the next booked them all again (issue 22). With
 /// `--aggressive` the first batch is the fixed default instead.
-pub const FIRST_TIMED_BATCH_IDS: u64 = 50_000;
+pub const FIRST_TIMED_BATCH_IDS: u64 = 1_000;
+
+/// The ids the first timed batch folds read only, to size the next.
+pub const SIZING_SAMPLE_IDS: u64 = 50_000;
+
+/// The first timed batch without a sample: a dry run's one batch, which
+/// previews this many ids (it books nothing, so a batch to learn a key's
+/// cost from has no use there), and the first batch on a database before
+/// the sample's migration, which sizes the next batch from itself.
+pub const UNSAMPLED_FIRST_BATCH_IDS: u64 = 50_000;
+
+/// The migration whose `usage_agg_rpc_batch` takes `p_sample_ids`.
+const SAMPLE_MIGRATION: &str = "20261207230000_usage_agg_lean_batch.sql";
 
 /// The largest batch: what `usage_agg_next_batch_ids` grows to at most.
 pub const MAX_BATCH_IDS: u64 = 50_000_000;
@@ -38,6 +53,15 @@ fn timed_out(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<crate::postgrest::Failure>()
             .is_some_and(|f| f.kind() == crate::postgrest::Kind::StatementTimeout)
+    })
+}
+
+/// Whether the database has no `usage_agg_rpc_batch` taking the arguments
+/// sent (a migration is missing).
+fn function_missing(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::postgrest::Failure>()
+            .is_some_and(|f| f.kind() == crate::postgrest::Kind::MissingFunction)
     })
 }
 
@@ -62,12 +86,21 @@ pub async fn run<S: Store>(
     };
     let mut batches = 0;
     let mut last;
+    let mut sample = None;
     if opts.batch_target.is_some() && opts.pace.settings().adaptive {
-        batch_ids = batch_ids.min(FIRST_TIMED_BATCH_IDS);
+        if opts.dry_run {
+            batch_ids = batch_ids.min(UNSAMPLED_FIRST_BATCH_IDS);
+        } else {
+            batch_ids = batch_ids.min(FIRST_TIMED_BATCH_IDS);
+            sample = Some(SIZING_SAMPLE_IDS);
+        }
     }
     // A size that ran past the statement timeout is never asked for again
     // (an aim longer than the timeout would otherwise grow back into it).
     let mut ceiling = MAX_BATCH_IDS;
+    // The ids between the cursor and the safe horizon, as the last batch
+    // answered (unknown before the first).
+    let mut left: Option<u64> = None;
     // Busy answers right after one of our own batches timed out: that
     // batch's backend may still be rolling back and holding the batch lock
     // (the error reaches us before the lock is released), so the lock is
@@ -82,15 +115,29 @@ pub async fn run<S: Store>(
                 opts.horizon_wait,
                 opts.dry_run,
                 opts.batch_target,
+                sample,
             )
             .await
         {
             Ok(b) => b,
+            // A database without the sample (before SAMPLE_MIGRATION):
+            // the first batch of before, which sizes the next from itself.
+            Err(e) if sample.is_some() && function_missing(&e) => {
+                tracing::warn!(
+                    "usage_agg_rpc_batch takes no sizing sample here: apply {SAMPLE_MIGRATION} for a quicker \
+                     catch-up; sizing from a first batch of {UNSAMPLED_FIRST_BATCH_IDS} ids instead"
+                );
+                sample = None;
+                batch_ids = UNSAMPLED_FIRST_BATCH_IDS;
+                continue;
+            }
             // A batch is one transaction: one that ran past the statement
             // timeout was rolled back whole. Half the ids, and again, until
             // it fits (a small instance, a busy hour) or cannot shrink.
-            Err(e) if timed_out(&e) && batch_ids > MIN_BATCH_IDS => {
-                let smaller = (batch_ids / 2).max(MIN_BATCH_IDS);
+            Err(e) if timed_out(&e) && batch_ids.min(left.unwrap_or(u64::MAX)) > MIN_BATCH_IDS => {
+                // Half of what the batch covered: a size past the ids left
+                // covered only those, and half of it would cover them again.
+                let smaller = (batch_ids.min(left.unwrap_or(u64::MAX)) / 2).max(MIN_BATCH_IDS);
                 tracing::warn!(
                     from = batch_ids,
                     to = smaller,
@@ -127,6 +174,7 @@ pub async fn run<S: Store>(
             .into());
         };
         batches += 1;
+        sample = None;
         let took = started.elapsed();
         outcome.batch_longest = outcome.batch_longest.max(took);
         if let Some(next) = b.next_batch_ids {
@@ -167,6 +215,7 @@ pub async fn run<S: Store>(
             }
         }
         last = to;
+        left = b.horizon.map(|h| h.saturating_sub(to).max(0) as u64);
         opts.progress
             .advance(cursor, to, b.horizon, outcome.rows_counted);
         failpoint::hit("page");

@@ -710,6 +710,7 @@ impl Store for MemoryStore {
         _wait: Duration,
         _dry_run: bool,
         _aim: Option<Duration>,
+        _sample: Option<u64>,
     ) -> anyhow::Result<Batch> {
         anyhow::bail!("the server-side engine runs SQL: it is tested against the real stack")
     }

@@ -228,13 +228,15 @@ pub trait Store {
         by: &str,
     ) -> anyhow::Result<ReopenAnswer>;
     /// One server-side batch (`--engine rpc`); with `aim`, it answers the
-    /// size of the next batch to take about that long.
+    /// size of the next batch to take about that long, and with `sample`
+    /// too, sizes it from that many ids folded read only.
     async fn rpc_batch(
         &self,
         batch_ids: u64,
         wait: Duration,
         dry_run: bool,
         aim: Option<Duration>,
+        sample: Option<u64>,
     ) -> anyhow::Result<Batch>;
 
     /// The job scheduled in the database (pg_cron): installs or updates it

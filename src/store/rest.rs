@@ -308,6 +308,7 @@ impl Store for RestStore {
         wait: Duration,
         dry_run: bool,
         aim: Option<Duration>,
+        sample: Option<u64>,
     ) -> anyhow::Result<Batch> {
         let mut args = json!({
             "p_job": JOB,
@@ -319,6 +320,10 @@ impl Store for RestStore {
         // default (NULL), so that it also works before 20261207170000.
         if let Some(aim) = aim {
             args["p_aim_ms"] = json!(aim.as_millis() as u64);
+        }
+        // Likewise: only a first timed batch sends it (20261207230000).
+        if let Some(sample) = sample {
+            args["p_sample_ids"] = json!(sample);
         }
         // Safe to send again: a batch whose answer was lost either did not
         // commit (and is done again) or did (and the cursor moved past it,

@@ -280,7 +280,14 @@ fn the_batch_lock_still_held_by_our_own_timed_out_batch_is_waited_for() {
     // The timed-out backend answers before it has rolled back and let go
     // of the batch lock: the halved batch finds it busy, twice.
     proxy.inject("POST", "/rpc/usage_agg_rpc_batch", busy(), 2);
-    run_via(&stack, &proxy, &["--engine", "rpc"]).assert_status(0);
+    // A fixed size: the first batch can be halved (a timed first batch is
+    // already the least).
+    run_via(
+        &stack,
+        &proxy,
+        &["--engine", "rpc", "--batch-size", "1000000"],
+    )
+    .assert_status(0);
     assert_no_drift(&stack);
     // Busy without a timeout of ours first is another run: exit 75 at once.
     insert_rows(&stack, 100, 5);
@@ -297,11 +304,19 @@ fn a_batch_size_that_ran_past_the_statement_timeout_is_not_grown_back_into() {
     aggregate(&stack, &[]).assert_status(0);
     insert_rows(&stack, 60_000, 5);
     let proxy = FaultProxy::start(&stack.rest_url);
-    proxy.inject("POST", "/rpc/usage_agg_rpc_batch", statement_timeout(), 1);
-    // Sized by time with a long aim, the first batch (50,000 ids) times
-    // out and is halved; the quick batches after it would grow to take
-    // the rest at once, but not past the size that worked: 25,000, 25,000
-    // and the last 10,000.
+    proxy.inject_after(
+        "POST",
+        "/rpc/usage_agg_rpc_batch",
+        1,
+        statement_timeout(),
+        1,
+    );
+    // Sized by time with a long aim, the first batch (1,000 ids, and a
+    // sample) sizes the next to take the other 59,000 at once; that one
+    // times out and is halved, to half of the ids it covered (not half of
+    // the size asked for, which was past them); the quick batches after it
+    // would grow to take the rest at once, but not past the size that
+    // worked: 1,000, then 29,500 and 29,500.
     let run = run_via(
         &stack,
         &proxy,
@@ -329,7 +344,13 @@ fn a_server_side_batch_past_the_statement_timeout_is_halved_not_fatal() {
     let proxy = FaultProxy::start(&stack.rest_url);
     let timeout = statement_timeout();
     proxy.inject("POST", "/rpc/usage_agg_rpc_batch", timeout, 2);
-    let run = run_via(&stack, &proxy, &["--engine", "rpc", "--verbose"]);
+    // A fixed size: the first batch can be halved (a timed first batch is
+    // already the least).
+    let run = run_via(
+        &stack,
+        &proxy,
+        &["--engine", "rpc", "--batch-size", "1000000", "--verbose"],
+    );
     run.assert_status(0)
         .assert_stdout_has("2 batches ran past the statement timeout and halved");
     assert_eq!(

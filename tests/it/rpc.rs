@@ -70,6 +70,37 @@ fn it_finishes_what_a_killed_rest_run_left_half_written() {
     assert_watermarks(&stack);
 }
 
+/// A backlog where every batch would touch every key: the first batch
+/// books 1,000 ids and folds a sample read only, and the second takes the
+/// rest, so each key is written twice at most (issue 22: a first batch of
+/// 50,000 ids booked them all, and the next again). Before the sample's
+/// migration, the run sizes from a first batch of 50,000 ids, as before,
+/// and says which migration to apply.
+#[test]
+fn a_default_catch_up_samples_its_first_batch_and_books_the_rest_at_once() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 20);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_rows(&stack, 30_000, 20);
+    let run = rpc(&stack, &["--json"]);
+    run.assert_status(0);
+    let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(summary["batches"].as_u64(), Some(2), "{summary}");
+    assert_no_drift(&stack);
+
+    let lean = migration("_usage_agg_lean_batch.sql");
+    let old = stack_without(&[lean]);
+    insert_rows(&old, 100, 20);
+    aggregate(&old, &[]).assert_status(0);
+    insert_rows(&old, 60_000, 20);
+    let run = rpc(&old, &["--json"]);
+    run.assert_status(0)
+        .assert_stderr_has("apply 20261207230000_usage_agg_lean_batch.sql");
+    let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(summary["batches"].as_u64(), Some(2), "{summary}");
+    assert_no_drift(&old);
+}
+
 #[test]
 fn a_dry_run_reports_the_next_batch_and_writes_nothing() {
     let stack = migrated_stack();

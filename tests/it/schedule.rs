@@ -753,13 +753,18 @@ fn a_scheduled_run_cut_by_the_statement_timeout_records_itself_and_halves_its_ba
             "BEGIN; INSERT INTO usage_requests (portal_id, month_year, success) VALUES (1, '2025-05', true)",
         )
         .unwrap();
+    // As an earlier scheduled run leaves it: the size of the next batch.
+    stack
+        .sql()
+        .batch_execute("UPDATE usage_aggregation_state SET scheduled_batch_ids = 50000")
+        .unwrap();
     let mut db = stack.sql();
     db.batch_execute("SET statement_timeout = '1s'").unwrap();
     let summary = call_on(&mut db, "50, 1000000, 3000").expect("a cut run ends without an error");
     assert_eq!(summary["outcome"], "stopped", "{summary}");
     assert!(
         summary["reason"].as_str().is_some_and(
-            // The first batch is 50,000 ids (the sizing rule's first).
+            // The last run left 50,000 ids as the next batch's size.
             |r| r.contains("was cancelled") && r.contains("the next run asks for 25000 ids")
         ),
         "{summary}"

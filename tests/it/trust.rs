@@ -452,6 +452,8 @@ fn infinite_times_are_bad_rows_for_the_server_side_engine() {
                (8, 'infinity', true, '2025-01'), (8, '-infinity', false, '2025-01'), (8, '2025-01-02', true, '2025-01')",
         )
         .unwrap();
+    // One key, good and bad rows: folded as a bare GROUP BY, then again
+    // row by row (20261207230000).
     aggregate(&stack, &["--engine", "rpc"])
         .assert_status(65)
         .assert_stdout_has("2 rows rejected as bad data");
@@ -506,6 +508,36 @@ fn a_write_a_trigger_undid_is_reported_lost() {
     assert_no_drift(&stack);
     aggregate(&stack, &[]).assert_status(0);
     status(&stack).assert_status(0);
+}
+
+/// A key booked for the first time is written whole by one INSERT
+/// (20261207230000): what a trigger changed on its way in is a lost write,
+/// read back against what the fold asked for, in both engines.
+#[test]
+fn a_first_write_a_trigger_changed_is_reported_lost() {
+    for engine in ENGINES {
+        let mut stack = migrated_stack();
+        insert_rows(&stack, 100, 2);
+        aggregate(&stack, &[]).assert_status(0);
+        stack.ddl(
+            "CREATE FUNCTION drop_one() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN NEW.request_count := NEW.request_count - 1; RETURN NEW; END $$;
+             CREATE TRIGGER drop_one BEFORE INSERT ON portal_usage_monthly
+               FOR EACH ROW EXECUTE FUNCTION drop_one();",
+        );
+        insert_requests(&stack, 77, "2025-07", 3, 0, "2025-07-01 10:00:00");
+        aggregate(&stack, &["--engine", engine])
+            .assert_status(65)
+            .assert_stdout_has("did not take effect although no newer run had counted those keys");
+        assert_eq!(
+            count(
+                &stack,
+                "SELECT count(*) FROM usage_agg_refused_keys WHERE portal_id = 77 AND kind = 'lost'"
+            ),
+            1,
+            "{engine}"
+        );
+    }
 }
 
 /// Found by an adversarial pass: a default from another sequence left the

@@ -12,10 +12,12 @@
 --     the booking month cannot change under it;
 --   * the target is the monthly row of k, or, when k's month is closed, its
 --     late adjustment booked in usage_agg_booking_month(k's month). The
---     target is created (empty) when missing, then every target is locked,
---     in key order (two bookings never deadlock on each other), and read
---     by the statement that locks it (a locking read returns the version
---     it locked);
+--     target is created when missing: whole, and straight into the plan,
+--     for a key with nothing counted (booked for the first time: its
+--     insert's own lock holds it), else empty; then every other target is
+--     locked, in key order (two bookings never deadlock on each other), and
+--     read by the statement that locks it (a locking read returns the
+--     version it locked);
 --   * E_k, the highest watermark of k over its monthly row and all its late
 --     adjustments, is the locked target's and those of the other rows of k,
 --     which are frozen: the triggers refuse a closed month's monthly row, a
@@ -54,6 +56,7 @@ DECLARE
   late_rows  bigint;
   n_redo     bigint;
   n_super    bigint;
+  n_fresh    bigint;
   lost       jsonb;
   changes    jsonb;
   alerts     jsonb;
@@ -90,15 +93,24 @@ BEGIN
             FROM pg_temp.usage_agg_fold f
             LEFT JOIN public.usage_agg_closed_months cm ON cm.month_year = f.month_year AND cm.closed) x;
 
+  -- The plan: each key's target as read under its lock, and what is new.
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
+    portal_id bigint, month_year text, late boolean, booked text, ikey text,
+    c bigint, s bigint, e bigint, at timestamp, w bigint,
+    tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
+    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean, fresh boolean) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_plan;
+
   -- Targets that do not exist yet, for keys with rows above what is
   -- counted (read without locks: a key created meanwhile is found below).
   -- A key of an open month with no monthly row and no late adjustment
   -- counted past p_from (those are frozen while the month is open) has
-  -- nothing counted in (p_from, p_to]: its row is written whole, once
-  -- (usage_agg_fresh), rather than created empty and then updated; the
-  -- insert's own row lock holds it. The others are created empty.
-  CREATE TEMP TABLE IF NOT EXISTS usage_agg_fresh (portal_id bigint, month_year text) ON COMMIT DROP;
-  TRUNCATE pg_temp.usage_agg_fresh;
+  -- nothing counted in (p_from, p_to]: its row is written whole, once,
+  -- rather than created empty and then updated, and goes straight into the
+  -- plan as fresh (nothing to lock or read: the insert's own row lock
+  -- holds it; E_k is at most p_from, so all of the fold is new). The
+  -- others are created empty, when there are any (an anti-join over every
+  -- key is a tenth of a batch's booking).
   IF NOT p_dry_run THEN
     WITH ins AS (
       INSERT INTO public.portal_usage_monthly
@@ -116,17 +128,26 @@ BEGIN
       ON CONFLICT (portal_id, month_year) DO NOTHING
       RETURNING portal_id, month_year
     )
-    INSERT INTO pg_temp.usage_agg_fresh SELECT ins.portal_id, ins.month_year FROM ins;
-    INSERT INTO public.portal_usage_monthly
-           (portal_id, month_year, request_count, success_count, error_count, last_request_at,
-            last_request_id, updated_at)
-    SELECT p.portal_id, p.month_year, 0, 0, 0, NULL, 0, now()
-      FROM pg_temp.usage_agg_where p
-     WHERE NOT p.late
-       AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
-                        WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
-     ORDER BY p.portal_id, p.month_year
-    ON CONFLICT (portal_id, month_year) DO NOTHING;
+    -- What the fold asked for, not what the insert returned: a row a
+    -- trigger changed on its way in is then a lost write, read back below.
+    INSERT INTO pg_temp.usage_agg_plan
+    SELECT p.portal_id, p.month_year, false, NULL, p.ikey, p.c, p.s, p.e, p.at, p.w,
+           NULL, NULL, NULL, NULL, NULL, p_from, p.c, p.s, p.e, p.at, p.w, false, true
+      FROM ins JOIN pg_temp.usage_agg_where p
+        ON p.portal_id = ins.portal_id AND p.month_year = ins.month_year AND NOT p.late;
+    GET DIAGNOSTICS n_fresh = ROW_COUNT;
+    IF n_fresh < (SELECT count(*) FROM pg_temp.usage_agg_where WHERE NOT late) THEN
+      INSERT INTO public.portal_usage_monthly
+             (portal_id, month_year, request_count, success_count, error_count, last_request_at,
+              last_request_id, updated_at)
+      SELECT p.portal_id, p.month_year, 0, 0, 0, NULL, 0, now()
+        FROM pg_temp.usage_agg_where p
+       WHERE NOT p.late
+         AND NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                          WHERE m.portal_id = p.portal_id AND m.month_year = p.month_year)
+       ORDER BY p.portal_id, p.month_year
+      ON CONFLICT (portal_id, month_year) DO NOTHING;
+    END IF;
     INSERT INTO public.portal_usage_adjustments
            (portal_id, month_year, booked_month, source, request_count, success_count, error_count,
             last_request_at, last_request_id, idempotency_key, counted_from_id)
@@ -144,38 +165,35 @@ BEGIN
   -- while it is (a closed month's monthly row, late adjustments not booked
   -- in the booking month, every late adjustment of an open month). One
   -- statement: the locking reads return the row versions they locked.
-  CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
-    portal_id bigint, month_year text, late boolean, booked text, ikey text,
-    c bigint, s bigint, e bigint, at timestamp, w bigint,
-    tgt_c bigint, tgt_s bigint, tgt_e bigint, tgt_at timestamp, tgt_w bigint, e_k bigint,
-    dc bigint, ds bigint, de bigint, dat timestamp, dw bigint, redo boolean, fresh boolean) ON COMMIT DROP;
-  TRUNCATE pg_temp.usage_agg_plan;
-  WITH lm AS (
+  WITH p AS MATERIALIZED (
+    -- The keys not in the plan yet: all but the fresh ones.
+    SELECT w.* FROM pg_temp.usage_agg_where w
+     WHERE NOT EXISTS (SELECT 1 FROM pg_temp.usage_agg_plan n
+                        WHERE n.portal_id = w.portal_id AND n.month_year = w.month_year)
+  ), lm AS (
     SELECT m.portal_id, m.month_year, m.request_count, m.success_count, m.error_count,
            m.last_request_at, m.last_request_id
       FROM public.portal_usage_monthly m
-      JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
-     WHERE NOT EXISTS (SELECT 1 FROM pg_temp.usage_agg_fresh n
-                        WHERE n.portal_id = m.portal_id AND n.month_year = m.month_year)
+      JOIN p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND NOT p.late
      ORDER BY m.portal_id, m.month_year
        FOR UPDATE OF m
   ), la AS (
     SELECT a.idempotency_key, a.request_count, a.success_count, a.error_count,
            a.last_request_at, a.last_request_id
       FROM public.portal_usage_adjustments a
-      JOIN pg_temp.usage_agg_where p ON a.idempotency_key = p.ikey AND p.late
+      JOIN p ON a.idempotency_key = p.ikey AND p.late
      ORDER BY a.portal_id, a.month_year
        FOR UPDATE OF a
   ), frozen AS (
     SELECT a.portal_id, a.month_year, max(a.last_request_id) AS w
       FROM public.portal_usage_adjustments a
-      JOIN pg_temp.usage_agg_where p ON a.portal_id = p.portal_id AND a.month_year = p.month_year
+      JOIN p ON a.portal_id = p.portal_id AND a.month_year = p.month_year
      WHERE a.source = 'late' AND a.idempotency_key IS DISTINCT FROM p.ikey
      GROUP BY 1, 2
   ), frozen_m AS (
     SELECT m.portal_id, m.month_year, m.last_request_id AS w
       FROM public.portal_usage_monthly m
-      JOIN pg_temp.usage_agg_where p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND p.late
+      JOIN p ON m.portal_id = p.portal_id AND m.month_year = p.month_year AND p.late
   ), k AS (
     SELECT p.*,
            coalesce(la.request_count, lm.request_count) AS tgt_c,
@@ -184,10 +202,8 @@ BEGIN
            CASE WHEN p.late THEN la.last_request_at ELSE lm.last_request_at END AS tgt_at,
            coalesce(la.last_request_id, lm.last_request_id) AS tgt_w,
            greatest(coalesce(lm.last_request_id, 0), coalesce(fm.w, 0), coalesce(la.last_request_id, 0),
-                    coalesce(fz.w, 0)) AS e_k,
-           n.portal_id IS NOT NULL AS fresh
-      FROM pg_temp.usage_agg_where p
-      LEFT JOIN pg_temp.usage_agg_fresh n ON n.portal_id = p.portal_id AND n.month_year = p.month_year
+                    coalesce(fz.w, 0)) AS e_k
+      FROM p
       LEFT JOIN lm ON lm.portal_id = p.portal_id AND lm.month_year = p.month_year
       LEFT JOIN la ON la.idempotency_key = p.ikey
       LEFT JOIN frozen_m fm ON fm.portal_id = p.portal_id AND fm.month_year = p.month_year
@@ -205,7 +221,7 @@ BEGIN
          CASE WHEN k.e_k <= p_from THEN k.at END,
          CASE WHEN k.e_k <= p_from THEN k.w END,
          k.e_k > p_from AND k.e_k < k.w,
-         k.fresh
+         false
     FROM k;
 
   -- Keys another run counted in part: their rows in (E_k, p_to] counted
@@ -379,9 +395,6 @@ BEGIN
     'lost', lost, 'alerts', alerts);
 END
 $$;
-
--- Its owner alone: usage-agg's own functions call it, never the API.
-REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;
 
 -- Its owner alone: usage-agg's own functions call it, never the API.
 REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;

@@ -45,8 +45,9 @@
 -- (usage_agg_next_batch_ids, answered by each batch): each aims at a fifth
 -- of the time bound (1 to 10 s, never past what is left of it), starting
 -- from the size the last batch left in
--- usage_aggregation_state.scheduled_batch_ids (50,000 ids the first
--- time), never above p_batch_ids. It records the
+-- usage_aggregation_state.scheduled_batch_ids (the first time, 1,000 ids
+-- and a sample of 50,000 to size the next: usage_agg_rpc_batch's
+-- p_sample_ids), never above p_batch_ids. It records the
 -- timeout it ran under (scheduled_statement_timeout_ms), which `schedule`
 -- and `doctor` check the time limit against.
 --
@@ -105,6 +106,7 @@ DECLARE
   n_alerts  bigint := 0;
   budget    numeric;
   batch     bigint;
+  sample    bigint;
 BEGIN
   IF p_max_seconds IS NULL OR p_max_seconds < 0 OR p_batch_ids IS NULL OR p_batch_ids < 1
      OR p_max_wait_ms IS NULL OR p_max_wait_ms < 0 OR p_max_wait_ms > 7000 THEN
@@ -148,9 +150,14 @@ BEGIN
   END IF;
   -- A batch halved after running into the timeout stays halved for the
   -- next runs, and grows back while batches are quick.
-  SELECT least(p_batch_ids, coalesce(s.scheduled_batch_ids, 50000)) INTO batch
+  -- The first time, as the CLI: 1,000 ids booked, and the first 50,000
+  -- ids folded read only to size the next batch (p_sample_ids).
+  SELECT least(p_batch_ids, s.scheduled_batch_ids) INTO batch
     FROM public.usage_aggregation_state s WHERE s.job = job;
-  batch := coalesce(batch, least(p_batch_ids, 50000));
+  IF batch IS NULL THEN
+    batch := least(p_batch_ids, 1000);
+    sample := 50000;
+  END IF;
   UPDATE public.usage_aggregation_state SET scheduled_statement_timeout_ms = tmo_ms WHERE usage_aggregation_state.job = job;
   COMMIT; -- the lease, for everyone to see
 
@@ -233,7 +240,8 @@ BEGIN
       b := public.usage_agg_rpc_batch(job, batch, p_max_wait_ms, false,
              greatest(500, least(10000, budget * 200,
                                  date_part('epoch', started + make_interval(secs => budget) - clock_timestamp()) * 1000
-                                ))::integer);
+                                ))::integer,
+             CASE WHEN n_batches = 0 THEN sample END);
     EXCEPTION WHEN query_canceled THEN
       -- The statement timeout (or a cancel) cut the batch, which rolled
       -- back whole. It fires once: the run can still record itself. The

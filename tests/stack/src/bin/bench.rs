@@ -153,8 +153,13 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = DatasetArg::Both)]
     dataset: DatasetArg,
     /// usage_current and usage_portal_summary alone, on the uniform data.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "only_server_side")]
     only_reads: bool,
+    /// The server-side figures alone (the RPC engine, default and speed
+    /// flags, the scheduled procedure, bare SQL, the slowed instance), on
+    /// the chosen datasets: minutes, for work on the sizing rule.
+    #[arg(long)]
+    only_server_side: bool,
     /// A preset to see the whole report in a few minutes: 100,000 rows, 1
     /// run, 200 probe inserts, no WAN curve (each still settable).
     #[arg(long)]
@@ -233,6 +238,7 @@ struct Args {
     shapes: Vec<Shape>,
     dataset: DatasetArg,
     only_reads: bool,
+    only_server_side: bool,
 }
 
 impl Cli {
@@ -255,6 +261,7 @@ impl Cli {
             },
             dataset: self.dataset,
             only_reads: self.only_reads,
+            only_server_side: self.only_server_side,
         };
         if a.rows < 2000 {
             return Err("--rows must be at least 2000".into());
@@ -298,6 +305,9 @@ impl Args {
             s.push_str(&format!(" --big --big-rows {}", self.big_rows));
         } else if self.only_reads {
             s.push_str(" --only-reads");
+        }
+        if self.only_server_side {
+            s.push_str(" --only-server-side");
         }
         s
     }
@@ -2447,6 +2457,10 @@ fn main() {
         only_reads(&bench, &machine);
         return;
     }
+    if bench.a.only_server_side {
+        only_server_side(&bench, &machine);
+        return;
+    }
     let mut extras = Extras::default();
     let mut described = Vec::new();
     let mut per: Vec<(Shape, Rows)> = Vec::new();
@@ -2533,6 +2547,38 @@ fn only_reads(bench: &Bench, machine: &[String]) {
     );
     print_figures(&[(Shape::Uniform, rows)]);
     discard(&bench.cluster, d.stack);
+}
+
+/// `--only-server-side`: the RPC engine, the scheduled procedure and bare
+/// SQL on each chosen dataset, then the slowed instance.
+fn only_server_side(bench: &Bench, machine: &[String]) {
+    let a = &bench.a;
+    let mut per: Vec<(Shape, Rows)> = Vec::new();
+    let mut described = Vec::new();
+    for &shape in &a.shapes {
+        let d = Data::load(&bench.cluster, shape, a.rows);
+        described.push(d.describe());
+        let mut rows = Rows::default();
+        let (r, sql) = bench.rpc_vs_sql(&d);
+        rows.add(r);
+        rows.add(bench.scheduled(&d, &sql));
+        discard(&bench.cluster, d.stack);
+        per.push((shape, rows));
+    }
+    let slowed = bench.slowed();
+    println!("# usage-agg benchmark: the server-side engines (--only-server-side)\n");
+    for line in machine {
+        println!("{line}");
+    }
+    println!("\nRerun: `{}`\n", a.rerun());
+    for d in &described {
+        println!("- {d}");
+    }
+    println!("\n## Figures\n");
+    print_figures(&per);
+    println!("\n## Ratios\n");
+    print_ratios(&per);
+    print_slowed(&slowed);
 }
 
 fn print_wan(bench: &Bench, wan: &[WanPoint]) {
