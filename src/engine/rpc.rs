@@ -8,7 +8,7 @@ use super::{Mode, Options, Outcome};
 use crate::aggregation::BadReason;
 use crate::failpoint;
 use crate::state::HorizonNotSafe;
-use crate::store::{Store, StoredFilter};
+use crate::store::{BatchAsk, Store, StoredFilter};
 
 /// Ids per batch. Measured (docs/benchmarks.md): a batch of 1,000,000 rows
 /// into 30,000 keys takes under a second on 2 cores, leaving a wide margin
@@ -87,6 +87,12 @@ pub async fn run<S: Store>(
     let mut batches = 0;
     let mut last;
     let mut sample = None;
+    // Whether the database has SAMPLE_MIGRATION's batch (the sample, and
+    // run_new_keys): assumed, until a call says otherwise.
+    let mut lean = true;
+    // The run's distinct keys, summed from each batch's run_new_keys while
+    // every batch answers it.
+    let mut run_new_keys = Some(0);
     if opts.batch_target.is_some() && opts.pace.settings().adaptive {
         if opts.dry_run {
             batch_ids = batch_ids.min(UNSAMPLED_FIRST_BATCH_IDS);
@@ -109,26 +115,32 @@ pub async fn run<S: Store>(
     let mut lease = super::lease::Keeper::new(store, owner, opts.lease_ttl);
     loop {
         let started = std::time::Instant::now();
-        let b = match store
-            .rpc_batch(
-                batch_ids,
-                opts.horizon_wait,
-                opts.dry_run,
-                opts.batch_target,
-                sample,
-            )
-            .await
-        {
+        let ask = BatchAsk {
+            batch_ids,
+            wait: opts.horizon_wait,
+            dry_run: opts.dry_run,
+            aim: opts.batch_target,
+            sample,
+            run_from: lean.then_some(cursor),
+        };
+        let b = match store.rpc_batch(ask).await {
             Ok(b) => b,
-            // A database without the sample (before SAMPLE_MIGRATION):
-            // the first batch of before, which sizes the next from itself.
-            Err(e) if sample.is_some() && function_missing(&e) => {
+            // A database before SAMPLE_MIGRATION: asked as before, the first
+            // timed batch sizing the next from itself, and the run's keys
+            // read back at the end.
+            Err(e) if lean && function_missing(&e) => {
                 tracing::warn!(
-                    "usage_agg_rpc_batch takes no sizing sample here: apply {SAMPLE_MIGRATION} for a quicker \
-                     catch-up; sizing from a first batch of {UNSAMPLED_FIRST_BATCH_IDS} ids instead"
+                    "usage_agg_rpc_batch here predates {SAMPLE_MIGRATION}: apply it for a quicker catch-up{}",
+                    if sample.is_some() {
+                        format!("; sizing from a first batch of {UNSAMPLED_FIRST_BATCH_IDS} ids instead")
+                    } else {
+                        String::new()
+                    }
                 );
-                sample = None;
-                batch_ids = UNSAMPLED_FIRST_BATCH_IDS;
+                lean = false;
+                if sample.take().is_some() {
+                    batch_ids = UNSAMPLED_FIRST_BATCH_IDS;
+                }
                 continue;
             }
             // A batch is one transaction: one that ran past the statement
@@ -175,6 +187,7 @@ pub async fn run<S: Store>(
         };
         batches += 1;
         sample = None;
+        run_new_keys = run_new_keys.zip(b.run_new_keys).map(|(a, b)| a + b);
         let took = started.elapsed();
         outcome.batch_longest = outcome.batch_longest.max(took);
         if let Some(next) = b.next_batch_ids {
@@ -241,10 +254,16 @@ pub async fn run<S: Store>(
     outcome.mode = Mode::Rpc { batches };
     if !opts.dry_run {
         outcome.cursor = Some((Some(cursor), last));
-        if batches > 1 {
-            // The keys this run wrote carry a watermark it counted up to: one
-            // read of those rows (O(keys)) turns the per-batch sums into
-            // distinct keys.
+        if let Some(distinct) = run_new_keys.filter(|_| batches > 1) {
+            // Each batch answered the keys no earlier batch of this run
+            // booked: their sum is the run's distinct keys.
+            outcome.keys_touched = distinct;
+            outcome.keys_changed = distinct;
+            outcome.write.written = distinct;
+        } else if batches > 1 {
+            // Before SAMPLE_MIGRATION: the keys this run wrote carry a
+            // watermark it counted up to, and one read of those rows
+            // (O(keys)) turns the per-batch sums into distinct keys.
             let written = store
                 .stored(StoredFilter::WatermarkAbove(cursor), true, 1000)
                 .await?

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Batch, RawFilter, Refusal, Store, StoredFilter};
+use super::{Batch, BatchAsk, RawFilter, Refusal, Store, StoredFilter};
 use crate::adjustments::LateKey;
 use crate::aggregation::{Fold, Key, Month, RawRow, Totals};
 use crate::booking::{Booked, BookedChange, Rebased, Stated};
@@ -704,14 +704,7 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn rpc_batch(
-        &self,
-        _batch_ids: u64,
-        _wait: Duration,
-        _dry_run: bool,
-        _aim: Option<Duration>,
-        _sample: Option<u64>,
-    ) -> anyhow::Result<Batch> {
+    async fn rpc_batch(&self, _ask: BatchAsk) -> anyhow::Result<Batch> {
         anyhow::bail!("the server-side engine runs SQL: it is tested against the real stack")
     }
 

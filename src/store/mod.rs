@@ -76,6 +76,28 @@ pub struct Batch {
     /// How long the batch's fold and its booking took in the database.
     pub fold_ms: f64,
     pub book_ms: f64,
+    /// The keys it booked that no earlier batch of the run did (asked for
+    /// with [`BatchAsk::run_from`]; none before 20261207230000).
+    pub run_new_keys: Option<usize>,
+}
+
+/// What one server-side batch is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchAsk {
+    /// Ids past the cursor to cover, at most.
+    pub batch_ids: u64,
+    /// How long to wait for inserts in flight below the horizon.
+    pub wait: Duration,
+    pub dry_run: bool,
+    /// With it, the batch answers the size of the next batch to take about
+    /// that long.
+    pub aim: Option<Duration>,
+    /// With `aim` too: ids from the cursor folded read only, to size the
+    /// next batch from.
+    pub sample: Option<u64>,
+    /// The cursor when the run began: the batch then answers
+    /// `run_new_keys`.
+    pub run_from: Option<i64>,
 }
 
 pub use crate::booking::{Refusal, RefusalKind};
@@ -227,17 +249,8 @@ pub trait Store {
         reason: &str,
         by: &str,
     ) -> anyhow::Result<ReopenAnswer>;
-    /// One server-side batch (`--engine rpc`); with `aim`, it answers the
-    /// size of the next batch to take about that long, and with `sample`
-    /// too, sizes it from that many ids folded read only.
-    async fn rpc_batch(
-        &self,
-        batch_ids: u64,
-        wait: Duration,
-        dry_run: bool,
-        aim: Option<Duration>,
-        sample: Option<u64>,
-    ) -> anyhow::Result<Batch>;
+    /// One server-side batch (`--engine rpc`).
+    async fn rpc_batch(&self, ask: BatchAsk) -> anyhow::Result<Batch>;
 
     /// The job scheduled in the database (pg_cron): installs or updates it
     /// to run on the `cron` expression, each run bounded to `max_seconds`.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use chrono::Utc;
 use serde_json::json;
 
-use super::{Batch, RawFilter, Refusal, Store, StoredFilter};
+use super::{Batch, BatchAsk, RawFilter, Refusal, Store, StoredFilter};
 use crate::adjustments::{self, LateKey};
 use crate::aggregation::{Key, Month, Totals};
 use crate::booking::{self, Booked, Rebased};
@@ -302,28 +302,24 @@ impl Store for RestStore {
         ledger::reopen(&self.client, month, reason, by).await
     }
 
-    async fn rpc_batch(
-        &self,
-        batch_ids: u64,
-        wait: Duration,
-        dry_run: bool,
-        aim: Option<Duration>,
-        sample: Option<u64>,
-    ) -> anyhow::Result<Batch> {
+    async fn rpc_batch(&self, ask: BatchAsk) -> anyhow::Result<Batch> {
         let mut args = json!({
             "p_job": JOB,
-            "p_batch_ids": batch_ids,
-            "p_max_wait_ms": wait.as_millis() as u64,
-            "p_dry_run": dry_run,
+            "p_batch_ids": ask.batch_ids,
+            "p_max_wait_ms": ask.wait.as_millis() as u64,
+            "p_dry_run": ask.dry_run,
         });
-        // Sent only when sizing by time: a fixed size leaves it to its
-        // default (NULL), so that it also works before 20261207170000.
-        if let Some(aim) = aim {
+        // Each sent only when asked for, so that a call without them also
+        // works before the migration that added them (20261207170000 for
+        // the aim, 20261207230000 for the other two).
+        if let Some(aim) = ask.aim {
             args["p_aim_ms"] = json!(aim.as_millis() as u64);
         }
-        // Likewise: only a first timed batch sends it (20261207230000).
-        if let Some(sample) = sample {
+        if let Some(sample) = ask.sample {
             args["p_sample_ids"] = json!(sample);
+        }
+        if let Some(run_from) = ask.run_from {
+            args["p_run_from"] = json!(run_from);
         }
         // Safe to send again: a batch whose answer was lost either did not
         // commit (and is done again) or did (and the cursor moved past it,

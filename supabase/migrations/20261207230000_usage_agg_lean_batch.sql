@@ -15,7 +15,10 @@
 --     to size the next (p_sample_ids): a first batch of 50,000 ids booked
 --     every key of a uniform table, and the next booked them all again
 --     (usage_agg_rpc_batch; the scheduled run, usage_agg_run_scheduled,
---     the first time it runs).
+--     the first time it runs);
+--   * a batch answers the keys it booked first in its caller's run
+--     (p_run_from, run_new_keys): the CLI read every key a run wrote back
+--     over REST to count them, a page per 1,000 keys.
 -- The rules are the same: docs/semantics.md, "Booking a row".
 
 -- usage_agg_rpc_batch gains a parameter: the old one goes, or PostgREST
@@ -442,13 +445,19 @@ REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolea
 -- every key of a uniform table, and the next booked them all again). The
 -- first batch is then small (its booking gives the cost of a key), and
 -- the sample gives how rows fall on keys and what folding them costs.
+--
+-- p_run_from: the cursor when the caller's run began. The batch then also
+-- answers run_new_keys, the keys it booked that no earlier batch of that
+-- run did (their target's watermark was at or below p_run_from), so that
+-- the run's distinct keys are a sum, not a read of every key it wrote.
 CREATE OR REPLACE FUNCTION public.usage_agg_rpc_batch(
   p_job text DEFAULT 'default',
   p_batch_ids bigint DEFAULT 1000000,
   p_max_wait_ms integer DEFAULT 2000,
   p_dry_run boolean DEFAULT false,
   p_aim_ms integer DEFAULT NULL,
-  p_sample_ids bigint DEFAULT NULL)
+  p_sample_ids bigint DEFAULT NULL,
+  p_run_from bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -477,6 +486,7 @@ DECLARE
   s_keys  bigint;
   s_ms    double precision;
   sized   bigint;
+  n_first bigint;
 BEGIN
   IF NOT pg_try_advisory_xact_lock(hashtext('usage_agg_rpc_batch:' || p_job)) THEN
     RETURN jsonb_build_object('busy', true);
@@ -572,6 +582,10 @@ BEGIN
         p_job USING ERRCODE = '55000';
     END IF;
   END IF;
+  IF p_run_from IS NOT NULL THEN
+    SELECT count(*) INTO n_first FROM pg_temp.usage_agg_plan
+     WHERE dc > 0 AND (fresh OR coalesce(tgt_w, 0) <= p_run_from);
+  END IF;
   t_fixed := extract(epoch FROM clock_timestamp() - t_book) * 1000;
   sized := public.usage_agg_next_batch_ids(
     hi - lo, n_good + n_bad, n_keys,
@@ -602,15 +616,15 @@ BEGIN
     'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon, 'dry_run', p_dry_run,
     'fold_ms', round((extract(epoch FROM t_fold - t_start) * 1000)::numeric, 1),
     'book_ms', round((extract(epoch FROM t_book - t_fold) * 1000)::numeric, 1),
-    'next_batch_ids', sized);
+    'next_batch_ids', sized, 'run_new_keys', n_first);
 END
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.
 -- Supabase's default privileges give every new function to anon,
 -- authenticated and service_role: all of it is revoked first.
-REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint) FROM PUBLIC, anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint) TO service_role;
+REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint) TO service_role;
 
 -- The scheduled run, for projects with no cron host: what
 -- `usage-agg aggregate --engine rpc` does, in the database, for pg_cron to

@@ -86,6 +86,9 @@ fn a_default_catch_up_samples_its_first_batch_and_books_the_rest_at_once() {
     run.assert_status(0);
     let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(summary["batches"].as_u64(), Some(2), "{summary}");
+    // 20 portals over three months: the run's distinct keys, summed from
+    // what each batch booked first.
+    assert_eq!(summary["keys_touched"].as_u64(), Some(60), "{summary}");
     assert_no_drift(&stack);
 
     let lean = migration("_usage_agg_lean_batch.sql");
@@ -95,9 +98,11 @@ fn a_default_catch_up_samples_its_first_batch_and_books_the_rest_at_once() {
     insert_rows(&old, 60_000, 20);
     let run = rpc(&old, &["--json"]);
     run.assert_status(0)
-        .assert_stderr_has("apply 20261207230000_usage_agg_lean_batch.sql");
+        .assert_stderr_has("predates 20261207230000_usage_agg_lean_batch.sql: apply it");
     let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(summary["batches"].as_u64(), Some(2), "{summary}");
+    // The run's distinct keys, read back at the end there.
+    assert_eq!(summary["keys_touched"].as_u64(), Some(60), "{summary}");
     assert_no_drift(&old);
 }
 
