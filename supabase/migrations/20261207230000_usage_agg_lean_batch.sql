@@ -11,6 +11,9 @@
 --     nothing to lock or read; the plan's joins run over the other keys
 --     alone, and the empty targets are made only when there are some
 --     (usage_agg_book_folded);
+--   * what a client folded is checked at its door, usage_agg_book; the
+--     server-side batch folds only good rows, one line a key, and no
+--     longer checks them again;
 --   * the first batch books 1,000 ids and folds the first 50,000 read only
 --     to size the next (p_sample_ids): a first batch of 50,000 ids booked
 --     every key of a uniform table, and the next booked them all again
@@ -93,18 +96,10 @@ BEGIN
   END IF;
   LOCK TABLE public.usage_agg_closed_months IN SHARE MODE;
 
-  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
-              WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
-                 OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
-                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
-                 OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
-                 OR NOT public.usage_agg_valid_time(f.at)) THEN
-    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
-      USING ERRCODE = '22023';
-  END IF;
-  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
-    RAISE EXCEPTION 'usage_agg_book: a key is folded twice' USING ERRCODE = '22023';
-  END IF;
+  -- The fold is one a good row can make, one line a key: usage_agg_book
+  -- checks what a client sent; usage_agg_rpc_batch folds only the good rows
+  -- of (p_from, p_to] by key (checking them again here was a twentieth of
+  -- a batch).
 
   -- Where each key books: its monthly row, or (its month closed) its late
   -- adjustment in the booking month, named by its idempotency key.
@@ -114,7 +109,7 @@ BEGIN
   TRUNCATE pg_temp.usage_agg_where;
   INSERT INTO pg_temp.usage_agg_where
   SELECT x.portal_id, x.month_year, x.booked IS NOT NULL, x.booked,
-         'late:' || x.portal_id || ':' || x.month_year || ':' || x.booked,
+         CASE WHEN x.booked IS NOT NULL THEN 'late:' || x.portal_id || ':' || x.month_year || ':' || x.booked END,
          x.c, x.s, x.e, x.at, x.w
     FROM (SELECT f.*, CASE WHEN cm.month_year IS NOT NULL THEN public.usage_agg_booking_month(f.month_year) END AS booked
             FROM pg_temp.usage_agg_fold f
@@ -425,6 +420,92 @@ $$;
 
 -- Its owner alone: usage-agg's own functions call it, never the API.
 REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM PUBLIC, anon, authenticated, service_role;
+
+-- The REST engine's door to the rules (usage_agg_book_folded): the client
+-- pages through usage_requests, folds rows by key in memory, and hands the
+-- folded keys here over /rpc/. p_keys is an array of folded keys,
+-- {"portal_id", "month_year", "c", "s", "e", "at", "w"}, for the good rows
+-- in (p_from, p_to] the client read. With p_advance, the cursor moves to
+-- p_to in the same transaction (a batch is then all or nothing); that is
+-- refused when the cursor is not at p_from or beyond (a rebase reset it
+-- meanwhile, so the rows below p_from may not be counted), and unless
+-- p_good_rows, the good rows the client folded over all the batch's calls,
+-- is the number of good rows in (p_from, p_to]: a client that stopped
+-- paging early (the server's silent row cap) or folded rows away can never
+-- move the cursor over rows it did not count.
+CREATE OR REPLACE FUNCTION public.usage_agg_book(
+  p_job text, p_from bigint, p_to bigint, p_keys jsonb,
+  p_advance boolean DEFAULT false, p_dry_run boolean DEFAULT false, p_good_rows bigint DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+DECLARE
+  c      bigint;
+  result jsonb;
+BEGIN
+  IF jsonb_typeof(coalesce(p_keys, '[]')) <> 'array' THEN
+    RAISE EXCEPTION 'usage_agg_book: p_keys must be an array' USING ERRCODE = '22023';
+  END IF;
+  SELECT cursor_id INTO c FROM public.usage_aggregation_state WHERE job = p_job;
+  IF c IS NULL OR c < p_from THEN
+    RAISE EXCEPTION 'usage_agg_book: the cursor of job % is at %, below % (a rebase reset it since this run read it): stop; the next run counts from there',
+      p_job, coalesce(c::text, 'none'), p_from USING ERRCODE = '55000';
+  END IF;
+  CREATE TEMP TABLE IF NOT EXISTS usage_agg_fold (
+    portal_id bigint, month_year text, c bigint, s bigint, e bigint, at timestamp, w bigint) ON COMMIT DROP;
+  TRUNCATE pg_temp.usage_agg_fold;
+  INSERT INTO pg_temp.usage_agg_fold
+  SELECT k.portal_id, k.month_year, k.c, k.s, k.e, k.at, k.w
+    FROM jsonb_to_recordset(coalesce(p_keys, '[]')) AS k(portal_id bigint, month_year text, c bigint,
+                                                          s bigint, e bigint, at timestamp, w bigint);
+  -- What a client sent is checked here, the door: every key one a good
+  -- row can make, its counts adding up, its ids in the range, once.
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
+              WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
+                 OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
+                 OR NOT public.usage_agg_valid_time(f.at)) THEN
+    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
+      USING ERRCODE = '22023';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
+    RAISE EXCEPTION 'usage_agg_book: a key is folded twice' USING ERRCODE = '22023';
+  END IF;
+  result := public.usage_agg_book_folded(p_job, p_from, p_to, p_dry_run);
+  IF p_advance AND NOT p_dry_run THEN
+    IF p_good_rows IS DISTINCT FROM (
+         SELECT count(*) FROM public.usage_requests r
+          WHERE r.id > p_from AND r.id <= p_to AND r.success IS NOT NULL
+            AND public.usage_agg_valid_time(r.request_timestamp)
+            AND public.usage_agg_valid_key(r.portal_id, r.month_year)) THEN
+      RAISE EXCEPTION 'usage_agg_book: the batch (%, %] holds a different number of good rows than the % folded: not every row was read; nothing of this call is booked and the cursor stays',
+        p_from, p_to, coalesce(p_good_rows::text, 'none') USING ERRCODE = '22023';
+    END IF;
+    -- Checked again under the row's lock: a rebase that reset the cursor
+    -- since the check above makes this batch roll back whole.
+    UPDATE public.usage_aggregation_state
+       SET cursor_id = greatest(cursor_id, p_to), updated_at = now()
+     WHERE job = p_job AND cursor_id >= p_from
+    RETURNING cursor_id INTO c;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'usage_agg_book: the cursor of job % was reset while this batch was booked (a rebase): stop; the next run counts from there',
+        p_job USING ERRCODE = '55000';
+    END IF;
+    result := result || jsonb_build_object('cursor', c);
+  END IF;
+  RETURN result;
+END
+$$;
+
+-- service_role alone: the CLI calls it over REST with the service key.
+-- Supabase's default privileges give every new function to anon,
+-- authenticated and service_role: all of it is revoked first.
+REVOKE ALL ON FUNCTION public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean, bigint) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean, bigint) TO service_role;
 
 -- The server-side engine (`usage-agg aggregate --engine rpc`, and the
 -- scheduled run), for tables past what paging rows over HTTP serves: one

@@ -593,3 +593,58 @@ fn a_writer_in_another_database_of_the_cluster_does_not_hold_the_horizon() {
         20
     );
 }
+
+/// What a client folded is checked at its door, `usage_agg_book`, before
+/// any rule runs (20261207230000 moved the checks there from the rule
+/// book, which the server-side batch feeds by construction): a key no good
+/// row can make, counts that do not add up, an id outside the range, a key
+/// folded twice. Each is refused whole, and nothing is written.
+#[test]
+fn a_fold_no_good_rows_can_make_is_refused_at_the_rest_door() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 100, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let before = table(&stack);
+    let c = cursor(&stack).unwrap();
+    let key = |portal: i64, month: &str, n: i64, s: i64, e: i64, w: i64| {
+        format!(
+            r#"{{"portal_id":{portal},"month_year":"{month}","c":{n},"s":{s},"e":{e},"at":"2025-07-01T00:00:00","w":{w}}}"#
+        )
+    };
+    let good = key(5, "2025-07", 2, 1, 1, c + 2);
+    for (what, keys) in [
+        ("a bad month", key(5, "2025-13", 1, 1, 0, c + 1)),
+        ("a bad portal", key(-5, "2025-07", 1, 1, 0, c + 1)),
+        (
+            "counts that do not add up",
+            key(5, "2025-07", 3, 1, 1, c + 1),
+        ),
+        ("no rows", key(5, "2025-07", 0, 0, 0, c + 1)),
+        ("an id past the range", key(5, "2025-07", 1, 1, 0, c + 11)),
+        ("an id below it", key(5, "2025-07", 1, 1, 0, c)),
+        ("a key folded twice", format!("{good},{good}")),
+    ] {
+        let err = stack
+            .sql()
+            .query_one(
+                "SELECT usage_agg_book('default', $1, $2, $3::text::jsonb)",
+                &[&c, &(c + 10), &format!("[{keys}]")],
+            )
+            .expect_err(what);
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INVALID_PARAMETER_VALUE),
+            "{what}: {err}"
+        );
+    }
+    assert_eq!(table(&stack), before, "nothing is written");
+    // The same door lets a good fold through.
+    stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_book('default', $1, $2, $3::text::jsonb)",
+            &[&c, &(c + 10), &format!("[{good}]")],
+        )
+        .unwrap();
+    assert_eq!(stored_requests(&stack, 5, "2025-07"), 2);
+}

@@ -38,6 +38,20 @@ BEGIN
   SELECT k.portal_id, k.month_year, k.c, k.s, k.e, k.at, k.w
     FROM jsonb_to_recordset(coalesce(p_keys, '[]')) AS k(portal_id bigint, month_year text, c bigint,
                                                           s bigint, e bigint, at timestamp, w bigint);
+  -- What a client sent is checked here, the door: every key one a good
+  -- row can make, its counts adding up, its ids in the range, once.
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
+              WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
+                 OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
+                 OR NOT public.usage_agg_valid_time(f.at)) THEN
+    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
+      USING ERRCODE = '22023';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
+    RAISE EXCEPTION 'usage_agg_book: a key is folded twice' USING ERRCODE = '22023';
+  END IF;
   result := public.usage_agg_book_folded(p_job, p_from, p_to, p_dry_run);
   IF p_advance AND NOT p_dry_run THEN
     IF p_good_rows IS DISTINCT FROM (
