@@ -87,12 +87,6 @@ pub async fn run<S: Store>(
     let mut batches = 0;
     let mut last;
     let mut sample = None;
-    // Whether the database has SAMPLE_MIGRATION's batch (the sample, and
-    // run_new_keys): assumed, until a call says otherwise.
-    let mut lean = true;
-    // The run's distinct keys, summed from each batch's run_new_keys while
-    // every batch answers it.
-    let mut run_new_keys = Some(0);
     if opts.batch_target.is_some() && opts.pace.settings().adaptive {
         if opts.dry_run {
             batch_ids = batch_ids.min(UNSAMPLED_FIRST_BATCH_IDS);
@@ -121,35 +115,42 @@ pub async fn run<S: Store>(
             dry_run: opts.dry_run,
             aim: opts.batch_target,
             sample,
-            run_from: lean.then_some(cursor),
         };
+        // What the batch covered at most: a size past the ids the last
+        // batch left covered only those, unless rows came since (a burst
+        // past a few left is taken at the size asked for).
+        let covered = batch_ids.min(left.filter(|&l| l > MIN_BATCH_IDS).unwrap_or(u64::MAX));
         let b = match store.rpc_batch(ask).await {
             Ok(b) => b,
-            // A database before SAMPLE_MIGRATION: asked as before, the first
-            // timed batch sizing the next from itself, and the run's keys
-            // read back at the end.
-            Err(e) if lean && function_missing(&e) => {
+            // A database before SAMPLE_MIGRATION: the first timed batch of
+            // before, which sizes the next from itself.
+            Err(e) if sample.is_some() && function_missing(&e) => {
                 tracing::warn!(
-                    "usage_agg_rpc_batch here predates {SAMPLE_MIGRATION}: apply it for a quicker catch-up{}",
-                    if sample.is_some() {
-                        format!("; sizing from a first batch of {UNSAMPLED_FIRST_BATCH_IDS} ids instead")
-                    } else {
-                        String::new()
-                    }
+                    "usage_agg_rpc_batch here predates {SAMPLE_MIGRATION}: apply it for a quicker catch-up; \
+                     sizing from a first batch of {UNSAMPLED_FIRST_BATCH_IDS} ids instead"
                 );
-                lean = false;
-                if sample.take().is_some() {
-                    batch_ids = UNSAMPLED_FIRST_BATCH_IDS;
-                }
+                sample = None;
+                batch_ids = UNSAMPLED_FIRST_BATCH_IDS;
+                continue;
+            }
+            // The first batch and its sample ran past the statement timeout
+            // (a slow or busy instance): asked again without the sample,
+            // which is most of it; the batch then sizes the next itself.
+            Err(e) if timed_out(&e) && sample.is_some() => {
+                tracing::warn!(
+                    "the first batch and its sizing sample ran past the statement timeout; asking again without the sample"
+                );
+                outcome.batches_halved += 1;
+                sample = None;
+                busy_after_timeout = BUSY_RETRIES_AFTER_TIMEOUT;
                 continue;
             }
             // A batch is one transaction: one that ran past the statement
             // timeout was rolled back whole. Half the ids, and again, until
             // it fits (a small instance, a busy hour) or cannot shrink.
-            Err(e) if timed_out(&e) && batch_ids.min(left.unwrap_or(u64::MAX)) > MIN_BATCH_IDS => {
-                // Half of what the batch covered: a size past the ids left
-                // covered only those, and half of it would cover them again.
-                let smaller = (batch_ids.min(left.unwrap_or(u64::MAX)) / 2).max(MIN_BATCH_IDS);
+            Err(e) if timed_out(&e) && covered > MIN_BATCH_IDS => {
+                // Half of what the batch covered, or it would cover them again.
+                let smaller = (covered / 2).max(MIN_BATCH_IDS);
                 tracing::warn!(
                     from = batch_ids,
                     to = smaller,
@@ -187,7 +188,6 @@ pub async fn run<S: Store>(
         };
         batches += 1;
         sample = None;
-        run_new_keys = run_new_keys.zip(b.run_new_keys).map(|(a, b)| a + b);
         let took = started.elapsed();
         outcome.batch_longest = outcome.batch_longest.max(took);
         if let Some(next) = b.next_batch_ids {
@@ -254,22 +254,21 @@ pub async fn run<S: Store>(
     outcome.mode = Mode::Rpc { batches };
     if !opts.dry_run {
         outcome.cursor = Some((Some(cursor), last));
-        if let Some(distinct) = run_new_keys.filter(|_| batches > 1) {
-            // Each batch answered the keys no earlier batch of this run
-            // booked: their sum is the run's distinct keys.
-            outcome.keys_touched = distinct;
-            outcome.keys_changed = distinct;
-            outcome.write.written = distinct;
-        } else if batches > 1 {
-            // Before SAMPLE_MIGRATION: the keys this run wrote carry a
-            // watermark it counted up to, and one read of those rows
-            // (O(keys)) turns the per-batch sums into distinct keys.
-            let written = store
-                .stored(StoredFilter::WatermarkAbove(cursor), true, 1000)
-                .await?
-                .values()
-                .filter(|t| t.last_request_id <= last)
-                .count();
+        if batches > 1 {
+            // The keys this run wrote carry a watermark it counted up to:
+            // counting those rows turns the per-batch sums into distinct
+            // keys, in one call (usage_agg_run_keys); before
+            // SAMPLE_MIGRATION, by reading them back (a page per 1,000).
+            let written = match store.run_keys(cursor, last).await {
+                Ok(n) => n,
+                Err(e) if function_missing(&e) => store
+                    .stored(StoredFilter::WatermarkAbove(cursor), true, 1000)
+                    .await?
+                    .values()
+                    .filter(|t| t.last_request_id <= last)
+                    .count(),
+                Err(e) => return Err(e),
+            };
             outcome.keys_touched = written;
             outcome.keys_changed = written;
             outcome.write.written = written;

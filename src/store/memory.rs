@@ -708,6 +708,15 @@ impl Store for MemoryStore {
         anyhow::bail!("the server-side engine runs SQL: it is tested against the real stack")
     }
 
+    async fn run_keys(&self, from: i64, to: i64) -> anyhow::Result<usize> {
+        Ok(self
+            .stored(StoredFilter::WatermarkAbove(from), true, usize::MAX)
+            .await?
+            .values()
+            .filter(|t| t.last_request_id <= to)
+            .count())
+    }
+
     async fn schedule(&self, _cron: &str, _max_seconds: u64) -> anyhow::Result<CronAnswer> {
         anyhow::bail!("pg_cron runs in the database: scheduling is tested against the real stack")
     }

@@ -76,9 +76,6 @@ pub struct Batch {
     /// How long the batch's fold and its booking took in the database.
     pub fold_ms: f64,
     pub book_ms: f64,
-    /// The keys it booked that no earlier batch of the run did (asked for
-    /// with [`BatchAsk::run_from`]; none before 20261207230000).
-    pub run_new_keys: Option<usize>,
 }
 
 /// What one server-side batch is asked to do.
@@ -95,9 +92,6 @@ pub struct BatchAsk {
     /// With `aim` too: ids from the cursor folded read only, to size the
     /// next batch from.
     pub sample: Option<u64>,
-    /// The cursor when the run began: the batch then answers
-    /// `run_new_keys`.
-    pub run_from: Option<i64>,
 }
 
 pub use crate::booking::{Refusal, RefusalKind};
@@ -251,6 +245,9 @@ pub trait Store {
     ) -> anyhow::Result<ReopenAnswer>;
     /// One server-side batch (`--engine rpc`).
     async fn rpc_batch(&self, ask: BatchAsk) -> anyhow::Result<Batch>;
+    /// How many monthly rows have their watermark in `(from, to]`: the keys
+    /// a run over that range wrote (`usage_agg_run_keys`, 20261207230000).
+    async fn run_keys(&self, from: i64, to: i64) -> anyhow::Result<usize>;
 
     /// The job scheduled in the database (pg_cron): installs or updates it
     /// to run on the `cron` expression, each run bounded to `max_seconds`.

@@ -311,15 +311,12 @@ impl Store for RestStore {
         });
         // Each sent only when asked for, so that a call without them also
         // works before the migration that added them (20261207170000 for
-        // the aim, 20261207230000 for the other two).
+        // the aim, 20261207230000 for the sample).
         if let Some(aim) = ask.aim {
             args["p_aim_ms"] = json!(aim.as_millis() as u64);
         }
         if let Some(sample) = ask.sample {
             args["p_sample_ids"] = json!(sample);
-        }
-        if let Some(run_from) = ask.run_from {
-            args["p_run_from"] = json!(run_from);
         }
         // Safe to send again: a batch whose answer was lost either did not
         // commit (and is done again) or did (and the cursor moved past it,
@@ -328,6 +325,17 @@ impl Store for RestStore {
             .rpc("usage_agg_rpc_batch", &args, Idempotent::Yes)
             .await
             .context("running a server-side batch (usage_agg_rpc_batch)")
+    }
+
+    async fn run_keys(&self, from: i64, to: i64) -> anyhow::Result<usize> {
+        self.client
+            .rpc(
+                "usage_agg_run_keys",
+                &json!({ "p_from": from, "p_to": to }),
+                Idempotent::Yes,
+            )
+            .await
+            .context("counting the keys the run wrote (usage_agg_run_keys)")
     }
 
     async fn schedule(&self, cron: &str, max_seconds: u64) -> anyhow::Result<CronAnswer> {

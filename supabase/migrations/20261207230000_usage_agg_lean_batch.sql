@@ -19,9 +19,9 @@
 --     every key of a uniform table, and the next booked them all again
 --     (usage_agg_rpc_batch; the scheduled run, usage_agg_run_scheduled,
 --     the first time it runs);
---   * a batch answers the keys it booked first in its caller's run
---     (p_run_from, run_new_keys): the CLI read every key a run wrote back
---     over REST to count them, a page per 1,000 keys.
+--   * usage_agg_run_keys counts the keys a run wrote, in one call: the
+--     CLI read every one back over REST to count them, a page per 1,000
+--     keys.
 -- The rules are the same: docs/semantics.md, "Booking a row".
 
 -- usage_agg_rpc_batch gains a parameter: the old one goes, or PostgREST
@@ -526,19 +526,13 @@ GRANT EXECUTE ON FUNCTION public.usage_agg_book(text, bigint, bigint, jsonb, boo
 -- every key of a uniform table, and the next booked them all again). The
 -- first batch is then small (its booking gives the cost of a key), and
 -- the sample gives how rows fall on keys and what folding them costs.
---
--- p_run_from: the cursor when the caller's run began. The batch then also
--- answers run_new_keys, the keys it booked that no earlier batch of that
--- run did (their target's watermark was at or below p_run_from), so that
--- the run's distinct keys are a sum, not a read of every key it wrote.
 CREATE OR REPLACE FUNCTION public.usage_agg_rpc_batch(
   p_job text DEFAULT 'default',
   p_batch_ids bigint DEFAULT 1000000,
   p_max_wait_ms integer DEFAULT 2000,
   p_dry_run boolean DEFAULT false,
   p_aim_ms integer DEFAULT NULL,
-  p_sample_ids bigint DEFAULT NULL,
-  p_run_from bigint DEFAULT NULL)
+  p_sample_ids bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -567,7 +561,6 @@ DECLARE
   s_keys  bigint;
   s_ms    double precision;
   sized   bigint;
-  n_first bigint;
 BEGIN
   IF NOT pg_try_advisory_xact_lock(hashtext('usage_agg_rpc_batch:' || p_job)) THEN
     RETURN jsonb_build_object('busy', true);
@@ -663,10 +656,6 @@ BEGIN
         p_job USING ERRCODE = '55000';
     END IF;
   END IF;
-  IF p_run_from IS NOT NULL THEN
-    SELECT count(*) INTO n_first FROM pg_temp.usage_agg_plan
-     WHERE dc > 0 AND (fresh OR coalesce(tgt_w, 0) <= p_run_from);
-  END IF;
   t_fixed := extract(epoch FROM clock_timestamp() - t_book) * 1000;
   sized := public.usage_agg_next_batch_ids(
     hi - lo, n_good + n_bad, n_keys,
@@ -697,15 +686,15 @@ BEGIN
     'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon, 'dry_run', p_dry_run,
     'fold_ms', round((extract(epoch FROM t_fold - t_start) * 1000)::numeric, 1),
     'book_ms', round((extract(epoch FROM t_book - t_fold) * 1000)::numeric, 1),
-    'next_batch_ids', sized, 'run_new_keys', n_first);
+    'next_batch_ids', sized);
 END
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.
 -- Supabase's default privileges give every new function to anon,
 -- authenticated and service_role: all of it is revoked first.
-REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint) FROM PUBLIC, anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint) TO service_role;
+REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint) TO service_role;
 
 -- The scheduled run, for projects with no cron host: what
 -- `usage-agg aggregate --engine rpc` does, in the database, for pg_cron to
@@ -1046,3 +1035,23 @@ $$;
 -- Its owner alone (postgres on Supabase): pg_cron runs the job as the role
 -- that scheduled it, the owner of usage_agg_schedule. Not the API's roles.
 REVOKE ALL ON PROCEDURE public.usage_agg_run_scheduled(integer, bigint, integer, jsonb) FROM PUBLIC, anon, authenticated, service_role;
+
+-- The keys a run from p_from to p_to wrote: the monthly rows whose
+-- watermark is in (p_from, p_to] (a key a later run wrote since is not
+-- among them). A multi-batch run of the server-side engine reports its
+-- distinct keys with it; it read every such row back over REST, a page per
+-- 1,000 keys, to count them.
+CREATE OR REPLACE FUNCTION public.usage_agg_run_keys(p_from bigint, p_to bigint)
+RETURNS bigint
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, public
+AS $$
+  SELECT count(*) FROM public.portal_usage_monthly m
+   WHERE m.last_request_id > p_from AND m.last_request_id <= p_to
+$$;
+
+-- service_role alone: the CLI calls it over REST with the service key.
+REVOKE ALL ON FUNCTION public.usage_agg_run_keys(bigint, bigint) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_run_keys(bigint, bigint) TO service_role;

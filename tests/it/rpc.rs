@@ -165,6 +165,33 @@ fn the_server_side_engines_figures_are_distinct_keys_and_rows_read_in_the_databa
     assert_no_drift(&stack);
 }
 
+/// Found by an adversarial pass on a count summed per batch: keys whose
+/// watermark a `--month` rebuild had left above the cursor were not counted
+/// as the run's. The run's distinct keys are the monthly rows it left with
+/// a watermark in its range (usage_agg_run_keys).
+#[test]
+fn a_multi_batch_run_counts_every_key_it_wrote_once() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-06", 3);
+    aggregate(&stack, &[]).assert_status(0);
+    for p in 1..=3 {
+        insert_month(&stack, p, "2025-06", 2);
+    }
+    aggregate(&stack, &["--month", "2025-06"]).assert_status(0);
+    for p in 1..=3 {
+        insert_month(&stack, p, "2025-06", 4);
+    }
+    insert_month(&stack, 4, "2025-07", 4);
+    let run = rpc(&stack, &["--batch-ids", "5", "--json"]);
+    run.assert_status(0);
+    assert_no_drift(&stack);
+    let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(summary["batches"].as_u64() > Some(1), "{summary}");
+    for field in ["keys_touched", "keys_written", "keys_to_write"] {
+        assert_eq!(summary[field].as_u64(), Some(4), "{field}: {summary}");
+    }
+}
+
 #[test]
 fn server_side_batches_are_sized_by_time_unless_a_size_is_given() {
     let stack = migrated_stack();

@@ -250,7 +250,7 @@ fn the_schema_files_hold_what_the_migrations_make() {
     let from_schemas = catalog(&declared);
     for key in [
         "TABLE usage_aggregation_state",
-        "FUNCTION usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint)",
+        "FUNCTION usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint)",
         "TRIGGER portal_usage_monthly usage_agg_guard_watermark",
     ] {
         assert!(

@@ -17,19 +17,13 @@
 -- every key of a uniform table, and the next booked them all again). The
 -- first batch is then small (its booking gives the cost of a key), and
 -- the sample gives how rows fall on keys and what folding them costs.
---
--- p_run_from: the cursor when the caller's run began. The batch then also
--- answers run_new_keys, the keys it booked that no earlier batch of that
--- run did (their target's watermark was at or below p_run_from), so that
--- the run's distinct keys are a sum, not a read of every key it wrote.
 CREATE OR REPLACE FUNCTION public.usage_agg_rpc_batch(
   p_job text DEFAULT 'default',
   p_batch_ids bigint DEFAULT 1000000,
   p_max_wait_ms integer DEFAULT 2000,
   p_dry_run boolean DEFAULT false,
   p_aim_ms integer DEFAULT NULL,
-  p_sample_ids bigint DEFAULT NULL,
-  p_run_from bigint DEFAULT NULL)
+  p_sample_ids bigint DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 VOLATILE
@@ -58,7 +52,6 @@ DECLARE
   s_keys  bigint;
   s_ms    double precision;
   sized   bigint;
-  n_first bigint;
 BEGIN
   IF NOT pg_try_advisory_xact_lock(hashtext('usage_agg_rpc_batch:' || p_job)) THEN
     RETURN jsonb_build_object('busy', true);
@@ -154,10 +147,6 @@ BEGIN
         p_job USING ERRCODE = '55000';
     END IF;
   END IF;
-  IF p_run_from IS NOT NULL THEN
-    SELECT count(*) INTO n_first FROM pg_temp.usage_agg_plan
-     WHERE dc > 0 AND (fresh OR coalesce(tgt_w, 0) <= p_run_from);
-  END IF;
   t_fixed := extract(epoch FROM clock_timestamp() - t_book) * 1000;
   sized := public.usage_agg_next_batch_ids(
     hi - lo, n_good + n_bad, n_keys,
@@ -188,12 +177,12 @@ BEGIN
     'bad_ids', to_jsonb(coalesce(bad_ids, '{}')), 'done', hi >= horizon, 'dry_run', p_dry_run,
     'fold_ms', round((extract(epoch FROM t_fold - t_start) * 1000)::numeric, 1),
     'book_ms', round((extract(epoch FROM t_book - t_fold) * 1000)::numeric, 1),
-    'next_batch_ids', sized, 'run_new_keys', n_first);
+    'next_batch_ids', sized);
 END
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.
 -- Supabase's default privileges give every new function to anon,
 -- authenticated and service_role: all of it is revoked first.
-REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint) FROM PUBLIC, anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint, bigint) TO service_role;
+REVOKE ALL ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint) FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.usage_agg_rpc_batch(text, bigint, integer, boolean, integer, bigint) TO service_role;
