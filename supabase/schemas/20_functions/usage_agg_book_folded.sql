@@ -57,6 +57,7 @@ DECLARE
   n_redo     bigint;
   n_super    bigint;
   n_fresh    bigint;
+  n_where    bigint;
   lost       jsonb;
   changes    jsonb;
   alerts     jsonb;
@@ -84,6 +85,7 @@ BEGIN
     FROM (SELECT f.*, CASE WHEN cm.month_year IS NOT NULL THEN public.usage_agg_booking_month(f.month_year) END AS booked
             FROM pg_temp.usage_agg_fold f
             LEFT JOIN public.usage_agg_closed_months cm ON cm.month_year = f.month_year AND cm.closed) x;
+  GET DIAGNOSTICS n_where = ROW_COUNT;
 
   -- The plan: each key's target as read under its lock, and what is new.
   CREATE TEMP TABLE IF NOT EXISTS usage_agg_plan (
@@ -157,6 +159,8 @@ BEGIN
   -- while it is (a closed month's monthly row, late adjustments not booked
   -- in the booking month, every late adjustment of an open month). One
   -- statement: the locking reads return the row versions they locked.
+  -- (Nothing to do when every key was fresh: the whole of a first catch-up.)
+  IF coalesce(n_fresh, 0) < n_where THEN
   WITH p AS MATERIALIZED (
     -- The keys not in the plan yet: all but the fresh ones.
     SELECT w.* FROM pg_temp.usage_agg_where w
@@ -215,6 +219,7 @@ BEGIN
          k.e_k > p_from AND k.e_k < k.w,
          false
     FROM k;
+  END IF;
 
   -- Keys another run counted in part: their rows in (E_k, p_to] counted
   -- again from usage_requests, in one scan for all such keys.
