@@ -1010,6 +1010,32 @@ fn probe_idle(stack: &Stack, n: usize) -> Vec<Duration> {
 /// control for the probes during runs. On a machine whose cores the
 /// server, the database and the probe share, it is what any job that keeps
 /// one core busy costs the webhook, whatever it does with the core.
+/// The webhook probe beside the bare SQL statement, three times in a row
+/// (about as long as an RPC catch-up): what the floor of the server-side
+/// engine, one backend busy on one statement, costs the webhook here.
+fn probe_beside_bare_sql(stack: &Stack) -> Vec<Duration> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let handle = {
+        let (url, key, stop) = (stack.rest_url.clone(), stack.key.clone(), stop.clone());
+        std::thread::spawn(move || insert_loop(&url, &key, &stop, None, Some(tx)))
+    };
+    rx.recv().expect("the webhook probe's first insert");
+    let started = Instant::now();
+    for _ in 0..3 {
+        bare_sql(stack);
+    }
+    let ended = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    let samples = handle.join().expect("the webhook probe");
+    remove_probe_rows(stack);
+    samples
+        .into_iter()
+        .filter(|(s, d)| *s >= started && *s + *d <= ended)
+        .map(|(_, d)| d)
+        .collect()
+}
+
 fn probe_beside_a_busy_core(stack: &Stack, n: usize) -> Vec<Duration> {
     let stop = Arc::new(AtomicBool::new(false));
     let spinner = {
@@ -2058,6 +2084,8 @@ impl Bench {
             &self.fast(&[]),
             "fast REST full run beside the probe",
         );
+        eprintln!("bench: {name}: webhook probe beside the bare SQL statement");
+        let beside_sql = probe_beside_bare_sql(s);
         eprintln!("bench: {name}: webhook probe during an RPC catch-up of every row");
         reset(s, Some(0));
         let (_, during_rpc) =
@@ -2112,6 +2140,11 @@ impl Bench {
                 line(
                     format!("a full REST run, {}", self.fast_label()),
                     during_fast,
+                    None,
+                ),
+                line(
+                    "the bare SQL statement, three times in a row (the floor of the RPC engine: one backend busy on one statement)".into(),
+                    beside_sql,
                     None,
                 ),
                 line(
