@@ -140,7 +140,6 @@ pub async fn run<S: Store>(
                 tracing::warn!(
                     "the first batch and its sizing sample ran past the statement timeout; asking again without the sample"
                 );
-                outcome.batches_halved += 1;
                 sample = None;
                 busy_after_timeout = BUSY_RETRIES_AFTER_TIMEOUT;
                 continue;

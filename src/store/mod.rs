@@ -245,8 +245,9 @@ pub trait Store {
     ) -> anyhow::Result<ReopenAnswer>;
     /// One server-side batch (`--engine rpc`).
     async fn rpc_batch(&self, ask: BatchAsk) -> anyhow::Result<Batch>;
-    /// How many monthly rows have their watermark in `(from, to]`: the keys
-    /// a run over that range wrote (`usage_agg_run_keys`, 20261207230000).
+    /// How many keys have their monthly row or late adjustment's watermark
+    /// in `(from, to]`: the keys a run over that range wrote
+    /// (`usage_agg_run_keys`, 20261207230000).
     async fn run_keys(&self, from: i64, to: i64) -> anyhow::Result<usize>;
 
     /// The job scheduled in the database (pg_cron): installs or updates it

@@ -13,7 +13,12 @@
 --     (usage_agg_book_folded);
 --   * what a client folded is checked at its door, usage_agg_book; the
 --     server-side batch folds only good rows, one line a key, and no
---     longer checks them again;
+--     longer checks them again. The door also refuses a key with more rows
+--     than the range has ids, and the call that moves the cursor checks
+--     that every key with good rows in the batch holds its newest one (an
+--     adversarial pass found that a client sending fewer keys, with the
+--     batch's true number of good rows, moved the cursor past rows never
+--     counted);
 --   * the first batch books 1,000 ids and folds the first 50,000 read only
 --     to size the next (p_sample_ids): a first batch of 50,000 ids booked
 --     every key of a uniform table, and the next booked them all again
@@ -448,8 +453,10 @@ SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-  c      bigint;
-  result jsonb;
+  c       bigint;
+  result  jsonb;
+  n_truth bigint;
+  n_short bigint;
 BEGIN
   IF jsonb_typeof(coalesce(p_keys, '[]')) <> 'array' THEN
     RAISE EXCEPTION 'usage_agg_book: p_keys must be an array' USING ERRCODE = '22023';
@@ -471,10 +478,10 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
               WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
                  OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
-                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e OR f.c > p_to - p_from
                  OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
                  OR NOT public.usage_agg_valid_time(f.at)) THEN
-    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
+    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up or exceed the range, or an id outside (%, %])', p_from, p_to
       USING ERRCODE = '22023';
   END IF;
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
@@ -482,13 +489,35 @@ BEGIN
   END IF;
   result := public.usage_agg_book_folded(p_job, p_from, p_to, p_dry_run);
   IF p_advance AND NOT p_dry_run THEN
-    IF p_good_rows IS DISTINCT FROM (
-         SELECT count(*) FROM public.usage_requests r
-          WHERE r.id > p_from AND r.id <= p_to AND r.success IS NOT NULL
-            AND public.usage_agg_valid_time(r.request_timestamp)
-            AND public.usage_agg_valid_key(r.portal_id, r.month_year)) THEN
+    -- Every good row of the batch is counted before the cursor passes it:
+    -- the client folded as many as there are over all the batch's calls,
+    -- and every key with good rows there now holds its newest one (its
+    -- monthly row or a late adjustment has a watermark at or above it),
+    -- so a client that sent fewer keys is refused too, not only one that
+    -- read fewer rows. One scan, the key checked per key.
+    SELECT coalesce(sum(r.n), 0),
+           count(*) FILTER (
+             WHERE NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                                WHERE m.portal_id = r.portal_id AND m.month_year = r.month_year
+                                  AND m.last_request_id >= r.w)
+               AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
+                                WHERE a.portal_id = r.portal_id AND a.month_year = r.month_year
+                                  AND a.source = 'late' AND a.last_request_id >= r.w))
+      INTO n_truth, n_short
+      FROM (SELECT g.* FROM (
+              SELECT u.portal_id, u.month_year, count(*) AS n, max(u.id) AS w
+                FROM public.usage_requests u
+               WHERE u.id > p_from AND u.id <= p_to AND u.success IS NOT NULL
+                 AND public.usage_agg_valid_time(u.request_timestamp)
+               GROUP BY 1, 2) g
+             WHERE public.usage_agg_valid_key(g.portal_id, g.month_year)) r;
+    IF p_good_rows IS DISTINCT FROM n_truth THEN
       RAISE EXCEPTION 'usage_agg_book: the batch (%, %] holds a different number of good rows than the % folded: not every row was read; nothing of this call is booked and the cursor stays',
         p_from, p_to, coalesce(p_good_rows::text, 'none') USING ERRCODE = '22023';
+    END IF;
+    IF n_short > 0 THEN
+      RAISE EXCEPTION 'usage_agg_book: % keys with good rows in the batch (%, %] do not hold them yet: not every key was sent; nothing of this call is booked and the cursor stays',
+        n_short, p_from, p_to USING ERRCODE = '22023';
     END IF;
     -- Checked again under the row's lock: a rebase that reset the cursor
     -- since the check above makes this batch roll back whole.
@@ -1041,11 +1070,13 @@ $$;
 -- that scheduled it, the owner of usage_agg_schedule. Not the API's roles.
 REVOKE ALL ON PROCEDURE public.usage_agg_run_scheduled(integer, bigint, integer, jsonb) FROM PUBLIC, anon, authenticated, service_role;
 
--- The keys a run from p_from to p_to wrote: the monthly rows whose
--- watermark is in (p_from, p_to] (a key a later run wrote since is not
--- among them). A multi-batch run of the server-side engine reports its
--- distinct keys with it; it read every such row back over REST, a page per
--- 1,000 keys, to count them.
+-- The keys a run from p_from to p_to wrote: those whose monthly row or
+-- late adjustment has its watermark in (p_from, p_to], each once (a key a
+-- later run wrote since is not among them; one a --month rebuild left with
+-- its watermark in that range is, though the run may have found nothing
+-- new for it). A multi-batch run of the server-side engine reports its
+-- distinct keys with it; it read every monthly row back over REST, a page
+-- per 1,000 keys, to count them, and missed the late ones.
 CREATE OR REPLACE FUNCTION public.usage_agg_run_keys(p_from bigint, p_to bigint)
 RETURNS bigint
 LANGUAGE sql
@@ -1053,8 +1084,12 @@ STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
-  SELECT count(*) FROM public.portal_usage_monthly m
-   WHERE m.last_request_id > p_from AND m.last_request_id <= p_to
+  SELECT count(*) FROM (
+    SELECT m.portal_id, m.month_year::text FROM public.portal_usage_monthly m
+     WHERE m.last_request_id > p_from AND m.last_request_id <= p_to
+    UNION
+    SELECT a.portal_id, a.month_year::text FROM public.portal_usage_adjustments a
+     WHERE a.source = 'late' AND a.last_request_id > p_from AND a.last_request_id <= p_to) k
 $$;
 
 -- service_role alone: the CLI calls it over REST with the service key.

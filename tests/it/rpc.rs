@@ -192,6 +192,30 @@ fn a_multi_batch_run_counts_every_key_it_wrote_once() {
     }
 }
 
+/// Found by an adversarial pass: a multi-batch run that booked only late
+/// rows (their month closed) counted its keys from the monthly rows alone,
+/// and said it aggregated 0 portal-month combinations.
+#[test]
+fn a_multi_batch_run_of_late_rows_counts_their_keys() {
+    let stack = migrated_stack();
+    for p in 1..=3 {
+        insert_month(&stack, p, "2025-05", 1);
+    }
+    aggregate(&stack, &[]).assert_status(0);
+    close_sql(&stack, "2025-05");
+    for p in 1..=3 {
+        insert_month(&stack, p, "2025-05", 3);
+    }
+    let run = rpc(&stack, &["--batch-ids", "3", "--json"]);
+    run.assert_status(0);
+    let summary: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(summary["batches"].as_u64() > Some(1), "{summary}");
+    assert_eq!(summary["late_rows"].as_u64(), Some(9), "{summary}");
+    for field in ["keys_touched", "keys_written"] {
+        assert_eq!(summary[field].as_u64(), Some(3), "{field}: {summary}");
+    }
+}
+
 #[test]
 fn server_side_batches_are_sized_by_time_unless_a_size_is_given() {
     let stack = migrated_stack();

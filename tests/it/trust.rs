@@ -623,6 +623,10 @@ fn a_fold_no_good_rows_can_make_is_refused_at_the_rest_door() {
         ("an id past the range", key(5, "2025-07", 1, 1, 0, c + 11)),
         ("an id below it", key(5, "2025-07", 1, 1, 0, c)),
         ("a key folded twice", format!("{good},{good}")),
+        (
+            "more rows than the range has ids",
+            key(5, "2025-07", 11, 11, 0, c + 1),
+        ),
     ] {
         let err = stack
             .sql()
@@ -647,4 +651,48 @@ fn a_fold_no_good_rows_can_make_is_refused_at_the_rest_door() {
         )
         .unwrap();
     assert_eq!(stored_requests(&stack, 5, "2025-07"), 2);
+}
+
+/// Found by an adversarial pass: the last call of a batch moved the cursor
+/// when the good rows the client claimed were as many as the batch has, so a
+/// client that sent fewer keys (a bug of ours, or a caller with the service
+/// key) left those keys' rows below the cursor uncounted, and every later
+/// run exited 0. The door now also checks that every key with good rows in
+/// the batch holds its newest one.
+#[test]
+fn a_batch_whose_keys_were_not_all_sent_cannot_move_the_cursor() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 10, 2);
+    aggregate(&stack, &[]).assert_status(0);
+    let c = cursor(&stack).unwrap();
+    insert_requests(&stack, 7, "2025-07", 2, 0, "2025-07-01 10:00:00");
+    insert_requests(&stack, 8, "2025-07", 3, 0, "2025-07-01 10:00:00");
+    // Portal 7 alone, with the batch's true number of good rows.
+    let seven = format!(
+        r#"[{{"portal_id":7,"month_year":"2025-07","c":2,"s":2,"e":0,"at":"2025-07-01T10:00:00","w":{}}}]"#,
+        c + 2
+    );
+    let err = stack
+        .sql()
+        .query_one(
+            "SELECT usage_agg_book('default', $1, $2, $3::text::jsonb, p_advance => true, p_good_rows => 5)",
+            &[&c, &(c + 5), &seven],
+        )
+        .expect_err("a key of the batch was not sent");
+    assert!(
+        err.to_string().contains("do not hold them yet")
+            || format!("{err:?}").contains("do not hold them yet"),
+        "{err:?}"
+    );
+    assert_eq!(cursor(&stack), Some(c), "the cursor stays");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM portal_usage_monthly WHERE portal_id = 7"
+        ),
+        0,
+        "nothing of the call is booked"
+    );
+    aggregate(&stack, &[]).assert_status(0);
+    assert_no_drift(&stack);
 }

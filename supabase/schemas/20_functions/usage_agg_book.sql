@@ -20,8 +20,10 @@ SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-  c      bigint;
-  result jsonb;
+  c       bigint;
+  result  jsonb;
+  n_truth bigint;
+  n_short bigint;
 BEGIN
   IF jsonb_typeof(coalesce(p_keys, '[]')) <> 'array' THEN
     RAISE EXCEPTION 'usage_agg_book: p_keys must be an array' USING ERRCODE = '22023';
@@ -43,10 +45,10 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold f
               WHERE NOT public.usage_agg_valid_key(f.portal_id, f.month_year)
                  OR f.c IS NULL OR f.s IS NULL OR f.e IS NULL
-                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e
+                 OR f.c < 1 OR f.s < 0 OR f.e < 0 OR f.c <> f.s + f.e OR f.c > p_to - p_from
                  OR f.w IS NULL OR f.w <= p_from OR f.w > p_to
                  OR NOT public.usage_agg_valid_time(f.at)) THEN
-    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up, or an id outside (%, %])', p_from, p_to
+    RAISE EXCEPTION 'usage_agg_book: a folded key is not one a good row can make (bad key, counts that do not add up or exceed the range, or an id outside (%, %])', p_from, p_to
       USING ERRCODE = '22023';
   END IF;
   IF EXISTS (SELECT 1 FROM pg_temp.usage_agg_fold GROUP BY portal_id, month_year HAVING count(*) > 1) THEN
@@ -54,13 +56,35 @@ BEGIN
   END IF;
   result := public.usage_agg_book_folded(p_job, p_from, p_to, p_dry_run);
   IF p_advance AND NOT p_dry_run THEN
-    IF p_good_rows IS DISTINCT FROM (
-         SELECT count(*) FROM public.usage_requests r
-          WHERE r.id > p_from AND r.id <= p_to AND r.success IS NOT NULL
-            AND public.usage_agg_valid_time(r.request_timestamp)
-            AND public.usage_agg_valid_key(r.portal_id, r.month_year)) THEN
+    -- Every good row of the batch is counted before the cursor passes it:
+    -- the client folded as many as there are over all the batch's calls,
+    -- and every key with good rows there now holds its newest one (its
+    -- monthly row or a late adjustment has a watermark at or above it),
+    -- so a client that sent fewer keys is refused too, not only one that
+    -- read fewer rows. One scan, the key checked per key.
+    SELECT coalesce(sum(r.n), 0),
+           count(*) FILTER (
+             WHERE NOT EXISTS (SELECT 1 FROM public.portal_usage_monthly m
+                                WHERE m.portal_id = r.portal_id AND m.month_year = r.month_year
+                                  AND m.last_request_id >= r.w)
+               AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
+                                WHERE a.portal_id = r.portal_id AND a.month_year = r.month_year
+                                  AND a.source = 'late' AND a.last_request_id >= r.w))
+      INTO n_truth, n_short
+      FROM (SELECT g.* FROM (
+              SELECT u.portal_id, u.month_year, count(*) AS n, max(u.id) AS w
+                FROM public.usage_requests u
+               WHERE u.id > p_from AND u.id <= p_to AND u.success IS NOT NULL
+                 AND public.usage_agg_valid_time(u.request_timestamp)
+               GROUP BY 1, 2) g
+             WHERE public.usage_agg_valid_key(g.portal_id, g.month_year)) r;
+    IF p_good_rows IS DISTINCT FROM n_truth THEN
       RAISE EXCEPTION 'usage_agg_book: the batch (%, %] holds a different number of good rows than the % folded: not every row was read; nothing of this call is booked and the cursor stays',
         p_from, p_to, coalesce(p_good_rows::text, 'none') USING ERRCODE = '22023';
+    END IF;
+    IF n_short > 0 THEN
+      RAISE EXCEPTION 'usage_agg_book: % keys with good rows in the batch (%, %] do not hold them yet: not every key was sent; nothing of this call is booked and the cursor stays',
+        n_short, p_from, p_to USING ERRCODE = '22023';
     END IF;
     -- Checked again under the row's lock: a rebase that reset the cursor
     -- since the check above makes this batch roll back whole.
