@@ -157,7 +157,8 @@ struct Cli {
     only_reads: bool,
     /// The server-side figures alone (the RPC engine, default and speed
     /// flags, the scheduled procedure, bare SQL, the slowed instance), on
-    /// the chosen datasets: minutes, for work on the sizing rule.
+    /// the chosen datasets: minutes, for work on the sizing rule. With
+    /// --big, the --big figures too.
     #[arg(long)]
     only_server_side: bool,
     /// A preset to see the whole report in a few minutes: 100,000 rows, 1
@@ -2205,7 +2206,10 @@ impl Bench {
     /// With --big: a dataset of this shape at --big-rows rows: the REST full
     /// run once (peak RSS), and the RPC engine with the speed flags against
     /// bare SQL, alternated.
-    fn big(&self, shape: Shape, rss_rows: i64) -> Rows {
+    /// The `--big` figures; `rss_rows` is the peak RSS of the main run's
+    /// full run, the baseline of the memory ratio (none with
+    /// `--only-server-side`, which makes no such run).
+    fn big(&self, shape: Shape, rss_rows: Option<i64>) -> Rows {
         let n = self.a.big_rows;
         let rows = self.a.rows;
         let rpc_name = format!(
@@ -2261,7 +2265,10 @@ impl Bench {
                 figure(format!("bare SQL, {n} rows"), sql.show()),
             ],
             ratios: vec![
-                ratio(rss_name, r.rss_kib as f64 / rss_rows as f64, 1.1),
+                match rss_rows {
+                    Some(base) => ratio(rss_name, r.rss_kib as f64 / base as f64, 1.1),
+                    None => not_run(rss_name, "<= 1.1", "its baseline is the full benchmark's"),
+                },
                 ratio(rpc_name, rpc.median() / sql.median(), 1.5),
             ],
             probes: Vec::new(),
@@ -2439,7 +2446,7 @@ impl Bench {
         if shape == Shape::Uniform {
             extras.slowed = Some(self.slowed());
         }
-        rows.add(self.big(shape, facts.rss_kib));
+        rows.add(self.big(shape, Some(facts.rss_kib)));
         (describe, rows)
     }
 }
@@ -2596,6 +2603,9 @@ fn only_server_side(bench: &Bench, machine: &[String]) {
         rows.add(r);
         rows.add(bench.scheduled(&d, &sql));
         discard(&bench.cluster, d.stack);
+        if a.big {
+            rows.add(bench.big(shape, None));
+        }
         per.push((shape, rows));
     }
     let slowed = bench.slowed();
