@@ -26,7 +26,7 @@
 --     the first time it runs);
 --   * usage_agg_run_keys counts the keys a run wrote, in one call: the
 --     CLI read every one back over REST to count them, a page per 1,000
---     keys.
+--     keys, and the scheduled run summed each batch's keys.
 -- The rules are the same: docs/semantics.md, "Booking a row".
 
 -- usage_agg_rpc_batch gains a parameter: the old one goes, or PostgREST
@@ -1053,6 +1053,12 @@ BEGIN
     PERFORM public.usage_agg_note_rejected(job, n_bad, bad_ids);
   END IF;
   PERFORM public.usage_agg_finish_run(job, me, outcome, n_rows);
+  -- A key in several batches is one key: after more than one batch, the
+  -- keys the run wrote, counted once (usage_agg_run_keys; the sum of each
+  -- batch's keys counted a key once a batch).
+  IF n_batches > 1 THEN
+    n_keys := public.usage_agg_run_keys(c_before, c_after);
+  END IF;
   summary := jsonb_build_object(
     'outcome', outcome, 'reason', reason, 'owner', me, 'batches', n_batches, 'rows', n_rows,
     'keys', n_keys, 'late_rows', n_late, 'alerts', n_alerts, 'bad', n_bad, 'bad_ids', to_jsonb(bad_ids),

@@ -845,3 +845,21 @@ fn a_scheduled_runs_lease_is_stale_as_soon_as_its_backend_is_gone() {
         ));
     assert_no_drift(&stack);
 }
+
+/// Found by an adversarial pass: the scheduled run's `keys` summed each
+/// batch's keys, so one key in three batches was three. After more than one
+/// batch the run counts the keys it wrote once (usage_agg_run_keys).
+#[test]
+fn a_scheduled_run_over_several_batches_counts_each_key_once() {
+    let stack = migrated_stack();
+    insert_month(&stack, 1, "2025-07", 1);
+    aggregate(&stack, &[]).assert_status(0);
+    insert_month(&stack, 1, "2025-07", 6);
+    insert_month(&stack, 2, "2025-07", 2);
+    let summary = call(&stack, "50, 2, 2000").expect("a run");
+    assert_eq!(summary["outcome"], "ok", "{summary}");
+    assert!(summary["batches"].as_u64() > Some(1), "{summary}");
+    assert_eq!(summary["keys"].as_u64(), Some(2), "{summary}");
+    assert_eq!(summary["rows"].as_u64(), Some(8), "{summary}");
+    assert_no_drift(&stack);
+}
