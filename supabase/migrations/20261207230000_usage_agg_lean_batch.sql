@@ -502,7 +502,11 @@ BEGIN
                                   AND m.last_request_id >= r.w)
                AND NOT EXISTS (SELECT 1 FROM public.portal_usage_adjustments a
                                 WHERE a.portal_id = r.portal_id AND a.month_year = r.month_year
-                                  AND a.source = 'late' AND a.last_request_id >= r.w))
+                                  AND a.source = 'late' AND a.last_request_id >= r.w)
+               -- A monthly row deleted meanwhile is logged, and the next
+               -- run's restore counts it again from all its rows.
+               AND NOT EXISTS (SELECT 1 FROM public.usage_agg_deleted_keys d
+                                WHERE d.portal_id = r.portal_id AND d.month_year = r.month_year))
       INTO n_truth, n_short
       FROM (SELECT g.* FROM (
               SELECT u.portal_id, u.month_year, count(*) AS n, max(u.id) AS w

@@ -172,3 +172,37 @@ fn thousands_of_keys_counted_in_part_by_a_killed_run_are_counted_again_in_one_sc
     assert_eq!(billed_drift(&stack), Vec::<String>::new());
     assert_no_drift(&stack);
 }
+
+/// The call that moves the cursor checks that every key with good rows in
+/// the batch holds its newest one (20261207230000). A monthly row deleted
+/// between a batch's calls does not: it is logged, and the next run's
+/// restore counts it again from all its rows, so the batch still moves the
+/// cursor and the run exits 0.
+#[test]
+fn a_row_deleted_between_a_batchs_calls_lets_the_batch_move_the_cursor() {
+    let stack = migrated_stack();
+    insert_rows(&stack, 30, 3);
+    aggregate(&stack, &[]).assert_status(0);
+    // More keys than one call books (5,000), so the batch takes two calls.
+    insert_rows(&stack, 18_000, 2_000);
+    let paused = paused_run_with(&stack, "before-cursor", &[]);
+    let deleted = stack
+        .sql()
+        .execute(
+            "DELETE FROM portal_usage_monthly WHERE (portal_id, month_year) =
+               (SELECT portal_id, month_year FROM portal_usage_monthly
+                 WHERE last_request_id > 30 ORDER BY portal_id, month_year LIMIT 1)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1, "a key the first call booked");
+    let (status, out) = paused.finish();
+    assert_eq!(status, 0, "{out}");
+    aggregate(&stack, &[]).assert_status(0);
+    assert!(
+        billed_drift(&stack).is_empty(),
+        "{:?}",
+        billed_drift(&stack)
+    );
+    assert_no_drift(&stack);
+}
