@@ -43,15 +43,7 @@ END $$;
 -- "kind", 'decrease' by default); returns how many stand in all. A rebuild
 -- never writes a closed month, so it leaves that month's refusals standing
 -- (kind 'closed': only a reopening and a rebuild of the month resolve it).
--- With p_horizon, the rebuild's horizon: a lost write stands for a key
--- whose highest watermark is above it, since another run wrote the key
--- after this rebuild read it, over the short state, and this rebuild's
--- write was superseded: the key is no more right than before (found by
--- the model-based soak: a --full beside an incremental run cleared the
--- record of a key that stayed short, and later runs exited 0).
-DROP FUNCTION IF EXISTS public.usage_agg_record_refusals(text, text, jsonb);
-CREATE OR REPLACE FUNCTION public.usage_agg_record_refusals(
-  p_job text, p_scope text, p_keys jsonb, p_horizon bigint DEFAULT NULL)
+CREATE OR REPLACE FUNCTION public.usage_agg_record_refusals(p_job text, p_scope text, p_keys jsonb)
 RETURNS bigint
 LANGUAGE plpgsql
 VOLATILE
@@ -63,14 +55,7 @@ DECLARE
 BEGIN
   DELETE FROM public.usage_agg_refused_keys r
    WHERE r.job = p_job AND (p_scope = 'all' OR r.month_year = p_scope)
-     AND NOT public.usage_agg_is_closed(r.month_year)
-     AND NOT (r.kind = 'lost' AND p_horizon IS NOT NULL
-              AND greatest(
-                    (SELECT max(m.last_request_id) FROM public.portal_usage_monthly m
-                      WHERE m.portal_id = r.portal_id AND m.month_year = r.month_year),
-                    (SELECT max(a.last_request_id) FROM public.portal_usage_adjustments a
-                      WHERE a.portal_id = r.portal_id AND a.month_year = r.month_year AND a.source = 'late'))
-                  > p_horizon);
+     AND NOT public.usage_agg_is_closed(r.month_year);
   INSERT INTO public.usage_agg_refused_keys (job, portal_id, month_year, stored_requests, raw_requests, kind)
   SELECT p_job, k.portal_id, k.month_year, k.stored_requests, k.raw_requests, coalesce(k.kind, 'decrease')
     FROM jsonb_to_recordset(coalesce(p_keys, '[]')) AS k(portal_id bigint, month_year text,
@@ -283,13 +268,6 @@ BEGIN
     'closed_refused_keys', (SELECT count(*) FROM public.usage_agg_refused_keys
                              WHERE job = p_job AND kind = 'closed'),
     'deleted_keys', (SELECT count(*) FROM public.usage_agg_deleted_keys),
-    -- The lease's holder is a run in this database (a scheduled run, or a
-    -- CALL by hand) whose backend is gone: stale at once, whatever its
-    -- expiry says (a run the statement timeout or a crash cut).
-    'lease_holder_gone', (st.lease_owner ~ '^(pg_cron|sql)@.*:[0-9]{1,10}$'
-                          AND substring(st.lease_owner, '^[a-z_]+@(.*):[0-9]+$') = current_database()
-                          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                           WHERE a.pid::bigint = substring(st.lease_owner, ':([0-9]+)$')::bigint)),
     -- A unique index on exactly (portal_id, month_year): what the bulk upsert's
     -- on_conflict needs (without it every key is written one by one).
     'unique_key', EXISTS (
@@ -848,7 +826,7 @@ BEGIN
     REVOKE ALL ON FUNCTION public.usage_agg_book_folded(text, bigint, bigint, boolean) FROM service_role;
   END IF;
   FOREACH fn IN ARRAY ARRAY[
-    'public.usage_agg_record_refusals(text, text, jsonb, bigint)',
+    'public.usage_agg_record_refusals(text, text, jsonb)',
     'public.usage_agg_preflight(text)',
     'public.usage_agg_book(text, bigint, bigint, jsonb, boolean, boolean, bigint)',
     'public.usage_agg_rpc_batch(text, bigint, integer, boolean)',

@@ -15,11 +15,10 @@
 --    anon kept USAGE on the new sequences and EXECUTE on the trigger
 --    functions. Every grant on usage-agg's own objects is revoked, then
 --    exactly what each role needs is granted (the seed's two tables are the
---    app's, and keep theirs). usage_current is service_role's alone now.
+--    app's, and keep theirs).
 
 -- The restore of deleted monthly rows, as in 20261201090000, with a WHERE
--- clause on the DELETE that takes the log, and the refusals of the keys it
--- restores cleared.
+-- clause on the DELETE that takes the log.
 CREATE OR REPLACE FUNCTION public.usage_agg_restore_deleted_keys(p_job text DEFAULT 'default')
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -80,12 +79,6 @@ BEGIN
   )
   SELECT coalesce(jsonb_agg(portal_id || ':' || month_year ORDER BY portal_id, month_year), '[]')
     INTO restored FROM written;
-  -- A restored key holds its rows now: a refusal of it (a lost write, a
-  -- refused decrease) no longer stands (found by the model-based soak: a
-  -- lost write stood after the key was rebuilt whole).
-  DELETE FROM public.usage_agg_refused_keys r
-   WHERE r.job = p_job AND r.kind <> 'closed'
-     AND (r.portal_id || ':' || r.month_year) IN (SELECT jsonb_array_elements_text(restored));
   RETURN restored;
 END
 $$;
@@ -199,13 +192,7 @@ BEGIN
       reason := 'no run has set the cursor yet: the first run rebuilds every key from all rows and reports drift, '
                 'which only the CLI does; run `usage-agg aggregate` once, and the scheduled runs go on from there';
     END IF;
-  -- OTHERS does not catch a cancel: the statement timeout is caught
-  -- apart, and the run still records itself and lets the lease go.
-  EXCEPTION WHEN query_canceled THEN
-    outcome := 'stopped';
-    reason := format('cancelled while checking the assumptions (%s%s); the next run goes on', SQLERRM,
-                     CASE WHEN tmo_ms > 0 THEN format(', statement_timeout %s ms', tmo_ms) ELSE '' END);
-  WHEN OTHERS THEN
+  EXCEPTION WHEN OTHERS THEN
     outcome := 'failed';
     reason := format('checking the assumptions: %s (SQLSTATE %s)', SQLERRM, SQLSTATE);
   END;
@@ -214,12 +201,7 @@ BEGIN
   IF outcome IS NULL AND (facts->>'deleted_keys')::bigint > 0 THEN
     BEGIN
       restored := public.usage_agg_restore_deleted_keys(job);
-    EXCEPTION WHEN query_canceled THEN
-      outcome := 'stopped';
-      reason := format('cancelled while rebuilding keys whose monthly row was deleted (%s%s); the next run '
-                       'goes on', SQLERRM,
-                       CASE WHEN tmo_ms > 0 THEN format(', statement_timeout %s ms', tmo_ms) ELSE '' END);
-    WHEN OTHERS THEN
+    EXCEPTION WHEN OTHERS THEN
       outcome := 'failed';
       reason := format('rebuilding keys whose monthly row was deleted: %s (SQLSTATE %s)', SQLERRM, SQLSTATE);
     END;
@@ -346,7 +328,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.usage_agg_cron_statement_timeout(p_job text DEFAULT 'default')
 RETURNS jsonb
 LANGUAGE plpgsql
-VOLATILE
+STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
@@ -369,21 +351,16 @@ BEGIN
      WHERE c LIKE 'statement_timeout=%') x
    ORDER BY x.pri LIMIT 1;
   IF v IS NOT NULL THEN
-    -- Read as PostgreSQL reads it ('30 s', '1.5min', '45000us' alike): set
-    -- for this subtransaction, read back in milliseconds, rolled back.
-    BEGIN
-      PERFORM set_config('statement_timeout', v, true);
-      ms := (SELECT setting::bigint FROM pg_catalog.pg_settings WHERE name = 'statement_timeout');
-      RAISE EXCEPTION USING ERRCODE = 'P0002';
-    EXCEPTION WHEN no_data_found THEN
-      NULL;
-    WHEN OTHERS THEN
-      ms := NULL;
-    END;
+    -- The units PostgreSQL takes: a bare number is milliseconds.
+    ms := CASE WHEN v ~ '^[0-9]+$' THEN v::bigint
+               WHEN v ~ '^[0-9]+ms$' THEN substring(v FROM '^[0-9]+')::bigint
+               WHEN v ~ '^[0-9]+s$' THEN substring(v FROM '^[0-9]+')::bigint * 1000
+               WHEN v ~ '^[0-9]+min$' THEN substring(v FROM '^[0-9]+')::bigint * 60000
+               WHEN v ~ '^[0-9]+h$' THEN substring(v FROM '^[0-9]+')::bigint * 3600000
+               WHEN v ~ '^[0-9]+d$' THEN substring(v FROM '^[0-9]+')::bigint * 86400000 END;
     IF ms IS NOT NULL THEN
       RETURN jsonb_build_object('ms', ms, 'source', src);
     END IF;
-    RETURN jsonb_build_object('ms', 0, 'source', format('%s, %L, which PostgreSQL does not read as a time', src, v));
   END IF;
   SELECT scheduled_statement_timeout_ms INTO ms FROM public.usage_aggregation_state WHERE job = p_job;
   IF ms IS NOT NULL THEN
@@ -435,52 +412,6 @@ BEGIN
 END
 $$;
 
-
--- 5. What `doctor` checks on a Supabase project, in one read: who owns the
---    seed's tables (the migrations alter them as the role that owns
---    usage-agg's functions: a table Studio made as supabase_admin stops
---    them), row level security on both and any policy that opens them to
---    the API's roles, grants wider than the migrations leave, and the
---    statement timeouts a run lives under.
-CREATE OR REPLACE FUNCTION public.usage_agg_supabase_facts(p_job text DEFAULT 'default')
-RETURNS jsonb
-LANGUAGE sql
-VOLATILE
-SECURITY DEFINER
-SET search_path = pg_catalog, public
-AS $$
-  WITH seed(t) AS (VALUES ('usage_requests'), ('portal_usage_monthly')),
-  api(r) AS (SELECT rolname FROM pg_roles WHERE rolname IN ('anon', 'authenticated', 'service_role'))
-  SELECT jsonb_build_object(
-    'migrations_owner', (SELECT pg_get_userbyid(proowner) FROM pg_proc
-                          WHERE oid = 'public.usage_agg_book_folded(text,bigint,bigint,boolean)'::regprocedure),
-    'table_owners', (SELECT jsonb_object_agg(c.relname, pg_get_userbyid(c.relowner))
-                       FROM pg_class c JOIN seed ON c.oid = to_regclass('public.' || seed.t)),
-    'rls', (SELECT jsonb_object_agg(c.relname, c.relrowsecurity)
-              FROM pg_class c JOIN seed ON c.oid = to_regclass('public.' || seed.t)),
-    'open_policies', (SELECT coalesce(jsonb_agg(p.tablename || '.' || p.policyname ORDER BY 1), '[]')
-                        FROM pg_policies p
-                       WHERE p.schemaname = 'public' AND p.tablename IN (SELECT t FROM seed)
-                         AND p.roles && ARRAY['public', 'anon', 'authenticated']::name[]),
-    'grant_leaks', (SELECT coalesce(jsonb_agg(x ORDER BY x), '[]') FROM (
-        SELECT api.r || ' may write ' || t AS x
-          FROM api, unnest(ARRAY['usage_aggregation_state', 'usage_agg_deleted_keys', 'usage_agg_refused_keys',
-                                 'usage_agg_closed_months', 'usage_agg_period_events',
-                                 'portal_usage_adjustments', 'usage_agg_pruned']) t
-         WHERE to_regclass('public.' || t) IS NOT NULL
-           AND has_table_privilege(api.r, 'public.' || t, 'INSERT, UPDATE, DELETE, TRUNCATE')
-        UNION ALL
-        SELECT api.r || ' may execute ' || p.oid::regprocedure::text
-          FROM api, pg_proc p
-         WHERE p.pronamespace = 'public'::regnamespace
-           AND (p.proname LIKE 'usage\_agg\_%' OR p.proname = 'usage_current')
-           AND api.r IN ('anon', 'authenticated') AND has_function_privilege(api.r, p.oid, 'EXECUTE')) l),
-    'api_statement_timeout', (SELECT substring(c FROM '^statement_timeout=(.*)$')
-                                FROM pg_db_role_setting s, unnest(s.setconfig) c
-                               WHERE s.setrole = (SELECT oid FROM pg_roles WHERE rolname = 'authenticator')
-                                 AND c LIKE 'statement_timeout=%' LIMIT 1),
-    'cron_statement_timeout', public.usage_agg_cron_statement_timeout(p_job))
-$$;
 
 -- 4. Grants: REVOKE ALL first, then exactly what each role needs.
 DO $$
@@ -534,7 +465,7 @@ BEGIN
       'public.usage_agg_rpc_batch(text, bigint, integer, boolean)',
       'public.usage_agg_rebase(text, text, bigint)',
       'public.usage_agg_finish_rebase(text, bigint)',
-      'public.usage_agg_record_refusals(text, text, jsonb, bigint)',
+      'public.usage_agg_record_refusals(text, text, jsonb)',
       'public.usage_agg_restore_deleted_keys(text)',
       'public.usage_agg_note_rejected(text, bigint, bigint[])',
       'public.usage_agg_periods()',
@@ -549,7 +480,6 @@ BEGIN
       'public.usage_agg_unschedule(text)',
       'public.usage_agg_schedule_show(text, integer)',
       'public.usage_agg_cron_statement_timeout(text)',
-      'public.usage_agg_supabase_facts(text)',
       'public.usage_current(bigint, text)'
     ] LOOP
       -- A function of a migration not applied yet is granted by that one.
@@ -563,11 +493,10 @@ BEGIN
                     public.usage_agg_closed_months, public.usage_agg_period_events,
                     public.portal_usage_adjustments, public.usage_agg_pruned TO service_role;
   END IF;
-  -- usage_current is no longer granted to authenticated: it is SECURITY
-  -- DEFINER and checks nothing of its caller, so any signed-in user of the
-  -- app read any portal's usage, past row level security (found by an
-  -- adversarial pass). The app calls it server-side with the service key,
-  -- or through a function of its own that checks the caller's portal.
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    -- A quota check from the app, as a signed-in user.
+    GRANT EXECUTE ON FUNCTION public.usage_current(bigint, text) TO authenticated;
+  END IF;
 END $$;
 
 NOTIFY pgrst, 'reload schema';
