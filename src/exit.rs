@@ -144,15 +144,6 @@ pub fn classify(err: &anyhow::Error) -> Status {
     Status::Software
 }
 
-/// The kind of the first API error in the chain, if any.
-pub fn api_kind(err: &anyhow::Error) -> Option<Kind> {
-    err.chain().find_map(|c| {
-        c.downcast_ref::<Failure>()
-            .map(|f| f.api().kind())
-            .or_else(|| c.downcast_ref::<ApiError>().map(ApiError::kind))
-    })
-}
-
 fn classify_api(e: &ApiError) -> Status {
     match e.kind() {
         // After the retries: the server could not be reached, or did not serve.

@@ -688,6 +688,16 @@ impl Failure {
     }
 }
 
+/// The kind of the first API error in an error's chain, if any: how every
+/// caller that decides by a server answer's class reads it.
+pub fn kind_of(err: &anyhow::Error) -> Option<Kind> {
+    err.chain().find_map(|c| {
+        c.downcast_ref::<Failure>()
+            .map(Failure::kind)
+            .or_else(|| c.downcast_ref::<ApiError>().map(ApiError::kind))
+    })
+}
+
 /// What a transport failure means, from the causes reqwest and the system
 /// give (their wording is all there is). Most are worth another try; a name
 /// that does not resolve and a TLS failure are not.

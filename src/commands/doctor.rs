@@ -208,7 +208,7 @@ async fn diagnose(store: &RestStore, config: &crate::config::Config) -> Vec<Chec
                     )
                 };
                 out.push(match (&schedule, &tally, &rules, &dashboard) {
-                    (Err(e), _, _, _) if exit::api_kind(e) == Some(Kind::MissingFunction) => {
+                    (Err(e), _, _, _) if crate::postgrest::kind_of(e) == Some(Kind::MissingFunction) => {
                         Check::from_error("migrations", e, config)
                     }
                     (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
@@ -583,7 +583,7 @@ fn schedule_check(schedule: anyhow::Result<CronAnswer>, config: &crate::config::
     const NAME: &str = "schedule";
     let answer = match schedule {
         Ok(a) => a,
-        Err(e) if exit::api_kind(&e) == Some(Kind::MissingFunction) => {
+        Err(e) if crate::postgrest::kind_of(&e) == Some(Kind::MissingFunction) => {
             return Check::skipped(NAME, "the migration that reads it is not applied");
         }
         Err(e) => return Check::from_error(NAME, &e, config),

@@ -183,7 +183,9 @@ async fn adjusted(store: &RestStore, args: &ReportArgs) -> anyhow::Result<Table>
 /// without them).
 async fn this_month(client: &Client) -> anyhow::Result<Month> {
     match crate::ledger::current_month(client).await {
-        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingFunction) => {
+        Err(e)
+            if crate::postgrest::kind_of(&e) == Some(crate::postgrest::Kind::MissingFunction) =>
+        {
             let now = chrono::Utc::now().format("%Y-%m").to_string();
             Ok(Month::parse(&now).expect("the clock's month is YYYY-MM"))
         }
@@ -245,7 +247,7 @@ async fn with_quotas(
 ) -> anyhow::Result<()> {
     let quotas = match crate::alerts::quotas(client, None).await {
         Ok(q) => q,
-        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingTable) => {
+        Err(e) if crate::postgrest::kind_of(&e) == Some(crate::postgrest::Kind::MissingTable) => {
             return Ok(())
         }
         Err(e) => return Err(e),

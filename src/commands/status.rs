@@ -416,7 +416,9 @@ const CRON_RUNS_SHOWN: usize = 3;
 async fn schedule(store: &impl Store) -> Option<CronAnswer> {
     match store.schedule_show(CRON_RUNS_SHOWN).await {
         Ok(a) => a.pg_cron.then_some(a),
-        Err(e) if crate::exit::api_kind(&e) == Some(crate::postgrest::Kind::MissingFunction) => {
+        Err(e)
+            if crate::postgrest::kind_of(&e) == Some(crate::postgrest::Kind::MissingFunction) =>
+        {
             None
         }
         Err(e) => {

@@ -7,6 +7,7 @@
 use super::{Mode, Options, Outcome};
 use crate::aggregation::BadReason;
 use crate::failpoint;
+use crate::postgrest::{kind_of, Kind};
 use crate::state::HorizonNotSafe;
 use crate::store::{BatchAsk, Store, StoredFilter};
 
@@ -50,19 +51,13 @@ const BUSY_RETRIES_AFTER_TIMEOUT: u32 = 20;
 
 /// Whether a batch failed on the statement timeout (and so may shrink).
 fn timed_out(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<crate::postgrest::Failure>()
-            .is_some_and(|f| f.kind() == crate::postgrest::Kind::StatementTimeout)
-    })
+    kind_of(e) == Some(Kind::StatementTimeout)
 }
 
-/// Whether the database has no `usage_agg_rpc_batch` taking the arguments
-/// sent (a migration is missing).
+/// Whether the database has no function taking the arguments sent (a
+/// migration is missing).
 fn function_missing(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<crate::postgrest::Failure>()
-            .is_some_and(|f| f.kind() == crate::postgrest::Kind::MissingFunction)
-    })
+    kind_of(e) == Some(Kind::MissingFunction)
 }
 
 /// Another call is running a batch for this job: exit 75, try later.

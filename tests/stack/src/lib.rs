@@ -276,14 +276,18 @@ impl Cluster {
 
     fn clone_database(&self, template: &str) -> String {
         let name = format!("t{}", self.next_db.fetch_add(1, Ordering::SeqCst));
-        let mut admin =
-            postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls).unwrap();
-        admin
+        self.create_from(&name, template);
+        name
+    }
+
+    /// `CREATE DATABASE name TEMPLATE template`, owned by `postgres`.
+    fn create_from(&self, name: &str, template: &str) {
+        postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls)
+            .unwrap()
             .batch_execute(&format!(
                 "CREATE DATABASE {name} TEMPLATE {template} OWNER postgres"
             ))
             .unwrap();
-        name
     }
 
     /// A fresh database with `files` applied, cloned from a template that
@@ -298,14 +302,7 @@ impl Cluster {
                 Some((_, name)) => name.clone(),
                 None => {
                     let name = format!("usage_agg_template_{}", templates.len() + 1);
-                    let mut admin =
-                        postgres::Client::connect(&self.admin_url("postgres"), postgres::NoTls)
-                            .unwrap();
-                    admin
-                        .batch_execute(&format!(
-                            "CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB} OWNER postgres"
-                        ))
-                        .unwrap();
+                    self.create_from(&name, TEMPLATE_DB);
                     if let Err(e) = apply_files(&self.url(&name), files) {
                         panic!("preparing the migrated template: {e}");
                     }
@@ -399,6 +396,12 @@ pub fn mint_jwt(role: &str, secret: &str) -> String {
     )
 }
 
+/// The external PostgREST the tests run against instead of our own stack
+/// (`USAGE_AGG_TEST_REST_URL`), if one is named.
+fn external_rest_url() -> Option<String> {
+    std::env::var("USAGE_AGG_TEST_REST_URL").ok()
+}
+
 /// One test's world: a database and a REST server in front of it.
 pub struct Stack {
     /// The REST base (tables at `<rest_url>/<table>`).
@@ -428,17 +431,17 @@ impl Stack {
     /// A new database on the shared cluster with its own server, or the
     /// external PostgREST named by `USAGE_AGG_TEST_*`, emptied.
     pub fn new() -> Stack {
-        match std::env::var("USAGE_AGG_TEST_REST_URL") {
-            Ok(rest_url) => Stack::external(rest_url),
-            Err(_) => Stack::on(Cluster::shared()),
+        match external_rest_url() {
+            Some(rest_url) => Stack::external(rest_url),
+            None => Stack::on(Cluster::shared()),
         }
     }
 
     /// As [`Stack::new`], with `files` applied (`psql -f`, in order): on
     /// our own cluster, a clone of a template that has them.
     pub fn with_files(files: &[PathBuf]) -> Stack {
-        if std::env::var("USAGE_AGG_TEST_REST_URL").is_ok() {
-            let mut stack = Stack::new();
+        if let Some(rest_url) = external_rest_url() {
+            let mut stack = Stack::external(rest_url);
             stack.psql_files(files).unwrap_or_else(|e| panic!("{e}"));
             return stack;
         }
@@ -461,7 +464,7 @@ impl Stack {
     /// may not have pg_cron). One test per process may take it: jobs
     /// scheduled there run for as long as the cluster does.
     pub fn with_cron() -> Stack {
-        if let Ok(rest_url) = std::env::var("USAGE_AGG_TEST_REST_URL") {
+        if let Some(rest_url) = external_rest_url() {
             return Stack::external(rest_url);
         }
         static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

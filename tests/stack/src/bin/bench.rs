@@ -1015,26 +1015,11 @@ fn probe_idle(stack: &Stack, n: usize) -> Vec<Duration> {
 /// (about as long as an RPC catch-up): what the floor of the server-side
 /// engine, one backend busy on one statement, costs the webhook here.
 fn probe_beside_bare_sql(stack: &Stack) -> Vec<Duration> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel();
-    let handle = {
-        let (url, key, stop) = (stack.rest_url.clone(), stack.key.clone(), stop.clone());
-        std::thread::spawn(move || insert_loop(&url, &key, &stop, None, Some(tx)))
-    };
-    rx.recv().expect("the webhook probe's first insert");
-    let started = Instant::now();
-    for _ in 0..3 {
-        bare_sql(stack);
-    }
-    let ended = Instant::now();
-    stop.store(true, Ordering::SeqCst);
-    let samples = handle.join().expect("the webhook probe");
-    remove_probe_rows(stack);
-    samples
-        .into_iter()
-        .filter(|(s, d)| *s >= started && *s + *d <= ended)
-        .map(|(_, d)| d)
-        .collect()
+    probe_beside(stack, || {
+        for _ in 0..3 {
+            bare_sql(stack);
+        }
+    })
 }
 
 fn probe_beside_a_busy_core(stack: &Stack, n: usize) -> Vec<Duration> {
@@ -1098,6 +1083,14 @@ fn probe_during(bin: &Path, stack: &Stack, args: &[String], what: &str) -> (Run,
 /// what this stream alone costs the webhook is the least a default run can
 /// cost it on this machine.
 fn probe_beside_one_stream(stack: &Stack, upto: i64) -> Vec<Duration> {
+    probe_beside(stack, || {
+        transport(&stack.rest_url, &stack.key, 0, upto, 1);
+    })
+}
+
+/// The webhook probe beside `work`: the inserts that started and ended
+/// while it ran (the probe's connection open and warm before it starts).
+fn probe_beside(stack: &Stack, work: impl FnOnce()) -> Vec<Duration> {
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let handle = {
@@ -1106,7 +1099,7 @@ fn probe_beside_one_stream(stack: &Stack, upto: i64) -> Vec<Duration> {
     };
     rx.recv().expect("the webhook probe's first insert");
     let started = Instant::now();
-    transport(&stack.rest_url, &stack.key, 0, upto, 1);
+    work();
     let ended = Instant::now();
     stop.store(true, Ordering::SeqCst);
     let samples = handle.join().expect("the webhook probe");
